@@ -1,0 +1,138 @@
+"""`Steerer`: a fitted steerer (op parameters + where it applies + how it was fitted) and its file format.
+
+A steerer file is one safetensors file: the `SteerParams` tensors under their field names, and in the header's
+``__metadata__`` one JSON string under ``"finesteer"`` holding the format version, the scalars, the site and the fit
+metadata. Loading never unpickles anything.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+from typing import Any, Optional
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from finesteer_kernels import SteerParams
+from finesteer_kernels.params import SCALAR_FIELDS, TENSOR_FIELDS
+
+FORMAT_NAME = "finesteer"
+FORMAT_VERSION = 1
+
+
+class SteererFileError(ValueError):
+    """A steerer file that cannot be loaded: not safetensors, wrong format version, missing or bad tensors."""
+
+
+def _versions() -> dict:
+    import finesteer_kernels
+
+    versions = {"finesteer": finesteer_kernels.__version__, "torch": torch.__version__,
+                "python": platform.python_version()}
+    try:
+        import transformers
+
+        versions["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+@dataclasses.dataclass
+class Steerer:
+    """A fitted steerer.
+
+    Attributes:
+        params: the op's parameters (`finesteer_kernels.SteerParams`).
+        layer: index of the decoder layer whose output it reads and edits.
+        model: a hint naming the model it was fitted on (checked loosely, hidden size is checked strictly).
+        method: ``"finesteer"``, ``"caa"``, ``"cast"``, ... .
+        metadata: JSON-serialisable fit metadata: data provenance, metrics, options, versions.
+    """
+
+    params: SteerParams
+    layer: int
+    model: Optional[str] = None
+    method: str = "finesteer"
+    metadata: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.params, SteerParams):
+            raise TypeError(f"params: expected finesteer_kernels.SteerParams, got {type(self.params).__name__}")
+        if not isinstance(self.layer, int) or isinstance(self.layer, bool) or self.layer < 0:
+            raise ValueError(f"layer: expected a non-negative int (decoder layer index), got {self.layer!r}")
+        try:
+            json.dumps(self.metadata)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"metadata: must be JSON-serialisable ({e})") from None
+
+    @property
+    def hidden_size(self) -> int:
+        return self.params.d
+
+    def with_alpha(self, alpha: float) -> "Steerer":
+        return dataclasses.replace(self, params=self.params.replace(alpha=alpha))
+
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "Steerer":
+        return dataclasses.replace(self, params=self.params.to(device, dtype))
+
+    # ---- I/O -----------------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write one safetensors file (tensors as stored, fp32 by default) with JSON metadata."""
+        tensors = {n: t.detach().cpu().contiguous() for n, t in self.params.tensors().items()}
+        header: dict[str, Any] = {
+            "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+            "tensors": sorted(tensors), "scalars": self.params.scalars(),
+            "layer": self.layer, "hidden_size": self.hidden_size, "model": self.model, "method": self.method,
+            "metadata": {"versions": _versions(), **self.metadata},
+        }
+        save_file(tensors, os.fspath(path), metadata={FORMAT_NAME: json.dumps(header)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device="cpu") -> "Steerer":
+        """Read a file written by `save`. Raises `SteererFileError` with the reason on any bad file."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"path: no steerer file at {path!r}")
+        try:
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                raw = (f.metadata() or {}).get(FORMAT_NAME)
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise SteererFileError(f"{path}: not a safetensors file ({e})") from None
+        if raw is None:
+            raise SteererFileError(f"{path}: a safetensors file without FineSteer metadata (no '{FORMAT_NAME}' "
+                                   "entry in its header)")
+        try:
+            header = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise SteererFileError(f"{path}: FineSteer metadata is not valid JSON ({e})") from None
+        version = header.get("format_version")
+        if version != FORMAT_VERSION:
+            raise SteererFileError(f"{path}: unknown format_version {version!r}; this FineSteer reads version "
+                                   f"{FORMAT_VERSION}")
+        listed = set(header.get("tensors", []))
+        missing = sorted(listed - tensors.keys())
+        if missing:
+            raise SteererFileError(f"{path}: missing tensors {missing}")
+        unknown = sorted(tensors.keys() - set(TENSOR_FIELDS))
+        if unknown:
+            raise SteererFileError(f"{path}: unknown tensors {unknown}")
+        scalars = {k: v for k, v in header.get("scalars", {}).items() if k in SCALAR_FIELDS}
+        dtype = tensors["experts"].dtype if "experts" in tensors else None
+        try:
+            params = SteerParams(**tensors, **scalars, storage_dtype=dtype)
+        except (TypeError, ValueError) as e:
+            raise SteererFileError(f"{path}: invalid steering parameters: {e}") from None
+        if header.get("hidden_size") != params.d:
+            raise SteererFileError(f"{path}: header says hidden_size={header.get('hidden_size')} but the tensors "
+                                   f"have d={params.d}")
+        return cls(params=params, layer=header["layer"], model=header.get("model"),
+                   method=header.get("method", "finesteer"), metadata=header.get("metadata", {}))
+
+    def __repr__(self) -> str:
+        return (f"Steerer(method={self.method!r}, layer={self.layer}, hidden_size={self.hidden_size}, "
+                f"model={self.model!r}, params={self.params!r})")

@@ -1,0 +1,338 @@
+"""`SteerParams`: the parameters of the unified steering op (SPEC section 2), validated and packable.
+
+Per row ``h`` (a ``d``-vector) the op computes::
+
+    g = 1 if basis is None else [ ||S^T(h-mu)||^2 / max(||h-mu||^2, eps) >= tau ]
+    a = softmax(A^T h + c)            (K == 1 -> a = 1)
+    b = W2 act(W1 h + b1) + b2        (optional residual MLP)
+    out = h + alpha * g * gamma * (a^T V + b^T U_res)
+
+Tensors are kept as fp32 masters (unless `.to(dtype=...)` asks otherwise); the fused kernels read the packed form
+``W_in = [S | mu | A | W1^T]`` (d x n_in) and ``W_out = [V ; U_res]`` ((K+k) x d), see `PackedSteerParams`.
+Validation happens once here, at construction, so the hot path only checks shapes, dtypes and devices.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Optional
+
+import torch
+
+ACTIVATIONS = ("relu", "identity")
+
+# Names of the tensor fields, in packing order; `Steerer` files use them as tensor names.
+TENSOR_FIELDS = (
+    "basis", "mean", "router_weight", "router_bias", "experts",
+    "res_in_weight", "res_in_bias", "res_out_weight", "res_out_bias", "res_basis",
+)
+SCALAR_FIELDS = ("tau", "gamma", "alpha", "eps", "activation")
+_RESIDUAL_REQUIRED = ("res_in_weight", "res_out_weight", "res_basis")
+_RESIDUAL_OPTIONAL = ("res_in_bias", "res_out_bias")
+
+
+class PackedSteerParams(NamedTuple):
+    """The packed form the fused kernels read.
+
+    ``w_in`` columns: ``[0, r)`` basis S, ``r`` the mean mu (only with a gate), then K router columns (only when
+    K > 1), then the m rows of W1 transposed. ``w_out`` rows: the K experts, then the k residual basis rows.
+    ``consts`` (fp32) holds the per-row epilogue's small operands, see `SteerParams.pack`.
+    """
+
+    w_in: torch.Tensor
+    w_out: torch.Tensor
+    consts: torch.Tensor
+    r: int
+    num_experts: int
+    m: int
+    k: int
+    has_gate: bool
+    has_router: bool
+    mean_col: int
+    router_col: int
+    res_col: int
+    # offsets into `consts`
+    s_mu_off: int  # S^T mu, r values
+    mu_sq_off: int  # ||mu||^2, 1 value
+    router_bias_off: int  # c, K values
+    res_in_bias_off: int  # b1, m values
+    res_out_weight_off: int  # W2 row-major, k*m values
+    res_out_bias_off: int  # b2, k values
+
+    @property
+    def n_in(self) -> int:
+        return self.w_in.shape[1]
+
+    @property
+    def n_out(self) -> int:
+        return self.w_out.shape[0]
+
+
+def _as_float_tensor(name: str, value, ndim: int) -> Optional[torch.Tensor]:
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {value.dtype}")
+    if value.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(value.shape)}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SteerParams:
+    """Parameters of the steering op. ``None`` marks a part that is absent.
+
+    Args:
+        experts: ``(K, d)`` expert vectors V (K >= 1). The only required tensor.
+        basis: ``(d, r)`` orthonormal columns S of the gate subspace; ``None`` = gate always on.
+        mean: ``(d,)`` centre mu of the gate; ``None`` = zero. Only meaningful with a basis.
+        tau: gate threshold in [0, 1] on the energy ratio.
+        router_weight, router_bias: ``(d, K)`` and ``(K,)``; required (weight) when K > 1, absent when K == 1.
+        res_in_weight, res_in_bias, res_out_weight, res_out_bias, res_basis: the optional residual MLP
+            ``(m, d)``, ``(m,)``, ``(k, m)``, ``(k,)`` and the residual basis ``(k, d)``; weights and basis come
+            together, biases default to zero.
+        activation: ``"relu"`` or ``"identity"`` (the residual MLP's nonlinearity).
+        gamma: learned scale of the synthesised vector. alpha: user strength.
+        eps: floor of the centred energy in the gate's denominator.
+        orthonormalize: replace ``basis`` by an orthonormal basis of its span (QR) instead of checking it.
+        storage_dtype: dtype of the stored tensors (default fp32 masters).
+    """
+
+    experts: torch.Tensor
+    basis: Optional[torch.Tensor] = None
+    mean: Optional[torch.Tensor] = None
+    tau: float = 0.5
+    router_weight: Optional[torch.Tensor] = None
+    router_bias: Optional[torch.Tensor] = None
+    res_in_weight: Optional[torch.Tensor] = None
+    res_in_bias: Optional[torch.Tensor] = None
+    res_out_weight: Optional[torch.Tensor] = None
+    res_out_bias: Optional[torch.Tensor] = None
+    res_basis: Optional[torch.Tensor] = None
+    activation: str = "relu"
+    gamma: float = 1.0
+    alpha: float = 1.0
+    eps: float = 1e-12
+    orthonormalize: dataclasses.InitVar[bool] = False
+    storage_dtype: dataclasses.InitVar[Optional[torch.dtype]] = None
+
+    def __post_init__(self, orthonormalize: bool, storage_dtype: Optional[torch.dtype]) -> None:
+        ndims = dict(basis=2, mean=1, router_weight=2, router_bias=1, experts=2, res_in_weight=2,
+                     res_in_bias=1, res_out_weight=2, res_out_bias=1, res_basis=2)
+        if self.experts is None:
+            raise ValueError("experts: required, a (K, d) tensor of expert vectors")
+        device = self.experts.device if isinstance(self.experts, torch.Tensor) else None
+        store_dtype = torch.float32 if storage_dtype is None else storage_dtype
+        if not store_dtype.is_floating_point:
+            raise TypeError(f"storage_dtype: expected a floating-point dtype, got {store_dtype}")
+        for name in TENSOR_FIELDS:
+            t = _as_float_tensor(name, getattr(self, name), ndims[name])
+            if t is not None:
+                if t.device != device:
+                    raise ValueError(f"{name}: on device {t.device}, but experts are on {device}; "
+                                     "put all tensors on one device")
+                if not torch.isfinite(t).all():
+                    raise ValueError(f"{name}: contains NaN or infinite values")
+                t = t.detach().to(store_dtype).contiguous()
+            object.__setattr__(self, name, t)
+
+        for name in ("tau", "gamma", "alpha", "eps"):
+            v = getattr(self, name)
+            if isinstance(v, torch.Tensor):
+                v = v.item()  # construction time, not the hot path
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise TypeError(f"{name}: expected a number, got {type(v).__name__}")
+            v = float(v)
+            if v != v or v in (float("inf"), float("-inf")):
+                raise ValueError(f"{name}: must be finite, got {v}")
+            object.__setattr__(self, name, v)
+        if not 0.0 <= self.tau <= 1.0:
+            raise ValueError(f"tau: the gate threshold is an energy ratio and must lie in [0, 1], got {self.tau}")
+        if self.eps <= 0:
+            raise ValueError(f"eps: must be > 0, got {self.eps}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {self.activation!r}")
+
+        K, d = self.experts.shape
+        if K < 1 or d < 1:
+            raise ValueError(f"experts: expected shape (K, d) with K >= 1 and d >= 1, got {tuple(self.experts.shape)}")
+
+        def expect(name: str, shape: tuple) -> None:
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape) != shape:
+                raise ValueError(f"{name}: expected shape {shape} (d={d}, K={K}), got {tuple(t.shape)}")
+
+        # gate
+        if self.basis is None:
+            if self.mean is not None:
+                raise ValueError("mean: given without basis; with no basis the gate is always on and mean "
+                                 "would be ignored")
+        else:
+            if self.basis.shape[0] != d:
+                raise ValueError(f"basis: expected shape (d, r) with d={d}, got {tuple(self.basis.shape)}")
+            r = self.basis.shape[1]
+            if not 1 <= r <= d:
+                raise ValueError(f"basis: expected 1 <= r <= d={d} columns, got r={r}")
+            expect("mean", (d,))
+            if orthonormalize:
+                q, _ = torch.linalg.qr(self.basis.double())
+                object.__setattr__(self, "basis", q.to(store_dtype).contiguous())
+            else:
+                gram = self.basis.double().T @ self.basis.double()
+                err = (gram - torch.eye(r, dtype=gram.dtype, device=gram.device)).abs().max().item()
+                tol = 1e-4 if store_dtype in (torch.float32, torch.float64) else 2e-2
+                if err > tol:
+                    raise ValueError(f"basis: columns must be orthonormal (max |S^T S - I| = {err:.2e} > {tol:g}); "
+                                     "pass orthonormalize=True to orthonormalise them")
+        # router
+        if K == 1:
+            for name in ("router_weight", "router_bias"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}: K == 1 needs no router (softmax over one expert is 1); pass None")
+        else:
+            if self.router_weight is None:
+                raise ValueError(f"router_weight: required when K > 1 (K={K}), a (d, K) tensor")
+            expect("router_weight", (d, K))
+            expect("router_bias", (K,))
+        # residual
+        present = [n for n in _RESIDUAL_REQUIRED if getattr(self, n) is not None]
+        if present and len(present) != len(_RESIDUAL_REQUIRED):
+            missing = [n for n in _RESIDUAL_REQUIRED if n not in present]
+            raise ValueError(f"residual: {', '.join(missing)} missing; res_in_weight, res_out_weight and "
+                             "res_basis come together")
+        if not present:
+            for n in _RESIDUAL_OPTIONAL:
+                if getattr(self, n) is not None:
+                    raise ValueError(f"{n}: given without the residual MLP weights")
+        else:
+            m = self.res_in_weight.shape[0]
+            k = self.res_basis.shape[0]
+            if m < 1 or k < 1:
+                raise ValueError(f"residual: need m >= 1 and k >= 1, got m={m}, k={k}")
+            expect("res_in_weight", (m, d))
+            expect("res_in_bias", (m,))
+            expect("res_out_weight", (k, m))
+            expect("res_out_bias", (k,))
+            expect("res_basis", (k, d))
+        object.__setattr__(self, "_pack_cache", {})
+
+    # ---- sizes ---------------------------------------------------------------------------------------------
+    @property
+    def d(self) -> int:
+        return self.experts.shape[1]
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts.shape[0]
+
+    @property
+    def r(self) -> int:
+        return 0 if self.basis is None else self.basis.shape[1]
+
+    @property
+    def m(self) -> int:
+        return 0 if self.res_in_weight is None else self.res_in_weight.shape[0]
+
+    @property
+    def k(self) -> int:
+        return 0 if self.res_basis is None else self.res_basis.shape[0]
+
+    @property
+    def has_gate(self) -> bool:
+        return self.basis is not None
+
+    @property
+    def has_residual(self) -> bool:
+        return self.res_basis is not None
+
+    @property
+    def n_coef(self) -> int:
+        """Length of a coefficient row: K expert weights then k residual coefficients."""
+        return self.num_experts + self.k
+
+    @property
+    def device(self) -> torch.device:
+        return self.experts.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.experts.dtype
+
+    # ---- copies --------------------------------------------------------------------------------------------
+    def tensors(self) -> dict:
+        """The present tensors by field name."""
+        return {n: getattr(self, n) for n in TENSOR_FIELDS if getattr(self, n) is not None}
+
+    def scalars(self) -> dict:
+        return {n: getattr(self, n) for n in SCALAR_FIELDS}
+
+    def replace(self, **changes) -> "SteerParams":
+        """A copy with some fields changed (e.g. ``params.replace(alpha=4.0)``), validated again."""
+        fields = {**self.tensors(), **self.scalars(), **changes}
+        return SteerParams(storage_dtype=self.dtype, **fields)
+
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "SteerParams":
+        """A copy on ``device`` with tensors stored in ``dtype`` (default: keep the current dtype)."""
+        tensors = {n: t.to(device) for n, t in self.tensors().items()}
+        return SteerParams(storage_dtype=dtype or self.dtype, **tensors, **self.scalars())
+
+    # ---- packed form ---------------------------------------------------------------------------------------
+    def pack(self, dtype: Optional[torch.dtype] = None, device=None) -> PackedSteerParams:
+        """``W_in``/``W_out`` in ``dtype`` on ``device`` plus fp32 epilogue constants; cached per (dtype, device).
+
+        ``consts`` = ``[S^T mu (r) | ||mu||^2 (1) | c (K) | b1 (m) | W2 (k*m, row-major) | b2 (k)]``, each part
+        present only where its layer is. Subtracting ``S^T mu`` and using
+        ``||h-mu||^2 = ||h||^2 - 2 h.mu + ||mu||^2`` lets one pass over h serve the centred gate.
+        """
+        dtype = dtype or self.dtype
+        device = torch.device(device) if device is not None else self.device
+        key = (dtype, device)
+        cached = self._pack_cache.get(key)
+        if cached is not None:
+            return cached
+        f32 = {n: t.to(device=device, dtype=torch.float32) for n, t in self.tensors().items()}
+        d, K, r, m, k = self.d, self.num_experts, self.r, self.m, self.k
+        zeros = lambda n: torch.zeros(n, dtype=torch.float32, device=device)  # noqa: E731
+        cols, consts = [], []
+        if self.has_gate:
+            mu = f32.get("mean", zeros(d))
+            cols += [f32["basis"], mu[:, None]]
+            consts += [f32["basis"].T @ mu, (mu @ mu).reshape(1)]
+        has_router = K > 1
+        if has_router:
+            cols.append(f32["router_weight"])
+            consts.append(f32.get("router_bias", zeros(K)))
+        if self.has_residual:
+            cols.append(f32["res_in_weight"].T)
+            consts += [f32.get("res_in_bias", zeros(m)), f32["res_out_weight"].reshape(-1),
+                       f32.get("res_out_bias", zeros(k))]
+        rows = [f32["experts"]] + ([f32["res_basis"]] if self.has_residual else [])
+        w_in = torch.cat(cols, dim=1) if cols else torch.zeros(d, 0, device=device)
+        gate_cols = r + 1 if self.has_gate else 0
+        s_mu_off = 0
+        mu_sq_off = s_mu_off + (r if self.has_gate else 0)
+        router_bias_off = mu_sq_off + (1 if self.has_gate else 0)
+        res_in_bias_off = router_bias_off + (K if has_router else 0)
+        res_out_weight_off = res_in_bias_off + m
+        res_out_bias_off = res_out_weight_off + k * m
+        packed = PackedSteerParams(
+            w_in=w_in.to(dtype).contiguous(),
+            w_out=torch.cat(rows, dim=0).to(dtype).contiguous(),
+            consts=torch.cat(consts) if consts else zeros(0),
+            r=r, num_experts=K, m=m, k=k, has_gate=self.has_gate, has_router=has_router,
+            mean_col=r, router_col=gate_cols, res_col=gate_cols + (K if has_router else 0),
+            s_mu_off=s_mu_off, mu_sq_off=mu_sq_off, router_bias_off=router_bias_off,
+            res_in_bias_off=res_in_bias_off, res_out_weight_off=res_out_weight_off,
+            res_out_bias_off=res_out_bias_off,
+        )
+        self._pack_cache[key] = packed
+        return packed
+
+    def __repr__(self) -> str:
+        parts = [f"d={self.d}", f"K={self.num_experts}", f"r={self.r}"]
+        if self.has_residual:
+            parts += [f"m={self.m}", f"k={self.k}", f"activation={self.activation!r}"]
+        parts += [f"tau={self.tau:g}", f"gamma={self.gamma:g}", f"alpha={self.alpha:g}",
+                  f"dtype={self.dtype}", f"device={self.device}"]
+        return f"SteerParams({', '.join(parts)})"

@@ -1,0 +1,84 @@
+"""The steering op in plain PyTorch: the executable spec every kernel is tested against.
+
+Readable on purpose: it works from the unpacked `SteerParams`, accumulates in fp32 whatever the input dtype, and
+returns the input dtype. Needs no GPU and no triton.
+"""
+from __future__ import annotations
+
+import torch
+
+from .params import SteerParams
+from .validation import check_coef, check_hidden, check_row_to_seq
+
+
+def gate(h32: torch.Tensor, p: SteerParams) -> torch.Tensor:
+    """``(N, d)`` fp32 -> ``(N,)`` fp32 in {0, 1}: energy ratio of the centred row inside span(S) >= tau."""
+    if p.basis is None:
+        return h32.new_ones(h32.shape[0])
+    centred = h32 - p.mean.float() if p.mean is not None else h32
+    inside = (centred @ p.basis.float()).square().sum(-1)
+    energy = centred.square().sum(-1).clamp_min(p.eps)
+    return (inside / energy >= p.tau).float()
+
+
+def coefficients(h32: torch.Tensor, p: SteerParams) -> torch.Tensor:
+    """``(N, d)`` fp32 -> ``(N, K+k)`` fp32: router weights then residual coefficients, times alpha*gamma*g."""
+    if p.num_experts == 1:
+        weights = h32.new_ones(h32.shape[0], 1)
+    else:
+        logits = h32 @ p.router_weight.float()
+        if p.router_bias is not None:
+            logits = logits + p.router_bias.float()
+        weights = torch.softmax(logits, dim=-1)
+    if p.has_residual:
+        hidden = h32 @ p.res_in_weight.float().T
+        if p.res_in_bias is not None:
+            hidden = hidden + p.res_in_bias.float()
+        if p.activation == "relu":
+            hidden = torch.relu(hidden)
+        beta = hidden @ p.res_out_weight.float().T
+        if p.res_out_bias is not None:
+            beta = beta + p.res_out_bias.float()
+        weights = torch.cat([weights, beta], dim=-1)
+    return weights * (p.alpha * p.gamma * gate(h32, p))[:, None]
+
+
+def output_basis(p: SteerParams) -> torch.Tensor:
+    """``(K+k, d)`` fp32: the experts, then the residual basis rows."""
+    rows = [p.experts] + ([p.res_basis] if p.has_residual else [])
+    return torch.cat(rows, dim=0).float()
+
+
+def steer(h: torch.Tensor, params: SteerParams) -> torch.Tensor:
+    """Token mode: every row of ``h`` (``(..., d)``) gates and routes on itself; returns a new tensor."""
+    check_hidden(h, params)
+    h32 = h.reshape(-1, params.d).float()
+    out = h32 + coefficients(h32, params) @ output_basis(params)
+    return out.to(h.dtype).reshape(h.shape)
+
+
+def steer_(h: torch.Tensor, params: SteerParams) -> torch.Tensor:
+    """In-place `steer` (for hooks); returns ``h``."""
+    return h.copy_(steer(h, params))
+
+
+def synthesize(h_anchor: torch.Tensor, params: SteerParams) -> torch.Tensor:
+    """Query mode, step 1: anchor rows ``(B, d)`` -> ``(B, K+k)`` fp32 coefficients, gate and scale folded in."""
+    check_hidden(h_anchor, params, name="h_anchor", ndim=2)
+    return coefficients(h_anchor.float(), params)
+
+
+def apply_coef(h: torch.Tensor, coef: torch.Tensor, params: SteerParams,
+               row_to_seq: torch.Tensor) -> torch.Tensor:
+    """Query mode, step 2: ``h + coef[row_to_seq] @ W_out``; rows mapped to -1 are returned unchanged.
+
+    ``row_to_seq`` has the leading shape of ``h`` (or is its flattening) and holds, per row, the index of its
+    sequence in ``coef`` (``(B, K+k)``), or -1 for rows to leave alone (padding).
+    """
+    check_hidden(h, params)
+    check_coef(coef, params, h.device)
+    seq = check_row_to_seq(row_to_seq, h).reshape(-1)
+    h32 = h.reshape(-1, params.d).float()
+    out = h32 + coef.float()[seq.clamp_min(0)] @ output_basis(params)
+    out = torch.where((seq >= 0)[:, None], out.to(h.dtype), h.reshape(-1, params.d))
+    return out.reshape(h.shape)

@@ -1,0 +1,44 @@
+"""Hot-path input checks: metadata only (shape, dtype, device), never data, so no host synchronisation."""
+from __future__ import annotations
+
+import torch
+
+HIDDEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_hidden(h: torch.Tensor, params, name: str = "h", ndim: int | None = None) -> None:
+    if not isinstance(h, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(h).__name__}")
+    if h.dtype not in HIDDEN_DTYPES:
+        raise TypeError(f"{name}: expected dtype float32, float16 or bfloat16, got {h.dtype}")
+    if ndim is not None and h.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor (rows, d), got shape {tuple(h.shape)}")
+    if h.dim() < 1 or h.shape[-1] != params.d:
+        raise ValueError(f"{name}: expected shape (..., {params.d}) for a steerer of hidden size {params.d}, "
+                         f"got {tuple(h.shape)}")
+    if h.device != params.device:
+        raise ValueError(f"{name}: on {h.device} but the steering parameters are on {params.device}; "
+                         "move them once with params.to(device)")
+
+
+def check_coef(coef: torch.Tensor, params, device: torch.device) -> None:
+    if not isinstance(coef, torch.Tensor) or coef.dim() != 2 or coef.shape[1] != params.n_coef:
+        shape = tuple(coef.shape) if isinstance(coef, torch.Tensor) else type(coef).__name__
+        raise ValueError(f"coef: expected shape (B, {params.n_coef}) (K + k coefficients per sequence), got {shape}")
+    if not coef.is_floating_point():
+        raise TypeError(f"coef: expected a floating-point tensor, got {coef.dtype}")
+    if coef.device != device:
+        raise ValueError(f"coef: on {coef.device}, expected {device}")
+
+
+def check_row_to_seq(row_to_seq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Returns ``row_to_seq`` as int64; its shape must be ``h.shape[:-1]`` or the flattened row count."""
+    if not isinstance(row_to_seq, torch.Tensor) or row_to_seq.is_floating_point() or row_to_seq.is_complex():
+        raise TypeError("row_to_seq: expected an integer tensor (sequence index per row, -1 to skip)")
+    rows = h.numel() // h.shape[-1] if h.shape[-1] else 0
+    if tuple(row_to_seq.shape) not in (tuple(h.shape[:-1]), (rows,)):
+        raise ValueError(f"row_to_seq: expected shape {tuple(h.shape[:-1])} or ({rows},) to match h "
+                         f"{tuple(h.shape)}, got {tuple(row_to_seq.shape)}")
+    if row_to_seq.device != h.device:
+        raise ValueError(f"row_to_seq: on {row_to_seq.device}, expected {h.device}")
+    return row_to_seq.long()
