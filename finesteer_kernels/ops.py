@@ -1,45 +1,129 @@
 """Public entry points: pick a backend per call and run the op.
 
 Backends: ``torch`` (the reference, any device) and ``triton`` (fused kernels; CUDA tensors, or CPU tensors under
-``TRITON_INTERPRET=1``). ``FINESTEER_BACKEND=triton|torch`` forces one.
+``TRITON_INTERPRET=1``). Without ``FINESTEER_BACKEND`` the Triton kernels run wherever they can and the reference
+elsewhere; ``FINESTEER_BACKEND=triton|torch`` forces one, and forcing triton where it cannot run raises.
+
+The Triton path goes through the torch.library ops of `custom_ops` (so torch.compile can trace it). Only metadata
+(shape, dtype, device, env) is inspected on the way: no host synchronisation.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+from typing import Optional
 
 import torch
 
 from . import reference
 from .params import SteerParams
+from .validation import check_coef, check_hidden, check_row_to_seq
 
 BACKENDS = ("triton", "torch")
 
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
+def _triton_problem(h: torch.Tensor) -> Optional[str]:
+    """Why the Triton kernels cannot run on ``h``, or None when they can."""
+    if not _TRITON_INSTALLED:
+        return "triton is not installed"
+    if h.device.type == "cuda":
+        return None
+    if h.device.type != "cpu":
+        return f"h is on {h.device}; the kernels run on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1)"
+    from . import kernel_common  # imports triton; the kernels' interpreter mode is fixed when they are imported
+
+    if not kernel_common.INTERPRETING:
+        return ("h is a CPU tensor and the kernels were not built for the Triton interpreter; set "
+                "TRITON_INTERPRET=1 before triton is first imported to run them on CPU")
+    return None
+
 
 def select_backend(h: torch.Tensor) -> str:
-    """The backend that runs for a hidden-state tensor ``h``."""
+    """The backend that runs for a hidden-state tensor ``h``: ``"triton"`` or ``"torch"``."""
     forced = os.environ.get("FINESTEER_BACKEND", "").strip().lower()
     if forced and forced not in BACKENDS:
         raise ValueError(f"FINESTEER_BACKEND: expected one of {BACKENDS}, got {forced!r}")
-    if forced:
-        return forced
-    return "torch"
+    if forced == "torch":
+        return "torch"
+    problem = _triton_problem(h)
+    if forced == "triton" and problem:
+        raise RuntimeError(f"FINESTEER_BACKEND=triton, but the Triton kernels cannot run: {problem}")
+    return "torch" if problem else "triton"
+
+
+def _kernel_args(h: torch.Tensor, params: SteerParams):
+    """The custom ops' packed operands for ``h``'s dtype and device (packing is cached on ``params``)."""
+    from . import custom_ops  # noqa: F401  (registers the torch.ops.finesteer ops)
+    from .kernel_common import W_IN_ALIGN, layout_of
+
+    packed = params.pack_aligned(h.dtype, h.device, W_IN_ALIGN)
+    return packed, list(layout_of(packed, params.activation))
 
 
 def steer(h: torch.Tensor, params: SteerParams) -> torch.Tensor:
     """Token mode: returns ``h`` steered row by row (a new tensor, same shape and dtype)."""
-    return reference.steer(h, params)
+    check_hidden(h, params)
+    if select_backend(h) == "torch":
+        return reference.steer(h, params)
+    packed, layout = _kernel_args(h, params)
+    rows = h.reshape(-1, params.d).contiguous()
+    out = torch.ops.finesteer.steer(rows, packed.w_in, packed.w_out, packed.consts, layout, params.tau, params.eps,
+                                    params.alpha * params.gamma)
+    return out.view(h.shape)
 
 
 def steer_(h: torch.Tensor, params: SteerParams) -> torch.Tensor:
-    """In-place token mode for hooks; returns ``h``."""
-    return reference.steer_(h, params)
+    """In-place token mode for hooks; returns ``h``. The kernel leaves rows whose gate is off unwritten."""
+    check_hidden(h, params)
+    if select_backend(h) == "torch":
+        return reference.steer_(h, params)
+    if not h.is_contiguous():  # rows cannot be viewed as (N, d) in place
+        return h.copy_(steer(h, params))
+    packed, layout = _kernel_args(h, params)
+    torch.ops.finesteer.steer_(h.view(-1, params.d), packed.w_in, packed.w_out, packed.consts, layout, params.tau,
+                               params.eps, params.alpha * params.gamma)
+    return h
 
 
 def synthesize(h_anchor: torch.Tensor, params: SteerParams) -> torch.Tensor:
     """Query mode step 1: ``(B, d)`` anchor rows -> ``(B, K+k)`` fp32 coefficients."""
-    return reference.synthesize(h_anchor, params)
+    check_hidden(h_anchor, params, name="h_anchor", ndim=2)
+    if select_backend(h_anchor) == "torch":
+        return reference.synthesize(h_anchor, params)
+    packed, layout = _kernel_args(h_anchor, params)
+    return torch.ops.finesteer.synthesize(h_anchor.contiguous(), packed.w_in, packed.consts, layout, params.tau,
+                                          params.eps, params.alpha * params.gamma)
+
+
+def _apply_operands(h: torch.Tensor, coef: torch.Tensor, params: SteerParams, row_to_seq: torch.Tensor):
+    """fp32 contiguous ``coef`` and flat int64 ``row_to_seq``, checked (``h`` already is)."""
+    check_coef(coef, params, h.device)
+    seq = check_row_to_seq(row_to_seq, h).reshape(-1).contiguous()
+    return coef.float().contiguous(), seq
 
 
 def apply_coef(h: torch.Tensor, coef: torch.Tensor, params: SteerParams, row_to_seq: torch.Tensor) -> torch.Tensor:
-    """Query mode step 2: ``h + coef[row_to_seq] @ W_out``; rows mapped to -1 stay as they are."""
-    return reference.apply_coef(h, coef, params, row_to_seq)
+    """Query mode step 2: ``h + coef[row_to_seq] @ W_out``; rows mapped to -1 stay as they are.
+
+    On the Triton backend a ``row_to_seq`` entry >= B cannot raise without a host sync; its row becomes NaN.
+    """
+    check_hidden(h, params)
+    if select_backend(h) == "torch":
+        return reference.apply_coef(h, coef, params, row_to_seq)
+    coef32, seq = _apply_operands(h, coef, params, row_to_seq)
+    packed, _ = _kernel_args(h, params)
+    out = torch.ops.finesteer.apply_coef(h.reshape(-1, params.d).contiguous(), coef32, seq, packed.w_out)
+    return out.view(h.shape)
+
+
+def apply_coef_(h: torch.Tensor, coef: torch.Tensor, params: SteerParams, row_to_seq: torch.Tensor) -> torch.Tensor:
+    """In-place `apply_coef` for hooks; returns ``h``. Rows mapped to -1 are not written."""
+    check_hidden(h, params)
+    if select_backend(h) == "torch" or not h.is_contiguous():
+        return h.copy_(apply_coef(h, coef, params, row_to_seq))
+    coef32, seq = _apply_operands(h, coef, params, row_to_seq)
+    packed, _ = _kernel_args(h, params)
+    torch.ops.finesteer.apply_coef_(h.view(-1, params.d), coef32, seq, packed.w_out)
+    return h

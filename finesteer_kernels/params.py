@@ -329,6 +329,31 @@ class SteerParams:
         self._pack_cache[key] = packed
         return packed
 
+    def pack_aligned(self, dtype: Optional[torch.dtype] = None, device=None, align: int = 8) -> PackedSteerParams:
+        """`pack` with ``W_in``'s columns zero-padded to a multiple of ``align`` (at least ``align``).
+
+        The fused kernels read ``W_in`` in ``(BLOCK_D, n_in)`` tiles; a row stride of 8 elements makes every row
+        start on a 16-byte boundary in 16-bit dtypes, so the loads vectorise. The extra columns are zero and lie
+        past ``res_col + m``, so every offset of the plain `pack` still holds. An empty ``consts`` becomes one zero, so
+        no kernel is handed an empty buffer. Cached per (dtype, device, align).
+        """
+        if align < 1:
+            raise ValueError(f"align: expected a positive column multiple, got {align}")
+        dtype = dtype or self.dtype
+        device = torch.device(device) if device is not None else self.device
+        key = (dtype, device, "aligned", align)
+        cached = self._pack_cache.get(key)
+        if cached is not None:
+            return cached
+        packed = self.pack(dtype, device)
+        n_in = packed.w_in.shape[1]
+        padded_cols = max(align, -(-n_in // align) * align)
+        w_in = torch.nn.functional.pad(packed.w_in, (0, padded_cols - n_in)).contiguous()
+        consts = packed.consts if packed.consts.numel() else torch.zeros(1, dtype=torch.float32, device=device)
+        aligned = packed._replace(w_in=w_in, consts=consts)
+        self._pack_cache[key] = aligned
+        return aligned
+
     def __repr__(self) -> str:
         parts = [f"d={self.d}", f"K={self.num_experts}", f"r={self.r}"]
         if self.has_residual:

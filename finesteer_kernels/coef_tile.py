@@ -1,0 +1,82 @@
+"""Pass 1 and the per-row epilogue, shared by the token-mode and the synthesize kernels (a device function).
+
+For a tile of BLOCK_T rows it accumulates ``h @ W_in`` (fp32, tl.dot) and ``||h||^2`` in one sweep over d, then
+turns the NP accumulated columns ``[S^T h | h.mu | A^T h | W1 h | zero padding]`` into the coefficient row
+``alpha * gamma * g * [softmax(A^T h + c) | W2 act(W1 h + b1) + b2]`` (NCP columns, the first NC valid).
+Readable equivalent: `reference.coefficients`.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tile_coefficients(h_ptr, rows, row_mask, d, w_in_ptr, consts_ptr, tau, eps, scale,
+                      R: tl.constexpr, K: tl.constexpr, M: tl.constexpr, KR: tl.constexpr,
+                      HAS_GATE: tl.constexpr, HAS_ROUTER: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+                      MEAN_COL: tl.constexpr, ROUTER_COL: tl.constexpr, RES_COL: tl.constexpr,
+                      W_IN_STRIDE: tl.constexpr, S_MU_OFF: tl.constexpr, MU_SQ_OFF: tl.constexpr,
+                      RB_OFF: tl.constexpr, B1_OFF: tl.constexpr, W2_OFF: tl.constexpr, B2_OFF: tl.constexpr,
+                      NP: tl.constexpr, NCP: tl.constexpr, NATIVE_DOT: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Returns ``(coef, g)``: ``(BLOCK_T, NCP)`` fp32 coefficients (scale and gate folded in) and the fp32 gate."""
+    cols = tl.arange(0, NP)
+    acc = tl.zeros((BLOCK_T, NP), tl.float32)
+    sq = tl.zeros((BLOCK_T,), tl.float32)
+    row_base = rows.to(tl.int64) * d
+    if HAS_GATE or HAS_ROUTER or HAS_RES:  # CAA-like steerers read nothing in pass 1
+        for d0 in range(0, d, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_mask = offs_d < d
+            x = tl.load(h_ptr + row_base[:, None] + offs_d[None, :], mask=row_mask[:, None] & d_mask[None, :],
+                        other=0.0)
+            w = tl.load(w_in_ptr + offs_d[:, None] * W_IN_STRIDE + cols[None, :],
+                        mask=d_mask[:, None] & (cols[None, :] < W_IN_STRIDE), other=0.0)
+            x32 = x.to(tl.float32)
+            if HAS_GATE:
+                sq += tl.sum(x32 * x32, axis=1)
+            if NATIVE_DOT:
+                acc = tl.dot(x, w, acc)
+            else:
+                acc = tl.dot(x32, w.to(tl.float32), acc, input_precision="ieee")
+
+    g = tl.full((BLOCK_T,), 1.0, tl.float32)
+    if HAS_GATE:
+        # ||S^T(h-mu)||^2 / max(||h-mu||^2, eps) with S^T(h-mu) = S^T h - S^T mu, ||h-mu||^2 = ||h||^2 - 2h.mu + ||mu||^2
+        s_mu = tl.load(consts_ptr + S_MU_OFF + cols, mask=cols < R, other=0.0)
+        proj = tl.where(cols[None, :] < R, acc - s_mu[None, :], 0.0)
+        inside = tl.sum(proj * proj, axis=1)
+        h_mu = tl.sum(tl.where(cols[None, :] == MEAN_COL, acc, 0.0), axis=1)
+        energy = tl.maximum(sq - 2.0 * h_mu + tl.load(consts_ptr + MU_SQ_OFF), eps)
+        g = tl.where(inside / energy >= tau, 1.0, 0.0)
+
+    # `mixed` holds softmax weights in the router columns and act(W1 h + b1) in the MLP columns; one small fp32
+    # matmul with `mix` moves the weights to coefficient columns [0, K) and applies W2 into [K, K+k).
+    coef_cols = tl.arange(0, NCP)
+    coef = tl.zeros((BLOCK_T, NCP), tl.float32)
+    if HAS_ROUTER or HAS_RES:
+        mixed = tl.zeros((BLOCK_T, NP), tl.float32)
+        mix = tl.zeros((NP, NCP), tl.float32)
+        if HAS_ROUTER:
+            is_router = (cols >= ROUTER_COL) & (cols < ROUTER_COL + K)
+            bias = tl.load(consts_ptr + RB_OFF + cols - ROUTER_COL, mask=is_router, other=0.0)
+            logits = tl.where(is_router[None, :], acc + bias[None, :], float("-inf"))
+            e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+            mixed += e / tl.sum(e, axis=1)[:, None]
+            mix += tl.where(is_router[:, None] & (cols[:, None] - ROUTER_COL == coef_cols[None, :]), 1.0, 0.0)
+        if HAS_RES:
+            is_res = (cols >= RES_COL) & (cols < RES_COL + M)
+            hidden = acc + tl.load(consts_ptr + B1_OFF + cols - RES_COL, mask=is_res, other=0.0)[None, :]
+            if RELU:
+                hidden = tl.maximum(hidden, 0.0)
+            mixed += tl.where(is_res[None, :], hidden, 0.0)
+            is_beta = (coef_cols >= K) & (coef_cols < K + KR)
+            mix += tl.load(consts_ptr + W2_OFF + (coef_cols[None, :] - K) * M + (cols[:, None] - RES_COL),
+                           mask=is_res[:, None] & is_beta[None, :], other=0.0)
+        coef = tl.dot(mixed, mix, coef, input_precision="ieee")
+    if not HAS_ROUTER:
+        coef += tl.where(coef_cols == 0, 1.0, 0.0)[None, :]  # one expert: softmax weight 1
+    if HAS_RES:
+        b2 = tl.load(consts_ptr + B2_OFF + coef_cols - K, mask=(coef_cols >= K) & (coef_cols < K + KR), other=0.0)
+        coef += b2[None, :]
+    coef = coef * (scale * g)[:, None]
+    return coef, g

@@ -1,0 +1,82 @@
+"""The Triton kernels registered as torch.library custom ops, each with a fake (shape-only) implementation, so that
+``torch.compile(fullgraph=True)`` traces through a call as one opaque node:
+
+    finesteer::steer(h, w_in, w_out, consts, layout, tau, eps, scale) -> Tensor        token mode
+    finesteer::steer_(h!, w_in, w_out, consts, layout, tau, eps, scale) -> ()          token mode, in place
+    finesteer::synthesize(h, w_in, consts, layout, tau, eps, scale) -> Tensor         (B, K+k) fp32
+    finesteer::apply_coef(h, coef, row_to_seq, w_out) -> Tensor                        query-mode apply
+    finesteer::apply_coef_(h!, coef, row_to_seq, w_out) -> ()                          the same, in place
+
+``h`` is contiguous ``(N, d)``; ``w_in``/``w_out``/``consts`` come from `SteerParams.pack_aligned`; ``layout`` is a
+`kernel_common.Layout` as a list of ints; ``scale`` is ``alpha * gamma``. `finesteer_kernels.ops` prepares these
+from a `SteerParams`; other libraries should call `finesteer_kernels.steer` etc., not these ops directly.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .apply_kernel import launch_apply
+from .kernel_common import Layout
+from .steer_kernel import launch_steer
+from .synthesize_kernel import launch_synthesize
+
+
+@torch.library.custom_op("finesteer::steer", mutates_args=())
+def steer(h: Tensor, w_in: Tensor, w_out: Tensor, consts: Tensor, layout: list[int], tau: float, eps: float,
+          scale: float) -> Tensor:
+    out = torch.empty_like(h)
+    launch_steer(h, out, w_in, w_out, consts, Layout(*layout), tau, eps, scale)
+    return out
+
+
+@steer.register_fake
+def _steer_fake(h, w_in, w_out, consts, layout, tau, eps, scale):
+    return torch.empty_like(h)
+
+
+@torch.library.custom_op("finesteer::steer_", mutates_args=("h",))
+def steer_(h: Tensor, w_in: Tensor, w_out: Tensor, consts: Tensor, layout: list[int], tau: float, eps: float,
+           scale: float) -> None:
+    launch_steer(h, h, w_in, w_out, consts, Layout(*layout), tau, eps, scale)
+
+
+@steer_.register_fake
+def _steer_inplace_fake(h, w_in, w_out, consts, layout, tau, eps, scale):
+    return None
+
+
+@torch.library.custom_op("finesteer::synthesize", mutates_args=())
+def synthesize(h: Tensor, w_in: Tensor, consts: Tensor, layout: list[int], tau: float, eps: float,
+               scale: float) -> Tensor:
+    layout = Layout(*layout)
+    coef = torch.empty(h.shape[0], layout.n_coef, dtype=torch.float32, device=h.device)
+    launch_synthesize(h, coef, w_in, consts, layout, tau, eps, scale)
+    return coef
+
+
+@synthesize.register_fake
+def _synthesize_fake(h, w_in, consts, layout, tau, eps, scale):
+    return h.new_empty(h.shape[0], Layout(*layout).n_coef, dtype=torch.float32)
+
+
+@torch.library.custom_op("finesteer::apply_coef", mutates_args=())
+def apply_coef(h: Tensor, coef: Tensor, row_to_seq: Tensor, w_out: Tensor) -> Tensor:
+    out = torch.empty_like(h)
+    launch_apply(h, out, coef, row_to_seq, w_out)
+    return out
+
+
+@apply_coef.register_fake
+def _apply_coef_fake(h, coef, row_to_seq, w_out):
+    return torch.empty_like(h)
+
+
+@torch.library.custom_op("finesteer::apply_coef_", mutates_args=("h",))
+def apply_coef_(h: Tensor, coef: Tensor, row_to_seq: Tensor, w_out: Tensor) -> None:
+    launch_apply(h, h, coef, row_to_seq, w_out)
+
+
+@apply_coef_.register_fake
+def _apply_coef_inplace_fake(h, coef, row_to_seq, w_out):
+    return None
