@@ -1,0 +1,129 @@
+"""Printing tables, writing the JSON file and the plot of op time vs rows."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from typing import Optional, Sequence
+
+import torch
+
+
+def environment(device: str) -> dict:
+    """Where and when a run happened."""
+    import triton  # noqa: F401  (only its version)
+    import transformers
+
+    info = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "host": platform.node(), "machine": platform.machine(), "processor": platform.processor(),
+            "cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
+            "device": device, "triton_interpret": os.environ.get("TRITON_INTERPRET", "")}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def fmt(value, spec: str = ".1f", missing: str = "-") -> str:
+    if value is None:
+        return missing
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, str):
+        return value
+    return format(value, spec)
+
+
+def table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
+    """``columns``: (header, function of a row -> str). Returns an aligned plain-text table."""
+    cells = [[header for header, _ in columns]] + [[get(r) for _, get in columns] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def op_table(rows: Sequence[dict], gpu: bool) -> str:
+    no_gpu = "no GPU"
+
+    def gpu_col(key: str, spec: str):
+        return lambda r: fmt(r[key], spec) if gpu else (no_gpu if r["median_us"] is not None else "-")
+
+    def time_col(key: str):
+        return lambda r: fmt(r[key], ".1f", missing=r["note"] or "-") if key == "median_us" else fmt(r[key], ".1f")
+
+    columns = [
+        ("op", lambda r: r["op"]), ("T", lambda r: str(r["T"])), ("d", lambda r: str(r["d"])),
+        ("res", lambda r: "y" if r["residual"] else "n"), ("dtype", lambda r: r["dtype"]),
+        ("impl", lambda r: r["impl"]),
+        ("median us", time_col("median_us")), ("p20", time_col("p20_us")), ("p80", time_col("p80_us")),
+        ("launches" if gpu else "kernel ops (CPU)", lambda r: fmt(r["launches"], ".0f",
+                                                                   missing="n/a" if r["median_us"] else "-")),
+        ("KiB moved", lambda r: fmt(r["bytes"] / 1024, ".0f")),
+        ("GB/s", lambda r: fmt(r["gbps"], ".2f")),
+        ("% peak", gpu_col("pct_peak", ".0f")), ("% copy", gpu_col("pct_copy", ".0f")),
+        ("% layer", lambda r: fmt(None if r["layer_share"] is None else 100 * r["layer_share"], ".1f")),
+        ("ok", lambda r: fmt(r["ok"])),
+    ]
+    return table(rows, columns)
+
+
+def e2e_table(rows: Sequence[dict]) -> str:
+    columns = [("config", lambda r: r["config"]), ("mode", lambda r: r["mode"] or "-"),
+               ("layers", lambda r: ",".join(map(str, r["layers"])) or "-"),
+               ("tokens/s", lambda r: fmt(r["tokens_per_s"], ".1f")),
+               ("p20 s", lambda r: fmt(r["p20_s"], ".3f")), ("p80 s", lambda r: fmt(r["p80_s"], ".3f")),
+               ("time vs unpatched", lambda r: fmt(r["time_ratio"], ".3f")),
+               ("slowdown %", lambda r: fmt(None if r["time_ratio"] is None else 100 * (r["time_ratio"] - 1),
+                                            "+.1f"))]
+    return table(rows, columns)
+
+
+def write_json(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=1, sort_keys=False)
+        f.write("\n")
+
+
+def plot_op_times(rows: Sequence[dict], path: str, title: Optional[str] = None) -> Optional[str]:
+    """Median op time vs T, one line per implementation, one panel per (op, d, residual, dtype). Returns the path,
+    or None when there was nothing timed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in rows if r["median_us"] is not None]
+    if not timed:
+        return None
+    panels = sorted({(r["op"], r["d"], r["residual"], r["dtype"]) for r in timed}, key=str)
+    cols = min(4, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.9 * nrows), squeeze=False, dpi=80)
+    for ax, (op, d, residual, dtype) in zip(axes.flat, panels):
+        panel = [r for r in timed if (r["op"], r["d"], r["residual"], r["dtype"]) == (op, d, residual, dtype)]
+        for impl in sorted({r["impl"] for r in panel}):
+            points = sorted((r["T"], r["median_us"]) for r in panel if r["impl"] == impl)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=impl)
+        layer = sorted({(r["T"], r["layer_us"]) for r in panel if r["layer_us"]})
+        if layer:
+            ax.plot([p[0] for p in layer], [p[1] for p in layer], "k--", linewidth=1, label="decoder layer")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"{op} d={d} {'res' if residual else 'no res'} {dtype}", fontsize=8)
+        ax.set_xlabel("rows T", fontsize=7)
+        ax.set_ylabel("median us", fontsize=7)
+        ax.tick_params(labelsize=6)
+        ax.grid(True, which="major", alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

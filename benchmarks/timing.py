@@ -1,0 +1,195 @@
+"""Measuring time, launches and bandwidth, the same way for every implementation.
+
+CPU: wall clock per call (``perf_counter``), repeated until a time budget is spent. CUDA: a CUDA event pair around
+each call, with the L2 cache flushed before it (as ``triton.testing.do_bench`` does), so bandwidth figures are DRAM
+figures and not cache hits. Every measurement reports the median and the 20th/80th percentiles of the per-call times.
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+
+# Peak DRAM bandwidth (GB/s, 1e9 bytes) from the vendors' data sheets, matched on torch.cuda.get_device_name().
+# Order matters: the first matching key wins (more specific names first).
+CARD_PEAK_GBPS = (
+    ("H200", 4800.0),
+    ("H100 NVL", 3900.0),
+    ("H100 PCIe", 2000.0),
+    ("H100", 3350.0),  # SXM5
+    ("GH200", 4000.0),
+    ("A100-SXM4-80GB", 2039.0),
+    ("A100 80GB PCIe", 1935.0),
+    ("A100", 1555.0),  # 40 GB
+    ("L40S", 864.0),
+    ("L4", 300.0),
+    ("A10G", 600.0),
+    ("RTX 4090", 1008.0),
+)
+
+
+@dataclasses.dataclass
+class Stats:
+    """Per-call times in seconds."""
+
+    median: float
+    p20: float
+    p80: float
+    reps: int
+
+    def as_us(self) -> dict:
+        return {"median_us": self.median * 1e6, "p20_us": self.p20 * 1e6, "p80_us": self.p80 * 1e6,
+                "reps": self.reps}
+
+
+def stats_of(samples: list[float]) -> Stats:
+    if not samples:
+        raise ValueError("samples: expected at least one time")
+    ordered = sorted(samples)
+    q = statistics.quantiles(ordered, n=10, method="inclusive") if len(ordered) > 1 else [ordered[0]] * 9
+    return Stats(median=statistics.median(ordered), p20=q[1], p80=q[7], reps=len(ordered))
+
+
+def _time_cpu(fn: Callable[[], object], budget_s: float, min_reps: int, max_reps: int) -> Stats:
+    t0 = time.perf_counter()
+    fn()  # warm-up (allocator, lazy init)
+    if time.perf_counter() - t0 > budget_s:  # a slow call: the minimum of repetitions is all the budget allows
+        min_reps = min(min_reps, 3)
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < max_reps and (len(samples) < min_reps or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return stats_of(samples)
+
+
+_FLUSH_BUFFERS: dict = {}
+
+
+def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
+    # 256 MiB: larger than the L2 of any current card (H100: 50 MiB, H200: 60 MiB, B200: 126 MiB)
+    key = str(device)
+    if key not in _FLUSH_BUFFERS:
+        _FLUSH_BUFFERS[key] = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device=device)
+    return _FLUSH_BUFFERS[key]
+
+
+def _time_cuda(fn: Callable[[], object], budget_s: float, min_reps: int, max_reps: int, device: torch.device,
+               flush_l2: bool) -> Stats:
+    fn()
+    torch.cuda.synchronize(device)
+    # estimate one call to size the repetition count to the budget
+    t0 = time.perf_counter()
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize(device)
+    per_call = max((time.perf_counter() - t0) / 3, 1e-6)
+    reps = int(min(max_reps, max(min_reps, budget_s / per_call)))
+    flush = _l2_flush_buffer(device) if flush_l2 else None
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        if flush is not None:
+            flush.zero_()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize(device)
+    return stats_of([s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends)])
+
+
+def measure(fn: Callable[[], object], device: torch.device, budget_s: float = 0.3, min_reps: int = 5,
+            max_reps: int = 200, flush_l2: bool = True) -> Stats:
+    """Per-call time statistics of ``fn()`` on ``device``; call it only for compiled code, never under the
+    Triton interpreter (that measures Python, not a kernel)."""
+    device = torch.device(device)
+    with torch.inference_mode():
+        if device.type == "cuda":
+            return _time_cuda(fn, budget_s, min_reps, max_reps, device, flush_l2)
+        return _time_cpu(fn, budget_s, min_reps, max_reps)
+
+
+# ---- launches -------------------------------------------------------------------------------------------------
+# ATen ops that only create views or metadata (no kernel on a GPU); used by the CPU proxy for launches.
+_NO_KERNEL_OPS = {
+    "aten::view", "aten::reshape", "aten::_reshape_alias", "aten::as_strided", "aten::expand", "aten::unsqueeze",
+    "aten::squeeze", "aten::t", "aten::transpose", "aten::permute", "aten::resolve_conj", "aten::resolve_neg",
+    "aten::result_type", "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::lift_fresh",
+    "aten::detach", "aten::alias", "aten::slice", "aten::select", "aten::contiguous", "aten::to",
+    "aten::_unsafe_view", "aten::narrow", "aten::split", "aten::split_with_sizes", "aten::unbind",
+    "aten::clone", "aten::flatten", "aten::numpy_T", "aten::matmul", "aten::linear", "aten::_to_copy",
+    "aten::index_select_backward", "aten::size", "aten::stride", "aten::is_nonzero",
+}
+
+
+def _kernel_ops_on_cpu(events) -> int:
+    """ATen ops that would launch a kernel: compute ops none of whose descendants is a compute op (so
+    ``matmul -> mm`` counts once and ``to -> _to_copy -> copy_`` counts as the one copy)."""
+    def is_compute(e) -> bool:
+        return e.name.startswith("aten::") and e.name not in _NO_KERNEL_OPS
+
+    def has_compute_descendant(e) -> bool:
+        return any(is_compute(c) or has_compute_descendant(c) for c in e.cpu_children)
+
+    return sum(1 for e in events if is_compute(e) and not has_compute_descendant(e))
+
+
+def count_launches(fn: Callable[[], object], device: torch.device, calls: int = 2) -> Optional[float]:
+    """Launches per call seen by torch.profiler.
+
+    CUDA: device-side events (kernels, memcpy, memset) per call. CPU: the number of kernel-level ATen ops per
+    call, the CPU proxy for launches (each launches at least one kernel on a GPU); returns None for code whose
+    kernels the CPU profiler does not see (Inductor's generated C++), which the caller reports as n/a.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.inference_mode():
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        with profile(activities=activities) as prof:
+            for _ in range(calls):
+                fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+    events = prof.events()
+    if device.type == "cuda":
+        n = sum(1 for e in events if getattr(e, "device_type", None) == DeviceType.CUDA)
+        return n / calls if n else None
+    if any("CompiledFxGraph" in e.name or "Torch-Compiled Region" in e.name for e in events):
+        return None
+    return _kernel_ops_on_cpu(events) / calls
+
+
+# ---- the card -------------------------------------------------------------------------------------------------
+def card_peak_gbps(device: torch.device) -> Optional[float]:
+    """The data-sheet DRAM bandwidth of a CUDA device, or None (CPU, unknown card)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, gbps in CARD_PEAK_GBPS:
+        if key in name:
+            return gbps
+    return None
+
+
+def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30, budget_s: float = 0.5) -> dict:
+    """Measured device-to-device copy bandwidth (read + write bytes / median time) of an ``nbytes`` buffer."""
+    device = torch.device(device)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    stats = measure(lambda: dst.copy_(src), device, budget_s=budget_s, flush_l2=False)
+    moved = 2 * src.numel() * src.element_size()
+    return {"bytes": moved, **stats.as_us(), "gbps": moved / stats.median / 1e9}
+
+
+def bytes_per_second(nbytes: float, seconds: Optional[float]) -> Optional[float]:
+    return None if seconds is None or seconds <= 0 else nbytes / seconds / 1e9
