@@ -1,0 +1,492 @@
+"""`patch_model`: steer a transformers causal LM at the output of some decoder layers, in forward and generate.
+
+Each patched layer gets a forward hook on its output (registered first, so ``output_hidden_states`` records the
+steered values). The module that owns the layer list gets a forward pre-hook that notes, once per forward, the 2-D
+padding mask and how many tokens the cache already holds; from those and the number of new tokens the layer hook
+tells a prefill from a decode step. All state (the per-sequence coefficients of query mode) lives on the
+`PatchHandle` and is dropped by `PatchHandle.remove`.
+
+Query mode (the paper's): a prefill synthesises ``coef`` at each row's anchor, the last non-padding token of the
+prompt, adds ``coef @ W_out`` to every non-padding position and caches ``coef``; decode steps reuse it. Inside
+``model.generate`` the prompt is what ``generate`` was given, so ``use_cache=False`` (which recomputes the whole
+sequence every step) and assisted decoding keep the prompt's anchor. Token mode: every position gates and routes on
+its own hidden state. See docs/patching.md.
+
+The hooks only look at shapes, never at tensor values, so they do not synchronise with the device.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from collections.abc import Mapping
+from typing import Optional, Union
+
+import torch
+
+import finesteer_kernels
+from finesteer_kernels import SteerParams
+from finesteer_kernels.validation import HIDDEN_DTYPES
+
+from .layers import find_decoder_layers, hidden_size
+from .steerer import Steerer
+
+__all__ = ["patch_model", "unpatch_model", "PatchHandle", "find_decoder_layers"]
+
+MODES = ("query", "token")
+SteererLike = Union[Steerer, SteerParams]
+
+
+# ---- per-forward context -----------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _ForwardContext:
+    """What the owner's pre-hook saw for the current forward, plus index tensors derived from it for the first
+    patched layer and reused by the others (all patched layers see the same batch and tokens)."""
+
+    padding_mask: Optional[torch.Tensor]  # (B, past + T) 2-D mask as given, or None
+    past_length: int  # tokens in the cache before this forward
+    prompt_length: Optional[int]  # inside generate: length of the prompt it was given
+    num_beams: int  # inside generate: beams per prompt (1 outside generate)
+    derived: dict = dataclasses.field(default_factory=dict)
+
+
+class _Rows:
+    """Index tensors for one forward of ``batch`` rows and ``new_tokens`` tokens."""
+
+    def __init__(self, ctx: _ForwardContext, hidden: torch.Tensor):
+        batch, new_tokens = hidden.shape[0], hidden.shape[1]
+        device = hidden.device
+        valid = None  # (B, T) bool: real (non-padding) new tokens
+        if ctx.padding_mask is not None:
+            mask = ctx.padding_mask
+            if mask.shape[0] != batch or mask.shape[1] < new_tokens:
+                raise ValueError(f"attention_mask: shape {tuple(mask.shape)} does not cover this forward's "
+                                 f"{batch} rows of {new_tokens} new tokens; expected (batch, past + new)")
+            valid = mask[:, mask.shape[1] - new_tokens:].to(device=device, dtype=torch.bool)
+        # A decode step brings one token per row on top of a non-empty cache. Inside generate, everything after
+        # the prompt (assisted-decoding candidates, or generated tokens) reuses the prompt's coefficients too.
+        if ctx.prompt_length is not None:
+            self.decode = ctx.past_length >= ctx.prompt_length
+            anchor_limit = ctx.prompt_length - ctx.past_length  # new-token positions before it belong to the prompt
+        else:
+            self.decode = new_tokens == 1 and ctx.past_length > 0
+            anchor_limit = new_tokens
+        seq = torch.arange(batch, device=device)[:, None].expand(batch, new_tokens)
+        self.row_to_seq = seq if valid is None else torch.where(valid, seq, -1)  # (B, T), -1 = padding
+        self.valid = valid
+        self.batch_index = torch.arange(batch, device=device)
+        if not self.decode:
+            pos = torch.arange(new_tokens, device=device)
+            eligible = (pos < anchor_limit)[None, :].expand(batch, new_tokens)
+            if valid is not None:
+                eligible = eligible & valid
+            anchor = torch.where(eligible, pos, -1).amax(dim=1)  # last real prompt token per row, -1 if none
+            self.anchor_found = (anchor >= 0)[:, None]
+            self.anchor = anchor.clamp_min(0)
+
+
+def _rows_for(ctx: Optional[_ForwardContext], hidden: torch.Tensor) -> _Rows:
+    if ctx is None:  # a layer called outside its model's forward: no mask, no cache information
+        ctx = _ForwardContext(None, 0, None, 1)
+    key = (hidden.shape[0], hidden.shape[1], hidden.device)
+    rows = ctx.derived.get(key)
+    if rows is None:
+        rows = ctx.derived[key] = _Rows(ctx, hidden)
+    return rows
+
+
+def _share_within_beams(coef: torch.Tensor, num_beams: int) -> torch.Tensor:
+    """Give every beam of a prompt the coefficients of its first beam, so that beam search's reordering of rows
+    (always within a prompt's beams) leaves each row's coefficients exactly right."""
+    if num_beams <= 1:
+        return coef
+    batch, n = coef.shape
+    if batch % num_beams:
+        raise RuntimeError(f"beam search: {batch} rows are not a multiple of num_beams={num_beams}")
+    return coef.view(batch // num_beams, num_beams, n)[:, :1].expand(-1, num_beams, -1).reshape(batch, n)
+
+
+# ---- argument lookup -----------------------------------------------------------------------------------------------
+class _ArgReader:
+    """Reads named arguments of ``fn`` from a call's ``args``/``kwargs`` (some models pass them positionally)."""
+
+    def __init__(self, fn):
+        try:
+            params = list(inspect.signature(fn).parameters.values())
+        except (TypeError, ValueError):
+            params = []
+        self.positions = {p.name: i for i, p in enumerate(params)
+                          if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)}
+
+    def get(self, args: tuple, kwargs: dict, *names: str):
+        for name in names:
+            if name in kwargs:
+                return kwargs[name]
+            i = self.positions.get(name)
+            if i is not None and i < len(args):
+                return args[i]
+        return None
+
+
+def _cache_length(cache) -> Optional[int]:
+    """Tokens held by a transformers cache, or None when it cannot say without reading device memory."""
+    if cache is None:
+        return 0
+    get = getattr(cache, "get_seq_length", None)
+    if get is None:
+        return None
+    length = get()
+    return length if isinstance(length, int) else None
+
+
+# ---- the hooks -----------------------------------------------------------------------------------------------------
+class _LayerHook:
+    """Forward hook on one decoder layer. A class (not a closure) so `unpatch_model` can recognise it."""
+
+    def __init__(self, handle: "PatchHandle", site: "_Site"):
+        self.handle = handle
+        self.site = site
+
+    def __call__(self, module, args, kwargs, output):
+        return self.handle._steer_output(self.site, output)
+
+
+class _OwnerPreHook:
+    """Forward pre-hook on the module that owns the decoder layers: records mask and cache length."""
+
+    def __init__(self, handle: "PatchHandle", owner: torch.nn.Module):
+        self.handle = handle
+        self.reader = _ArgReader(owner.forward)
+
+    def __call__(self, module, args, kwargs):
+        self.handle._begin_forward(self.reader, args, kwargs)
+
+
+@dataclasses.dataclass
+class _Site:
+    """One patched layer: its parameters (on the layer's device) and the query-mode cache."""
+
+    layer: int
+    params: SteerParams
+    coef: Optional[torch.Tensor] = None  # (B, K+k) fp32 per sequence, from the last prefill
+
+
+class PatchHandle:
+    """The live patch of one model: hooks, per-layer parameters and query-mode state.
+
+    Use it as a context manager or call `remove`. ``handle.layers`` lists the patched layer indices,
+    ``handle.params(layer)`` the parameters used there (moved to the layer's device, alpha applied), and
+    ``handle.cached_coef(layer)`` the per-sequence coefficients of the last query-mode prefill (or None).
+    """
+
+    def __init__(self, model: torch.nn.Module, sites: dict, mode: str, owner: torch.nn.Module,
+                 layer_modules: torch.nn.ModuleList):
+        self.model = model
+        self.mode = mode
+        self._sites = sites
+        self._context: Optional[_ForwardContext] = None
+        self._generate_stack: list = []  # (prompt_length, num_beams) per active generate call
+        self._hooks = [owner.register_forward_pre_hook(_OwnerPreHook(self, owner), with_kwargs=True,
+                                                       prepend=True)]
+        for index, site in sites.items():
+            # prepend: run before transformers' own recording hooks so output_hidden_states shows the edit
+            self._hooks.append(layer_modules[index].register_forward_hook(
+                _LayerHook(self, site), with_kwargs=True, prepend=True))
+        self._generate_wrapper = None
+        self._wrapped_generate = None
+        self.active = True
+        if callable(getattr(model, "generate", None)):
+            self._install_generate_wrapper()
+
+    # ---- public ---------------------------------------------------------------------------------------------
+    @property
+    def layers(self) -> tuple:
+        return tuple(sorted(self._sites))
+
+    def params(self, layer: int) -> SteerParams:
+        return self._site(layer).params
+
+    def cached_coef(self, layer: int) -> Optional[torch.Tensor]:
+        return self._site(layer).coef
+
+    def reset(self) -> None:
+        """Forget the cached query-mode coefficients (the next forward must be a prefill)."""
+        for site in self._sites.values():
+            site.coef = None
+        self._context = None
+
+    def remove(self) -> None:
+        """Remove every hook of this patch and drop its state. Safe to call twice."""
+        if not self.active:
+            return
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self._restore_generate()
+        self.reset()
+        self.active = False
+
+    def __enter__(self) -> "PatchHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return f"PatchHandle(mode={self.mode!r}, layers={list(self.layers)}, {state})"
+
+    # ---- internals ------------------------------------------------------------------------------------------
+    def _site(self, layer: int) -> _Site:
+        if layer not in self._sites:
+            raise KeyError(f"layer: {layer} is not patched by this handle (patched: {list(self.layers)})")
+        return self._sites[layer]
+
+    def _begin_forward(self, reader: _ArgReader, args: tuple, kwargs: dict) -> None:
+        mask = reader.get(args, kwargs, "attention_mask")
+        cache = reader.get(args, kwargs, "cache", "past_key_values")
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+            if self.mode == "query":
+                what = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+                raise ValueError(f"attention_mask: query mode needs a 2-D padding mask (batch, past + new tokens) "
+                                 f"to find each row's anchor, got {what}; packed or custom 4-D masks are not "
+                                 "supported, use mode='token'")
+            mask = None  # token mode: steer every position
+        past = _cache_length(cache)
+        if past is None:  # e.g. a static cache: take the past length from the mask's shape instead
+            if mask is None:
+                raise ValueError("cache: cannot tell how many tokens it holds (get_seq_length did not return an "
+                                 "int) and no 2-D attention_mask was given; pass attention_mask")
+            past = -1  # resolved against the number of new tokens in the layer hook
+        prompt_length, num_beams = self._generate_stack[-1] if self._generate_stack else (None, 1)
+        self._context = _ForwardContext(mask, past, prompt_length, num_beams)
+
+    def _steer_output(self, site: _Site, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+            what = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+            raise TypeError(f"layer {site.layer}: expected the decoder layer to return the residual stream as a "
+                            f"(batch, tokens, hidden) tensor (or a tuple starting with one), got {what}")
+        params = site.params
+        if hidden.device != params.device:
+            raise RuntimeError(f"layer {site.layer}: hidden states are on {hidden.device} but the steerer was "
+                               f"moved to {params.device} at patch time; the model moved after patching: remove "
+                               "the patch and patch again")
+        if hidden.dtype not in HIDDEN_DTYPES:
+            raise TypeError(f"layer {site.layer}: hidden states in {hidden.dtype}; the steering op supports "
+                            "float32, float16 and bfloat16")
+        ctx = self._context
+        if ctx is not None and ctx.past_length < 0:  # static cache: past from the mask's shape
+            ctx.past_length = ctx.padding_mask.shape[1] - hidden.shape[1]
+        if self.mode == "token":
+            steered = self._steer_tokens(site, hidden, ctx)
+        else:
+            steered = self._steer_query(site, hidden, ctx)
+        return (steered, *output[1:]) if isinstance(output, tuple) else steered
+
+    def _steer_tokens(self, site: _Site, hidden: torch.Tensor, ctx: Optional[_ForwardContext]) -> torch.Tensor:
+        if ctx is None or ctx.padding_mask is None:
+            return finesteer_kernels.steer(hidden, site.params)
+        # With a mask, padding positions stay as they are: per-row coefficients, and -1 rows skipped.
+        rows = _rows_for(ctx, hidden)
+        batch, new_tokens, d = hidden.shape
+        coef = finesteer_kernels.synthesize(hidden.reshape(-1, d), site.params)
+        flat_index = torch.arange(batch * new_tokens, device=hidden.device).view(batch, new_tokens)
+        row_to_token = torch.where(rows.valid, flat_index, -1)
+        return finesteer_kernels.apply_coef(hidden, coef, site.params, row_to_token)
+
+    def _steer_query(self, site: _Site, hidden: torch.Tensor, ctx: Optional[_ForwardContext]) -> torch.Tensor:
+        rows = _rows_for(ctx, hidden)
+        batch = hidden.shape[0]
+        if rows.decode:
+            coef = site.coef
+            if coef is None:
+                raise RuntimeError(f"layer {site.layer}: a decode step (tokens after a non-empty cache) but no "
+                                   "prefill was seen since patching (or since reset()); run the prompt through the "
+                                   "patched model first")
+            if coef.shape[0] != batch:
+                raise RuntimeError(f"layer {site.layer}: batch size changed between prefill ({coef.shape[0]} rows) "
+                                   f"and decode ({batch} rows); query mode keeps one coefficient row per sequence "
+                                   "and cannot follow rows that were added, dropped or regrouped")
+        else:
+            anchors = hidden[rows.batch_index, rows.anchor]  # (B, d)
+            coef = finesteer_kernels.synthesize(anchors, site.params)
+            coef = torch.where(rows.anchor_found, coef, 0.0)  # a row with no real prompt token gets no edit
+            coef = _share_within_beams(coef, ctx.num_beams if ctx is not None else 1)
+            site.coef = coef
+        return finesteer_kernels.apply_coef(hidden, coef, site.params, rows.row_to_seq)
+
+    # ---- generate -------------------------------------------------------------------------------------------
+    def _install_generate_wrapper(self) -> None:
+        """Wrap ``model.generate`` on this instance so forwards know the prompt length and beam count."""
+        model = self.model
+        original = model.generate
+        reader = _ArgReader(original)
+        handle = self
+
+        @functools.wraps(original)
+        def generate(*args, **kwargs):
+            if not handle.active:  # removed while another wrapper sat on top of this one
+                return original(*args, **kwargs)
+            handle._generate_stack.append(_generate_shape(model, reader, args, kwargs))
+            try:
+                return original(*args, **kwargs)
+            finally:
+                handle._generate_stack.pop()
+
+        generate._finesteer_handle = self
+        self._had_instance_generate = "generate" in vars(model)
+        self._wrapped_generate = original  # kept after removal: a wrapper above ours may still call it
+        self._generate_wrapper = generate
+        model.generate = generate
+
+    def _restore_generate(self) -> None:
+        if self._generate_wrapper is None:
+            return
+        # Undo our wrapper only while it is on top; if something wrapped it since, ours stays as an inactive
+        # pass-through, and is unwrapped later when the wrappers above it are gone.
+        self.active = False
+        model = self.model
+        while True:
+            top = vars(model).get("generate")
+            owner = getattr(top, "_finesteer_handle", None)
+            if owner is None or owner.active:
+                break
+            if owner._had_instance_generate:
+                model.generate = owner._wrapped_generate
+            else:
+                del model.generate
+        self._generate_wrapper = None
+
+
+def _generate_shape(model, reader: _ArgReader, args: tuple, kwargs: dict) -> tuple:
+    """(prompt length, beams per prompt) of a generate call, read from shapes and configs only."""
+    prompt = reader.get(args, kwargs, "inputs", "input_ids")
+    if prompt is None:
+        prompt = kwargs.get("inputs_embeds")
+    prompt_length = prompt.shape[1] if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 else None
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and prompt_length is not None:
+        # generate may get only the new tokens on top of a given cache, with a mask for the whole sequence
+        prompt_length = max(prompt_length, mask.shape[1])
+    num_beams = kwargs.get("num_beams")
+    if num_beams is None:
+        config = reader.get(args, kwargs, "generation_config") or getattr(model, "generation_config", None)
+        num_beams = getattr(config, "num_beams", 1) or 1
+    return prompt_length, int(num_beams)
+
+
+# ---- patching --------------------------------------------------------------------------------------------------
+def _owner_of(model: torch.nn.Module, layers: torch.nn.ModuleList) -> torch.nn.Module:
+    for module in model.modules():
+        if any(child is layers for child in module.children()):
+            return module
+    raise ValueError(f"model: the decoder layers of {type(model).__name__} have no parent module")
+
+
+def _placement(layer: torch.nn.Module, index: int) -> tuple:
+    """(device, dtype) the layer computes in, from its floating-point parameters."""
+    for tensor in (*layer.parameters(), *layer.buffers()):
+        if tensor.is_floating_point():
+            if tensor.device.type == "meta":
+                raise ValueError(f"model: layer {index} has its weights on the meta device (offloaded or not "
+                                 "loaded); load the model onto a real device before patching")
+            if tensor.dtype not in HIDDEN_DTYPES:
+                raise TypeError(f"model: layer {index} computes in {tensor.dtype}; the steering op supports "
+                                "float32, float16 and bfloat16 hidden states")
+            return tensor.device, tensor.dtype
+    raise ValueError(f"model: layer {index} has no floating-point parameters to tell its device and dtype")
+
+
+def _already_patched(layer: torch.nn.Module) -> bool:
+    return any(isinstance(fn, _LayerHook) for fn in layer._forward_hooks.values())
+
+
+def _normalise_steerers(steerer_or_dict) -> dict:
+    """-> {layer index: SteerParams}."""
+    if isinstance(steerer_or_dict, Steerer):
+        return {steerer_or_dict.layer: steerer_or_dict.params}
+    if isinstance(steerer_or_dict, SteerParams):
+        raise TypeError("steerer_or_dict: a bare SteerParams has no layer; pass {layer_index: params} or a Steerer")
+    if not isinstance(steerer_or_dict, Mapping):
+        raise TypeError(f"steerer_or_dict: expected a Steerer or a dict {{layer index: Steerer}}, got "
+                        f"{type(steerer_or_dict).__name__}")
+    if not steerer_or_dict:
+        raise ValueError("steerer_or_dict: empty dict, nothing to patch")
+    out = {}
+    for layer, item in steerer_or_dict.items():
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise TypeError(f"steerer_or_dict: keys are decoder layer indices (int), got {layer!r}")
+        if isinstance(item, Steerer):
+            if item.layer != layer:
+                raise ValueError(f"steerer_or_dict: key {layer} holds a steerer fitted at layer {item.layer}; "
+                                 f"use the key {item.layer}, or dataclasses.replace(steerer, layer={layer}) to "
+                                 "apply it elsewhere on purpose")
+            out[layer] = item.params
+        elif isinstance(item, SteerParams):
+            out[layer] = item
+        else:
+            raise TypeError(f"steerer_or_dict[{layer}]: expected a Steerer or SteerParams, got "
+                            f"{type(item).__name__}")
+    return out
+
+
+def _prepare(params: SteerParams, device: torch.device, dtype: torch.dtype, alpha: Optional[float]) -> SteerParams:
+    """Apply alpha, move to the layer's device once, and warm the op there (packing caches, kernel compilation),
+    which also surfaces a device or dtype the op cannot run on now rather than mid-generation."""
+    if alpha is not None:
+        params = params.replace(alpha=alpha)
+    params = params.to(device)
+    params.pack(dtype=dtype, device=device)
+    probe = torch.zeros(1, 1, params.d, device=device, dtype=dtype)
+    coef = finesteer_kernels.synthesize(probe[0], params)
+    finesteer_kernels.apply_coef(probe, coef, params, torch.zeros(1, 1, dtype=torch.long, device=device))
+    finesteer_kernels.steer(probe, params)
+    return params
+
+
+def patch_model(model: torch.nn.Module, steerer_or_dict: Union[Steerer, Mapping[int, SteererLike]],
+                mode: str = "query", alpha: Optional[float] = None) -> PatchHandle:
+    """Steer ``model`` at the output of decoder layers; returns a `PatchHandle` (a context manager).
+
+    Args:
+        model: a transformers 5 causal LM (or its base model / a VLM whose text model has decoder layers).
+        steerer_or_dict: a `Steerer` (applied at ``steerer.layer``) or a dict ``{layer index: Steerer or
+            SteerParams}`` for several layers.
+        mode: ``"query"`` (per sequence: gate and route once at the prompt's last token, add the same vector to
+            every token) or ``"token"`` (every position gates and routes on its own hidden state).
+        alpha: strength overriding each steerer's own ``alpha``; None keeps theirs.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module (a transformers model), got {type(model).__name__}")
+    wanted = _normalise_steerers(steerer_or_dict)
+    layer_modules = find_decoder_layers(model)
+    width = hidden_size(model)
+    sites = {}
+    for index, params in sorted(wanted.items()):
+        if not 0 <= index < len(layer_modules):
+            raise IndexError(f"steerer_or_dict: layer {index} is out of range; "
+                             f"{type(model).__name__} has decoder layers 0..{len(layer_modules) - 1}")
+        if params.d != width:
+            raise ValueError(f"steerer_or_dict: the steerer for layer {index} has hidden size {params.d}, but "
+                             f"{type(model).__name__} has hidden size {width}")
+        if _already_patched(layer_modules[index]):
+            raise RuntimeError(f"model: layer {index} is already patched by FineSteer; remove that patch (handle."
+                               "remove() or finesteer.unpatch_model(model)) first")
+        device, dtype = _placement(layer_modules[index], index)
+        sites[index] = _Site(index, _prepare(params, device, dtype, alpha))
+    return PatchHandle(model, sites, mode, _owner_of(model, layer_modules), layer_modules)
+
+
+def unpatch_model(model: torch.nn.Module) -> int:
+    """Remove every FineSteer patch from ``model``; returns how many patches were removed."""
+    handles = []
+    for module in model.modules():
+        for fn in list(module._forward_hooks.values()):
+            if isinstance(fn, _LayerHook) and fn.handle not in handles:
+                handles.append(fn.handle)
+    for handle in handles:
+        handle.remove()
+    return len(handles)

@@ -1,0 +1,440 @@
+"""patch_model on tiny random-weight transformers models: exactness against hand-written hooks and reference loops,
+padding, generate (greedy, sampling, no cache, beams), token-mode gating, state and errors."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import pytest
+import torch
+
+import finesteer
+from finesteer import Steerer, patch_model, unpatch_model
+from finesteer.layers import hidden_size
+from finesteer_kernels import SteerParams, reference
+from op_cases import random_params
+from tiny_models import random_ids, tiny_model
+
+ARCHS = ("llama", "qwen2", "mistral", "gemma2", "gpt2", "gpt_neox")
+LAYER = 1  # a middle layer: hidden_states[LAYER + 1] is its raw output (the last layer's is normed)
+NEW_TOKENS = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models are all thread overhead: on the shared 2-core machine one thread runs them several times
+    faster. Restored for the tests after this file."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def torch_backend(monkeypatch):
+    """The exact torch reference, and fast under TRITON_INTERPRET; one test below runs the default backend."""
+    monkeypatch.setenv("FINESTEER_BACKEND", "torch")
+
+
+_MODELS: dict = {}
+
+
+def get_model(arch: str) -> torch.nn.Module:
+    """One tiny model per architecture for the whole file (tests leave them unpatched, checked below)."""
+    if arch not in _MODELS:
+        _MODELS[arch] = tiny_model(arch)
+    return _MODELS[arch]
+
+
+@pytest.fixture(autouse=True)
+def no_patch_left_behind():
+    yield
+    for arch, model in _MODELS.items():
+        assert unpatch_model(model) == 0, f"{arch}: a test left a FineSteer patch behind"
+
+
+# ---- helpers -------------------------------------------------------------------------------------------------------
+def layer_outputs(model, layer: int, **inputs) -> torch.Tensor:
+    """The raw output of decoder layer ``layer`` (after any patch, since patch hooks run first)."""
+    seen = []
+    hook = finesteer.find_decoder_layers(model)[layer].register_forward_hook(
+        lambda mod, args, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        hook.remove()
+    return seen[0].detach()
+
+
+@contextlib.contextmanager
+def adding(model, vectors: dict):
+    """Plain hand-written hooks: layer -> (B, d) vectors added to every position of row b."""
+    layers = finesteer.find_decoder_layers(model)
+    hooks = [layers[i].register_forward_hook(lambda mod, args, out, v=v: out + v[:, None, :].to(out.dtype))
+             for i, v in vectors.items()]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def gate_between(open_rows: torch.Tensor, closed_rows: torch.Tensor) -> tuple:
+    """A gate (basis, tau) with mean 0 that opens for ``open_rows`` and stays shut for ``closed_rows``: the basis
+    spans the open rows' parts orthogonal to the closed rows, so closed rows score 0."""
+    o, c = open_rows.double(), closed_rows.double()
+    q = torch.linalg.qr(c.T)[0]
+    basis = torch.linalg.qr((o - o @ q @ q.T).T)[0]
+    open_scores = (o @ basis).square().sum(-1) / o.square().sum(-1)
+    closed_scores = (c @ basis).square().sum(-1) / c.square().sum(-1)
+    tau = float(open_scores.min()) / 2
+    assert tau > 0.02 and float(closed_scores.max()) < tau / 4, "test data give no clear gate margin"
+    return basis.float(), tau
+
+
+def mose(d: int, scale: float, seed: int = 0, **changes) -> SteerParams:
+    """Two experts with a router and a residual MLP, its vectors about ``scale`` long."""
+    p = random_params(d, r=0, K=2, residual="relu", seed=seed, gamma=1.0, alpha=1.0)
+    return p.replace(alpha=scale / p.experts.norm(dim=-1).mean().item(), **changes)
+
+
+def hidden_scale(model, ids) -> float:
+    """Mean norm of the residual stream at LAYER: steering vectors about as long change tokens but keep text."""
+    return layer_outputs(model, LAYER, input_ids=ids).norm(dim=-1).mean().item() * 2
+
+
+def left_padded(rows: list) -> tuple:
+    width = max(r.shape[-1] for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - r.shape[-1]:] = r
+        mask[i, width - r.shape[-1]:] = 1
+    return ids, mask
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def greedy_loop(model, ids, mask, steps: int) -> torch.Tensor:
+    """Cache-free greedy decoding: the whole sequence recomputed every step."""
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids
+
+
+def greedy(model, ids, mask=None, **kw) -> torch.Tensor:
+    mask = torch.ones_like(ids) if mask is None else mask
+    return model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, **kw)
+
+
+def anchors_of(model, layer, ids, mask, extra_vectors=None) -> torch.Tensor:
+    """Unpatched layer output at each row's last real token (left padding: the last position)."""
+    with adding(model, extra_vectors or {}):
+        h = layer_outputs(model, layer, input_ids=ids, attention_mask=mask, position_ids=positions(mask))
+    return h[:, -1]
+
+
+def fixed_vectors(params: SteerParams, anchors: torch.Tensor) -> torch.Tensor:
+    """What query mode adds per row: the reference coef at the anchor times W_out."""
+    return reference.synthesize(anchors, params) @ reference.output_basis(params)
+
+
+def batch_with_gate(arch: str):
+    """A left-padded batch of two prompts and a MoSE steerer whose gate opens for row 0's anchor only."""
+    model = get_model(arch)
+    ids, mask = left_padded([random_ids(1, 5, seed=1)[0], random_ids(1, 3, seed=2)[0]])
+    anchors = anchors_of(model, LAYER, ids, mask)
+    basis, tau = gate_between(anchors[:1], anchors[1:])
+    params = mose(hidden_size(model), hidden_scale(model, ids), basis=basis, tau=tau)
+    return model, ids, mask, anchors, params
+
+
+# ---- acceptance ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mode", ["query", "token"])
+def test_closed_gate_is_bit_identical(arch, mode):
+    model = get_model(arch)
+    ids = random_ids(2, 6, seed=3)
+    h = layer_outputs(model, LAYER, input_ids=ids).reshape(-1, hidden_size(model))
+    basis = torch.linalg.qr(torch.randn(h.shape[1], 2, generator=torch.Generator().manual_seed(0)))[0]
+    scores = (h @ basis).square().sum(-1) / h.square().sum(-1)
+    assert scores.max() < 0.5, "a random 2-D subspace should hold little of each row's energy"
+    closed = mose(h.shape[1], hidden_scale(model, ids), basis=basis, tau=0.9)
+    with torch.no_grad():
+        base = model(ids).logits
+        base_tokens = greedy(model, ids)
+        with patch_model(model, {LAYER: closed}, mode=mode) as handle:
+            assert torch.equal(model(ids).logits, base)
+            assert torch.equal(greedy(model, ids), base_tokens)
+        assert not handle.active
+        assert torch.equal(model(ids).logits, base)
+        # the same steerer with its gate always open does change the logits: the gate alone kept them equal
+        with patch_model(model, {LAYER: closed.replace(tau=0.0)}, mode=mode):
+            assert not torch.allclose(model(ids).logits, base, atol=1e-3)
+        assert torch.equal(model(ids).logits, base)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mode", ["query", "token"])
+def test_always_on_single_expert_equals_hand_hook(arch, mode):
+    model = get_model(arch)
+    ids = random_ids(2, 5, seed=4)
+    d = hidden_size(model)
+    v = torch.randn(1, d, generator=torch.Generator().manual_seed(5))
+    alpha = hidden_scale(model, ids) / v.norm().item()
+    params = SteerParams(experts=v, alpha=alpha, gamma=1.0)
+    with torch.no_grad():
+        base = model(ids, output_hidden_states=True)
+        with adding(model, {LAYER: alpha * v.expand(2, d)}):
+            expected = model(ids).logits
+        with patch_model(model, {LAYER: params}, mode=mode):
+            out = model(ids, output_hidden_states=True)
+    torch.testing.assert_close(out.logits, expected, rtol=1e-6, atol=1e-6)
+    # output_hidden_states at the steered layer shows the edit, earlier ones do not
+    edit = out.hidden_states[LAYER + 1] - base.hidden_states[LAYER + 1]
+    torch.testing.assert_close(edit, (alpha * v).expand_as(edit), rtol=1e-5, atol=1e-5)
+    for i in range(LAYER + 1):
+        assert torch.equal(out.hidden_states[i], base.hidden_states[i])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_query_generate_matches_cache_free_reference(arch):
+    """KV-cached and use_cache=False generate == a loop that recomputes everything with the coef fixed at the
+    prompt's anchor; the gate opens for row 0 only, so row 1 is exactly unsteered."""
+    model, ids, mask, anchors, params = batch_with_gate(arch)
+    vectors = fixed_vectors(params, anchors)
+    assert vectors[0].norm() > 0 and torch.equal(vectors[1], torch.zeros_like(vectors[1]))
+    with adding(model, {LAYER: vectors}):
+        expected = greedy_loop(model, ids, mask, NEW_TOKENS)
+    with torch.no_grad():
+        plain = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                               output_logits=True, return_dict_in_generate=True)
+        with patch_model(model, {LAYER: params}, mode="query") as handle:
+            cached = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                    output_logits=True, return_dict_in_generate=True)
+            torch.testing.assert_close(handle.cached_coef(LAYER), reference.synthesize(anchors, params),
+                                       rtol=1e-5, atol=1e-6)
+            uncached = greedy(model, ids, mask, use_cache=False)
+    assert torch.equal(cached.sequences, expected)
+    assert torch.equal(uncached, expected)
+    first_steered, first_plain = cached.logits[0], plain.logits[0]
+    assert not torch.allclose(first_steered[0], first_plain[0], atol=1e-3), "row 0 was not steered"
+    for steered, unsteered in zip(cached.logits, plain.logits):
+        torch.testing.assert_close(steered[1], unsteered[1], rtol=1e-5, atol=1e-5)  # gate shut for row 1
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mode", ["query", "token"])
+def test_padded_batch_rows_equal_rows_alone(arch, mode):
+    model, ids, mask, _, params = batch_with_gate(arch)
+    rows = [ids[i][mask[i].bool()][None] for i in range(2)]
+    with torch.no_grad(), patch_model(model, {LAYER: params}, mode=mode):
+        left = model(ids, attention_mask=mask, position_ids=positions(mask)).logits
+        left_tokens = greedy(model, ids, mask)
+        right_ids, right_mask = ids.clone(), mask.clone()
+        for i, row in enumerate(rows):  # the same prompts, right-padded
+            right_ids[i], right_mask[i] = 0, 0
+            right_ids[i, :row.shape[1]], right_mask[i, :row.shape[1]] = row, 1
+        right = model(right_ids, attention_mask=right_mask).logits
+        for i, row in enumerate(rows):
+            alone = model(row).logits[0]
+            n = row.shape[1]
+            torch.testing.assert_close(left[i, -n:], alone, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(right[i, :n], alone, rtol=1e-4, atol=1e-4)
+            assert torch.equal(left_tokens[i, -NEW_TOKENS:], greedy(model, row)[0, -NEW_TOKENS:])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_token_mode_changes_exactly_the_gated_positions(arch):
+    model = get_model(arch)
+    ids = random_ids(1, 6, seed=6)
+    d = hidden_size(model)
+    h = layer_outputs(model, LAYER, input_ids=ids)[0]
+    gated = torch.tensor([False, True, False, False, True, False])
+    basis, tau = gate_between(h[gated], h[~gated])
+    params = mose(d, hidden_scale(model, ids), basis=basis, tau=tau)
+    with torch.no_grad():
+        base = model(ids, output_hidden_states=True).hidden_states
+        with patch_model(model, {LAYER: params}, mode="token"):
+            steered = model(ids, output_hidden_states=True).hidden_states
+    changed = (steered[LAYER + 1][0] != base[LAYER + 1][0]).any(-1)
+    assert torch.equal(changed, gated)
+    torch.testing.assert_close(steered[LAYER + 1][0], reference.steer(h, params), rtol=1e-5, atol=1e-6)
+    for i in range(LAYER + 1):
+        assert torch.equal(steered[i], base[i])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_two_layers_sampling_and_no_cache(arch):
+    """Query mode at layers 0 and 2: greedy with and without cache and seeded sampling equal hand-written hooks
+    that add the vectors synthesised at the prompt's anchors (layer 2's anchor already sees layer 0's edit)."""
+    model = get_model(arch)
+    ids = random_ids(2, 5, seed=7)
+    mask = torch.ones_like(ids)
+    d = hidden_size(model)
+    scale = hidden_scale(model, ids)
+    params = {0: mose(d, scale, seed=1), 2: mose(d, scale, seed=2)}
+    vectors = {0: fixed_vectors(params[0], anchors_of(model, 0, ids, mask))}
+    vectors[2] = fixed_vectors(params[2], anchors_of(model, 2, ids, mask, extra_vectors=vectors))
+
+    def sample(seed):
+        torch.manual_seed(seed)
+        return model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=True, top_k=0)
+
+    with torch.no_grad():
+        with adding(model, vectors):
+            expected_greedy, expected_sample = greedy(model, ids, mask), sample(11)
+        plain = greedy(model, ids, mask)
+        with patch_model(model, params, mode="query"):
+            assert torch.equal(greedy(model, ids, mask), expected_greedy)
+            assert torch.equal(greedy(model, ids, mask, use_cache=False), expected_greedy)
+            assert torch.equal(sample(11), expected_sample)
+    assert not torch.equal(expected_greedy, plain) or not torch.equal(sample(11), expected_sample), \
+        "steering changed nothing; the test would not notice a missing edit"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
+def test_beam_search_matches_fixed_vector_hooks(arch):
+    model = get_model(arch)
+    ids = random_ids(2, 4, seed=8)
+    mask = torch.ones_like(ids)
+    d = hidden_size(model)
+    params = mose(d, hidden_scale(model, ids), seed=3)
+    vectors = fixed_vectors(params, anchors_of(model, LAYER, ids, mask)).repeat_interleave(3, dim=0)
+    with torch.no_grad():
+        with adding(model, {LAYER: vectors}):
+            expected = greedy(model, ids, mask, num_beams=3, num_return_sequences=2)
+        with patch_model(model, {LAYER: params}):
+            got = greedy(model, ids, mask, num_beams=3, num_return_sequences=2)
+    assert torch.equal(got, expected)
+
+
+# ---- state, lifetime, options ------------------------------------------------------------------------------------
+def test_state_lives_on_handle_and_unpatch_removes_everything():
+    model = get_model("llama")
+    ids = random_ids(2, 5, seed=9)
+    d = hidden_size(model)
+    params = mose(d, hidden_scale(model, ids))
+    with torch.no_grad():
+        base = model(ids).logits
+        first = patch_model(model, {0: params})
+        second = patch_model(model, {2: params}, mode="token")
+        assert "generate" in vars(model)
+        model(ids)
+        assert first.cached_coef(0).shape == (2, params.n_coef)
+        with pytest.raises(RuntimeError, match="already patched"):
+            patch_model(model, {0: params})
+        assert unpatch_model(model) == 2
+        assert not first.active and not second.active and first.cached_coef(0) is None
+        assert "generate" not in vars(model)  # the class's generate is back
+        assert torch.equal(model(ids).logits, base)
+        assert unpatch_model(model) == 0
+        first.remove()  # removing twice is harmless
+
+
+def test_new_prefill_replaces_cache_and_decode_checks_batch():
+    model = get_model("llama")
+    d = hidden_size(model)
+    params = mose(d, 1.0)
+    two, one = random_ids(2, 4, seed=10), random_ids(1, 3, seed=11)
+    with torch.no_grad():
+        unpatched_cache = model(one, use_cache=True).cache
+        with patch_model(model, {LAYER: params}) as handle:
+            step = random_ids(1, 1, seed=12)
+            with pytest.raises(RuntimeError, match="no prefill"):
+                model(step, cache=unpatched_cache)
+            cache_two = model(two, use_cache=True).cache
+            assert handle.cached_coef(LAYER).shape[0] == 2
+            model(one, use_cache=True)
+            assert handle.cached_coef(LAYER).shape[0] == 1  # the new prefill replaced the cache
+            with pytest.raises(RuntimeError, match="batch size changed"):
+                model(random_ids(2, 1, seed=13), cache=cache_two)
+
+
+def test_alpha_override_and_steerer_objects():
+    model = get_model("qwen2")
+    ids = random_ids(1, 5, seed=14)
+    d = hidden_size(model)
+    params = mose(d, hidden_scale(model, ids))
+    steerer = Steerer(params=params, layer=LAYER)
+    with torch.no_grad():
+        with patch_model(model, {LAYER: params.replace(alpha=0.5 * params.alpha)}):
+            expected = model(ids).logits
+        with patch_model(model, steerer, alpha=0.5 * params.alpha) as handle:
+            assert handle.layers == (LAYER,) and handle.params(LAYER).alpha == 0.5 * params.alpha
+            assert torch.equal(model(ids).logits, expected)
+        with patch_model(model, steerer):
+            assert not torch.equal(model(ids).logits, expected)
+
+
+def test_bfloat16_model_keeps_dtype_and_packs_once():
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    ids = random_ids(1, 5, seed=15)
+    params = mose(64, 0.5)
+    with torch.no_grad(), patch_model(model, {LAYER: params}, mode="token") as handle:
+        steered = model(ids, output_hidden_states=True).hidden_states[LAYER + 1]
+        assert steered.dtype == torch.bfloat16
+        assert (torch.bfloat16, torch.device("cpu")) in handle.params(LAYER)._pack_cache
+        assert greedy(model, ids).shape == (1, 5 + NEW_TOKENS)
+
+
+def test_default_backend_agrees_with_torch_reference(monkeypatch):
+    """Whatever backend the kernels pick here (the Triton interpreter once the kernels land) gives the same
+    patched logits as the torch reference."""
+    model = get_model("llama")
+    ids, mask = left_padded([random_ids(1, 4, seed=16)[0], random_ids(1, 3, seed=17)[0]])
+    params = mose(64, hidden_scale(model, ids))
+    results = {}
+    for backend in ("torch", None):
+        if backend is None:
+            monkeypatch.delenv("FINESTEER_BACKEND")
+        with torch.no_grad():
+            for mode in ("query", "token"):
+                with patch_model(model, {LAYER: params}, mode=mode):
+                    results[backend, mode] = model(ids, attention_mask=mask).logits
+    for mode in ("query", "token"):
+        torch.testing.assert_close(results[None, mode], results["torch", mode], rtol=1e-4, atol=1e-4)
+
+
+# ---- errors --------------------------------------------------------------------------------------------------------
+def test_clear_errors():
+    model = get_model("llama")
+    params = mose(64, 1.0)
+    with pytest.raises(ValueError, match="mode"):
+        patch_model(model, {LAYER: params}, mode="sentence")
+    with pytest.raises(IndexError, match="layer 3 is out of range"):
+        patch_model(model, {3: params})
+    with pytest.raises(ValueError, match="hidden size 32"):
+        patch_model(model, {LAYER: mose(32, 1.0)})
+    with pytest.raises(TypeError, match="bare SteerParams"):
+        patch_model(model, params)
+    with pytest.raises(ValueError, match="fitted at layer 0"):
+        patch_model(model, {LAYER: Steerer(params=params, layer=0)})
+    with pytest.raises(ValueError, match="empty"):
+        patch_model(model, {})
+    with pytest.raises(TypeError, match="float64"):
+        patch_model(tiny_model("llama", dtype=torch.float64), {LAYER: params})
+    with patch_model(model, {LAYER: params}), pytest.raises(ValueError, match="2-D padding mask"):
+        model(random_ids(1, 3), attention_mask=torch.ones(1, 1, 3, 3, dtype=torch.bool))
+    assert unpatch_model(model) == 0
+    with patch_model(model, {LAYER: params}, mode="token"), torch.no_grad():
+        model.double()
+        try:
+            with pytest.raises(TypeError, match="float64"):
+                model(random_ids(1, 3))
+        finally:
+            model.float()
+
+
+def test_steerer_dataclass_replace_moves_site():
+    """The error message's suggested fix works."""
+    model = get_model("llama")
+    steerer = Steerer(params=mose(64, 1.0), layer=0)
+    with patch_model(model, {LAYER: dataclasses.replace(steerer, layer=LAYER)}) as handle:
+        assert handle.layers == (LAYER,)
