@@ -16,7 +16,7 @@ def tile_coefficients(h_ptr, rows, row_mask, d, w_in_ptr, consts_ptr, tau, eps, 
                       MEAN_COL: tl.constexpr, ROUTER_COL: tl.constexpr, RES_COL: tl.constexpr,
                       W_IN_STRIDE: tl.constexpr, S_MU_OFF: tl.constexpr, MU_SQ_OFF: tl.constexpr,
                       RB_OFF: tl.constexpr, B1_OFF: tl.constexpr, W2_OFF: tl.constexpr, B2_OFF: tl.constexpr,
-                      NP: tl.constexpr, NCP: tl.constexpr, NATIVE_DOT: tl.constexpr,
+                      NP: tl.constexpr, MP: tl.constexpr, NCP: tl.constexpr, NATIVE_DOT: tl.constexpr,
                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """Returns ``(coef, g)``: ``(BLOCK_T, NCP)`` fp32 coefficients (scale and gate folded in) and the fp32 gate."""
     cols = tl.arange(0, NP)
@@ -49,34 +49,32 @@ def tile_coefficients(h_ptr, rows, row_mask, d, w_in_ptr, consts_ptr, tau, eps, 
         energy = tl.maximum(sq - 2.0 * h_mu + tl.load(consts_ptr + MU_SQ_OFF), eps)
         g = tl.where(inside / energy >= tau, 1.0, 0.0)
 
-    # `mixed` holds softmax weights in the router columns and act(W1 h + b1) in the MLP columns; one small fp32
-    # matmul with `mix` moves the weights to coefficient columns [0, K) and applies W2 into [K, K+k).
+    # Coefficient columns [0, K) take the softmax weights of the router columns, [K, K+k) the MLP's output; the
+    # accumulator's columns are picked out with tl.gather (no slicing of register tensors in Triton).
     coef_cols = tl.arange(0, NCP)
-    coef = tl.zeros((BLOCK_T, NCP), tl.float32)
-    if HAS_ROUTER or HAS_RES:
-        mixed = tl.zeros((BLOCK_T, NP), tl.float32)
-        mix = tl.zeros((NP, NCP), tl.float32)
-        if HAS_ROUTER:
-            is_router = (cols >= ROUTER_COL) & (cols < ROUTER_COL + K)
-            bias = tl.load(consts_ptr + RB_OFF + cols - ROUTER_COL, mask=is_router, other=0.0)
-            logits = tl.where(is_router[None, :], acc + bias[None, :], float("-inf"))
-            e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-            mixed += e / tl.sum(e, axis=1)[:, None]
-            mix += tl.where(is_router[:, None] & (cols[:, None] - ROUTER_COL == coef_cols[None, :]), 1.0, 0.0)
-        if HAS_RES:
-            is_res = (cols >= RES_COL) & (cols < RES_COL + M)
-            hidden = acc + tl.load(consts_ptr + B1_OFF + cols - RES_COL, mask=is_res, other=0.0)[None, :]
-            if RELU:
-                hidden = tl.maximum(hidden, 0.0)
-            mixed += tl.where(is_res[None, :], hidden, 0.0)
-            is_beta = (coef_cols >= K) & (coef_cols < K + KR)
-            mix += tl.load(consts_ptr + W2_OFF + (coef_cols[None, :] - K) * M + (cols[:, None] - RES_COL),
-                           mask=is_res[:, None] & is_beta[None, :], other=0.0)
-        coef = tl.dot(mixed, mix, coef, input_precision="ieee")
-    if not HAS_ROUTER:
-        coef += tl.where(coef_cols == 0, 1.0, 0.0)[None, :]  # one expert: softmax weight 1
+    if HAS_ROUTER:
+        is_router = (cols >= ROUTER_COL) & (cols < ROUTER_COL + K)
+        bias = tl.load(consts_ptr + RB_OFF + cols - ROUTER_COL, mask=is_router, other=0.0)
+        logits = tl.where(is_router[None, :], acc + bias[None, :], float("-inf"))
+        e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+        weights = e / tl.sum(e, axis=1)[:, None]
+        pick = tl.minimum(ROUTER_COL + coef_cols, NP - 1)
+        weights = tl.gather(weights, tl.broadcast_to(pick[None, :], (BLOCK_T, NCP)), axis=1)
+        coef = tl.where((coef_cols < K)[None, :], weights, 0.0)
+    else:  # one expert: softmax weight 1
+        coef = tl.broadcast_to(tl.where(coef_cols == 0, 1.0, 0.0)[None, :], (BLOCK_T, NCP))
     if HAS_RES:
-        b2 = tl.load(consts_ptr + B2_OFF + coef_cols - K, mask=(coef_cols >= K) & (coef_cols < K + KR), other=0.0)
-        coef += b2[None, :]
+        m_cols = tl.arange(0, MP)
+        pick = tl.minimum(RES_COL + m_cols, NP - 1)
+        hidden = tl.gather(acc, tl.broadcast_to(pick[None, :], (BLOCK_T, MP)), axis=1)
+        hidden += tl.load(consts_ptr + B1_OFF + m_cols, mask=m_cols < M, other=0.0)[None, :]
+        if RELU:
+            hidden = tl.maximum(hidden, 0.0)
+        hidden = tl.where((m_cols < M)[None, :], hidden, 0.0)
+        is_beta = (coef_cols >= K) & (coef_cols < K + KR)
+        w2_t = tl.load(consts_ptr + W2_OFF + (coef_cols[None, :] - K) * M + m_cols[:, None],
+                       mask=(m_cols < M)[:, None] & is_beta[None, :], other=0.0)
+        b2 = tl.load(consts_ptr + B2_OFF + coef_cols - K, mask=is_beta, other=0.0)
+        coef += tl.dot(hidden, w2_t, input_precision="ieee") + b2[None, :]
     coef = coef * (scale * g)[:, None]
     return coef, g

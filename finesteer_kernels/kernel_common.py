@@ -9,8 +9,8 @@ Block sizes (GPU; one pinned config under the interpreter, where only fewer, lar
   W_in per step, NP = padded r+1+K+m): ``BLOCK_D = 64`` keeps a W_in stage at 64 x 128 x 2 B = 16 KiB of shared
   memory. ``BLOCK_T`` trades weight re-reads (W_in and W_out are read once per row tile, from L2) against
   parallelism and registers (the fp32 accumulator is BLOCK_T x NP): 64 rows (wgmma on Hopper, 8 warps) once there
-  are enough rows to fill the SMs and NP <= 128, else 32 (4 warps), and 16, the smallest tl.dot tile, for decode-size
-  inputs.
+  are enough rows to fill the SMs, else 32 (4 warps), and 16, the smallest tl.dot tile, for decode-size inputs.
+  With NP = 256 (e.g. r = 128, K = 32) the 32-row tile spills on sm_90, so wide layouts use 64 rows and 8 warps.
 * `apply_coef` has no reduction over d, so its grid splits d as well as rows: ``(cdiv(N, BLOCK_T),
   cdiv(d, BLOCK_D))``. For decode (a few rows) ``BLOCK_D = 64`` gives d/64 programs (64 at d = 4096) instead of one
   program streaming all of W_out; for prefill ``BLOCK_T = 64, BLOCK_D = 128``.
@@ -64,7 +64,8 @@ class Layout(NamedTuple):
 
     def constexprs(self) -> dict:
         """Keyword arguments for a kernel launch: the layout plus the padded widths tl.dot needs."""
-        return dict(self._asdict(), NP=padded(self.W_IN_STRIDE), NC=self.n_coef, NCP=padded(self.n_coef))
+        return dict(self._asdict(), NP=padded(self.W_IN_STRIDE), MP=padded(self.M), NC=self.n_coef,
+                    NCP=padded(self.n_coef))
 
 
 def padded(n: int) -> int:
@@ -111,20 +112,22 @@ class Config(NamedTuple):
 INTERPRETER_CONFIG = Config(BLOCK_T=32, BLOCK_D=128, num_warps=4, num_stages=1)
 
 
-def coef_config(n_rows: int, layout: Layout) -> Config:
+def coef_config(n_rows: int, layout: Layout, interpreting: bool = INTERPRETING) -> Config:
     """Token mode and synthesize: one program per row tile, pass 1 over d then (token mode) pass 2."""
-    if INTERPRETING:
+    if interpreting:
         return INTERPRETER_CONFIG
+    # 256 accumulator columns: 8 warps, and 32-row tiles (mma.sync on Hopper) spill where 64-row tiles (wgmma) fit
+    wide = padded(layout.W_IN_STRIDE) > 128
     if n_rows <= MIN_DOT:
-        return Config(BLOCK_T=16, BLOCK_D=64, num_warps=4, num_stages=3)
-    if n_rows >= 4096 and padded(layout.W_IN_STRIDE) <= 128:
+        return Config(BLOCK_T=16, BLOCK_D=64, num_warps=8 if wide else 4, num_stages=3)
+    if n_rows >= 4096 or wide:
         return Config(BLOCK_T=64, BLOCK_D=64, num_warps=8, num_stages=3)
     return Config(BLOCK_T=32, BLOCK_D=64, num_warps=4, num_stages=3)
 
 
-def apply_config(n_rows: int, d: int) -> Config:
+def apply_config(n_rows: int, d: int, interpreting: bool = INTERPRETING) -> Config:
     """Query-mode apply: the grid splits rows and d."""
-    if INTERPRETING:
+    if interpreting:
         return INTERPRETER_CONFIG
     if n_rows <= 64:
         return Config(BLOCK_T=16, BLOCK_D=64, num_warps=4, num_stages=2)

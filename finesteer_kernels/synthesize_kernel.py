@@ -19,14 +19,14 @@ def synthesize_kernel(h_ptr, coef_ptr, w_in_ptr, consts_ptr, n_rows, d, tau, eps
                       MEAN_COL: tl.constexpr, ROUTER_COL: tl.constexpr, RES_COL: tl.constexpr,
                       W_IN_STRIDE: tl.constexpr, S_MU_OFF: tl.constexpr, MU_SQ_OFF: tl.constexpr,
                       RB_OFF: tl.constexpr, B1_OFF: tl.constexpr, W2_OFF: tl.constexpr, B2_OFF: tl.constexpr,
-                      NP: tl.constexpr, NC: tl.constexpr, NCP: tl.constexpr, NATIVE_DOT: tl.constexpr,
+                      NP: tl.constexpr, MP: tl.constexpr, NC: tl.constexpr, NCP: tl.constexpr, NATIVE_DOT: tl.constexpr,
                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_mask = rows < n_rows
     coef, g = tile_coefficients(h_ptr, rows, row_mask, d, w_in_ptr, consts_ptr, tau, eps, scale,
                                 R, K, M, KR, HAS_GATE, HAS_ROUTER, HAS_RES, RELU, MEAN_COL, ROUTER_COL, RES_COL,
                                 W_IN_STRIDE, S_MU_OFF, MU_SQ_OFF, RB_OFF, B1_OFF, W2_OFF, B2_OFF,
-                                NP, NCP, NATIVE_DOT, BLOCK_T, BLOCK_D)
+                                NP, MP, NCP, NATIVE_DOT, BLOCK_T, BLOCK_D)
     coef_cols = tl.arange(0, NCP)
     tl.store(coef_ptr + rows.to(tl.int64)[:, None] * NC + coef_cols[None, :], coef,
              mask=row_mask[:, None] & (coef_cols < NC)[None, :])
