@@ -70,8 +70,12 @@ def _model_shape(model, hidden_size: Optional[int], num_layers: Optional[int]) -
     return d, n
 
 
+def _model_type(model) -> Optional[str]:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
 def _check_model_hint(hint: Optional[str], model, where: str) -> None:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    model_type = _model_type(model)
     if hint and model_type and hint != model_type:
         # llama.cpp ignores the hint and repeng only stores it, so a mismatch is worth a warning, not a refusal;
         # the hidden size is what is checked strictly.
@@ -167,7 +171,8 @@ def import_vectors(vectors: Union[Mapping[int, VectorLike], str, os.PathLike], *
                    num_layers: Optional[int] = None, method: str = "caa") -> dict[int, Steerer]:
     """``{layer: vector}`` (a dict, or a safetensors file whose tensors are named ``"12"`` or ``"direction.12"``) ->
     ``{layer: Steerer}`` adding ``alpha * vector`` at the output of decoder layer ``layer`` (0-based; layer 0 is
-    allowed here). Pass ``model`` (or ``hidden_size`` / ``num_layers``) to check sizes and layer indices."""
+    allowed here). Pass ``model`` (or ``hidden_size`` / ``num_layers``) to check sizes and layer indices; the model
+    hint then defaults to ``model.config.model_type``."""
     d, n = _model_shape(model, hidden_size, num_layers)
     if isinstance(vectors, (str, os.PathLike)):
         source = {"format": "safetensors {layer: vector}", "file": os.path.basename(os.fspath(vectors))}
@@ -189,6 +194,7 @@ def import_vectors(vectors: Union[Mapping[int, VectorLike], str, os.PathLike], *
         checked[layer] = _as_vector(value, f"{where}[{layer}]", d)
     _same_width(checked, where)
     _check_model_hint(model_hint, model, where)
+    model_hint = model_hint or _model_type(model)
     return {layer: caa_steerer(checked[layer], layer, alpha=alpha, model_hint=model_hint, method=method,
                                metadata={"source": {**source, "layer_convention": LAYER_CONVENTION}})
             for layer in sorted(checked)}
@@ -306,10 +312,7 @@ def export_gguf(steerers, path: Union[str, os.PathLike], *, model_hint: Optional
     for layer in sorted(by_layer):
         _check_layer(layer, None, f"steerers[{layer}]", allow_zero=False)
         vectors[layer] = control_vector_of(by_layer[layer])
-    try:
-        _same_width(vectors, "steerers")
-    except ControlVectorError as e:
-        raise ValueError(str(e)) from None
+    _same_width(vectors, "steerers")
     if model_hint is None:
         hints = {s.model for s in by_layer.values()}
         if len(hints) != 1 or None in hints:
@@ -338,8 +341,8 @@ def import_cast(condition: VectorLike, behavior: VectorLike, threshold: float, l
     For one direction ``cos(h, P h) = ||P h|| / ||h|| = |cos(h, u)|``, so the gate is the op's with
     ``basis = u / ||u||``, ``mean = None`` and ``tau = threshold ** 2``. CAST's public code also applies ``tanh``
     elementwise to ``P h`` before the cosine, which makes its decision depend on the scale of ``h``; the op follows
-    the paper's plain ``cos(h, P h)`` instead. The threshold must lie in [0, 1] (a cosine magnitude). Only CAST's "steer when the similarity reaches the
-    threshold" side is expressible; the op has no "below threshold" gate.
+    the paper's plain ``cos(h, P h)`` instead. The threshold must lie in [0, 1] (a cosine magnitude). Only CAST's
+    "steer when the similarity reaches the threshold" side is expressible; the op has no "below threshold" gate.
 
     Layer: CAST extracts vectors from ``hidden_states[L + 1]`` (output of layer L) but its LeashLayer applies them
     to the *input* of layer L (output of layer L - 1). FineSteer reads and writes at one site: pass ``layer=L`` to
@@ -358,6 +361,7 @@ def import_cast(condition: VectorLike, behavior: VectorLike, threshold: float, l
     params = SteerParams(experts=v[None].float(), basis=(u / norm).float()[:, None], mean=None,
                          tau=float(threshold) ** 2, alpha=alpha)
     _check_model_hint(model_hint, model, "import_cast")
+    model_hint = model_hint or _model_type(model)
     source = {"format": "CAST condition + behaviour", "threshold": float(threshold),
               "gate": "|cos(h, u)| >= threshold, as ||S^T h||^2 / ||h||^2 >= threshold^2"}
     return Steerer(params=params, layer=layer, model=model_hint, method="cast",

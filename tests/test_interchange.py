@@ -298,7 +298,8 @@ def test_example_control_model_equals_a_hand_written_repeng_hook(arch):
         with torch.no_grad():
             base = control_model(ids, attention_mask=mask).logits
             control_model.set_control(steerers, coeff=-3.0)
-            ours = control_model(ids, attention_mask=mask).logits
+            out = control_model(ids, attention_mask=mask, output_hidden_states=True)
+            ours = out.logits
             control_model.reset()
             assert torch.equal(control_model(ids, attention_mask=mask).logits, base)
     finally:
@@ -308,6 +309,13 @@ def test_example_control_model_equals_a_hand_written_repeng_hook(arch):
     assert (expected - base)[real].abs().max() > 1e-2  # the control does something
     assert torch.allclose(ours, expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(ours[~real], base[~real])  # padding positions stay untouched
+    # hooks run before transformers' recording hooks: the recorded output of layer 1 (the first steered one, so
+    # its input is unchanged) is the plain output plus exactly the control
+    with torch.no_grad():
+        plain = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    edit = out.hidden_states[2] - plain[2]
+    assert torch.allclose(edit[real], (-3.0 * vs[1]).expand(int(real.sum()), -1), atol=1e-5)
+    assert torch.equal(edit[~real], torch.zeros_like(edit[~real]))
 
 
 @pytest.mark.parametrize("mode", ["query", "token"])
