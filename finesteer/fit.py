@@ -1,0 +1,463 @@
+"""Fitting steerers from cached activations (no LLM backprop): the SCS gate, the MoSE experts and the CAA / CAST
+baselines, all producing `finesteer_kernels.SteerParams` for the one unified op.
+
+SCS (*when* to steer), `fit_scs`: ``mu`` = mean of the target activations, ``S`` = their top-``r`` principal
+directions, score ``s(h) = ||S^T(h-mu)||^2 / ||h-mu||^2``. The threshold ``tau`` is calibrated on a calibration
+split disjoint from the fit split: start at the score that keeps ``recall`` (90 %) of the calibration targets, then
+Newton-fit a one-feature, class-balanced, L2-regularised logistic regression ``sigmoid(w z + b)`` on the
+standardised score ``z`` from that start and take its decision boundary ``-b/w`` (mapped back to score units,
+clipped to [0, 1]). If the fit finds no positive slope the start is kept (and the report says so).
+
+MoSE (*how* to steer), `fit_mose`: a seeded train/validation split of the (anchor, Delta) pairs; K-means on the
+L2-normalised training Deltas with K chosen by the Calinski-Harabasz index; experts = raw-scale cluster means;
+residual basis = top principal directions of ``Delta - V_assigned``; router ``softmax(A^T h + c)`` and residual MLP
+``W2 relu(W1 h + b1) + b2`` and the scale ``gamma`` trained by MSE with AdamW on standardised inputs (folded back
+into raw-input weights afterwards, so the op reads raw ``h``), gradient clipping after ``backward()``, and early
+stopping on the *validation* loss, restoring the best epoch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from finesteer_kernels import SteerParams
+
+# ---- shared helpers -----------------------------------------------------------------------------------------------
+
+
+def _matrix(name: str, value, d: Optional[int] = None, min_rows: int = 1) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if value.dim() != 2 or not value.is_floating_point():
+        raise ValueError(f"{name}: expected a 2-D floating-point (N, d) tensor, got shape {tuple(value.shape)} "
+                         f"dtype {value.dtype}")
+    if d is not None and value.shape[1] != d:
+        raise ValueError(f"{name}: expected {d} columns (the hidden size), got {value.shape[1]}")
+    if value.shape[0] < min_rows:
+        raise ValueError(f"{name}: expected at least {min_rows} rows, got {value.shape[0]}")
+    if not torch.isfinite(value).all():
+        raise ValueError(f"{name}: contains NaN or infinite values")
+    return value.detach().to("cpu", torch.float64)
+
+
+def energy_ratio(H: torch.Tensor, basis: torch.Tensor, mean: Optional[torch.Tensor], eps: float = 1e-12):
+    """The gate score of SPEC section 1 per row, in float64: share of the centred energy inside span(basis)."""
+    X = H.double() - (mean.double() if mean is not None else 0.0)
+    return (X @ basis.double()).square().sum(-1) / X.square().sum(-1).clamp_min(eps)
+
+
+@dataclasses.dataclass
+class GateReport:
+    """How a gate separates targets from benign rows at threshold ``tau``."""
+
+    tpr: float
+    fpr: float
+    auc: float
+    tau: float
+    n_target: int
+    n_benign: int
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def gate_report(scores_target: torch.Tensor, scores_benign: torch.Tensor, tau: float) -> GateReport:
+    """TPR / FPR at ``tau`` (gate on when score >= tau) and the threshold-free ROC AUC."""
+    from sklearn.metrics import roc_auc_score
+
+    st, sb = np.asarray(scores_target, dtype=np.float64), np.asarray(scores_benign, dtype=np.float64)
+    labels = np.r_[np.ones(len(st)), np.zeros(len(sb))]
+    return GateReport(tpr=float((st >= tau).mean()), fpr=float((sb >= tau).mean()),
+                      auc=float(roc_auc_score(labels, np.r_[st, sb])), tau=float(tau), n_target=len(st),
+                      n_benign=len(sb))
+
+
+# ---- SCS ----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class SCSFit:
+    """A fitted SCS gate. ``basis`` has orthonormal columns; ``tau`` is in [0, 1]."""
+
+    mean: torch.Tensor  # (d,)
+    basis: torch.Tensor  # (d, r)
+    tau: float
+    r: int
+    explained_variance: float  # share of the target variance inside span(basis)
+    tau_start: float  # the recall-quantile start of the calibration
+    logistic: dict  # w, b (standardised score), converged, used
+    calibration: GateReport
+    test: Optional[GateReport] = None
+
+    def scores(self, H: torch.Tensor) -> torch.Tensor:
+        return energy_ratio(H, self.basis, self.mean).float()
+
+    def gate(self, H: torch.Tensor) -> torch.Tensor:
+        return self.scores(H) >= self.tau
+
+    def report(self) -> dict:
+        return {"r": self.r, "tau": self.tau, "tau_start": self.tau_start,
+                "explained_variance": self.explained_variance, "logistic": self.logistic,
+                "calibration": self.calibration.as_dict(),
+                "test": self.test.as_dict() if self.test is not None else None}
+
+
+def _balanced_logistic_boundary(s_target: np.ndarray, s_benign: np.ndarray, start: float, l2: float,
+                                iterations: int = 100) -> tuple:
+    """Newton's method for the class-balanced, L2-regularised (on the slope) logistic regression of the label on
+    the standardised score, started with its boundary at ``start``. Returns (boundary in score units, w, b,
+    converged)."""
+    s = np.r_[s_target, s_benign]
+    y = np.r_[np.ones(len(s_target)), np.zeros(len(s_benign))]
+    weight = np.r_[np.full(len(s_target), 0.5 / len(s_target)), np.full(len(s_benign), 0.5 / len(s_benign))]
+    centre, scale = s.mean(), max(s.std(), 1e-12)
+    z = (s - centre) / scale
+    w, b = 1.0, -(start - centre) / scale  # boundary -b/w == start
+    converged = False
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-(w * z + b)))
+        grad = np.array([np.sum(weight * (p - y) * z) + l2 * w, np.sum(weight * (p - y))])
+        curv = weight * p * (1 - p)
+        hess = np.array([[np.sum(curv * z * z) + l2, np.sum(curv * z)], [np.sum(curv * z), np.sum(curv) + 1e-12]])
+        step = np.linalg.solve(hess, grad)
+        w, b = w - step[0], b - step[1]
+        if np.abs(step).max() < 1e-10:
+            converged = True
+            break
+    boundary = centre - scale * b / w if w > 0 else float("nan")
+    return boundary, float(w), float(b), converged
+
+
+def default_rank(singular_values: torch.Tensor, n_target: int, variance: float, max_r: int) -> int:
+    """The documented default r: the fewest principal directions that explain ``variance`` of the target
+    variance, at most ``max_r`` and at most half the number of fit targets (so held-out targets, not the fit
+    set's own directions, decide the gate)."""
+    energy = singular_values.double().square()
+    cumulative = torch.cumsum(energy, 0) / energy.sum().clamp_min(1e-300)
+    r = int(torch.searchsorted(cumulative, torch.tensor(variance, dtype=cumulative.dtype)).item()) + 1
+    return max(1, min(r, max_r, max(1, n_target // 2), len(singular_values)))
+
+
+def fit_scs(H_target: torch.Tensor, H_target_cal: torch.Tensor, H_benign_cal: torch.Tensor, *,
+            r: Optional[int] = None, variance: float = 0.9, max_r: int = 32, recall: float = 0.9, l2: float = 0.1,
+            test: Optional[Sequence[torch.Tensor]] = None) -> SCSFit:
+    """Fit the SCS gate: mean and top-``r`` basis from ``H_target`` (the fit split), ``tau`` calibrated on
+    ``H_target_cal`` vs ``H_benign_cal`` (a calibration split disjoint from the fit and test splits).
+
+    Args:
+        r: subspace rank; default `default_rank` (explained ``variance``, capped at ``max_r``).
+        recall: share of calibration targets the starting threshold keeps.
+        l2: L2 penalty on the slope of the standardised logistic fit.
+        test: optional ``(H_target_test, H_benign_test)`` for a held-out report.
+    """
+    Ht = _matrix("H_target", H_target, min_rows=2)
+    d = Ht.shape[1]
+    Htc = _matrix("H_target_cal", H_target_cal, d)
+    Hbc = _matrix("H_benign_cal", H_benign_cal, d)
+    if not 0 < recall < 1:
+        raise ValueError(f"recall: expected a share in (0, 1), got {recall}")
+    if not 0 < variance <= 1:
+        raise ValueError(f"variance: expected a share in (0, 1], got {variance}")
+    mean = Ht.mean(0)
+    _, sv, vt = torch.linalg.svd(Ht - mean, full_matrices=False)
+    if r is None:
+        r = default_rank(sv, Ht.shape[0], variance, max_r)
+    if not isinstance(r, int) or not 1 <= r <= len(sv):
+        raise ValueError(f"r: expected an int in [1, {len(sv)}] (at most min(N_target, d)), got {r!r}")
+    basis = vt[:r].T.contiguous()
+    explained = float(sv[:r].square().sum() / sv.square().sum().clamp_min(1e-300))
+
+    st = energy_ratio(Htc, basis, mean).numpy()
+    sb = energy_ratio(Hbc, basis, mean).numpy()
+    start = float(np.quantile(st, 1 - recall))
+    boundary, w, b, converged = _balanced_logistic_boundary(st, sb, start, l2)
+    used = bool(np.isfinite(boundary))
+    tau = float(np.clip(boundary if used else start, 0.0, 1.0))
+    fit = SCSFit(mean=mean.float(), basis=basis.float(), tau=tau, r=r, explained_variance=explained,
+                 tau_start=start, logistic={"w": w, "b": b, "converged": converged, "used": used},
+                 calibration=gate_report(st, sb, tau))
+    if test is not None:
+        Htt = _matrix("test[0]", test[0], d)
+        Hbt = _matrix("test[1]", test[1], d)
+        fit.test = gate_report(energy_ratio(Htt, basis, mean).numpy(), energy_ratio(Hbt, basis, mean).numpy(), tau)
+    return fit
+
+
+# ---- MoSE ---------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class MoSEReport:
+    num_experts: int
+    calinski_harabasz: dict  # K -> index on the training Deltas
+    cluster_sizes: list
+    res_rank: int
+    hidden: int
+    n_train: int
+    n_val: int
+    train_mse: list  # per epoch
+    val_mse: list  # per epoch
+    best_epoch: int
+    best_val_mse: float
+    stopped_early: bool
+    caa_train_mse: float  # single mean vector (CAA), fitted on the training split
+    caa_val_mse: float
+
+    def as_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["calinski_harabasz"] = {str(k): v for k, v in self.calinski_harabasz.items()}
+        return out
+
+
+@dataclasses.dataclass
+class MoSEFit:
+    """Fitted MoSE parts, with input weights already in raw-``h`` units."""
+
+    experts: torch.Tensor  # (K, d)
+    router_weight: Optional[torch.Tensor]  # (d, K)
+    router_bias: Optional[torch.Tensor]  # (K,)
+    res_in_weight: Optional[torch.Tensor]  # (m, d)
+    res_in_bias: Optional[torch.Tensor]
+    res_out_weight: Optional[torch.Tensor]  # (k, m)
+    res_out_bias: Optional[torch.Tensor]
+    res_basis: Optional[torch.Tensor]  # (k, d)
+    gamma: float
+    activation: str
+    report: MoSEReport
+
+    def params(self, scs: Optional[SCSFit] = None, alpha: float = 1.0) -> SteerParams:
+        """The op's parameters: these experts, gated by ``scs`` (or always on)."""
+        gate = dict(basis=scs.basis, mean=scs.mean, tau=scs.tau) if scs is not None else {}
+        return SteerParams(experts=self.experts, router_weight=self.router_weight, router_bias=self.router_bias,
+                           res_in_weight=self.res_in_weight, res_in_bias=self.res_in_bias,
+                           res_out_weight=self.res_out_weight, res_out_bias=self.res_out_bias,
+                           res_basis=self.res_basis, activation=self.activation, gamma=self.gamma, alpha=alpha,
+                           **gate)
+
+    def predict(self, H: torch.Tensor) -> torch.Tensor:
+        """The synthesised vector v(h) per row (no gate, alpha = 1), through the reference op."""
+        from finesteer_kernels import reference
+
+        p = self.params()
+        return reference.coefficients(H.float(), p) @ reference.output_basis(p)
+
+
+def choose_num_experts(unit_deltas: np.ndarray, k_range: Sequence[int], seed: int) -> tuple:
+    """K-means for every K in ``k_range`` (that leaves >= 2 points per cluster on average); the K with the
+    highest Calinski-Harabasz index. Returns (K, labels, {K: index})."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import calinski_harabasz_score
+
+    n = len(unit_deltas)
+    scores, labels = {}, {}
+    for K in k_range:
+        if K < 2 or K > n // 2:
+            continue
+        km = KMeans(n_clusters=K, n_init=10, random_state=seed).fit(unit_deltas)
+        if len(np.unique(km.labels_)) < K:
+            continue
+        scores[K] = float(calinski_harabasz_score(unit_deltas, km.labels_))
+        labels[K] = km.labels_
+    if not scores:
+        raise ValueError(f"Delta: too few training pairs ({n}) to cluster into any K in {tuple(k_range)}")
+    best = max(scores, key=lambda K: (scores[K], -K))
+    return best, labels[best], scores
+
+
+def fit_mose(H_anchor: torch.Tensor, Delta: torch.Tensor, *, num_experts: Optional[int] = None,
+             k_range: Sequence[int] = range(2, 11), res_rank: int = 8, hidden: int = 32,
+             activation: str = "relu", epochs: int = 400, batch_size: int = 64, lr: float = 1e-2,
+             weight_decay: float = 1e-2, val_fraction: float = 0.2, patience: int = 40,
+             max_grad_norm: float = 1.0, seed: int = 0) -> MoSEFit:
+    """Fit the mixture of steering experts to ``(H_anchor[i], Delta[i])`` pairs.
+
+    Args:
+        num_experts: fixed K; default: Calinski-Harabasz over ``k_range`` (2..10).
+        res_rank: k, rank of the residual basis (0: no residual MLP). hidden: m, the MLP width.
+        activation: ``"relu"`` or ``"identity"``.
+        epochs, batch_size, lr, weight_decay: AdamW training; patience: epochs without a better validation MSE
+            before stopping; max_grad_norm: gradient clipping (after ``backward()``).
+        val_fraction: share of pairs held out for early stopping and the report.
+        seed: seeds the split, K-means, initialisation and batch order; equal seeds give equal tensors.
+    """
+    H = _matrix("H_anchor", H_anchor, min_rows=4)
+    D = _matrix("Delta", Delta, H.shape[1])
+    if D.shape[0] != H.shape[0]:
+        raise ValueError(f"Delta: expected one row per anchor ({H.shape[0]}), got {D.shape[0]}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction: expected a share in (0, 1), got {val_fraction}")
+    if activation not in ("relu", "identity"):
+        raise ValueError(f"activation: expected 'relu' or 'identity', got {activation!r}")
+    n, d = H.shape
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=gen)
+    n_val = max(1, int(round(val_fraction * n)))
+    if n - n_val < 3:
+        raise ValueError(f"H_anchor: {n} pairs leave too few ({n - n_val}) for training after the validation split")
+    val_idx, train_idx = perm[:n_val], perm[n_val:]
+    Ht, Dt, Hv, Dv = H[train_idx], D[train_idx], H[val_idx], D[val_idx]
+
+    # experts: clusters of the directions of Delta, with raw-scale means
+    unit = torch.nn.functional.normalize(Dt, dim=1).numpy()
+    if num_experts is None:
+        K, labels, ch = choose_num_experts(unit, k_range, seed)
+    else:
+        if not isinstance(num_experts, int) or not 1 <= num_experts <= len(Dt):
+            raise ValueError(f"num_experts: expected an int in [1, {len(Dt)}], got {num_experts!r}")
+        K, ch = num_experts, {}
+        if K == 1:
+            labels = np.zeros(len(Dt), dtype=np.int64)
+        else:
+            from sklearn.cluster import KMeans
+
+            labels = KMeans(n_clusters=K, n_init=10, random_state=seed).fit(unit).labels_
+    labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    sizes = torch.bincount(labels_t, minlength=K)
+    experts = torch.stack([Dt[labels_t == j].mean(0) if sizes[j] else torch.zeros(d, dtype=Dt.dtype)
+                           for j in range(K)])
+
+    # residual basis: what the assigned experts leave unexplained
+    k = min(res_rank, len(Dt) - 1, d)
+    if k > 0:
+        _, _, vt = torch.linalg.svd(Dt - experts[labels_t], full_matrices=False)
+        res_basis = vt[:k]
+    m = hidden if k > 0 else 0
+
+    # train on standardised inputs (float32), fold the standardisation into the input weights afterwards
+    in_mean, in_scale = Ht.mean(0), Ht.std(0).clamp_min(1e-6)
+    Zt, Zv = ((Ht - in_mean) / in_scale).float(), ((Hv - in_mean) / in_scale).float()
+    Dt32, Dv32, V = Dt.float(), Dv.float(), experts.float()
+    U = res_basis.float() if k > 0 else None
+    rand = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    weights = {"gamma": torch.ones(())}
+    if K > 1:
+        weights["A"] = 0.01 * rand(d, K)
+        weights["c"] = torch.log(sizes.float().clamp_min(1) / len(Dt))
+    if k > 0:
+        weights.update(W1=rand(m, d) / math.sqrt(d), b1=torch.zeros(m), W2=torch.zeros(k, m), b2=torch.zeros(k))
+    for t in weights.values():
+        t.requires_grad_(True)
+    decayed = [weights[n_] for n_ in ("A", "W1", "W2") if n_ in weights]
+    plain = [weights[n_] for n_ in ("gamma", "c", "b1", "b2") if n_ in weights]
+    opt = torch.optim.AdamW([{"params": decayed, "weight_decay": weight_decay},
+                             {"params": plain, "weight_decay": 0.0}], lr=lr)
+
+    def predict(Z: torch.Tensor) -> torch.Tensor:
+        mix = torch.softmax(Z @ weights["A"] + weights["c"], -1) @ V if K > 1 else V.expand(len(Z), d)
+        if k > 0:
+            inner = Z @ weights["W1"].T + weights["b1"]
+            if activation == "relu":
+                inner = torch.relu(inner)
+            mix = mix + (inner @ weights["W2"].T + weights["b2"]) @ U
+        return weights["gamma"] * mix
+
+    def mse(Z, target) -> float:
+        with torch.no_grad():
+            return float(torch.mean((predict(Z) - target) ** 2))
+
+    best = {n_: t.detach().clone() for n_, t in weights.items()}
+    best_val, best_epoch = mse(Zv, Dv32), 0
+    train_curve, val_curve = [mse(Zt, Dt32)], [best_val]
+    stale, stopped_early = 0, False
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(len(Zt), generator=gen)
+        for start in range(0, len(Zt), batch_size):
+            batch = order[start:start + batch_size]
+            opt.zero_grad()
+            loss = torch.mean((predict(Zt[batch]) - Dt32[batch]) ** 2)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(weights.values()), max_grad_norm)  # after backward, before step
+            opt.step()
+        train_curve.append(mse(Zt, Dt32))
+        val_curve.append(mse(Zv, Dv32))
+        if val_curve[-1] < best_val * (1 - 1e-6):
+            best_val, best_epoch, stale = val_curve[-1], epoch, 0
+            best = {n_: t.detach().clone() for n_, t in weights.items()}
+        else:
+            stale += 1
+            if stale >= patience:
+                stopped_early = True
+                break
+
+    # fold standardisation: A^T ((h - m) / s) + c == (A / s)^T h + (c - (m / s) @ A)
+    inv = (1.0 / in_scale).float()
+    shift = (in_mean / in_scale).float()
+    router_weight = router_bias = res_in_weight = res_in_bias = res_out_weight = res_out_bias = None
+    if K > 1:
+        router_weight = best["A"] * inv[:, None]
+        router_bias = best["c"] - shift @ best["A"]
+    if k > 0:
+        res_in_weight = best["W1"] * inv[None, :]
+        res_in_bias = best["b1"] - best["W1"] @ shift
+        res_out_weight, res_out_bias = best["W2"], best["b2"]
+    caa = Dt.mean(0)
+    report = MoSEReport(
+        num_experts=K, calinski_harabasz=ch, cluster_sizes=[int(x) for x in sizes], res_rank=k, hidden=m,
+        n_train=len(Dt), n_val=len(Dv), train_mse=train_curve, val_mse=val_curve, best_epoch=best_epoch,
+        best_val_mse=best_val, stopped_early=stopped_early,
+        caa_train_mse=float(torch.mean((Dt - caa) ** 2)), caa_val_mse=float(torch.mean((Dv - caa) ** 2)))
+    return MoSEFit(experts=experts.float(), router_weight=router_weight, router_bias=router_bias,
+                   res_in_weight=res_in_weight, res_in_bias=res_in_bias, res_out_weight=res_out_weight,
+                   res_out_bias=res_out_bias, res_basis=res_basis.float() if k > 0 else None,
+                   gamma=float(best["gamma"]), activation=activation, report=report)
+
+
+# ---- baselines ----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class BaselineFit:
+    """A baseline in the op's format, with its report."""
+
+    params: SteerParams
+    report: dict
+
+
+def fit_caa(Delta: torch.Tensor, alpha: float = 1.0) -> BaselineFit:
+    """CAA / control vector: the mean Delta, no gate, one expert."""
+    D = _matrix("Delta", Delta)
+    vector = D.mean(0)
+    return BaselineFit(SteerParams(experts=vector[None].float(), alpha=alpha),
+                       {"train_mse": float(torch.mean((D - vector) ** 2)), "vector_norm": float(vector.norm()),
+                        "n": len(D)})
+
+
+def _best_f1_threshold(s_target: np.ndarray, s_benign: np.ndarray) -> tuple:
+    """The score threshold (gate on when score >= threshold) with the best F1 on calibration data."""
+    candidates = np.unique(np.r_[s_target, s_benign])
+    best = (-1.0, float(candidates[0]))
+    for t in candidates:
+        tp = float((s_target >= t).sum())
+        fp = float((s_benign >= t).sum())
+        fn = len(s_target) - tp
+        f1 = 2 * tp / max(2 * tp + fp + fn, 1.0)
+        if f1 > best[0]:
+            best = (f1, float(t))
+    return best
+
+
+def fit_cast(H_target: torch.Tensor, H_benign: torch.Tensor, Delta: torch.Tensor, H_target_cal: torch.Tensor,
+             H_benign_cal: torch.Tensor, *, test: Optional[Sequence[torch.Tensor]] = None,
+             alpha: float = 1.0) -> BaselineFit:
+    """CAST: condition direction ``u`` = normalised difference of the target and benign means (fit split); the
+    condition ``cos(h, u u^T h) = |u.h| / ||h|| >= theta`` is the op's gate with ``mean=None``, ``basis=u`` and
+    ``tau = theta^2``; theta is the best-F1 threshold on the calibration split. Behaviour vector: the mean Delta."""
+    Ht = _matrix("H_target", H_target)
+    d = Ht.shape[1]
+    Hb = _matrix("H_benign", H_benign, d)
+    D = _matrix("Delta", Delta, d)
+    Htc, Hbc = _matrix("H_target_cal", H_target_cal, d), _matrix("H_benign_cal", H_benign_cal, d)
+    direction = Ht.mean(0) - Hb.mean(0)
+    if direction.norm() == 0:
+        raise ValueError("H_target, H_benign: equal means, no condition direction")
+    basis = (direction / direction.norm())[:, None]
+    st, sb = energy_ratio(Htc, basis, None).numpy(), energy_ratio(Hbc, basis, None).numpy()
+    f1, tau = _best_f1_threshold(st, sb)
+    tau = float(np.clip(tau, 0.0, 1.0))
+    report = {"theta": math.sqrt(tau), "tau": tau, "calibration_f1": f1,
+              "calibration": gate_report(st, sb, tau).as_dict(), "test": None}
+    if test is not None:
+        Htt, Hbt = _matrix("test[0]", test[0], d), _matrix("test[1]", test[1], d)
+        report["test"] = gate_report(energy_ratio(Htt, basis, None).numpy(),
+                                     energy_ratio(Hbt, basis, None).numpy(), tau).as_dict()
+    params = SteerParams(experts=D.mean(0)[None].float(), basis=basis.float(), tau=tau, alpha=alpha,
+                         orthonormalize=True)
+    return BaselineFit(params, report)

@@ -1,0 +1,169 @@
+"""Fitting on synthetic activations with planted structure: SCS recovers the subspace and separates held-out data,
+MoSE finds the planted number of experts and beats the single-mean (CAA) baseline on held-out pairs; the fitted
+Steerer round-trips through a file and the reference op; equal seeds give equal tensors; baselines fit into the op's
+format."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import finesteer
+from finesteer import fit as F
+from finesteer_kernels import reference
+
+D, R, K_PLANTED = 48, 3, 4
+
+
+def planted(n: int, seed: int) -> dict:
+    """Targets: mu0 + a 3-dim planted subspace S0 (scale 3) + small noise. Benign: mu0 + mostly outside S0.
+    Delta: one of 4 modes, chosen by which of 4 latent directions the target's subspace coordinates align with
+    most (so the router can read it off h), plus noise."""
+    g = torch.Generator().manual_seed(1234)  # the planted structure is fixed; ``seed`` draws the samples
+    S0 = torch.linalg.qr(torch.randn(D, R, generator=g))[0]
+    mu0 = torch.randn(D, generator=g)
+    modes = 6.0 * torch.linalg.qr(torch.randn(D, K_PLANTED, generator=g))[0].T  # (K, D), orthogonal, norm 6
+    keys = torch.nn.functional.normalize(torch.randn(K_PLANTED, R, generator=g), dim=1)
+    s = torch.Generator().manual_seed(seed)
+    z = 3.0 * torch.randn(n, R, generator=s)
+    targets = mu0 + z @ S0.T + 0.15 * torch.randn(n, D, generator=s)
+    outside = torch.randn(n, D, generator=s)
+    outside = outside - outside @ S0 @ S0.T
+    benign = mu0 + 2.0 * outside + 0.3 * torch.randn(n, R, generator=s) @ S0.T
+    mode = (z @ keys.T).argmax(1)
+    delta = modes[mode] + 0.3 * torch.randn(n, D, generator=s)
+    return dict(S0=S0, targets=targets, benign=benign, delta=delta, mode=mode)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    fit_data, cal, test = planted(300, 1), planted(100, 2), planted(200, 3)
+    scs = F.fit_scs(fit_data["targets"], cal["targets"], cal["benign"], test=(test["targets"], test["benign"]))
+    mose = F.fit_mose(fit_data["targets"], fit_data["delta"], seed=0)
+    return dict(scs=scs, mose=mose, fit=fit_data, test=test)
+
+
+def largest_principal_angle_deg(A: torch.Tensor, B: torch.Tensor) -> float:
+    """Largest principal angle between span(A) and the part of span(B) nearest to it (A: (d, a), B: (d, b),
+    a <= b, both orthonormal)."""
+    cosines = torch.linalg.svdvals(A.double().T @ B.double()).clamp(max=1.0)
+    return math.degrees(math.acos(float(cosines.min())))
+
+
+def test_scs_recovers_planted_subspace_and_separates_held_out(fitted):
+    scs = fitted["scs"]
+    assert scs.r == R  # the default rank (explained variance) finds the planted rank
+    assert torch.allclose(scs.basis.T @ scs.basis, torch.eye(scs.r), atol=1e-5)
+    assert largest_principal_angle_deg(fitted["fit"]["S0"], scs.basis) < 10.0
+    assert 0.0 <= scs.tau <= 1.0
+    assert scs.test.auc > 0.99
+    assert scs.test.tpr > 0.85 and scs.test.fpr < 0.05
+    assert scs.calibration.n_target == 100 and scs.test.n_benign == 200
+
+
+def test_scs_threshold_starts_from_recall_and_moves_with_logistic_fit():
+    data = planted(200, 5)
+    cal = planted(100, 6)
+    # noisy calibration: half the benign rows sit inside the subspace, so the classes overlap
+    benign = torch.cat([cal["benign"][:50], cal["targets"][50:] + 0.5 * torch.randn(50, D)])
+    scs = F.fit_scs(data["targets"], cal["targets"][:50], benign, recall=0.9)
+    scores = F.energy_ratio(cal["targets"][:50], scs.basis, scs.mean)
+    assert scs.tau_start == pytest.approx(float(torch.quantile(scores, 0.1)), rel=1e-6)
+    assert scs.logistic["converged"] and scs.logistic["used"]
+    assert scs.logistic["w"] > 0
+    assert scs.tau != scs.tau_start  # the logistic fit, not the start, sets tau
+
+
+def test_mose_chooses_planted_k_and_beats_caa_on_held_out(fitted):
+    mose, test = fitted["mose"], fitted["test"]
+    report = mose.report
+    assert report.num_experts == K_PLANTED
+    assert set(report.calinski_harabasz) == set(range(2, 11))
+    assert sum(report.cluster_sizes) == report.n_train == 240 and report.n_val == 60
+    assert len(report.train_mse) == len(report.val_mse) >= 2
+    assert report.best_val_mse == min(report.val_mse)
+    assert report.best_val_mse < 0.35 * report.caa_val_mse
+    caa = F.fit_caa(fitted["fit"]["delta"])
+    held_out_mose = torch.mean((mose.predict(test["targets"]) - test["delta"]) ** 2)
+    held_out_caa = torch.mean((reference.output_basis(caa.params)[0] - test["delta"]) ** 2)
+    assert held_out_mose < 0.35 * held_out_caa  # noise floor 0.09, CAA ~0.65
+    # each planted mode is close to one expert
+    modes = torch.stack([test["delta"][test["mode"] == j].mean(0) for j in range(K_PLANTED)])
+    cos = torch.nn.functional.normalize(modes, dim=1) @ torch.nn.functional.normalize(mose.experts, dim=1).T
+    assert (cos.max(1).values > 0.95).all()
+
+
+def test_mose_early_stops_on_validation_loss():
+    data = planted(60, 7)  # few pairs, many epochs: the validation loss turns up and training stops there
+    mose = F.fit_mose(data["targets"], data["delta"] + 2.0 * torch.randn(60, D), num_experts=2, hidden=64,
+                      epochs=2000, patience=15, lr=1e-2, weight_decay=0.0, seed=3)
+    r = mose.report
+    assert r.stopped_early
+    assert len(r.val_mse) - 1 == r.best_epoch + 15
+    assert r.train_mse[-1] < r.train_mse[r.best_epoch]  # training kept improving after the best val epoch
+    assert r.best_val_mse == min(r.val_mse)
+
+
+def test_fitted_steerer_round_trips_and_reproduces_training_predictions(fitted, tmp_path):
+    scs, mose, data = fitted["scs"], fitted["mose"], fitted["fit"]
+    steerer = finesteer.Steerer(mose.params(scs, alpha=1.0), layer=3, model="synthetic", method="finesteer",
+                                metadata={"scs": scs.report(), "mose": mose.report.as_dict()})
+    path = tmp_path / "s.safetensors"
+    steerer.save(path)
+    loaded = finesteer.Steerer.load(path)
+    assert loaded.metadata["mose"]["num_experts"] == K_PLANTED
+    H = torch.cat([data["targets"][:20], data["benign"][:20]])
+    out = reference.steer(H, loaded.params)
+    gate = scs.gate(H).float()
+    expected = H + gate[:, None] * mose.predict(H)
+    assert torch.allclose(out, expected, atol=1e-4, rtol=1e-4)
+    assert gate[:20].mean() > 0.8 and gate[20:].sum() == 0
+    assert torch.equal(reference.steer(H, steerer.params), out)
+
+
+def test_same_seed_same_tensors_and_other_seed_differs():
+    data = planted(120, 9)
+    a = F.fit_mose(data["targets"], data["delta"], seed=4, epochs=30, num_experts=3)
+    b = F.fit_mose(data["targets"], data["delta"], seed=4, epochs=30, num_experts=3)
+    c = F.fit_mose(data["targets"], data["delta"], seed=5, epochs=30, num_experts=3)
+    pa, pb, pc = a.params().tensors(), b.params().tensors(), c.params().tensors()
+    assert pa.keys() == pb.keys()
+    assert all(torch.equal(pa[k], pb[k]) for k in pa) and a.gamma == b.gamma
+    assert not torch.equal(pa["router_weight"], pc["router_weight"])
+
+
+def test_cast_baseline_threshold_and_format():
+    data, cal, test = planted(200, 11), planted(100, 12), planted(100, 13)
+    cast = F.fit_cast(data["targets"], data["benign"], data["delta"], cal["targets"], cal["benign"],
+                      test=(test["targets"], test["benign"]))
+    p = cast.params
+    assert p.mean is None and p.r == 1 and p.num_experts == 1
+    assert p.tau == pytest.approx(cast.report["theta"] ** 2)
+    assert torch.allclose(p.experts[0], data["delta"].mean(0), atol=1e-5)
+    # the threshold is the best-F1 one: no calibration score gives a higher F1
+    st = F.energy_ratio(cal["targets"], p.basis, None).numpy()
+    sb = F.energy_ratio(cal["benign"], p.basis, None).numpy()
+    f1 = lambda t: 2 * (st >= t).sum() / (2 * (st >= t).sum() + (sb >= t).sum() + (st < t).sum())  # noqa: E731
+    assert cast.report["calibration_f1"] == pytest.approx(max(f1(t) for t in list(st) + list(sb)))
+    assert 0 <= cast.report["test"]["fpr"] <= 1
+
+
+def test_caa_is_the_mean_delta_without_gate():
+    delta = torch.randn(30, 8)
+    caa = F.fit_caa(delta)
+    assert caa.params.basis is None and caa.params.num_experts == 1
+    assert torch.allclose(caa.params.experts[0], delta.mean(0))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: F.fit_scs(torch.randn(10, 8), torch.randn(5, 7), torch.randn(5, 8)), "H_target_cal"),
+    (lambda: F.fit_scs(torch.randn(10, 8), torch.randn(5, 8), torch.randn(5, 8), r=20), "r:"),
+    (lambda: F.fit_scs(torch.randn(10, 8), torch.randn(5, 8), torch.randn(5, 8), recall=1.5), "recall"),
+    (lambda: F.fit_mose(torch.randn(10, 8), torch.randn(9, 8)), "Delta"),
+    (lambda: F.fit_mose(torch.randn(10, 8), torch.full((10, 8), float("nan"))), "NaN"),
+    (lambda: F.fit_mose(torch.randn(10, 8), torch.randn(10, 8), activation="tanh"), "activation"),
+])
+def test_bad_input_names_the_argument(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()
