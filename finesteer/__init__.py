@@ -21,6 +21,11 @@ _LAZY = {
     "find_decoder_layers": "finesteer.patching",
     "fit_scs": "finesteer.fit",
     "fit_mose": "finesteer.fit",
+    "import_gguf": "finesteer.interchange",
+    "export_gguf": "finesteer.interchange",
+    "import_vectors": "finesteer.interchange",
+    "import_cast": "finesteer.interchange",
+    "ControlVectorError": "finesteer.interchange",
 }
 
 __all__ = ["Steerer", "SteererFileError", "SteerParams", "__version__", *_LAZY]
