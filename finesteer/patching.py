@@ -39,42 +39,78 @@ SteererLike = Union[Steerer, SteerParams]
 
 # ---- per-forward context -----------------------------------------------------------------------------------------
 @dataclasses.dataclass
-class _ForwardContext:
-    """What the owner's pre-hook saw for the current forward, plus index tensors derived from it for the first
-    patched layer and reused by the others (all patched layers see the same batch and tokens)."""
+class _GenerateCall:
+    """One active ``model.generate`` call, as far as shapes and configs tell."""
 
-    padding_mask: Optional[torch.Tensor]  # (B, past + T) 2-D mask as given, or None
-    past_length: int  # tokens in the cache before this forward
-    prompt_length: Optional[int]  # inside generate: length of the prompt it was given
-    num_beams: int  # inside generate: beams per prompt (1 outside generate)
+    prompt_length: Optional[int]  # positions [0, prompt_length) are the prompt
+    num_beams: int  # beams per prompt; beam search reorders rows only within a prompt's beams
+    fed: int  # tokens in the cache so far, counted from forward shapes (for caches that cannot say cheaply)
+
+
+@dataclasses.dataclass
+class _ForwardContext:
+    """What the owner's pre-hook saw for the current forward, plus index tensors derived from it by the first
+    patched layer and reused by the others (all patched layers see the same rows and tokens)."""
+
+    mask: Optional[torch.Tensor]  # attention mask as the model got it: 2-D (B, past + T) or 4-D (B, 1, T, S)
+    past_length: Optional[int]  # tokens in the cache before this forward; None = read it from a 2-D mask
+    call: Optional[_GenerateCall]  # the generate call this forward belongs to, if any
     derived: dict = dataclasses.field(default_factory=dict)
 
 
+def _real_new_tokens(mask: torch.Tensor, past: Optional[int], batch: int, new_tokens: int) -> tuple:
+    """(past, (B, T) bool of non-padding new tokens) from a 2-D or 4-D attention mask, by shapes and indexing only.
+
+    A 4-D mask (static caches, custom masks) hides padding in its diagonal: new token i attends to itself (key
+    ``past + i``) exactly when it is a real token; masked entries are False or a large negative number."""
+    if mask.dim() == 2:
+        if mask.shape[0] != batch or mask.shape[1] < new_tokens:
+            raise ValueError(f"attention_mask: shape {tuple(mask.shape)} does not cover this forward's {batch} rows "
+                             f"of {new_tokens} new tokens; expected (batch, past + new)")
+        past = mask.shape[1] - new_tokens if past is None else past
+        return past, mask[:, mask.shape[1] - new_tokens:].bool()
+    if past is None:
+        raise ValueError("cache: cannot tell how many tokens it holds (get_seq_length did not return an int) and "
+                         "the attention mask is 4-D; pass a 2-D attention_mask")
+    if mask.shape[0] not in (1, batch) or mask.shape[-2] != new_tokens or mask.shape[-1] < past + new_tokens:
+        raise ValueError(f"attention_mask: 4-D shape {tuple(mask.shape)} does not match {batch} rows of "
+                         f"{new_tokens} new tokens after {past} cached ones")
+    i = torch.arange(new_tokens, device=mask.device)
+    diagonal = mask[:, 0, i, past + i]
+    real = diagonal if diagonal.dtype == torch.bool else diagonal > torch.finfo(diagonal.dtype).min / 2
+    return past, real.expand(batch, new_tokens)
+
+
 class _Rows:
-    """Index tensors for one forward of ``batch`` rows and ``new_tokens`` tokens."""
+    """How one forward of ``B`` rows and ``T`` new tokens is steered: which tokens are real, whether it is a
+    prefill (and where each row's anchor is) or a decode step, as index tensors for the op."""
 
     def __init__(self, ctx: _ForwardContext, hidden: torch.Tensor):
         batch, new_tokens = hidden.shape[0], hidden.shape[1]
         device = hidden.device
-        valid = None  # (B, T) bool: real (non-padding) new tokens
-        if ctx.padding_mask is not None:
-            mask = ctx.padding_mask
-            if mask.shape[0] != batch or mask.shape[1] < new_tokens:
-                raise ValueError(f"attention_mask: shape {tuple(mask.shape)} does not cover this forward's "
-                                 f"{batch} rows of {new_tokens} new tokens; expected (batch, past + new)")
-            valid = mask[:, mask.shape[1] - new_tokens:].to(device=device, dtype=torch.bool)
-        # A decode step brings one token per row on top of a non-empty cache. Inside generate, everything after
-        # the prompt (assisted-decoding candidates, or generated tokens) reuses the prompt's coefficients too.
-        if ctx.prompt_length is not None:
-            self.decode = ctx.past_length >= ctx.prompt_length
-            anchor_limit = ctx.prompt_length - ctx.past_length  # new-token positions before it belong to the prompt
+        past, valid = ctx.past_length, None  # valid: (B, T) real (non-padding) new tokens; None = all
+        if ctx.mask is not None:
+            past, valid = _real_new_tokens(ctx.mask, past, batch, new_tokens)
+            valid = valid.to(device)
+        call = ctx.call
+        prompt_length = call.prompt_length if call is not None else None
+        if prompt_length is not None:
+            # Inside generate the prompt is known: everything after it (generated tokens, assisted-decoding
+            # candidates) reuses the prompt's coefficients; a use_cache=False step recomputes the prompt and so
+            # finds the same anchor again; an early prefill chunk (prefill_chunk_size) ends before the anchor and
+            # is left alone, since the decision is not known yet.
+            self.decode = past >= prompt_length
+            self.pending = past + new_tokens < prompt_length
+            anchor_limit = prompt_length - past
         else:
-            self.decode = new_tokens == 1 and ctx.past_length > 0
+            # Outside generate: one new token on a non-empty cache is a decode step, anything else a prefill.
+            self.decode = new_tokens == 1 and past > 0
+            self.pending = False
             anchor_limit = new_tokens
+        self.num_beams = call.num_beams if call is not None else 1
+        self.valid = valid
         seq = torch.arange(batch, device=device)[:, None].expand(batch, new_tokens)
         self.row_to_seq = seq if valid is None else torch.where(valid, seq, -1)  # (B, T), -1 = padding
-        self.valid = valid
-        self.batch_index = torch.arange(batch, device=device)
         if not self.decode:
             pos = torch.arange(new_tokens, device=device)
             eligible = (pos < anchor_limit)[None, :].expand(batch, new_tokens)
@@ -83,11 +119,12 @@ class _Rows:
             anchor = torch.where(eligible, pos, -1).amax(dim=1)  # last real prompt token per row, -1 if none
             self.anchor_found = (anchor >= 0)[:, None]
             self.anchor = anchor.clamp_min(0)
+            self.batch_index = torch.arange(batch, device=device)
 
 
 def _rows_for(ctx: Optional[_ForwardContext], hidden: torch.Tensor) -> _Rows:
     if ctx is None:  # a layer called outside its model's forward: no mask, no cache information
-        ctx = _ForwardContext(None, 0, None, 1)
+        ctx = _ForwardContext(None, 0, None)
     key = (hidden.shape[0], hidden.shape[1], hidden.device)
     rows = ctx.derived.get(key)
     if rows is None:
@@ -129,14 +166,35 @@ class _ArgReader:
 
 
 def _cache_length(cache) -> Optional[int]:
-    """Tokens held by a transformers cache, or None when it cannot say without reading device memory."""
+    """Tokens held by a transformers cache, or None when it cannot say without reading device memory (a static
+    cache keeps its length in a device tensor)."""
     if cache is None:
         return 0
     get = getattr(cache, "get_seq_length", None)
-    if get is None:
-        return None
-    length = get()
+    length = get() if get is not None else None
     return length if isinstance(length, int) else None
+
+
+def _as_mask(mask) -> Optional[torch.Tensor]:
+    """The attention mask as a 2-D or 4-D tensor; a dict of per-attention-type masks gives its full-attention one
+    (every kind keeps the diagonal, which is all that is read)."""
+    if isinstance(mask, Mapping):
+        mask = mask.get("full_attention", next(iter(mask.values()), None))
+    if mask is None or (isinstance(mask, torch.Tensor) and mask.dim() in (2, 4)):
+        return mask
+    what = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+    raise ValueError(f"attention_mask: expected a 2-D (batch, past + new) or 4-D (batch, 1, new, keys) mask, "
+                     f"got {what}")
+
+
+def _new_token_count(reader: "_ArgReader", args: tuple, kwargs: dict) -> Optional[int]:
+    ids = reader.get(args, kwargs, "input_ids")
+    if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+        return ids.shape[1]
+    embeds = reader.get(args, kwargs, "inputs_embeds")
+    if isinstance(embeds, torch.Tensor) and embeds.dim() == 3:
+        return embeds.shape[1]
+    return None
 
 
 # ---- the hooks -----------------------------------------------------------------------------------------------------
@@ -243,23 +301,19 @@ class PatchHandle:
         return self._sites[layer]
 
     def _begin_forward(self, reader: _ArgReader, args: tuple, kwargs: dict) -> None:
-        mask = reader.get(args, kwargs, "attention_mask")
+        mask = _as_mask(reader.get(args, kwargs, "attention_mask"))
         cache = reader.get(args, kwargs, "cache", "past_key_values")
-        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
-            if self.mode == "query":
-                what = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-                raise ValueError(f"attention_mask: query mode needs a 2-D padding mask (batch, past + new tokens) "
-                                 f"to find each row's anchor, got {what}; packed or custom 4-D masks are not "
-                                 "supported, use mode='token'")
-            mask = None  # token mode: steer every position
+        call = self._generate_stack[-1] if self._generate_stack else None
         past = _cache_length(cache)
-        if past is None:  # e.g. a static cache: take the past length from the mask's shape instead
-            if mask is None:
-                raise ValueError("cache: cannot tell how many tokens it holds (get_seq_length did not return an "
-                                 "int) and no 2-D attention_mask was given; pass attention_mask")
-            past = -1  # resolved against the number of new tokens in the layer hook
-        prompt_length, num_beams = self._generate_stack[-1] if self._generate_stack else (None, 1)
-        self._context = _ForwardContext(mask, past, prompt_length, num_beams)
+        if past is None and call is not None:
+            past = call.fed  # e.g. a static cache inside generate: count what went in
+        if call is not None and cache is not None and past is not None:
+            new_tokens = _new_token_count(reader, args, kwargs)
+            call.fed = past + (new_tokens or 0)
+        if past is None and mask is None and self.mode == "query":
+            raise ValueError("cache: cannot tell how many tokens it holds (get_seq_length did not return an int) "
+                             "and no attention_mask was given; pass a 2-D attention_mask")
+        self._context = _ForwardContext(mask, past, call)
 
     def _steer_output(self, site: _Site, output):
         hidden = output[0] if isinstance(output, tuple) else output
@@ -276,8 +330,6 @@ class PatchHandle:
             raise TypeError(f"layer {site.layer}: hidden states in {hidden.dtype}; the steering op supports "
                             "float32, float16 and bfloat16")
         ctx = self._context
-        if ctx is not None and ctx.past_length < 0:  # static cache: past from the mask's shape
-            ctx.past_length = ctx.padding_mask.shape[1] - hidden.shape[1]
         if self.mode == "token":
             steered = self._steer_tokens(site, hidden, ctx)
         else:
@@ -285,7 +337,7 @@ class PatchHandle:
         return (steered, *output[1:]) if isinstance(output, tuple) else steered
 
     def _steer_tokens(self, site: _Site, hidden: torch.Tensor, ctx: Optional[_ForwardContext]) -> torch.Tensor:
-        if ctx is None or ctx.padding_mask is None:
+        if ctx is None or ctx.mask is None:
             return finesteer_kernels.steer(hidden, site.params)
         # With a mask, padding positions stay as they are: per-row coefficients, and -1 rows skipped.
         rows = _rows_for(ctx, hidden)
@@ -298,6 +350,8 @@ class PatchHandle:
     def _steer_query(self, site: _Site, hidden: torch.Tensor, ctx: Optional[_ForwardContext]) -> torch.Tensor:
         rows = _rows_for(ctx, hidden)
         batch = hidden.shape[0]
+        if rows.pending:
+            return hidden
         if rows.decode:
             coef = site.coef
             if coef is None:
@@ -312,7 +366,7 @@ class PatchHandle:
             anchors = hidden[rows.batch_index, rows.anchor]  # (B, d)
             coef = finesteer_kernels.synthesize(anchors, site.params)
             coef = torch.where(rows.anchor_found, coef, 0.0)  # a row with no real prompt token gets no edit
-            coef = _share_within_beams(coef, ctx.num_beams if ctx is not None else 1)
+            coef = _share_within_beams(coef, rows.num_beams)
             site.coef = coef
         return finesteer_kernels.apply_coef(hidden, coef, site.params, rows.row_to_seq)
 
@@ -328,7 +382,7 @@ class PatchHandle:
         def generate(*args, **kwargs):
             if not handle.active:  # removed while another wrapper sat on top of this one
                 return original(*args, **kwargs)
-            handle._generate_stack.append(_generate_shape(model, reader, args, kwargs))
+            handle._generate_stack.append(_generate_call(model, reader, args, kwargs))
             try:
                 return original(*args, **kwargs)
             finally:
@@ -359,8 +413,9 @@ class PatchHandle:
         self._generate_wrapper = None
 
 
-def _generate_shape(model, reader: _ArgReader, args: tuple, kwargs: dict) -> tuple:
-    """(prompt length, beams per prompt) of a generate call, read from shapes and configs only."""
+def _generate_call(model, reader: _ArgReader, args: tuple, kwargs: dict) -> _GenerateCall:
+    """Prompt length and beams of a generate call, from shapes and configs; the one host read is the length of a
+    cache handed to generate (once per call, before any forward, never in a hook)."""
     prompt = reader.get(args, kwargs, "inputs", "input_ids")
     if prompt is None:
         prompt = kwargs.get("inputs_embeds")
@@ -369,11 +424,13 @@ def _generate_shape(model, reader: _ArgReader, args: tuple, kwargs: dict) -> tup
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and prompt_length is not None:
         # generate may get only the new tokens on top of a given cache, with a mask for the whole sequence
         prompt_length = max(prompt_length, mask.shape[1])
-    num_beams = kwargs.get("num_beams")
-    if num_beams is None:
-        config = reader.get(args, kwargs, "generation_config") or getattr(model, "generation_config", None)
-        num_beams = getattr(config, "num_beams", 1) or 1
-    return prompt_length, int(num_beams)
+    config = reader.get(args, kwargs, "generation_config") or getattr(model, "generation_config", None)
+    num_beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    fed = _cache_length(cache)
+    if fed is None:
+        fed = int(cache.get_seq_length())
+    return _GenerateCall(prompt_length, int(num_beams), fed)
 
 
 # ---- patching --------------------------------------------------------------------------------------------------
