@@ -21,7 +21,16 @@ from .validation import check_coef, check_hidden, check_row_to_seq
 
 BACKENDS = ("triton", "torch")
 
-_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
+def _triton_installed() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules["triton"] is None (import blocked)
+        return False
+
+
+_TRITON_INSTALLED = _triton_installed()
 
 
 def _triton_problem(h: torch.Tensor) -> Optional[str]:

@@ -334,8 +334,8 @@ class SteerParams:
 
         The fused kernels read ``W_in`` in ``(BLOCK_D, n_in)`` tiles; a row stride of 8 elements makes every row
         start on a 16-byte boundary in 16-bit dtypes, so the loads vectorise. The extra columns are zero and lie
-        past ``res_col + m``, so every offset of the plain `pack` still holds. An empty ``consts`` becomes one zero, so
-        no kernel is handed an empty buffer. Cached per (dtype, device, align).
+        past ``res_col + m``, so every offset of the plain `pack` still holds. The gate's constants are recomputed
+        from the rounded S and mu, and an empty ``consts`` becomes one zero, so no kernel gets an empty buffer. Cached per (dtype, device, align).
         """
         if align < 1:
             raise ValueError(f"align: expected a positive column multiple, got {align}")
@@ -350,6 +350,13 @@ class SteerParams:
         padded_cols = max(align, -(-n_in // align) * align)
         w_in = torch.nn.functional.pad(packed.w_in, (0, padded_cols - n_in)).contiguous()
         consts = packed.consts if packed.consts.numel() else torch.zeros(1, dtype=torch.float32, device=device)
+        if packed.has_gate:
+            # S^T mu and ||mu||^2 of the S and mu the kernels read (rounded to `dtype`): mixing rounded h.mu with
+            # fp32 ||mu||^2 in ||h||^2 - 2 h.mu + ||mu||^2 cancels badly for rows near mu.
+            basis, mean = packed.w_in[:, :packed.r].float(), packed.w_in[:, packed.mean_col].float()
+            consts = consts.clone()
+            consts[packed.s_mu_off:packed.s_mu_off + packed.r] = basis.T @ mean
+            consts[packed.mu_sq_off] = mean @ mean
         aligned = packed._replace(w_in=w_in, consts=consts)
         self._pack_cache[key] = aligned
         return aligned

@@ -1,0 +1,243 @@
+"""The Triton kernels against the torch reference: under TRITON_INTERPRET=1 on CPU (set by conftest when there is no
+GPU), on CUDA where one is present.
+
+Sizes follow a covering design rather than the full product: every value of every axis (d, rows, r, K, residual,
+dtype) appears, the bounds are combined (d = 4096 with 257 rows, r = 128, K = 32), and every case runs all three
+kernels (token mode, synthesize, apply) into NaN-poisoned outputs, so an element a kernel fails to write shows up.
+"""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from finesteer_kernels import kernel_common, ops, reference
+from finesteer_kernels.apply_kernel import launch_apply
+from finesteer_kernels.kernel_common import Layout, apply_config, coef_config
+from finesteer_kernels.steer_kernel import launch_steer
+from finesteer_kernels.synthesize_kernel import launch_synthesize
+from op_cases import REL_TOL, gate_scores64, random_params, random_rows, rel_error
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+
+# (d, rows, r, K, residual, dtype, m, k)
+CASES = [
+    (1, 1, 0, 1, None, f32, 6, 3),
+    (1, 3, 1, 4, "relu", bf16, 6, 3),
+    (5, 64, 1, 10, "identity", f16, 6, 3),
+    (5, 257, 0, 32, "relu", f32, 6, 3),
+    (576, 3, 12, 4, None, bf16, 6, 3),
+    (576, 64, 64, 1, "identity", f32, 6, 3),
+    (576, 257, 128, 10, "relu", f16, 6, 3),
+    (1000, 1, 128, 32, "identity", bf16, 6, 3),
+    (1000, 64, 12, 1, "relu", f32, 17, 5),
+    (1000, 257, 12, 4, None, f16, 6, 3),
+    (4096, 1, 64, 10, "relu", f16, 6, 3),
+    (4096, 3, 1, 4, "identity", f32, 6, 3),
+    (4096, 64, 0, 1, None, bf16, 6, 3),
+    (4096, 257, 128, 32, "relu", f16, 40, 16),  # all bounds at once: W_in padded to 256 columns, K+k = 48
+]
+
+
+def case_id(case):
+    d, rows, r, K, res, dtype, m, k = case
+    return f"d{d}-n{rows}-r{r}-K{K}-{res or 'nores'}-{str(dtype)[6:]}"
+
+
+def make_case(d, rows, r, K, residual, dtype, m, k):
+    seed = d + 7 * rows + 11 * r + 13 * K
+    p = random_params(d, r, K, residual, m=m, k=k, seed=seed)
+    both_gates = rows >= 2 and 0 < r < d  # then the rows must exercise both gate outcomes
+    for attempt in range(1, 20):  # the first row draw that keeps clear of tau (and has both gate outcomes)
+        try:
+            h = random_rows(p, rows, seed=seed + attempt, dtype=dtype)
+        except RuntimeError:
+            continue
+        if not both_gates:
+            break
+        on = gate_scores64(h, p) >= p.tau
+        if on.any() and (~on).any():
+            break
+    else:
+        raise RuntimeError(f"no suitable row draw for {(d, rows, r, K)}")
+    return p.to(DEVICE), h.to(DEVICE)
+
+
+def kernel_operands(h, p):
+    packed, layout = ops._kernel_args(h, p)
+    return packed, Layout(*layout)
+
+
+def poisoned(*shape, dtype, device=DEVICE):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def row_map(rows: int, n_seq: int, seed: int) -> torch.Tensor:
+    """Sequence index per row, with some -1 (padding) rows once there are three rows or more."""
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(0, n_seq, (rows,), generator=g)
+    if rows >= 3:
+        seq[torch.randperm(rows, generator=g)[: max(1, rows // 4)]] = -1
+    return seq.to(DEVICE)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_kernels_match_reference(case):
+    p, h = make_case(*case)
+    dtype, rows, tol = h.dtype, h.shape[0], REL_TOL[h.dtype]
+    packed, layout = kernel_operands(h, p)
+    scale = p.alpha * p.gamma
+
+    out = poisoned(*h.shape, dtype=dtype)
+    launch_steer(h, out, packed.w_in, packed.w_out, packed.consts, layout, p.tau, p.eps, scale)
+    assert rel_error(out, reference.steer(h, p)) < tol
+
+    coef = poisoned(rows, p.n_coef, dtype=f32)
+    launch_synthesize(h, coef, packed.w_in, packed.consts, layout, p.tau, p.eps, scale)
+    expected_coef = reference.synthesize(h, p)
+    assert rel_error(coef, expected_coef) < tol
+    if p.has_gate:  # gate decisions agree exactly: gated-off rows have all-zero coefficients
+        assert torch.equal(coef.abs().sum(1) == 0, expected_coef.abs().sum(1) == 0)
+
+    n_seq = min(rows, 3)
+    seq = row_map(rows, n_seq, seed=rows)
+    out = poisoned(*h.shape, dtype=dtype)
+    launch_apply(h, out, expected_coef[:n_seq].contiguous(), seq, packed.w_out)
+    assert rel_error(out, reference.apply_coef(h, expected_coef[:n_seq], p, seq)) < tol
+    assert torch.equal(out[seq < 0], h[seq < 0])
+
+
+# The in-place forms through the public functions (torch.library ops), on the cases small enough to repeat.
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] * c[1] <= 64 * 1000], ids=case_id)
+def test_public_in_place_forms_match_reference(case):
+    p, h = make_case(*case)
+    tol = REL_TOL[h.dtype]
+    assert ops.select_backend(h) == "triton"
+    steered = h.clone()
+    assert ops.steer_(steered, p) is steered
+    assert rel_error(steered, reference.steer(h, p)) < tol
+    coef = ops.synthesize(h, p)
+    seq = row_map(h.shape[0], h.shape[0], seed=3)
+    applied = h.clone()
+    assert ops.apply_coef_(applied, coef, p, seq) is applied
+    assert rel_error(applied, reference.apply_coef(h, coef, p, seq)) < tol
+    assert torch.equal(applied[seq < 0], h[seq < 0])
+
+
+@pytest.mark.parametrize("dtype", [f32, f16, bf16], ids=str)
+def test_public_functions_keep_shapes_and_dtypes(dtype):
+    p = random_params(40, 4, 3, "relu", seed=5).to(DEVICE)
+    h = random_rows(p, 12, seed=6, dtype=dtype).to(DEVICE).reshape(3, 4, 40)
+    out = ops.steer(h, p)
+    assert out.shape == h.shape and out.dtype == dtype
+    assert rel_error(out, reference.steer(h, p)) < REL_TOL[dtype]
+    coef = ops.synthesize(h[:, -1], p)
+    assert coef.shape == (3, p.n_coef) and coef.dtype == f32
+    seq = torch.arange(3, device=DEVICE)[:, None].expand(3, 4).clone()
+    seq[0, :2] = -1
+    applied = ops.apply_coef(h, coef, p, seq)
+    assert applied.shape == h.shape and applied.dtype == dtype
+    assert rel_error(applied, reference.apply_coef(h, coef, p, seq)) < REL_TOL[dtype]
+    # a transposed (non-contiguous) input is steered like its contiguous copy
+    ht = h.transpose(0, 1)
+    assert torch.equal(ops.steer_(ht.clone(), p), ops.steer(ht.contiguous(), p))
+
+
+def test_in_place_leaves_gated_off_rows_unwritten():
+    """A negative zero survives only if its row is never stored: ``-0.0 + 0.0`` is ``+0.0``."""
+    p = random_params(64, 4, 3, "relu", seed=8).to(DEVICE)
+    h = random_rows(p, 8, seed=9).to(DEVICE)
+    off = (gate_scores64(h.cpu(), p.to("cpu")) < p.tau).to(DEVICE)
+    assert off.any() and (~off).any()
+    h[:, 0] = -0.0
+    steered = ops.steer_(h.clone(), p)
+    assert torch.signbit(steered[off, 0]).all()
+    assert torch.equal(steered[off], h[off])
+    assert rel_error(steered, reference.steer(h, p)) < 1e-5
+    assert not torch.signbit(ops.steer(h, p)[off, 0]).any()  # the out-of-place kernel does write those rows
+
+
+def test_gpu_block_configurations_under_the_interpreter():
+    """The GPU heuristics' tile shapes (16/32/64 rows, 64/128 columns) give the same results as the pinned one."""
+    p = random_params(200, 12, 4, "relu", seed=10)
+    wide = random_params(200, 128, 32, "relu", m=40, k=16, seed=11)
+    for params, rows in ((p, 5), (p, 40), (wide, 70)):
+        params = params.to(DEVICE)
+        h = random_rows(params, rows, seed=12, dtype=f16).to(DEVICE)
+        packed, layout = kernel_operands(h, params)
+        config = coef_config(rows, layout, interpreting=False)
+        out = poisoned(*h.shape, dtype=f16)
+        launch_steer(h, out, packed.w_in, packed.w_out, packed.consts, layout, params.tau, params.eps,
+                     params.alpha * params.gamma, config=config)
+        assert rel_error(out, reference.steer(h, params)) < REL_TOL[f16], config
+        coef = reference.synthesize(h, params)
+        seq = row_map(rows, rows, seed=13)
+        config = apply_config(rows, params.d, interpreting=False)
+        out = poisoned(*h.shape, dtype=f16)
+        launch_apply(h, out, coef, seq, packed.w_out, config=config)
+        assert rel_error(out, reference.apply_coef(h, coef, params, seq)) < REL_TOL[f16], config
+
+
+def test_apply_marks_out_of_range_sequence_indices_with_nan():
+    p = random_params(32, 0, 2, seed=14).to(DEVICE)
+    h = torch.randn(4, 32, device=DEVICE)
+    coef = torch.randn(2, p.n_coef, device=DEVICE)
+    out = ops.apply_coef(h, coef, p, torch.tensor([0, 2, -1, 1], device=DEVICE))
+    assert out[1].isnan().all() and not out[[0, 2, 3]].isnan().any()
+
+
+def test_empty_input():
+    p = random_params(16, 2, 3, "relu", seed=15).to(DEVICE)
+    h = torch.randn(0, 16, device=DEVICE)
+    assert ops.steer(h, p).shape == (0, 16)
+    assert ops.synthesize(h, p).shape == (0, p.n_coef)
+
+
+# ---- backend selection ----------------------------------------------------------------------------------------
+
+def test_backend_env_forces_and_validates(monkeypatch):
+    h = torch.randn(2, 8, device=DEVICE)
+    monkeypatch.setenv("FINESTEER_BACKEND", "torch")
+    assert ops.select_backend(h) == "torch"
+    monkeypatch.setenv("FINESTEER_BACKEND", "Triton ")
+    assert ops.select_backend(h) == "triton"
+    monkeypatch.setenv("FINESTEER_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="FINESTEER_BACKEND: expected one of"):
+        ops.select_backend(h)
+    monkeypatch.delenv("FINESTEER_BACKEND")
+    assert ops.select_backend(h) == "triton"
+
+
+def test_forcing_triton_where_it_cannot_run_raises(monkeypatch):
+    cpu = torch.randn(2, 8)
+    monkeypatch.setattr(kernel_common, "INTERPRETING", False)
+    assert ops.select_backend(cpu) == "torch"
+    monkeypatch.setenv("FINESTEER_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="FINESTEER_BACKEND=triton.*TRITON_INTERPRET=1"):
+        ops.select_backend(cpu)
+    monkeypatch.setattr(ops, "_TRITON_INSTALLED", False)
+    with pytest.raises(RuntimeError, match="triton is not installed"):
+        ops.steer(cpu, random_params(8, 0, 1))
+    monkeypatch.delenv("FINESTEER_BACKEND")
+    assert ops.select_backend(cpu) == "torch"
+
+
+def test_package_imports_and_runs_without_triton():
+    code = ("import sys; sys.modules['triton'] = None\n"  # any `import triton` now fails
+            "import torch, finesteer_kernels as fk\n"
+            "from finesteer_kernels import reference\n"
+            "p = fk.SteerParams(experts=torch.ones(1, 4))\n"
+            "assert fk.select_backend(torch.zeros(1, 4)) == 'torch'\n"
+            "assert torch.equal(fk.steer(torch.zeros(2, 4), p), torch.ones(2, 4))\n"
+            "assert 'triton' not in [m for m in sys.modules if sys.modules[m] is not None]\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("FINESTEER_BACKEND", "TRITON_INTERPRET")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_relative_tolerances_are_the_issue_ones():
+    assert REL_TOL[f32] == 1e-5 and REL_TOL[f16] == REL_TOL[bf16] == 1e-2
+    assert math.isinf(rel_error(torch.tensor([float("nan")]), torch.tensor([1.0])))
