@@ -41,7 +41,8 @@ def tile_coefficients(h_ptr, rows, row_mask, d, w_in_ptr, consts_ptr, tau, eps, 
 
     g = tl.full((BLOCK_T,), 1.0, tl.float32)
     if HAS_GATE:
-        # ||S^T(h-mu)||^2 / max(||h-mu||^2, eps) with S^T(h-mu) = S^T h - S^T mu, ||h-mu||^2 = ||h||^2 - 2h.mu + ||mu||^2
+        # ||S^T(h-mu)||^2 / max(||h-mu||^2, eps) from the one pass over h:
+        # S^T(h-mu) = S^T h - S^T mu and ||h-mu||^2 = ||h||^2 - 2 h.mu + ||mu||^2
         s_mu = tl.load(consts_ptr + S_MU_OFF + cols, mask=cols < R, other=0.0)
         proj = tl.where(cols[None, :] < R, acc - s_mu[None, :], 0.0)
         inside = tl.sum(proj * proj, axis=1)

@@ -335,7 +335,8 @@ class SteerParams:
         The fused kernels read ``W_in`` in ``(BLOCK_D, n_in)`` tiles; a row stride of 8 elements makes every row
         start on a 16-byte boundary in 16-bit dtypes, so the loads vectorise. The extra columns are zero and lie
         past ``res_col + m``, so every offset of the plain `pack` still holds. The gate's constants are recomputed
-        from the rounded S and mu, and an empty ``consts`` becomes one zero, so no kernel gets an empty buffer. Cached per (dtype, device, align).
+        from the rounded S and mu, and an empty ``consts`` becomes one zero, so no kernel gets an empty buffer.
+        Cached per (dtype, device, align).
         """
         if align < 1:
             raise ValueError(f"align: expected a positive column multiple, got {align}")
