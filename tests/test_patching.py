@@ -146,9 +146,10 @@ def fixed_vectors(params: SteerParams, anchors: torch.Tensor) -> torch.Tensor:
 
 
 def batch_with_gate(arch: str):
-    """A left-padded batch of two prompts and a MoSE steerer whose gate opens for row 0's anchor only."""
+    """A left-padded batch of two prompts and a MoSE steerer whose gate opens for row 0's anchor only; row 0 is
+    the shorter, padded prompt, so a wrong anchor (a padding position) would show."""
     model = get_model(arch)
-    ids, mask = left_padded([random_ids(1, 5, seed=1)[0], random_ids(1, 3, seed=2)[0]])
+    ids, mask = left_padded([random_ids(1, 3, seed=2)[0], random_ids(1, 5, seed=1)[0]])
     anchors = anchors_of(model, LAYER, ids, mask)
     basis, tau = gate_between(anchors[:1], anchors[1:])
     params = mose(hidden_size(model), hidden_scale(model, ids), basis=basis, tau=tau)
@@ -234,8 +235,14 @@ def test_query_generate_matches_cache_free_reference(arch):
 def test_padded_batch_rows_equal_rows_alone(arch, mode):
     model, ids, mask, _, params = batch_with_gate(arch)
     rows = [ids[i][mask[i].bool()][None] for i in range(2)]
+    with torch.no_grad():
+        base = model(ids, attention_mask=mask, position_ids=positions(mask), output_hidden_states=True)
     with torch.no_grad(), patch_model(model, {LAYER: params}, mode=mode):
-        left = model(ids, attention_mask=mask, position_ids=positions(mask)).logits
+        out = model(ids, attention_mask=mask, position_ids=positions(mask), output_hidden_states=True)
+        left = out.logits
+        padding = ~mask.bool()
+        assert torch.equal(out.hidden_states[LAYER + 1][padding], base.hidden_states[LAYER + 1][padding])
+        assert not torch.equal(out.hidden_states[LAYER + 1][0, -1], base.hidden_states[LAYER + 1][0, -1])
         left_tokens = greedy(model, ids, mask)
         right_ids, right_mask = ids.clone(), mask.clone()
         for i, row in enumerate(rows):  # the same prompts, right-padded
@@ -424,6 +431,30 @@ def test_new_prefill_replaces_cache_and_decode_checks_batch():
             assert handle.cached_coef(LAYER).shape[0] == 1  # the new prefill replaced the cache
             with pytest.raises(RuntimeError, match="batch size changed"):
                 model(random_ids(2, 1, seed=13), cache=cache_two)
+
+
+def test_row_without_real_tokens_gets_no_edit():
+    model = get_model("llama")
+    ids = random_ids(2, 4, seed=20)
+    mask = torch.ones_like(ids)
+    mask[1] = 0
+    with torch.no_grad(), patch_model(model, {LAYER: mose(hidden_size(model), 1.0)}) as handle:
+        model(ids, attention_mask=mask)
+        coef = handle.cached_coef(LAYER)
+    assert coef[0].abs().sum() > 0 and torch.equal(coef[1], torch.zeros_like(coef[1]))
+
+
+def test_beams_of_a_prompt_share_its_first_beams_coef():
+    """Beam search reorders rows within a prompt's beams; sharing one coef row per prompt keeps that exact even
+    where a device computes identical rows with slightly different rounding."""
+    from finesteer.patching import _share_within_beams
+
+    coef = torch.arange(12.0).view(6, 2)
+    shared = _share_within_beams(coef, 3)
+    assert torch.equal(shared, coef[[0, 0, 0, 3, 3, 3]])
+    assert torch.equal(_share_within_beams(coef, 1), coef)
+    with pytest.raises(RuntimeError, match="num_beams"):
+        _share_within_beams(coef, 4)
 
 
 def test_alpha_override_and_steerer_objects():
