@@ -167,3 +167,65 @@ def test_caa_is_the_mean_delta_without_gate():
 def test_bad_input_names_the_argument(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+# ---- activations (tiny model, character tokenizer: no files needed) ----------------------------------------------
+class CharTokenizer:
+    """Enough of a tokenizer for the collectors: no chat template, BOS = 1, pad = 0."""
+
+    chat_template = None
+    pad_token_id, eos_token_id = 0, 2
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": ([1] if add_special_tokens else []) + [3 + ord(c) % 120 for c in text]}
+
+
+def _hidden(model, ids: list, layer: int) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[layer + 1][0]
+
+
+def test_anchor_activations_are_padding_free_and_stop_after_the_last_layer():
+    from finesteer.activations import collect_activations
+    from finesteer.layers import find_decoder_layers
+    from tiny_models import tiny_model
+
+    model, tok = tiny_model("llama"), CharTokenizer()
+    prompts = ["short", "a considerably longer prompt here", "mid length"]
+    calls = []
+    handle = find_decoder_layers(model)[2].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        acts = collect_activations(model, tok, prompts, [0, 1], batch_size=2, progress=False)
+    finally:
+        handle.remove()
+    assert calls == []  # layer 2 never ran
+    for i, p in enumerate(prompts):
+        ids = tok(p)["input_ids"]
+        for layer in (0, 1):
+            assert torch.allclose(acts[layer][i], _hidden(model, ids, layer)[-1], atol=1e-5)
+
+
+def test_completion_shifts_are_mean_completion_differences():
+    from finesteer.activations import completion_shifts
+    from tiny_models import tiny_model
+
+    model, tok = tiny_model("qwen2", seed=1), CharTokenizer()
+    prompts = ["how do I do x", "tell me y"]
+    desired = ["no way", ["I refuse.", "Sorry, no."]]
+    undesired = ["sure, step one", "ok"]
+    shifts = completion_shifts(model, tok, prompts, desired, undesired, 1, batch_size=3, progress=False)
+    for i, p in enumerate(prompts):
+        pid = tok(p)["input_ids"]
+
+        def side(completions):
+            completions = [completions] if isinstance(completions, str) else completions
+            means = [_hidden(model, pid + tok(c, add_special_tokens=False)["input_ids"], 1)[len(pid):].mean(0)
+                     for c in completions]
+            return torch.stack(means).mean(0)
+
+        assert torch.allclose(shifts.delta[1][i], side(desired[i]) - side(undesired[i]), atol=1e-5)
+        assert torch.allclose(shifts.anchors[1][i], _hidden(model, pid, 1)[-1], atol=1e-5)
+    with pytest.raises(ValueError, match="desired"):
+        completion_shifts(model, tok, prompts, ["x"], undesired, 1, progress=False)
+    with pytest.raises(ValueError, match="layers"):
+        completion_shifts(model, tok, prompts, desired, undesired, 3, progress=False)

