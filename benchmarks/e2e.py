@@ -5,6 +5,10 @@ The configurations are interleaved (a round of every configuration, repeated, in
 spell of a shared machine hits all of them alike; ratios are of medians. The steerer is random FineSteer parameters
 at the model's width (r = 64, K = 8, residual MLP) with the gate forced open (``tau = 0``), so every row is edited:
 the op's full cost, nothing skipped. Every generation is forced to the same length (``min_new_tokens``).
+
+On a CPU the ratios are of process CPU time (``time.process_time``), not wall time: on a machine shared with other
+jobs, wall time mostly measures when the scheduler lets this process run, while CPU time measures the work the
+patch adds. Wall-clock tokens/s and wall ratios are reported beside them. On a GPU both are wall time (synchronised).
 """
 from __future__ import annotations
 
@@ -32,9 +36,9 @@ def missing_parts() -> Optional[str]:
 
 
 def steered_layer_sets(num_layers: int) -> dict:
-    """One layer (the middle) and three (at 1/3, 1/2 and 2/3 of the depth)."""
+    """One layer (the middle) and three (at 1/4, 1/2 and 3/4 of the depth; distinct from 3 layers on)."""
     middle = num_layers // 2
-    three = sorted({num_layers // 3, middle, (2 * num_layers) // 3})
+    three = sorted({num_layers // 4, middle, (3 * num_layers) // 4})
     return {"1 layer": [middle], "3 layers": three}
 
 
@@ -58,7 +62,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_e2e(model, tokenizer, new_tokens: int = 32, reps: int = 5, modes=("query", "token"),
+def run_e2e(model, tokenizer, new_tokens: int = 16, reps: int = 8, modes=("query", "token"),
             progress: bool = True) -> dict:
     """Tokens/s and time ratios for each configuration; ``model`` is any transformers causal LM."""
     import time
@@ -77,7 +81,9 @@ def run_e2e(model, tokenizer, new_tokens: int = 32, reps: int = 5, modes=("query
     else:  # random-weight models in dry runs
         inputs = {"input_ids": torch.randint(3, model.config.vocab_size, (1, 12), device=device)}
     generate = _generate_fn(model, inputs, new_tokens)
+    gpu = device.type == "cuda"
     times: dict = {c["config"]: [] for c in configs}
+    walls: dict = {c["config"]: [] for c in configs}
     lengths: dict = {}
     bar = tqdm(total=len(configs) * (reps + 1), desc="end to end", disable=not progress, leave=False)
     with torch.inference_mode():
@@ -88,27 +94,30 @@ def run_e2e(model, tokenizer, new_tokens: int = 32, reps: int = 5, modes=("query
                           if config["layers"] else None)
                 try:
                     _sync(device)
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     out = generate()
                     _sync(device)
-                    elapsed = time.perf_counter() - t0
+                    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
                 finally:
                     if handle is not None:
                         handle.remove()
                 lengths[config["config"]] = out.shape[1] - inputs["input_ids"].shape[1]
                 if rep:
-                    times[config["config"]].append(elapsed)
+                    times[config["config"]].append(wall if gpu else cpu)
+                    walls[config["config"]].append(wall)
                 bar.update()
     bar.close()
     base = statistics.median(times["unpatched"])
+    wall_base = statistics.median(walls["unpatched"])
     rows = []
     for config in configs:
         stats = stats_of(times[config["config"]])
+        wall = statistics.median(walls[config["config"]])
         rows.append({**config, "new_tokens": lengths[config["config"]], "median_s": stats.median,
                      "p20_s": stats.p20, "p80_s": stats.p80, "reps": stats.reps,
-                     "tokens_per_s": lengths[config["config"]] / stats.median,
-                     "time_ratio": stats.median / base})
+                     "tokens_per_s": lengths[config["config"]] / wall, "wall_median_s": wall,
+                     "time_ratio": stats.median / base, "wall_ratio": wall / wall_base})
     probe = torch.zeros(1, params.d, device=device, dtype=dtype)
     return {"model": type(model).__name__, "prompt_tokens": int(inputs["input_ids"].shape[1]),
-            "new_tokens": new_tokens, "reps": reps, "dtype": str(dtype).replace("torch.", ""),
+            "new_tokens": new_tokens, "reps": reps, "clock": "wall" if gpu else "process CPU time", "dtype": str(dtype).replace("torch.", ""),
             "backend": finesteer_kernels.select_backend(probe), "steerer": repr(params), "rows": rows}

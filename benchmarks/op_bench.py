@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 from typing import Iterable, Optional
 
 import torch
@@ -35,6 +36,16 @@ class OpBenchConfig:
     compile_backend: str = "inductor"  # "eager" traces with dynamo only (fast; for dry runs)
     copy_gbps: Optional[float] = None  # measured copy bandwidth of the device (GPU)
     peak_gbps: Optional[float] = None  # data-sheet peak of the device (GPU)
+    deadline: Optional[float] = None  # time.perf_counter() after which no new case starts (rows say so)
+
+
+def op_groups(ops: tuple, impls: tuple, compile_ops: tuple) -> list[tuple]:
+    """``(ops, impls)`` runs: the ops in ``compile_ops`` with every implementation, the others without the
+    torch.compile one (each compile costs 10-20 s)."""
+    with_compile = tuple(o for o in ops if o in compile_ops)
+    without = tuple(o for o in ops if o not in compile_ops)
+    groups = [(with_compile, tuple(impls)), (without, tuple(i for i in impls if i != "compiled"))]
+    return [(o, i) for o, i in groups if o and i]
 
 
 def triton_problem(h: torch.Tensor) -> Optional[str]:
@@ -77,6 +88,12 @@ def run_op_bench(cfg: OpBenchConfig, progress: bool = True) -> list[dict]:
     layers: dict = {}
     layer_times: dict = {}
     for dtype, d, residual, op in combos:
+        if cfg.deadline is not None and time.perf_counter() > cfg.deadline:
+            for rows, impl in itertools.product(cfg.rows, cfg.impls):
+                results.append(_skipped_row(OpCase(op, rows, d, residual, dtype), impl, device,
+                                            "skipped: time budget"))
+                bar.update()
+            continue
         params = make_params(d, residual, device)
         if cfg.layer and (d, dtype) not in layers:
             layers[(d, dtype)] = DecoderLayerBench(d, dtype, device)
@@ -98,13 +115,18 @@ def run_op_bench(cfg: OpBenchConfig, progress: bool = True) -> list[dict]:
     return results
 
 
+def _skipped_row(case: OpCase, impl: str, device: torch.device, note: str, moved: Optional[int] = None,
+                 layer_us: Optional[float] = None) -> dict:
+    return {"op": case.op, "impl": impl, "T": case.rows, "d": case.d, "residual": case.residual,
+            "dtype": case.dtype_name, "device": device.type, "bytes": moved, "median_us": None, "p20_us": None,
+            "p80_us": None, "reps": 0, "launches": None, "gbps": None, "pct_peak": None, "pct_copy": None,
+            "layer_us": layer_us, "layer_share": None, "max_rel_err": None, "ok": None, "note": note}
+
+
 def _measure_one(case: OpCase, impl: str, fn, params, inputs, expected, moved: int, layer_info: dict,
                  cfg: OpBenchConfig) -> dict:
     device = torch.device(cfg.device)
-    row = {"op": case.op, "impl": impl, "T": case.rows, "d": case.d, "residual": case.residual,
-           "dtype": case.dtype_name, "device": device.type, "bytes": moved, "median_us": None, "p20_us": None,
-           "p80_us": None, "reps": 0, "launches": None, "gbps": None, "pct_peak": None, "pct_copy": None,
-           "layer_us": layer_info["layer_us"], "layer_share": None, "max_rel_err": None, "ok": None, "note": ""}
+    row = _skipped_row(case, impl, device, "", moved, layer_info["layer_us"])
     timed = True
     if impl == "triton":
         problem = triton_problem(inputs["h"])

@@ -60,7 +60,7 @@ def op_table(rows: Sequence[dict], gpu: bool) -> str:
         ("median us", time_col("median_us")), ("p20", time_col("p20_us")), ("p80", time_col("p80_us")),
         ("launches" if gpu else "kernel ops (CPU)", lambda r: fmt(r["launches"], ".0f",
                                                                    missing="n/a" if r["median_us"] else "-")),
-        ("KiB moved", lambda r: fmt(r["bytes"] / 1024, ".0f")),
+        ("KiB moved", lambda r: fmt(None if r["bytes"] is None else r["bytes"] / 1024, ".0f")),
         ("GB/s", lambda r: fmt(r["gbps"], ".2f")),
         ("% peak", gpu_col("pct_peak", ".0f")), ("% copy", gpu_col("pct_copy", ".0f")),
         ("% layer", lambda r: fmt(None if r["layer_share"] is None else 100 * r["layer_share"], ".1f")),
@@ -72,11 +72,12 @@ def op_table(rows: Sequence[dict], gpu: bool) -> str:
 def e2e_table(rows: Sequence[dict]) -> str:
     columns = [("config", lambda r: r["config"]), ("mode", lambda r: r["mode"] or "-"),
                ("layers", lambda r: ",".join(map(str, r["layers"])) or "-"),
-               ("tokens/s", lambda r: fmt(r["tokens_per_s"], ".1f")),
+               ("tokens/s (wall)", lambda r: fmt(r["tokens_per_s"], ".1f")),
+               ("median s", lambda r: fmt(r["median_s"], ".3f")),
                ("p20 s", lambda r: fmt(r["p20_s"], ".3f")), ("p80 s", lambda r: fmt(r["p80_s"], ".3f")),
                ("time vs unpatched", lambda r: fmt(r["time_ratio"], ".3f")),
-               ("slowdown %", lambda r: fmt(None if r["time_ratio"] is None else 100 * (r["time_ratio"] - 1),
-                                            "+.1f"))]
+               ("slowdown %", lambda r: fmt(100 * (r["time_ratio"] - 1), "+.1f")),
+               ("wall ratio", lambda r: fmt(r["wall_ratio"], ".3f"))]
     return table(rows, columns)
 
 

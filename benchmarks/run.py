@@ -3,7 +3,7 @@ as JSON (``benchmarks/results/run-<device>.json``) with a plot of op time vs row
 
 Defaults fit a few minutes on a 2-core CPU (``--quick``, the default there): every T and width for the eager
 implementations, torch.compile only for token-mode ``steer`` (each compile costs ~20 s of CPU), decoder layers only
-where one call is estimated under ``--layer-limit`` seconds, and 32 generated tokens x 5 rounds end to end.
+where one call is estimated under ``--layer-limit`` seconds, and 16 generated tokens x 8 interleaved rounds end to end.
 ``--full`` runs the whole grid (on a GPU it is the default). See benchmarks/README.md for every column.
 """
 from __future__ import annotations
@@ -15,13 +15,14 @@ import time
 
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # parallel compile workers are slower on 2 cores
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's start/stop lines would drown the table
 
 import torch  # noqa: E402
 
-from . import e2e, report, timing  # noqa: E402
+from . import e2e, report, targets, timing  # noqa: E402
 from .cases import DTYPE_NAMES, OPS, default_device, interpreting, parse_dtype  # noqa: E402
 from .implementations import IMPLEMENTATIONS  # noqa: E402
-from .op_bench import OpBenchConfig, run_op_bench, speedups  # noqa: E402
+from .op_bench import OpBenchConfig, op_groups, run_op_bench, speedups  # noqa: E402
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -75,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend ('eager' for dry runs)")
     p.add_argument("--no-ops", dest="op_bench", action="store_false", help="skip the op-level benchmark")
     p.add_argument("--no-e2e", dest="e2e", action="store_false", help="skip the end-to-end generation benchmark")
-    p.add_argument("--new-tokens", type=int, default=32, help="end to end: tokens generated per call")
-    p.add_argument("--e2e-reps", type=int, default=5, help="end to end: timed rounds over all configurations")
+    p.add_argument("--new-tokens", type=int, default=16, help="end to end: tokens generated per call")
+    p.add_argument("--e2e-reps", type=int, default=8, help="end to end: timed rounds over all configurations")
     p.add_argument("--out", default=RESULTS_DIR, help=f"folder for JSON and PNG (default {RESULTS_DIR})")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     return p
@@ -109,12 +110,8 @@ def main(argv=None) -> int:
         print(f"copy bandwidth {copy['gbps']:.0f} GB/s measured; card peak {peak or 'unknown'} GB/s")
 
     rows = []
-    for ops_group, group_impls in ((compile_ops, impls), (tuple(o for o in args.ops if o not in compile_ops),
-                                                          tuple(i for i in impls if i != "compiled"))):
-        ops_group = tuple(o for o in ops_group if o in args.ops)
-        if not args.op_bench or not ops_group or not group_impls:
-            continue
-        cfg = OpBenchConfig(ops=ops_group, rows=args.T, widths=args.d, residual=tuple(v == "y" for v in args.residual),
+    for ops, group_impls in (op_groups(args.ops, impls, compile_ops) if args.op_bench else []):
+        cfg = OpBenchConfig(ops=ops, rows=args.T, widths=args.d, residual=tuple(v == "y" for v in args.residual),
                             dtypes=dtypes, impls=group_impls, device=str(device), budget_s=args.budget,
                             layer=args.layer, layer_limit_s=layer_limit, compile_backend=args.compile_backend,
                             copy_gbps=copy["gbps"] if copy else None, peak_gbps=peak)
@@ -133,20 +130,28 @@ def main(argv=None) -> int:
     plot = report.plot_op_times(rows, os.path.join(args.out, f"op_times-{tag}.png"),
                                 title=f"FineSteer op time vs rows ({env.get('gpu', 'CPU')}, {env['date'][:10]})")
     payload["plot"] = plot
+    entries = targets.op_targets(rows, empty_kernel_us=None) if gpu else []
+    if not gpu and e2e_result and "rows" in e2e_result:
+        entries += targets.cpu_e2e_targets(e2e_result["rows"])
+    payload["targets"] = entries
     payload["elapsed_s"] = time.perf_counter() - started
     json_path = os.path.join(args.out, f"run-{tag}.json")
     report.write_json(json_path, payload)
 
-    print()
-    print(report.op_table(rows, gpu))
+    if rows:
+        print()
+        print(report.op_table(rows, gpu))
     if e2e_result is not None:
         print()
         if "rows" in e2e_result:
             print(f"end to end: {e2e_result['model']} {e2e_result['dtype']}, {e2e_result['new_tokens']} new tokens, "
-                  f"{e2e_result['reps']} interleaved rounds, op backend {e2e_result['backend']}")
+                  f"{e2e_result['reps']} interleaved rounds, op backend {e2e_result['backend']}, times and ratios "
+                  f"in {e2e_result['clock']}")
             print(report.e2e_table(e2e_result["rows"]))
         else:
             print(f"end to end: skipped: {e2e_result['skipped']}")
+    if entries:
+        print(targets.format_targets(entries))
     bad = [r for r in rows if r["ok"] is False]
     print(f"\nwrote {json_path}" + (f" and {plot}" if plot else "") + f" in {payload['elapsed_s']:.0f} s")
     if bad:

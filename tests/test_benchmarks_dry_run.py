@@ -1,0 +1,103 @@
+"""The benchmark code runs end to end at tiny sizes (kernels under the Triton interpreter on CPU, never timed):
+the GPU script's dry run, the op table of `python -m benchmarks.run`, the end-to-end loop on a tiny model, and the
+byte-frugal eager baseline agrees with the reference (a wrong baseline would make every speed-up meaningless)."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+from benchmarks import gpu_check, run  # noqa: E402
+from benchmarks.e2e import run_e2e  # noqa: E402
+from benchmarks.implementations import frugal_apply, frugal_steer  # noqa: E402
+from benchmarks.timing import count_launches, stats_of  # noqa: E402
+from op_cases import random_params, random_rows, rel_error  # noqa: E402
+from tiny_models import tiny_model  # noqa: E402
+
+from finesteer_kernels import reference  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("kind", ["finesteer+relu", "identity-no-mean", "caa"])
+def test_frugal_eager_matches_reference(kind):
+    p = {"finesteer+relu": lambda: random_params(48, 6, 4, residual="relu", seed=1),
+         "identity-no-mean": lambda: random_params(40, 5, 3, residual="identity", with_mean=False, seed=2),
+         "caa": lambda: random_params(40, 0, 1, seed=3)}[kind]()
+    h = random_rows(p, 12, seed=4).reshape(3, 4, -1)
+    assert rel_error(frugal_steer(h, p), reference.steer(h, p)) < 1e-5
+    coef = torch.randn(3, p.n_coef)
+    seq = torch.tensor([[0, 1, -1, 2], [2, 2, 0, -1], [1, 0, 0, 0]])
+    out = frugal_apply(h, coef, p, seq)
+    assert rel_error(out, reference.apply_coef(h, coef, p, seq)) < 1e-5
+    assert torch.equal(out[0, 2], h[0, 2])  # rows mapped to -1 are left exactly as they were
+
+
+def test_percentiles_and_launch_proxy():
+    s = stats_of([float(v) for v in range(1, 12)])  # 1..11
+    assert (s.median, s.p20, s.p80, s.reps) == (6.0, 3.0, 9.0, 11)
+    x = torch.randn(8, 8)
+    assert count_launches(lambda: x + 1, "cpu") == 1
+    assert count_launches(lambda: (x @ x).relu().sum(), "cpu") == 3  # mm, relu, sum; views do not count
+
+
+def test_gpu_check_dry_run(tmp_path, capsys):
+    out = tmp_path / "check.json"
+    assert gpu_check.main(["--dry-run", "--out", str(out), "--no-progress"]) == 0
+    result = json.loads(out.read_text())
+    sections = result["sections"]
+    assert {n: s["status"] for n, s in sections.items()} == {n: "ok" for n in
+                                                             ("device", "empty_kernel", "correctness", "op_timing",
+                                                              "cuda_graph")}
+    checks = sections["correctness"]["checks"]
+    assert {c["dtype"] for c in checks} == {"fp32", "fp16", "bf16"}
+    assert {c["op"] for c in checks} >= {"steer", "steer_", "synthesize", "apply_coef", "apply_coef_"}
+    assert all(c["ok"] for c in checks)
+    rows = sections["op_timing"]["rows"]
+    assert {r["impl"] for r in rows} == {"reference", "frugal", "compiled", "triton"}
+    for r in rows:
+        assert r["ok"] is True, r
+        if r["impl"] == "triton":  # the interpreter is checked, never timed
+            assert r["median_us"] is None and "interpreter" in r["note"]
+        elif r["impl"] != "compiled":
+            assert r["median_us"] > 0 and r["p20_us"] <= r["median_us"] <= r["p80_us"] and r["launches"] >= 1
+    graph = sections["cuda_graph"]["rows"]
+    assert [r["config"] for r in graph][0] == "unpatched"
+    assert all(r["differs_from_unpatched"] for r in graph[1:]) and len(graph) == 5
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1].startswith("wrote ") and any("token, 3 layers" in line for line in printed[-8:])
+
+
+def test_run_op_table_tiny(tmp_path, capsys):
+    argv = ["--T", "1,3", "--d", "32", "--residual", "y", "--no-e2e", "--compile-backend", "eager",
+            "--budget", "0.01", "--out", str(tmp_path), "--no-progress"]
+    assert run.main(argv) == 0
+    payload = json.loads((tmp_path / "run-cpu.json").read_text())
+    rows = payload["ops"]
+    assert len(rows) == 2 * 2 * 4 - 2  # (steer, apply) x T x impls; apply has no compiled variant in --quick
+    assert all(r["ok"] for r in rows)
+    steer_bytes = {r["T"]: r["bytes"] for r in rows if r["op"] == "steer"}
+    assert steer_bytes[3] - steer_bytes[1] == 2 * 2 * 32 * 4  # read + write of two more fp32 rows of width 32
+    assert (tmp_path / "op_times-cpu.png").stat().st_size > 1000
+    table = capsys.readouterr().out
+    assert "no GPU" in table and "kernel ops (CPU)" in table
+
+
+def test_e2e_loop_on_tiny_model(monkeypatch):
+    monkeypatch.setenv("FINESTEER_BACKEND", "torch")  # the loop is under test here; the kernels are checked above
+    model = tiny_model("llama", num_hidden_layers=4)
+    result = run_e2e(model, None, new_tokens=3, reps=2, progress=False)
+    rows = {r["config"]: r for r in result["rows"]}
+    assert list(rows) == ["unpatched", "query, 1 layer", "query, 3 layers", "token, 1 layer", "token, 3 layers"]
+    assert rows["query, 3 layers"]["layers"] == [1, 2, 3]
+    assert rows["unpatched"]["time_ratio"] == 1.0
+    assert all(r["new_tokens"] == 3 and r["reps"] == 2 and r["tokens_per_s"] > 0 for r in rows.values())
