@@ -1,8 +1,8 @@
 """`patch_model`: steer a transformers causal LM at the output of some decoder layers, in forward and generate.
 
 Each patched layer gets a forward hook on its output (registered first, so ``output_hidden_states`` records the
-steered values). The module that owns the layer list gets a forward pre-hook that notes, once per forward, the 2-D
-padding mask and how many tokens the cache already holds; from those and the number of new tokens the layer hook
+steered values). The module that owns the layer list gets a forward pre-hook that notes, once per forward, the
+attention mask and how many tokens the cache already holds; from those and the number of new tokens the layer hook
 tells a prefill from a decode step. All state (the per-sequence coefficients of query mode) lives on the
 `PatchHandle` and is dropped by `PatchHandle.remove`.
 
@@ -132,6 +132,18 @@ def _rows_for(ctx: Optional[_ForwardContext], hidden: torch.Tensor) -> _Rows:
     return rows
 
 
+def _editable_in_place(hidden: torch.Tensor, layer_input) -> bool:
+    """Whether the layer's output may be edited in place, which saves writing the residual stream again (the
+    kernels leave rows without an edit unwritten): not when autograd needs the original, and not when the output
+    shares memory with the layer's input (an identity layer), whose recorded hidden state would change too."""
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        return False
+    if isinstance(layer_input, torch.Tensor) and \
+            layer_input.untyped_storage().data_ptr() == hidden.untyped_storage().data_ptr():
+        return False
+    return True
+
+
 def _share_within_beams(coef: torch.Tensor, num_beams: int) -> torch.Tensor:
     """Give every beam of a prompt the coefficients of its first beam, so that beam search's reordering of rows
     (always within a prompt's beams) leaves each row's coefficients exactly right."""
@@ -206,7 +218,8 @@ class _LayerHook:
         self.site = site
 
     def __call__(self, module, args, kwargs, output):
-        return self.handle._steer_output(self.site, output)
+        layer_input = args[0] if args else kwargs.get("hidden_states")
+        return self.handle._steer_output(self.site, output, layer_input)
 
 
 class _OwnerPreHook:
@@ -243,7 +256,7 @@ class PatchHandle:
         self.mode = mode
         self._sites = sites
         self._context: Optional[_ForwardContext] = None
-        self._generate_stack: list = []  # (prompt_length, num_beams) per active generate call
+        self._generate_stack: list = []  # a _GenerateCall per active (possibly nested) generate call
         self._hooks = [owner.register_forward_pre_hook(_OwnerPreHook(self, owner), with_kwargs=True,
                                                        prepend=True)]
         for index, site in sites.items():
@@ -315,7 +328,7 @@ class PatchHandle:
                              "and no attention_mask was given; pass a 2-D attention_mask")
         self._context = _ForwardContext(mask, past, call)
 
-    def _steer_output(self, site: _Site, output):
+    def _steer_output(self, site: _Site, output, layer_input):
         hidden = output[0] if isinstance(output, tuple) else output
         if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
             what = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
@@ -330,24 +343,28 @@ class PatchHandle:
             raise TypeError(f"layer {site.layer}: hidden states in {hidden.dtype}; the steering op supports "
                             "float32, float16 and bfloat16")
         ctx = self._context
+        in_place = _editable_in_place(hidden, layer_input)
         if self.mode == "token":
-            steered = self._steer_tokens(site, hidden, ctx)
+            steered = self._steer_tokens(site, hidden, ctx, in_place)
         else:
-            steered = self._steer_query(site, hidden, ctx)
+            steered = self._steer_query(site, hidden, ctx, in_place)
         return (steered, *output[1:]) if isinstance(output, tuple) else steered
 
-    def _steer_tokens(self, site: _Site, hidden: torch.Tensor, ctx: Optional[_ForwardContext]) -> torch.Tensor:
+    def _steer_tokens(self, site: _Site, hidden: torch.Tensor, ctx: Optional[_ForwardContext],
+                      in_place: bool) -> torch.Tensor:
         if ctx is None or ctx.mask is None:
-            return finesteer_kernels.steer(hidden, site.params)
+            return (finesteer_kernels.steer_ if in_place else finesteer_kernels.steer)(hidden, site.params)
         # With a mask, padding positions stay as they are: per-row coefficients, and -1 rows skipped.
         rows = _rows_for(ctx, hidden)
         batch, new_tokens, d = hidden.shape
         coef = finesteer_kernels.synthesize(hidden.reshape(-1, d), site.params)
         flat_index = torch.arange(batch * new_tokens, device=hidden.device).view(batch, new_tokens)
         row_to_token = torch.where(rows.valid, flat_index, -1)
-        return finesteer_kernels.apply_coef(hidden, coef, site.params, row_to_token)
+        apply = finesteer_kernels.apply_coef_ if in_place else finesteer_kernels.apply_coef
+        return apply(hidden, coef, site.params, row_to_token)
 
-    def _steer_query(self, site: _Site, hidden: torch.Tensor, ctx: Optional[_ForwardContext]) -> torch.Tensor:
+    def _steer_query(self, site: _Site, hidden: torch.Tensor, ctx: Optional[_ForwardContext],
+                     in_place: bool) -> torch.Tensor:
         rows = _rows_for(ctx, hidden)
         batch = hidden.shape[0]
         if rows.pending:
@@ -368,7 +385,8 @@ class PatchHandle:
             coef = torch.where(rows.anchor_found, coef, 0.0)  # a row with no real prompt token gets no edit
             coef = _share_within_beams(coef, rows.num_beams)
             site.coef = coef
-        return finesteer_kernels.apply_coef(hidden, coef, site.params, rows.row_to_seq)
+        apply = finesteer_kernels.apply_coef_ if in_place else finesteer_kernels.apply_coef
+        return apply(hidden, coef, site.params, rows.row_to_seq)
 
     # ---- generate -------------------------------------------------------------------------------------------
     def _install_generate_wrapper(self) -> None:
@@ -494,7 +512,6 @@ def _prepare(params: SteerParams, device: torch.device, dtype: torch.dtype, alph
     if alpha is not None:
         params = params.replace(alpha=alpha)
     params = params.to(device)
-    params.pack(dtype=dtype, device=device)
     probe = torch.zeros(1, 1, params.d, device=device, dtype=dtype)
     coef = finesteer_kernels.synthesize(probe[0], params)
     finesteer_kernels.apply_coef(probe, coef, params, torch.zeros(1, 1, dtype=torch.long, device=device))

@@ -473,15 +473,19 @@ def test_alpha_override_and_steerer_objects():
             assert not torch.equal(model(ids).logits, expected)
 
 
-def test_bfloat16_model_keeps_dtype_and_packs_once():
+@pytest.mark.parametrize("mode", ["query", "token"])
+def test_bfloat16_model_keeps_dtype_and_prepares_once(mode, monkeypatch):
+    """Parameters are moved and packed at patch time; forwards add nothing to the packing cache. Runs on the
+    default backend (the Triton interpreter here once the kernels are in), which reads the packed form."""
+    monkeypatch.delenv("FINESTEER_BACKEND")
     model = tiny_model("llama", dtype=torch.bfloat16)
     ids = random_ids(1, 5, seed=15)
-    params = mose(64, 0.5)
-    with torch.no_grad(), patch_model(model, {LAYER: params}, mode="token") as handle:
+    with torch.no_grad(), patch_model(model, {LAYER: mose(64, 0.5)}, mode=mode) as handle:
+        packed_forms = dict(handle.params(LAYER)._pack_cache)
         steered = model(ids, output_hidden_states=True).hidden_states[LAYER + 1]
         assert steered.dtype == torch.bfloat16
-        assert (torch.bfloat16, torch.device("cpu")) in handle.params(LAYER)._pack_cache
-        assert greedy(model, ids).shape == (1, 5 + NEW_TOKENS)
+        model(ids, attention_mask=torch.ones_like(ids))
+        assert handle.params(LAYER)._pack_cache == packed_forms
 
 
 def test_default_backend_agrees_with_torch_reference(monkeypatch):
@@ -523,6 +527,11 @@ def test_clear_errors():
     with patch_model(model, {LAYER: params}), pytest.raises(ValueError, match="attention_mask: expected a 2-D"):
         model(random_ids(1, 3), attention_mask=torch.ones(1, 3, 3, dtype=torch.bool))
     assert unpatch_model(model) == 0
+    moved = tiny_model("gpt2")
+    with patch_model(moved, {LAYER: params}), torch.no_grad():
+        moved.to("meta")  # stands in for a model moved to another device after patching
+        with pytest.raises(RuntimeError, match="moved after patching"):
+            finesteer.find_decoder_layers(moved)[LAYER](torch.zeros(1, 3, 64, device="meta"))
     with patch_model(model, {LAYER: params}, mode="token"), torch.no_grad():
         model.double()
         try:
