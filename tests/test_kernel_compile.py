@@ -15,9 +15,10 @@ import tempfile
 import pytest
 
 D = 4096
-SHAPES = {  # name: (r, K, m, k) of the packed layout
+SHAPES = {  # name: (r, K, m, k) of the packed layout; m = k = 0: no residual MLP
     "typical": (64, 8, 16, 8),  # FACTS.md's performance arithmetic
     "widest": (128, 32, 40, 16),  # largest acceptance sizes: W_in padded to 256 columns
+    "caa": (0, 1, 0, 0),  # a plain control vector: no pass 1 at all
 }
 # (kernel, shape, rows, in_place, must use tensor cores)
 CASES = [
@@ -27,6 +28,7 @@ CASES = [
     ("steer", "typical", 1, False, False),  # decode
     ("steer", "widest", 8192, False, True),
     ("steer", "widest", 1, False, False),
+    ("steer", "caa", 8192, False, True),
     ("synthesize", "typical", 16, False, False),
     ("synthesize", "widest", 16, False, False),
     ("apply", "typical", 8192, False, True),
@@ -53,7 +55,8 @@ def _compile_all() -> None:
     target = GPUTarget("cuda", 90, 32)
     layouts = {}
     for name, (r, K, m, k) in SHAPES.items():
-        packed = random_params(D, r, K, "relu", m=m, k=k).pack_aligned(torch.bfloat16, "cpu", W_IN_ALIGN)
+        params = random_params(D, r, K, "relu" if m else None, m=m, k=k)
+        packed = params.pack_aligned(torch.bfloat16, "cpu", W_IN_ALIGN)
         layouts[name] = layout_of(packed, "relu")
     divisible = [["tt.divisibility", 16]]
     for kernel_name, shape, rows, in_place, needs_tc in CASES:
