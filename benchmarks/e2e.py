@@ -2,7 +2,9 @@
 three steered layers), as ratios measured in the same run.
 
 The configurations are interleaved (a round of every configuration, repeated, in rotating order) so that a slow
-spell of a shared machine hits all of them alike; ratios are of medians. The steerer is random FineSteer parameters
+spell of a shared machine hits all of them alike. A configuration's ratio is the median over rounds of its time
+over the unpatched time of the same round (paired, so slow drifts of the machine cancel); its p20/p80 say how
+finely the run resolves a slowdown. The steerer is random FineSteer parameters
 at the model's width (r = 64, K = 8, residual MLP) with the gate forced open (``tau = 0``), so every row is edited:
 the op's full cost, nothing skipped. Every generation is forced to the same length (``min_new_tokens``).
 
@@ -62,7 +64,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_e2e(model, tokenizer, new_tokens: int = 16, reps: int = 8, modes=("query", "token"),
+def run_e2e(model, tokenizer, new_tokens: int = 16, reps: int = 10, modes=("query", "token"),
             progress: bool = True) -> dict:
     """Tokens/s and time ratios for each configuration; ``model`` is any transformers causal LM."""
     import time
@@ -107,16 +109,17 @@ def run_e2e(model, tokenizer, new_tokens: int = 16, reps: int = 8, modes=("query
                     walls[config["config"]].append(wall)
                 bar.update()
     bar.close()
-    base = statistics.median(times["unpatched"])
-    wall_base = statistics.median(walls["unpatched"])
     rows = []
     for config in configs:
-        stats = stats_of(times[config["config"]])
-        wall = statistics.median(walls[config["config"]])
-        rows.append({**config, "new_tokens": lengths[config["config"]], "median_s": stats.median,
-                     "p20_s": stats.p20, "p80_s": stats.p80, "reps": stats.reps,
-                     "tokens_per_s": lengths[config["config"]] / wall, "wall_median_s": wall,
-                     "time_ratio": stats.median / base, "wall_ratio": wall / wall_base})
+        name = config["config"]
+        stats = stats_of(times[name])
+        paired = stats_of([t / b for t, b in zip(times[name], times["unpatched"])])
+        wall = statistics.median(walls[name])
+        rows.append({**config, "new_tokens": lengths[name], "median_s": stats.median, "p20_s": stats.p20,
+                     "p80_s": stats.p80, "reps": stats.reps, "tokens_per_s": lengths[name] / wall,
+                     "wall_median_s": wall, "time_ratio": paired.median, "ratio_p20": paired.p20,
+                     "ratio_p80": paired.p80,
+                     "wall_ratio": statistics.median(w / b for w, b in zip(walls[name], walls["unpatched"]))})
     probe = torch.zeros(1, params.d, device=device, dtype=dtype)
     return {"model": type(model).__name__, "prompt_tokens": int(inputs["input_ids"].shape[1]),
             "new_tokens": new_tokens, "reps": reps, "clock": "wall" if gpu else "process CPU time", "dtype": str(dtype).replace("torch.", ""),

@@ -75,7 +75,8 @@ def e2e_table(rows: Sequence[dict]) -> str:
                ("tokens/s (wall)", lambda r: fmt(r["tokens_per_s"], ".1f")),
                ("median s", lambda r: fmt(r["median_s"], ".3f")),
                ("p20 s", lambda r: fmt(r["p20_s"], ".3f")), ("p80 s", lambda r: fmt(r["p80_s"], ".3f")),
-               ("time vs unpatched", lambda r: fmt(r["time_ratio"], ".3f")),
+               ("ratio (paired median)", lambda r: fmt(r["time_ratio"], ".3f")),
+               ("ratio p20-p80", lambda r: f"{r['ratio_p20']:.3f}-{r['ratio_p80']:.3f}"),
                ("slowdown %", lambda r: fmt(100 * (r["time_ratio"] - 1), "+.1f")),
                ("wall ratio", lambda r: fmt(r["wall_ratio"], ".3f"))]
     return table(rows, columns)
@@ -86,6 +87,9 @@ def write_json(path: str, payload: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=1, sort_keys=False)
         f.write("\n")
+
+
+IMPL_COLORS = {"reference": "tab:orange", "frugal": "tab:blue", "compiled": "tab:green", "triton": "tab:red"}
 
 
 def plot_op_times(rows: Sequence[dict], path: str, title: Optional[str] = None) -> Optional[str]:
@@ -99,15 +103,19 @@ def plot_op_times(rows: Sequence[dict], path: str, title: Optional[str] = None) 
     timed = [r for r in rows if r["median_us"] is not None]
     if not timed:
         return None
-    panels = sorted({(r["op"], r["d"], r["residual"], r["dtype"]) for r in timed}, key=str)
+    op_order = {"steer": 0, "apply": 1}
+    panels = sorted({(r["op"], r["d"], r["residual"], r["dtype"]) for r in timed},
+                    key=lambda p: (op_order.get(p[0], 9), p[1], p[2], p[3]))
     cols = min(4, len(panels))
     nrows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.9 * nrows), squeeze=False, dpi=80)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.9 * nrows), squeeze=False, dpi=72)
     for ax, (op, d, residual, dtype) in zip(axes.flat, panels):
         panel = [r for r in timed if (r["op"], r["d"], r["residual"], r["dtype"]) == (op, d, residual, dtype)]
-        for impl in sorted({r["impl"] for r in panel}):
+        for impl in IMPL_COLORS:
             points = sorted((r["T"], r["median_us"]) for r in panel if r["impl"] == impl)
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=impl)
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, label=impl,
+                        color=IMPL_COLORS[impl])
         layer = sorted({(r["T"], r["layer_us"]) for r in panel if r["layer_us"]})
         if layer:
             ax.plot([p[0] for p in layer], [p[1] for p in layer], "k--", linewidth=1, label="decoder layer")
@@ -120,10 +128,14 @@ def plot_op_times(rows: Sequence[dict], path: str, title: Optional[str] = None) 
         ax.grid(True, which="major", alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=6)
+    handles = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), list(handles), loc="upper right", fontsize=7, ncol=len(handles))
     if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+        fig.suptitle(title, fontsize=9, x=0.3)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
     plt.close(fig)

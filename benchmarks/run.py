@@ -3,7 +3,7 @@ as JSON (``benchmarks/results/run-<device>.json``) with a plot of op time vs row
 
 Defaults fit a few minutes on a 2-core CPU (``--quick``, the default there): every T and width for the eager
 implementations, torch.compile only for token-mode ``steer`` (each compile costs ~20 s of CPU), decoder layers only
-where one call is estimated under ``--layer-limit`` seconds, and 16 generated tokens x 8 interleaved rounds end to end.
+where one call is estimated under ``--layer-limit`` seconds, and 16 generated tokens x 10 interleaved rounds end to end.
 ``--full`` runs the whole grid (on a GPU it is the default). See benchmarks/README.md for every column.
 """
 from __future__ import annotations
@@ -15,7 +15,6 @@ import time
 
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")  # parallel compile workers are slower on 2 cores
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's start/stop lines would drown the table
 
 import torch  # noqa: E402
 
@@ -72,12 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=0.3, help="seconds per timed measurement (min 5 calls)")
     p.add_argument("--no-layer", dest="layer", action="store_false", help="do not time decoder layers")
     p.add_argument("--layer-limit", type=float, default=None,
-                   help="CPU: skip decoder layers estimated slower than this many s a call (quick 0.5, full 10)")
+                   help="CPU: skip decoder layers estimated slower than this many s a call (quick 1.5, full 10)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend ('eager' for dry runs)")
     p.add_argument("--no-ops", dest="op_bench", action="store_false", help="skip the op-level benchmark")
     p.add_argument("--no-e2e", dest="e2e", action="store_false", help="skip the end-to-end generation benchmark")
     p.add_argument("--new-tokens", type=int, default=16, help="end to end: tokens generated per call")
-    p.add_argument("--e2e-reps", type=int, default=8, help="end to end: timed rounds over all configurations")
+    p.add_argument("--e2e-reps", type=int, default=10, help="end to end: timed rounds over all configurations")
     p.add_argument("--out", default=RESULTS_DIR, help=f"folder for JSON and PNG (default {RESULTS_DIR})")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     return p
@@ -98,7 +97,7 @@ def main(argv=None) -> int:
         print("run: note: half precision on this CPU is emulated; its timings mean nothing", file=sys.stderr)
     impls = args.impls or IMPLEMENTATIONS
     compile_ops = args.compile_ops or (OPS if full else ("steer",))
-    layer_limit = args.layer_limit if args.layer_limit is not None else (10.0 if full else 0.5)
+    layer_limit = args.layer_limit if args.layer_limit is not None else (10.0 if full else 1.5)
     started = time.perf_counter()
 
     env = report.environment(str(device))

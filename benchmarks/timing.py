@@ -6,8 +6,11 @@ figures and not cache hits. Every measurement reports the median and the 20th/80
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import statistics
+import sys
 import time
 from typing import Callable, Optional
 
@@ -138,6 +141,21 @@ def _kernel_ops_on_cpu(events) -> int:
     return sum(1 for e in events if is_compute(e) and not has_compute_descendant(e))
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silence file descriptor 2 for a moment: the profiler's native library prints a start and a stop line per
+    session (no setting turns them off) that would bury the table under hundreds of lines."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def count_launches(fn: Callable[[], object], device: torch.device, calls: int = 2) -> Optional[float]:
     """Launches per call seen by torch.profiler.
 
@@ -154,7 +172,7 @@ def count_launches(fn: Callable[[], object], device: torch.device, calls: int = 
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        with profile(activities=activities) as prof:
+        with _quiet_native_stderr(), profile(activities=activities) as prof:
             for _ in range(calls):
                 fn()
             if device.type == "cuda":
