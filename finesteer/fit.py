@@ -402,6 +402,20 @@ def fit_mose(H_anchor: torch.Tensor, Delta: torch.Tensor, *, num_experts: Option
                    gamma=float(best["gamma"]), activation=activation, report=report)
 
 
+def remove_group_means(Delta: torch.Tensor, groups: Sequence[int]) -> torch.Tensor:
+    """``Delta - mean(Delta of its group) + mean(Delta)``: removes a per-group offset (e.g. which completion
+    template a prompt was paired with) that no function of the anchor can predict, keeping the overall mean and
+    the variation within groups."""
+    D = _matrix("Delta", Delta)
+    if len(groups) != len(D):
+        raise ValueError(f"groups: expected one group id per row of Delta ({len(D)}), got {len(groups)}")
+    ids = torch.as_tensor(list(groups), dtype=torch.long)
+    _, ids = torch.unique(ids, return_inverse=True)
+    counts = torch.bincount(ids).double()
+    means = torch.zeros(len(counts), D.shape[1], dtype=D.dtype).index_add_(0, ids, D) / counts[:, None]
+    return (D - means[ids] + D.mean(0)).to(Delta.dtype)
+
+
 # ---- baselines ----------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class BaselineFit:

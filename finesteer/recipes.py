@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
 
 from . import data as datasets
 from .activations import collect_activations, completion_shifts
-from .fit import energy_ratio, fit_caa, fit_cast, fit_mose, fit_scs
+from .fit import energy_ratio, fit_caa, fit_cast, fit_mose, fit_scs, remove_group_means
 from .layers import num_layers
 from .steerer import Steerer
 
@@ -85,10 +85,12 @@ def _layer(model, layer: Optional[int]) -> int:
     return layer
 
 
-def _assign_templates(n: int, templates: Sequence[str], per_prompt: int, rng: np.random.Generator) -> list:
-    """Per prompt, ``per_prompt`` distinct templates, drawn by the seeded generator."""
-    k = min(per_prompt, len(templates))
-    return [[templates[j] for j in rng.choice(len(templates), size=k, replace=False)] for _ in range(n)]
+def _assign_templates(n: int, n_templates: int, per_prompt: int, rng: np.random.Generator) -> tuple:
+    """A balanced, seeded template-pair index per prompt, and the ``per_prompt`` consecutive template indices
+    (from that index, cyclically) each prompt uses."""
+    first = rng.permutation(np.arange(n) % n_templates)
+    k = min(per_prompt, n_templates)
+    return [int(t) for t in first], [[(int(t) + j) % n_templates for j in range(k)] for t in first]
 
 
 def _per_source(gate: torch.Tensor, ps: datasets.PromptSet) -> dict:
@@ -103,8 +105,10 @@ def _per_source(gate: torch.Tensor, ps: datasets.PromptSet) -> dict:
 def fit_recipe(model, tokenizer, *, recipe: str, targets: datasets.PromptSet, benign: datasets.PromptSet,
                desired: dict, undesired: dict, layer: Optional[int] = None, method: str = "finesteer",
                options: Optional[FitOptions] = None, model_name: Optional[str] = None,
-               progress: bool = True) -> Steerer:
-    """The shared body of the recipes. ``desired`` / ``undesired`` map a target prompt to its completion(s)."""
+               template_group: Optional[dict] = None, progress: bool = True) -> Steerer:
+    """The shared body of the recipes. ``desired`` / ``undesired`` map a target prompt to its completion(s);
+    ``template_group`` maps it to the id of its completion templates, whose mean offset is removed from Delta
+    (`remove_group_means`): which template a prompt drew is noise the router cannot read from the prompt."""
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     opts = options or FitOptions()
@@ -127,6 +131,8 @@ def fit_recipe(model, tokenizer, *, recipe: str, targets: datasets.PromptSet, be
                                max_prompt_tokens=opts.max_prompt_tokens,
                                max_completion_tokens=opts.max_completion_tokens, progress=progress)
     delta, h_target_fit = shifts.delta[layer], shifts.anchors[layer]
+    if template_group is not None:
+        delta = remove_group_means(delta, [template_group[p] for p in fit_prompts])
     timings["completion_shifts_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -195,14 +201,16 @@ def safety_steerer(model, tokenizer, layer: Optional[int] = None, method: str = 
     opts = options or FitOptions()
     targets = targets if targets is not None else datasets.harmful_prompts()
     benign = benign if benign is not None else datasets.benign_prompts(opts.sharegpt, exclude=[targets])
-    rng = np.random.default_rng(opts.seed)
-    refusals = _assign_templates(len(targets), REFUSALS, opts.completions_per_prompt, rng)
-    compliances = _assign_templates(len(targets), COMPLIANCES, opts.completions_per_prompt, rng)
+    first, chosen = _assign_templates(len(targets), len(REFUSALS), opts.completions_per_prompt,
+                                      np.random.default_rng(opts.seed))
     steerer = fit_recipe(model, tokenizer, recipe="safety", targets=targets, benign=benign,
-                         desired=dict(zip(targets.prompts, refusals)),
-                         undesired=dict(zip(targets.prompts, compliances)), layer=layer, method=method,
-                         options=opts, model_name=model_name, progress=progress)
-    steerer.metadata["completions"] = {"desired": list(REFUSALS), "undesired": list(COMPLIANCES)}
+                         desired={p: [REFUSALS[j] for j in c] for p, c in zip(targets.prompts, chosen)},
+                         undesired={p: [COMPLIANCES[j] for j in c] for p, c in zip(targets.prompts, chosen)},
+                         layer=layer, method=method, options=opts, model_name=model_name,
+                         template_group=dict(zip(targets.prompts, first)), progress=progress)
+    steerer.metadata["completions"] = {"desired": list(REFUSALS), "undesired": list(COMPLIANCES),
+                                       "pairing": "prompt i uses pairs t_i..t_i+c-1 (cyclic), t_i balanced and "
+                                                  "seeded; the per-t_i mean offset is removed from Delta"}
     return steerer
 
 

@@ -74,13 +74,14 @@ def test_small_safety_fit(tiny_folder, tmp_path, capsys, method):
 
 def test_same_seed_same_file_contents(tiny_folder, tmp_path, capsys):
     paths = []
-    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+    for name in ("a", "b"):  # (that another seed changes the fit is tested in test_fit.py)
         paths.append(tmp_path / f"{name}.safetensors")
-        cli.main(["fit", "--model", tiny_folder, "--out", str(paths[-1]), "--seed", seed, *SMALL])
+        cli.main(["fit", "--model", tiny_folder, "--out", str(paths[-1]), "--seed", "3", *SMALL])
     capsys.readouterr()
-    a, b, c = (finesteer.Steerer.load(p).params for p in paths)
-    assert all(torch.equal(a.tensors()[k], b.tensors()[k]) for k in a.tensors()) and a.tau == b.tau
-    assert a.experts.shape != c.experts.shape or not torch.equal(a.experts, c.experts)
+    a, b = (finesteer.Steerer.load(p).params for p in paths)
+    assert a.tensors().keys() == b.tensors().keys()
+    assert all(torch.equal(a.tensors()[k], b.tensors()[k]) for k in a.tensors())
+    assert a.scalars() == b.scalars()
 
 
 def test_truthfulness_recipe_with_user_qa(tiny_folder, tmp_path, capsys):
@@ -90,7 +91,7 @@ def test_truthfulness_recipe_with_user_qa(tiny_folder, tmp_path, capsys):
     qa.write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "t.safetensors"
     assert cli.main(["fit", "--model", tiny_folder, "--recipe", "truthfulness", "--qa", str(qa), "--out", str(out),
-                     *SMALL]) == 0
+                     "--method", "cast", *SMALL]) == 0
     capsys.readouterr()
     steerer = finesteer.Steerer.load(out)
     assert steerer.metadata["recipe"] == "truthfulness"

@@ -229,3 +229,17 @@ def test_completion_shifts_are_mean_completion_differences():
         completion_shifts(model, tok, prompts, ["x"], undesired, 1, progress=False)
     with pytest.raises(ValueError, match="layers"):
         completion_shifts(model, tok, prompts, desired, undesired, 3, progress=False)
+
+
+def test_remove_group_means_keeps_overall_mean_and_within_group_variation():
+    g = torch.Generator().manual_seed(0)
+    within = torch.randn(40, 6, generator=g)
+    groups = [i % 4 for i in range(40)]
+    offsets = 5.0 * torch.randn(4, 6, generator=g)
+    delta = within + offsets[groups]
+    cleaned = F.remove_group_means(delta, groups)
+    assert torch.allclose(cleaned.mean(0), delta.mean(0), atol=1e-5)
+    centred = within - torch.stack([within[[i for i in range(40) if groups[i] == j]].mean(0) for j in range(4)])[groups]
+    assert torch.allclose(cleaned - cleaned.mean(0), centred - centred.mean(0), atol=1e-5)
+    with pytest.raises(ValueError, match="groups"):
+        F.remove_group_means(delta, groups[:-1])
