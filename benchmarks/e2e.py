@@ -1,21 +1,27 @@
 """End to end: greedy generation with SmolLM2-135M-Instruct, unpatched vs patched (query and token mode, one and
 three steered layers), as ratios measured in the same run.
 
-The configurations are interleaved (a round of every configuration, repeated, in rotating order) so that a slow
-spell of a shared machine hits all of them alike. A configuration's ratio is the median over rounds of its time
-over the unpatched time of the same round (paired, so slow drifts of the machine cancel); its p20/p80 say how
-finely the run resolves a slowdown. The steerer is random FineSteer parameters
-at the model's width (r = 64, K = 8, residual MLP) with the gate forced open (``tau = 0``), so every row is edited:
-the op's full cost, nothing skipped. Every generation is forced to the same length (``min_new_tokens``).
+Every configuration, the unpatched one included, gets its own deep copy of the model (same weights, and memory
+allocated the same way: a model loaded from a memory-mapped file and a copy of it were seen to differ by ~3 % in
+step time), patched once with `finesteer.patch_model`, and the same prompt. After the prefills, the copies decode greedily one token per forward, interleaved token by token
+(in rotating order), so that a slow spell of a shared machine hits all configurations alike. A configuration's
+ratio is the median over decode steps of its step time over the unpatched step time of the same token (paired);
+its p20/p80 say how finely the run resolves a slowdown.
 
-On a CPU the ratios are of process CPU time (``time.process_time``), not wall time: on a machine shared with other
-jobs, wall time mostly measures when the scheduler lets this process run, while CPU time measures the work the
-patch adds. Wall-clock tokens/s and wall ratios are reported beside them. On a GPU both are wall time (synchronised).
+The steerer is random FineSteer parameters at the model's width (r = 64, K = 8, residual MLP) with the gate forced
+open (``tau = 0``), so every row is edited: the op's full cost, nothing skipped.
+
+On a CPU, times are process CPU time (``time.process_time``), not wall time: on a machine shared with other jobs,
+wall time mostly measures when the scheduler lets this process run, while CPU time measures the work the patch
+adds. Wall-clock tokens/s and wall ratios are reported beside them. On a GPU all times are wall time after a
+synchronisation.
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import statistics
+import time
 from typing import Optional
 
 import torch
@@ -52,23 +58,34 @@ def e2e_configs(num_layers: int, modes=("query", "token")) -> list[dict]:
     return configs
 
 
-def _generate_fn(model, inputs: dict, new_tokens: int):
-    def generate():
-        return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                              pad_token_id=model.generation_config.pad_token_id or 0)
-    return generate
+class _Clock:
+    """CPU: process CPU time; GPU: wall time after synchronising the device."""
+
+    def __init__(self, device: torch.device):
+        self.gpu = device.type == "cuda"
+        self.device = device
+
+    def now(self) -> tuple:
+        if self.gpu:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter(), time.process_time()
+
+    def elapsed(self, start: tuple) -> tuple:
+        wall, cpu = self.now()
+        wall -= start[0]
+        return wall, (wall if self.gpu else cpu - start[1])
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def prompt_ids(model, tokenizer, device) -> torch.Tensor:
+    if tokenizer is None:  # random-weight models in tests
+        return torch.randint(3, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0)).to(device)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, return_tensors="pt")["input_ids"].to(device)
 
 
-def run_e2e(model, tokenizer, new_tokens: int = 16, reps: int = 10, modes=("query", "token"),
-            progress: bool = True) -> dict:
-    """Tokens/s and time ratios for each configuration; ``model`` is any transformers causal LM."""
-    import time
-
+def run_e2e(model, tokenizer, new_tokens: int = 96, modes=("query", "token"), progress: bool = True) -> dict:
+    """Decode tokens/s and paired step-time ratios per configuration; ``model`` is any transformers causal LM."""
     from finesteer.layers import find_decoder_layers, hidden_size
     from finesteer.patching import patch_model
 
@@ -76,51 +93,54 @@ def run_e2e(model, tokenizer, new_tokens: int = 16, reps: int = 10, modes=("quer
     dtype = next(model.parameters()).dtype
     params = make_params(hidden_size(model), residual=True, device=device).replace(tau=0.0, alpha=0.1)
     configs = e2e_configs(len(find_decoder_layers(model)), modes)
-    if tokenizer is not None:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,
-                                             add_generation_prompt=True)
-        inputs = dict(tokenizer(text, return_tensors="pt").to(device))
-    else:  # random-weight models in dry runs
-        inputs = {"input_ids": torch.randint(3, model.config.vocab_size, (1, 12), device=device)}
-    generate = _generate_fn(model, inputs, new_tokens)
-    gpu = device.type == "cuda"
-    times: dict = {c["config"]: [] for c in configs}
-    walls: dict = {c["config"]: [] for c in configs}
-    lengths: dict = {}
-    bar = tqdm(total=len(configs) * (reps + 1), desc="end to end", disable=not progress, leave=False)
-    with torch.inference_mode():
-        for rep in range(reps + 1):  # round 0 warms every configuration up and is not counted
-            shift = rep % len(configs)
-            for config in configs[shift:] + configs[:shift]:
-                handle = (patch_model(model, {layer: params for layer in config["layers"]}, mode=config["mode"])
-                          if config["layers"] else None)
-                try:
-                    _sync(device)
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    out = generate()
-                    _sync(device)
-                    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-                finally:
-                    if handle is not None:
-                        handle.remove()
-                lengths[config["config"]] = out.shape[1] - inputs["input_ids"].shape[1]
-                if rep:
-                    times[config["config"]].append(wall if gpu else cpu)
-                    walls[config["config"]].append(wall)
-                bar.update()
-    bar.close()
-    rows = []
+    prompt = prompt_ids(model, tokenizer, device)
+    clock = _Clock(device)
+    runs = []
     for config in configs:
-        name = config["config"]
-        stats = stats_of(times[name])
-        paired = stats_of([t / b for t, b in zip(times[name], times["unpatched"])])
-        wall = statistics.median(walls[name])
-        rows.append({**config, "new_tokens": lengths[name], "median_s": stats.median, "p20_s": stats.p20,
-                     "p80_s": stats.p80, "reps": stats.reps, "tokens_per_s": lengths[name] / wall,
-                     "wall_median_s": wall, "time_ratio": paired.median, "ratio_p20": paired.p20,
-                     "ratio_p80": paired.p80,
-                     "wall_ratio": statistics.median(w / b for w, b in zip(walls[name], walls["unpatched"]))})
+        copy_ = copy.deepcopy(model)
+        handle = (patch_model(copy_, {layer: params for layer in config["layers"]}, mode=config["mode"])
+                  if config["layers"] else None)
+        runs.append({**config, "model": copy_, "handle": handle, "steps": [], "walls": []})
+    bar = tqdm(total=len(runs) * (new_tokens + 1), desc="end to end", disable=not progress, leave=False)
+    try:
+        with torch.inference_mode():
+            for run in runs:  # prefill (query mode synthesises and caches its coefficients here)
+                start = clock.now()
+                out = run["model"](input_ids=prompt, use_cache=True)
+                run["prefill_s"] = clock.elapsed(start)[1]
+                run["cache"], run["token"] = out.cache, out.logits[:, -1:].argmax(-1)
+                run["generated"] = [run["token"]]
+                bar.update()
+            for step in range(new_tokens):
+                shift = step % len(runs)
+                for run in runs[shift:] + runs[:shift]:
+                    start = clock.now()
+                    out = run["model"](input_ids=run["token"], cache=run["cache"], use_cache=True)
+                    run["token"] = out.logits[:, -1:].argmax(-1)
+                    wall, spent = clock.elapsed(start)
+                    run["steps"].append(spent)
+                    run["walls"].append(wall)
+                    run["generated"].append(run["token"])
+                    bar.update()
+    finally:
+        bar.close()
+        for run in runs:
+            if run["handle"] is not None:
+                run["handle"].remove()
+    base = runs[0]
+    rows = []
+    for run in runs:
+        steps = stats_of(run["steps"])
+        paired = stats_of([t / b for t, b in zip(run["steps"], base["steps"])])
+        rows.append({
+            "config": run["config"], "mode": run["mode"], "layers": run["layers"], "new_tokens": len(run["steps"]), "prefill_s": run["prefill_s"], "step_median_s": steps.median,
+            "step_p20_s": steps.p20, "step_p80_s": steps.p80,
+            "tokens_per_s": len(run["walls"]) / sum(run["walls"]),
+            "time_ratio": paired.median, "ratio_p20": paired.p20, "ratio_p80": paired.p80,
+            "wall_ratio": statistics.median(w / b for w, b in zip(run["walls"], base["walls"])),
+            "tokens_differ_from_unpatched": bool(torch.cat(run["generated"]).ne(torch.cat(base["generated"])).any()),
+        })
     probe = torch.zeros(1, params.d, device=device, dtype=dtype)
-    return {"model": type(model).__name__, "prompt_tokens": int(inputs["input_ids"].shape[1]),
-            "new_tokens": new_tokens, "reps": reps, "clock": "wall" if gpu else "process CPU time", "dtype": str(dtype).replace("torch.", ""),
+    return {"model": type(model).__name__, "prompt_tokens": int(prompt.shape[1]), "new_tokens": new_tokens,
+            "dtype": str(dtype).replace("torch.", ""), "clock": "wall" if clock.gpu else "process CPU time",
             "backend": finesteer_kernels.select_backend(probe), "steerer": repr(params), "rows": rows}

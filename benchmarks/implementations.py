@@ -90,6 +90,15 @@ def frugal_apply(h: torch.Tensor, coef: torch.Tensor, params: SteerParams, row_t
     return torch.addmm(x, padded[seq], w_out).reshape(h.shape)
 
 
+def _allow_recompiles() -> None:
+    """Every (width, residual) case and T = 1 compiles its own graph of the same code; past dynamo's default limit
+    of 8 it would silently run the rest eagerly and the 'compiled' rows would time eager code. Raise the limit,
+    and make hitting it an error rather than a silent fallback."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, 64)
+    config.fail_on_recompile_limit_hit = True
+
+
 # ---- the table of callables --------------------------------------------------------------------------------------
 _EAGER = {
     ("reference", "steer"): reference.steer,
@@ -111,6 +120,7 @@ def op_function(impl: str, op: str, compile_backend: str = "inductor") -> Callab
             return lambda params, h: eager(h, params)
         return lambda params, h, coef, row_to_seq: eager(h, coef, params, row_to_seq)
     if impl == "compiled":
+        _allow_recompiles()
         ref = _EAGER[("reference", op)]
         if op == "steer":
             fn = torch.compile(lambda h, params: ref(h, params), dynamic=True, backend=compile_backend)

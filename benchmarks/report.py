@@ -70,15 +70,16 @@ def op_table(rows: Sequence[dict], gpu: bool) -> str:
 
 
 def e2e_table(rows: Sequence[dict]) -> str:
-    columns = [("config", lambda r: r["config"]), ("mode", lambda r: r["mode"] or "-"),
+    columns = [("config", lambda r: r["config"]),
                ("layers", lambda r: ",".join(map(str, r["layers"])) or "-"),
-               ("tokens/s (wall)", lambda r: fmt(r["tokens_per_s"], ".1f")),
-               ("median s", lambda r: fmt(r["median_s"], ".3f")),
-               ("p20 s", lambda r: fmt(r["p20_s"], ".3f")), ("p80 s", lambda r: fmt(r["p80_s"], ".3f")),
+               ("decode tok/s (wall)", lambda r: fmt(r["tokens_per_s"], ".1f")),
+               ("step ms", lambda r: fmt(1e3 * r["step_median_s"], ".1f")),
+               ("p20", lambda r: fmt(1e3 * r["step_p20_s"], ".1f")), ("p80", lambda r: fmt(1e3 * r["step_p80_s"], ".1f")),
                ("ratio (paired median)", lambda r: fmt(r["time_ratio"], ".3f")),
                ("ratio p20-p80", lambda r: f"{r['ratio_p20']:.3f}-{r['ratio_p80']:.3f}"),
                ("slowdown %", lambda r: fmt(100 * (r["time_ratio"] - 1), "+.1f")),
-               ("wall ratio", lambda r: fmt(r["wall_ratio"], ".3f"))]
+               ("wall ratio", lambda r: fmt(r["wall_ratio"], ".3f")),
+               ("tokens changed", lambda r: fmt(r["tokens_differ_from_unpatched"]) if r["layers"] else "-")]
     return table(rows, columns)
 
 

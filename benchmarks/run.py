@@ -3,7 +3,7 @@ as JSON (``benchmarks/results/run-<device>.json``) with a plot of op time vs row
 
 Defaults fit a few minutes on a 2-core CPU (``--quick``, the default there): every T and width for the eager
 implementations, torch.compile only for token-mode ``steer`` (each compile costs ~20 s of CPU), decoder layers only
-where one call is estimated under ``--layer-limit`` seconds, and 16 generated tokens x 10 interleaved rounds end to end.
+where one call is estimated under ``--layer-limit`` seconds, and 96 greedy tokens per configuration end to end.
 ``--full`` runs the whole grid (on a GPU it is the default). See benchmarks/README.md for every column.
 """
 from __future__ import annotations
@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend ('eager' for dry runs)")
     p.add_argument("--no-ops", dest="op_bench", action="store_false", help="skip the op-level benchmark")
     p.add_argument("--no-e2e", dest="e2e", action="store_false", help="skip the end-to-end generation benchmark")
-    p.add_argument("--new-tokens", type=int, default=16, help="end to end: tokens generated per call")
-    p.add_argument("--e2e-reps", type=int, default=10, help="end to end: timed rounds over all configurations")
+    p.add_argument("--new-tokens", type=int, default=96,
+                   help="end to end: greedy decode steps per configuration, interleaved token by token")
     p.add_argument("--out", default=RESULTS_DIR, help=f"folder for JSON and PNG (default {RESULTS_DIR})")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bars")
     return p
@@ -143,9 +143,9 @@ def main(argv=None) -> int:
     if e2e_result is not None:
         print()
         if "rows" in e2e_result:
-            print(f"end to end: {e2e_result['model']} {e2e_result['dtype']}, {e2e_result['new_tokens']} new tokens, "
-                  f"{e2e_result['reps']} interleaved rounds, op backend {e2e_result['backend']}, times and ratios "
-                  f"in {e2e_result['clock']}")
+            print(f"end to end: {e2e_result['model']} {e2e_result['dtype']}, prompt {e2e_result['prompt_tokens']} "
+                  f"tokens, {e2e_result['new_tokens']} greedy tokens per configuration interleaved token by token, "
+                  f"op backend {e2e_result['backend']}; step times and ratios in {e2e_result['clock']}")
             print(report.e2e_table(e2e_result["rows"]))
         else:
             print(f"end to end: skipped: {e2e_result['skipped']}")
@@ -167,7 +167,7 @@ def _run_e2e(device: torch.device, gpu: bool, args) -> dict:
 
     model, tokenizer = load_smollm2(dtype=torch.bfloat16 if gpu else torch.float32)
     model.to(device)
-    return e2e.run_e2e(model, tokenizer, new_tokens=args.new_tokens, reps=args.e2e_reps, progress=args.progress)
+    return e2e.run_e2e(model, tokenizer, new_tokens=args.new_tokens, progress=args.progress)
 
 
 if __name__ == "__main__":

@@ -95,9 +95,14 @@ def test_run_op_table_tiny(tmp_path, capsys):
 def test_e2e_loop_on_tiny_model(monkeypatch):
     monkeypatch.setenv("FINESTEER_BACKEND", "torch")  # the loop is under test here; the kernels are checked above
     model = tiny_model("llama", num_hidden_layers=4)
-    result = run_e2e(model, None, new_tokens=3, reps=2, progress=False)
+    result = run_e2e(model, None, new_tokens=4, progress=False)
     rows = {r["config"]: r for r in result["rows"]}
     assert list(rows) == ["unpatched", "query, 1 layer", "query, 3 layers", "token, 1 layer", "token, 3 layers"]
     assert rows["query, 3 layers"]["layers"] == [1, 2, 3]
     assert rows["unpatched"]["time_ratio"] == 1.0
-    assert all(r["new_tokens"] == 3 and r["reps"] == 2 and r["tokens_per_s"] > 0 for r in rows.values())
+    assert all(r["new_tokens"] == 4 and r["tokens_per_s"] > 0 and r["ratio_p20"] <= r["ratio_p80"]
+               for r in rows.values())
+    # the patches really act on the copies (random steering of norm ~0.1*|expert| moves a tiny model's argmax),
+    # and the unpatched model is left without hooks
+    assert any(r["tokens_differ_from_unpatched"] for r in rows.values())
+    assert not any(layer._forward_hooks for layer in model.model.layers)
