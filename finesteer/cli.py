@@ -8,9 +8,15 @@ import time
 
 
 def _demo(args: argparse.Namespace) -> int:
-    print("finesteer demo: the end-to-end demo on SmolLM2-135M-Instruct is not built yet (issue: the main job). "
-          "The kernels, reference op and Steerer files are usable from Python; see README.md.")
-    return 0
+    from . import demo
+
+    return demo.run(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from . import evaluate
+
+    return evaluate.run(args)
 
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -71,8 +77,17 @@ def _summary(steerer) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finesteer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="fit (or load) a safety steerer on the real model and show it at work")
+    from . import demo as demo_module, evaluate as evaluate_module
+
+    demo = sub.add_parser("demo", help="fit (or load) a safety steerer on the real model and show it at work",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=demo_module.__doc__)
+    demo_module.add_arguments(demo)
     demo.set_defaults(func=_demo)
+    evaluation = sub.add_parser("eval", help="compare no steering, CAA, CAST and FineSteer on held-out prompts",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description=evaluate_module.__doc__)
+    evaluate_module.add_arguments(evaluation)
+    evaluation.set_defaults(func=_eval)
 
     fit = sub.add_parser(
         "fit", help="fit a steerer on a model and save it as a safetensors file",
