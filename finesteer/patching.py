@@ -3,8 +3,10 @@
 Each patched layer gets a forward hook on its output (registered first, so ``output_hidden_states`` records the
 steered values). The module that owns the layer list gets a forward pre-hook that notes, once per forward, the
 attention mask and how many tokens the cache already holds; from those and the number of new tokens the layer hook
-tells a prefill from a decode step. All state (the per-sequence coefficients of query mode) lives on the
-`PatchHandle` and is dropped by `PatchHandle.remove`.
+tells a prefill from a decode step. A cache that keeps its length in a device tensor (a static cache) is not read:
+the handle counts the tokens fed to each cache object instead, in forward and generate alike. All state (the
+per-sequence coefficients of query mode, the token counts) lives on the `PatchHandle` and is dropped by
+`PatchHandle.remove`.
 
 Query mode (the paper's): a prefill synthesises ``coef`` at each row's anchor, the last non-padding token of the
 prompt, adds ``coef @ W_out`` to every non-padding position and caches ``coef``; decode steps reuse it. Inside
@@ -19,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import weakref
 from collections.abc import Mapping
 from typing import Optional, Union
 
@@ -44,7 +47,6 @@ class _GenerateCall:
 
     prompt_length: Optional[int]  # positions [0, prompt_length) are the prompt
     num_beams: int  # beams per prompt; beam search reorders rows only within a prompt's beams
-    fed: int  # tokens in the cache so far, counted from forward shapes (for caches that cannot say cheaply)
 
 
 @dataclasses.dataclass
@@ -55,14 +57,18 @@ class _ForwardContext:
     mask: Optional[torch.Tensor]  # attention mask as the model got it: 2-D (B, past + T) or 4-D (B, 1, T, S)
     past_length: Optional[int]  # tokens in the cache before this forward; None = read it from a 2-D mask
     call: Optional[_GenerateCall]  # the generate call this forward belongs to, if any
+    key_start: Optional[torch.Tensor] = None  # past_length on the device, for a cache that keeps it there
     derived: dict = dataclasses.field(default_factory=dict)
 
 
-def _real_new_tokens(mask: torch.Tensor, past: Optional[int], batch: int, new_tokens: int) -> tuple:
+def _real_new_tokens(mask: torch.Tensor, past: Optional[int], batch: int, new_tokens: int,
+                     key_start: Optional[torch.Tensor] = None) -> tuple:
     """(past, (B, T) bool of non-padding new tokens) from a 2-D or 4-D attention mask, by shapes and indexing only.
 
     A 4-D mask (static caches, custom masks) hides padding in its diagonal: new token i attends to itself (key
-    ``past + i``) exactly when it is a real token; masked entries are False or a large negative number."""
+    ``past + i``) exactly when it is a real token; masked entries are False or a large negative number. Where the
+    cache keeps its length on the device (``key_start``), the keys are indexed from that: exact even when the
+    handle's own count lags (CUDA-graph replays run no hooks), and no host read."""
     if mask.dim() == 2:
         if mask.shape[0] != batch or mask.shape[1] < new_tokens:
             raise ValueError(f"attention_mask: shape {tuple(mask.shape)} does not cover this forward's {batch} rows "
@@ -72,11 +78,13 @@ def _real_new_tokens(mask: torch.Tensor, past: Optional[int], batch: int, new_to
     if past is None:
         raise ValueError("cache: cannot tell how many tokens it holds (get_seq_length did not return an int) and "
                          "the attention mask is 4-D; pass a 2-D attention_mask")
-    if mask.shape[0] not in (1, batch) or mask.shape[-2] != new_tokens or mask.shape[-1] < past + new_tokens:
+    keys_needed = new_tokens if key_start is not None else past + new_tokens
+    if mask.shape[0] not in (1, batch) or mask.shape[-2] != new_tokens or mask.shape[-1] < keys_needed:
         raise ValueError(f"attention_mask: 4-D shape {tuple(mask.shape)} does not match {batch} rows of "
                          f"{new_tokens} new tokens after {past} cached ones")
     i = torch.arange(new_tokens, device=mask.device)
-    diagonal = mask[:, 0, i, past + i]
+    keys = i + (past if key_start is None else key_start.to(mask.device))
+    diagonal = mask[:, 0, i, keys]
     real = diagonal if diagonal.dtype == torch.bool else diagonal > torch.finfo(diagonal.dtype).min / 2
     return past, real.expand(batch, new_tokens)
 
@@ -90,7 +98,7 @@ class _Rows:
         device = hidden.device
         past, valid = ctx.past_length, None  # valid: (B, T) real (non-padding) new tokens; None = all
         if ctx.mask is not None:
-            past, valid = _real_new_tokens(ctx.mask, past, batch, new_tokens)
+            past, valid = _real_new_tokens(ctx.mask, past, batch, new_tokens, ctx.key_start)
             valid = valid.to(device)
         call = ctx.call
         prompt_length = call.prompt_length if call is not None else None
@@ -155,6 +163,16 @@ def _share_within_beams(coef: torch.Tensor, num_beams: int) -> torch.Tensor:
     return coef.view(batch // num_beams, num_beams, n)[:, :1].expand(-1, num_beams, -1).reshape(batch, n)
 
 
+def _store_coef(cached: Optional[torch.Tensor], coef: torch.Tensor) -> torch.Tensor:
+    """The new prefill's coefficients, written into the cached tensor when it fits: a decode step captured in a
+    CUDA graph reads that memory on every replay, so the next prompt's prefill must update it in place (also after
+    `PatchHandle.reset`). Not when autograd tracks either one (an in-place copy would chain the graphs of
+    successive prefills)."""
+    if cached is None or cached.shape != coef.shape or cached.requires_grad or coef.requires_grad:
+        return coef
+    return cached.copy_(coef)
+
+
 # ---- argument lookup -----------------------------------------------------------------------------------------------
 class _ArgReader:
     """Reads named arguments of ``fn`` from a call's ``args``/``kwargs`` (some models pass them positionally)."""
@@ -177,14 +195,10 @@ class _ArgReader:
         return None
 
 
-def _cache_length(cache) -> Optional[int]:
-    """Tokens held by a transformers cache, or None when it cannot say without reading device memory (a static
-    cache keeps its length in a device tensor)."""
-    if cache is None:
-        return 0
+def _reported_length(cache):
+    """What a transformers cache says it holds: an int, a device tensor (a static cache), or None."""
     get = getattr(cache, "get_seq_length", None)
-    length = get() if get is not None else None
-    return length if isinstance(length, int) else None
+    return get() if get is not None else None
 
 
 def _as_mask(mask) -> Optional[torch.Tensor]:
@@ -240,6 +254,7 @@ class _Site:
     layer: int
     params: SteerParams
     coef: Optional[torch.Tensor] = None  # (B, K+k) fp32 per sequence, from the last prefill
+    coef_memory: Optional[torch.Tensor] = None  # where prefills write coef; kept by reset(), see _store_coef
 
 
 class PatchHandle:
@@ -257,6 +272,9 @@ class PatchHandle:
         self._sites = sites
         self._context: Optional[_ForwardContext] = None
         self._generate_stack: list = []  # a _GenerateCall per active (possibly nested) generate call
+        # Tokens fed to each cache object through this patch, for caches whose length lives on the device (reading
+        # it would synchronise). Weak keys: a cache the caller drops is forgotten.
+        self._cache_fill: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._hooks = [owner.register_forward_pre_hook(_OwnerPreHook(self, owner), with_kwargs=True,
                                                        prepend=True)]
         for index, site in sites.items():
@@ -281,9 +299,12 @@ class PatchHandle:
         return self._site(layer).coef
 
     def reset(self) -> None:
-        """Forget the cached query-mode coefficients (the next forward must be a prefill)."""
+        """Forget the cached query-mode coefficients (the next forward must be a prefill) and take every cache
+        seen so far as empty: call it after ``cache.reset()`` when reusing a static cache for a new prompt."""
         for site in self._sites.values():
             site.coef = None
+        for cache in list(self._cache_fill.keys()):
+            self._cache_fill[cache] = 0
         self._context = None
 
     def remove(self) -> None:
@@ -295,6 +316,8 @@ class PatchHandle:
         self._hooks = []
         self._restore_generate()
         self.reset()
+        for site in self._sites.values():
+            site.coef_memory = None
         self.active = False
 
     def __enter__(self) -> "PatchHandle":
@@ -317,16 +340,26 @@ class PatchHandle:
         mask = _as_mask(reader.get(args, kwargs, "attention_mask"))
         cache = reader.get(args, kwargs, "cache", "past_key_values")
         call = self._generate_stack[-1] if self._generate_stack else None
-        past = _cache_length(cache)
-        if past is None and call is not None:
-            past = call.fed  # e.g. a static cache inside generate: count what went in
-        if call is not None and cache is not None and past is not None:
+        past, key_start = 0, None
+        if cache is not None:
+            length = _reported_length(cache)
+            if isinstance(length, int):
+                past = length
+            else:
+                # Counted instead: a cache first seen inside generate was made by it (empty); a cache handed to
+                # generate was measured when the call began.
+                past = self._cache_fill.get(cache, 0 if call is not None else None)
+                if isinstance(length, torch.Tensor) and mask is not None and mask.dim() == 4:
+                    key_start = length.clone()  # the layers advance it in place
             new_tokens = _new_token_count(reader, args, kwargs)
-            call.fed = past + (new_tokens or 0)
+            if past is not None and new_tokens is not None:
+                self._cache_fill[cache] = past + new_tokens
         if past is None and mask is None and self.mode == "query":
-            raise ValueError("cache: cannot tell how many tokens it holds (get_seq_length did not return an int) "
-                             "and no attention_mask was given; pass a 2-D attention_mask")
-        self._context = _ForwardContext(mask, past, call)
+            raise ValueError("cache: it keeps its length on the device and holds tokens this patch did not see "
+                             "(filled before patching or through another model): run the prompt through the patched "
+                             "model with a fresh cache (or after cache.reset() and handle.reset()), or pass a 2-D "
+                             "attention_mask of shape (batch, past + new)")
+        self._context = _ForwardContext(mask, past, call, key_start)
 
     def _steer_output(self, site: _Site, output, layer_input):
         hidden = output[0] if isinstance(output, tuple) else output
@@ -384,7 +417,7 @@ class PatchHandle:
             coef = finesteer_kernels.synthesize(anchors, site.params)
             coef = torch.where(rows.anchor_found, coef, 0.0)  # a row with no real prompt token gets no edit
             coef = _share_within_beams(coef, rows.num_beams)
-            site.coef = coef
+            site.coef = site.coef_memory = _store_coef(site.coef_memory, coef)
         apply = finesteer_kernels.apply_coef_ if in_place else finesteer_kernels.apply_coef
         return apply(hidden, coef, site.params, rows.row_to_seq)
 
@@ -401,6 +434,11 @@ class PatchHandle:
             if not handle.active:  # removed while another wrapper sat on top of this one
                 return original(*args, **kwargs)
             handle._generate_stack.append(_generate_call(model, reader, args, kwargs))
+            given_cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            length = _reported_length(given_cache) if given_cache is not None else None
+            if isinstance(length, torch.Tensor):
+                # the one host read: once per call, before any forward, never in a hook
+                handle._cache_fill[given_cache] = int(length)
             try:
                 return original(*args, **kwargs)
             finally:
@@ -432,8 +470,7 @@ class PatchHandle:
 
 
 def _generate_call(model, reader: _ArgReader, args: tuple, kwargs: dict) -> _GenerateCall:
-    """Prompt length and beams of a generate call, from shapes and configs; the one host read is the length of a
-    cache handed to generate (once per call, before any forward, never in a hook)."""
+    """Prompt length and beams of a generate call, from shapes and configs."""
     prompt = reader.get(args, kwargs, "inputs", "input_ids")
     if prompt is None:
         prompt = kwargs.get("inputs_embeds")
@@ -444,11 +481,7 @@ def _generate_call(model, reader: _ArgReader, args: tuple, kwargs: dict) -> _Gen
         prompt_length = max(prompt_length, mask.shape[1])
     config = reader.get(args, kwargs, "generation_config") or getattr(model, "generation_config", None)
     num_beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    fed = _cache_length(cache)
-    if fed is None:
-        fed = int(cache.get_seq_length())
-    return _GenerateCall(prompt_length, int(num_beams), fed)
+    return _GenerateCall(prompt_length, int(num_beams))
 
 
 # ---- patching --------------------------------------------------------------------------------------------------

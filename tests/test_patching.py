@@ -547,3 +547,71 @@ def test_steerer_dataclass_replace_moves_site():
     steerer = Steerer(params=mose(64, 1.0), layer=0)
     with patch_model(model, {LAYER: dataclasses.replace(steerer, layer=LAYER)}) as handle:
         assert handle.layers == (LAYER,)
+
+
+# ---- manual decode loops (what a CUDA-graph decode loop runs, step by step) ------------------------------------------
+def manual_greedy(model, ids, cache, steps: int, with_mask: bool) -> tuple:
+    """Prefill, then one-token steps on ``cache``: (sequences, (B, steps, V) next-token logits)."""
+    mask = torch.ones_like(ids)
+    step_ids, all_logits = ids, []
+    for _ in range(steps):
+        extra = {"attention_mask": mask} if with_mask else {}
+        with torch.no_grad():
+            logits = model(step_ids, cache=cache, use_cache=True, **extra).logits[:, -1]
+        all_logits.append(logits)
+        step_ids = logits.argmax(-1, keepdim=True)
+        ids = torch.cat([ids, step_ids], dim=1)
+        mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
+    return ids, torch.stack(all_logits, dim=1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_manual_cache_loops_match_generate(arch):
+    """Query mode in a hand-written loop with a StaticCache (its length lives on the device, so the handle counts
+    what it was fed) or a DynamicCache, with and without an attention mask, gives generate's tokens and logits; a
+    static cache reused after cache.reset() + handle.reset() serves a second prompt, updating the cached
+    coefficients in place (what a captured decode graph reads)."""
+    from transformers import DynamicCache, StaticCache
+
+    model = get_model(arch)
+    prompts = random_ids(2, 5, seed=21), random_ids(2, 5, seed=22)
+    params = mose(hidden_size(model), hidden_scale(model, prompts[0]), seed=4)
+    static = StaticCache(config=model.config, max_cache_len=16)
+    coef_memory = None
+    with torch.no_grad():
+        plain = model.generate(prompts[0], attention_mask=torch.ones_like(prompts[0]), max_new_tokens=NEW_TOKENS,
+                               do_sample=False, output_logits=True, return_dict_in_generate=True)
+        with patch_model(model, {LAYER: params}) as handle:
+            for prompt in prompts:
+                expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS,
+                                          do_sample=False, output_logits=True, return_dict_in_generate=True)
+                expected_logits = torch.stack(expected.logits, dim=1)
+                for with_mask in (False, True):
+                    for cache in (DynamicCache(config=model.config), static):
+                        static.reset()
+                        handle.reset()
+                        tokens, logits = manual_greedy(model, prompt, cache, NEW_TOKENS, with_mask)
+                        what = f"{type(cache).__name__}, mask={with_mask}"
+                        assert torch.equal(tokens, expected.sequences), what
+                        torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4, msg=what)
+                        coef_memory = handle.cached_coef(LAYER) if coef_memory is None else coef_memory
+                        assert handle.cached_coef(LAYER) is coef_memory, "coef not updated in place"
+    assert not torch.allclose(expected_logits, torch.stack(plain.logits, dim=1), atol=1e-3), "steering had no effect"
+
+
+def test_static_cache_filled_before_patching_needs_a_mask():
+    """A static cache the patch never saw cannot say (without a device read) how many tokens it holds: a decode
+    step without a mask is refused clearly, one with a 2-D mask works."""
+    from transformers import StaticCache
+
+    model = get_model("llama")
+    ids = random_ids(1, 4, seed=23)
+    static = StaticCache(config=model.config, max_cache_len=8)
+    with torch.no_grad():
+        model(ids, cache=static, use_cache=True)
+        with patch_model(model, {LAYER: mose(hidden_size(model), 1.0)}):
+            step = random_ids(1, 1, seed=24)
+            with pytest.raises(ValueError, match="did not see"):
+                model(step, cache=static)
+            model(ids, attention_mask=torch.ones_like(ids))  # a prefill (no cache) gives coefficients
+            model(step, cache=static, attention_mask=torch.ones(1, 5, dtype=torch.long))
