@@ -12,10 +12,11 @@ from __future__ import annotations
 import warnings
 from typing import NamedTuple, Sequence, Union
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .layers import find_decoder_layers
+from .layers import check_layer_index, find_decoder_layers
 
 Completions = Union[str, Sequence[str]]
 
@@ -33,11 +34,11 @@ class Shifts(NamedTuple):
 
 def _check_layers(model: torch.nn.Module, layers) -> list:
     n = len(find_decoder_layers(model))
-    wanted = [layers] if isinstance(layers, int) else list(layers)
-    if not wanted or any(not isinstance(x, int) or isinstance(x, bool) or not 0 <= x < n for x in wanted):
-        raise ValueError(f"layers: expected decoder layer indices in [0, {n}) (an int or a list of ints), got "
-                         f"{layers!r}")
-    return sorted(set(wanted))
+    wanted = [layers] if isinstance(layers, (int, np.integer)) else list(layers)
+    if not wanted:
+        raise ValueError("layers: expected a decoder layer index or a non-empty list of them, got an empty list")
+    name = "layers" if len(wanted) == 1 else "layers[{}]"
+    return sorted({check_layer_index(x, n, name.format(i)) for i, x in enumerate(wanted)})
 
 
 def encode_prompt(tokenizer, prompt: str, chat_template: bool = True) -> list:

@@ -202,6 +202,7 @@ class MoSEReport:
     stopped_early: bool
     caa_train_mse: float  # single mean vector (CAA), fitted on the training split
     caa_val_mse: float
+    constant_inputs: int = 0  # anchor dimensions (nearly) constant in training, ignored by router and MLP
 
     def as_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -264,6 +265,42 @@ def choose_num_experts(unit_deltas: np.ndarray, k_range: Sequence[int], seed: in
     return best, labels[best], scores
 
 
+def _check_training_options(*, res_rank, hidden, epochs, batch_size, lr, weight_decay, patience,
+                            max_grad_norm) -> None:
+    """Checked before any work, so a bad option fails at once instead of after a full training run."""
+    def is_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def is_finite_number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if not is_int(res_rank) or res_rank < 0:
+        raise ValueError(f"res_rank: expected an int >= 0 (0: no residual MLP), got {res_rank!r}")
+    if res_rank > 0 and (not is_int(hidden) or hidden < 1):
+        raise ValueError(f"hidden: expected an int >= 1 (the residual MLP's width) when res_rank > 0, got "
+                         f"{hidden!r}; pass res_rank=0 for no residual MLP")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("patience", patience)):
+        if not is_int(value) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    for name, value in (("lr", lr), ("max_grad_norm", max_grad_norm)):
+        if not is_finite_number(value) or value <= 0:
+            raise ValueError(f"{name}: expected a positive finite number, got {value!r}")
+    if not is_finite_number(weight_decay) or weight_decay < 0:
+        raise ValueError(f"weight_decay: expected a finite number >= 0, got {weight_decay!r}")
+
+
+def _standardisation(H: torch.Tensor, relative_floor: float = 1e-3) -> tuple:
+    """Per-dimension ``(mean, scale, informative)`` for standardising anchor rows. A dimension is informative when
+    its std is at least ``relative_floor`` times the median std (the typical spread; the largest std if over half
+    the dimensions are constant): below that it is treated as constant and its scale is set to 1."""
+    mean, std = H.mean(0), H.std(0)
+    typical = std.median()
+    if typical == 0:
+        typical = std.max()
+    informative = std >= relative_floor * typical if typical > 0 else torch.zeros_like(std, dtype=torch.bool)
+    return mean, torch.where(informative, std, torch.ones_like(std)), informative
+
+
 def fit_mose(H_anchor: torch.Tensor, Delta: torch.Tensor, *, num_experts: Optional[int] = None,
              k_range: Sequence[int] = range(2, 11), res_rank: int = 8, hidden: int = 32,
              activation: str = "relu", epochs: int = 400, batch_size: int = 64, lr: float = 1e-2,
@@ -288,6 +325,8 @@ def fit_mose(H_anchor: torch.Tensor, Delta: torch.Tensor, *, num_experts: Option
         raise ValueError(f"val_fraction: expected a share in (0, 1), got {val_fraction}")
     if activation not in ("relu", "identity"):
         raise ValueError(f"activation: expected 'relu' or 'identity', got {activation!r}")
+    _check_training_options(res_rank=res_rank, hidden=hidden, epochs=epochs, batch_size=batch_size, lr=lr,
+                            weight_decay=weight_decay, patience=patience, max_grad_norm=max_grad_norm)
     n, d = H.shape
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=gen)
@@ -323,18 +362,24 @@ def fit_mose(H_anchor: torch.Tensor, Delta: torch.Tensor, *, num_experts: Option
         res_basis = vt[:k]
     m = hidden if k > 0 else 0
 
-    # train on standardised inputs (float32), fold the standardisation into the input weights afterwards
-    in_mean, in_scale = Ht.mean(0), Ht.std(0).clamp_min(1e-6)
-    Zt, Zv = ((Ht - in_mean) / in_scale).float(), ((Hv - in_mean) / in_scale).float()
+    # train on standardised inputs (float32), fold the standardisation into the input weights afterwards.
+    # (Nearly) constant anchor dimensions carry nothing to learn from; dividing by their tiny std would fold into
+    # huge raw-input weights that turn any deviation at inference into wild logits (and overflow fp16 packing), so
+    # they are zeroed in Z and get zero input weights: the router and MLP ignore them.
+    in_mean, in_scale, informative = _standardisation(Ht)
+    Zt = torch.where(informative, (Ht - in_mean) / in_scale, 0.0).float()
+    Zv = torch.where(informative, (Hv - in_mean) / in_scale, 0.0).float()
+    keep = informative.float()
     Dt32, Dv32, V = Dt.float(), Dv.float(), experts.float()
     U = res_basis.float() if k > 0 else None
     rand = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
     weights = {"gamma": torch.ones(())}
-    if K > 1:
-        weights["A"] = 0.01 * rand(d, K)
+    if K > 1:  # zero rows/columns for ignored inputs get zero gradients, and weight decay keeps them at zero
+        weights["A"] = 0.01 * rand(d, K) * keep[:, None]
         weights["c"] = torch.log(sizes.float().clamp_min(1) / len(Dt))
     if k > 0:
-        weights.update(W1=rand(m, d) / math.sqrt(d), b1=torch.zeros(m), W2=torch.zeros(k, m), b2=torch.zeros(k))
+        weights.update(W1=rand(m, d) / math.sqrt(d) * keep[None, :], b1=torch.zeros(m), W2=torch.zeros(k, m),
+                       b2=torch.zeros(k))
     for t in weights.values():
         t.requires_grad_(True)
     decayed = [weights[n_] for n_ in ("A", "W1", "W2") if n_ in weights]
@@ -394,7 +439,7 @@ def fit_mose(H_anchor: torch.Tensor, Delta: torch.Tensor, *, num_experts: Option
     report = MoSEReport(
         num_experts=K, calinski_harabasz=ch, cluster_sizes=[int(x) for x in sizes], res_rank=k, hidden=m,
         n_train=len(Dt), n_val=len(Dv), train_mse=train_curve, val_mse=val_curve, best_epoch=best_epoch,
-        best_val_mse=best_val, stopped_early=stopped_early,
+        best_val_mse=best_val, stopped_early=stopped_early, constant_inputs=int((~informative).sum()),
         caa_train_mse=float(torch.mean((Dt - caa) ** 2)), caa_val_mse=float(torch.mean((Dv - caa) ** 2)))
     return MoSEFit(experts=experts.float(), router_weight=router_weight, router_bias=router_bias,
                    res_in_weight=res_in_weight, res_in_bias=res_in_bias, res_out_weight=res_out_weight,

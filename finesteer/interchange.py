@@ -38,6 +38,7 @@ import torch
 
 from finesteer_kernels import SteerParams
 
+from .layers import check_layer_index
 from .steerer import Steerer
 
 ARCHITECTURE = "controlvector"
@@ -82,15 +83,12 @@ def _check_model_hint(hint: Optional[str], model, where: str) -> None:
         warnings.warn(f"{where}: model hint {hint!r} differs from the model's type {model_type!r}", stacklevel=3)
 
 
-def _check_layer(layer: int, num_layers: Optional[int], where: str, allow_zero: bool = True) -> None:
-    if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
-        raise ControlVectorError(f"{where}: layer index must be a non-negative int, got {layer!r}")
+def _check_layer(layer: int, num_layers: Optional[int], where: str, allow_zero: bool = True) -> int:
+    layer = check_layer_index(layer, num_layers, where, error=ControlVectorError)
     if layer == 0 and not allow_zero:
         raise ControlVectorError(f"{where}: layer index 0 is invalid in a GGUF control vector (llama.cpp rejects "
                                  "direction.0: it never steers the output of block 0)")
-    if num_layers is not None and layer >= num_layers:
-        raise ControlVectorError(f"{where}: layer {layer} does not exist, the model has {num_layers} decoder layers "
-                                 f"(0..{num_layers - 1})")
+    return layer
 
 
 def _as_vector(value: VectorLike, where: str, hidden_size: Optional[int]) -> torch.Tensor:
@@ -188,9 +186,7 @@ def import_vectors(vectors: Union[Mapping[int, VectorLike], str, os.PathLike], *
         raise ControlVectorError(f"{where}: no vectors")
     checked = {}
     for layer, value in raw.items():
-        if isinstance(layer, np.integer):
-            layer = int(layer)
-        _check_layer(layer, n, where)
+        layer = _check_layer(layer, n, where)
         checked[layer] = _as_vector(value, f"{where}[{layer}]", d)
     _same_width(checked, where)
     _check_model_hint(model_hint, model, where)

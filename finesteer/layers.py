@@ -5,6 +5,9 @@ layers are the ``ModuleList`` of that class. Each such layer returns the residua
 """
 from __future__ import annotations
 
+from typing import Optional
+
+import numpy as np
 import torch
 
 
@@ -43,3 +46,17 @@ def hidden_size(model: torch.nn.Module) -> int:
         if getattr(config, attr, None):
             return int(getattr(config, attr))
     raise ValueError(f"model: cannot read the hidden size from {type(config).__name__}")
+
+
+def check_layer_index(layer, layer_count: Optional[int], name: str = "layer", error: type = ValueError) -> int:
+    """``layer`` as an int, after checking it is a decoder layer index: a non-negative int (numpy ints accepted,
+    bools refused) and, when ``layer_count`` is known, below it. Raises ``error`` (a `ValueError` subclass lets
+    callers keep their own error type) naming ``name``."""
+    if isinstance(layer, np.integer):
+        layer = int(layer)
+    if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+        raise error(f"{name}: expected a non-negative int (a decoder layer index), got {layer!r}")
+    if layer_count is not None and layer >= layer_count:
+        raise error(f"{name}: index {layer} out of range for a model with {layer_count} decoder layers "
+                    f"(0..{layer_count - 1})")
+    return layer

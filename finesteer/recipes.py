@@ -21,7 +21,7 @@ import torch
 from . import data as datasets
 from .activations import collect_activations, completion_shifts
 from .fit import energy_ratio, fit_caa, fit_cast, fit_mose, fit_scs, remove_group_means
-from .layers import num_layers
+from .layers import check_layer_index, num_layers
 from .steerer import Steerer
 
 METHODS = ("finesteer", "caa", "cast")
@@ -80,9 +80,7 @@ def _layer(model, layer: Optional[int]) -> int:
     n = num_layers(model)
     if layer is None:
         return n // 2
-    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < n:
-        raise ValueError(f"layer: expected a decoder layer index in [0, {n}), got {layer!r}")
-    return layer
+    return check_layer_index(layer, n, "layer")
 
 
 def _assign_templates(n: int, n_templates: int, per_prompt: int, rng: np.random.Generator) -> tuple:

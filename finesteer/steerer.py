@@ -87,7 +87,8 @@ class Steerer:
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
             "tensors": sorted(tensors), "scalars": self.params.scalars(),
             "layer": self.layer, "hidden_size": self.hidden_size, "model": self.model, "method": self.method,
-            "metadata": {"versions": _versions(), **self.metadata},
+            # the versions that write this file, not ones carried over from a loaded file's metadata
+            "metadata": {**self.metadata, "versions": _versions()},
         }
         save_file(tensors, os.fspath(path), metadata={FORMAT_NAME: json.dumps(header)})
 
@@ -110,18 +111,38 @@ class Steerer:
             header = json.loads(raw)
         except json.JSONDecodeError as e:
             raise SteererFileError(f"{path}: FineSteer metadata is not valid JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise SteererFileError(f"{path}: FineSteer metadata must be a JSON object, got {type(header).__name__}")
         version = header.get("format_version")
         if version != FORMAT_VERSION:
             raise SteererFileError(f"{path}: unknown format_version {version!r}; this FineSteer reads version "
                                    f"{FORMAT_VERSION}")
-        listed = set(header.get("tensors", []))
+        listed = header.get("tensors", [])
+        if not isinstance(listed, list) or not all(isinstance(name, str) for name in listed):
+            raise SteererFileError(f"{path}: header 'tensors' must be a list of tensor names, got {listed!r}")
+        listed = set(listed)
         missing = sorted(listed - tensors.keys())
         if missing:
             raise SteererFileError(f"{path}: missing tensors {missing}")
         unknown = sorted(tensors.keys() - set(TENSOR_FIELDS))
         if unknown:
             raise SteererFileError(f"{path}: unknown tensors {unknown}")
-        scalars = {k: v for k, v in header.get("scalars", {}).items() if k in SCALAR_FIELDS}
+        # every scalar is required: a missing one would silently become SteerParams' default (tau = 0.5, ...)
+        scalars = header.get("scalars")
+        if not isinstance(scalars, dict):
+            raise SteererFileError(f"{path}: header 'scalars' must be a JSON object with {list(SCALAR_FIELDS)}, "
+                                   f"got {scalars!r}")
+        missing = [k for k in SCALAR_FIELDS if k not in scalars]
+        if missing:
+            raise SteererFileError(f"{path}: header 'scalars' lacks {missing}")
+        scalars = {k: scalars[k] for k in SCALAR_FIELDS}
+        layer = header.get("layer")
+        if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+            raise SteererFileError(f"{path}: header 'layer' must be a non-negative int (decoder layer index), got "
+                                   f"{layer!r}")
+        metadata = header.get("metadata", {})
+        if not isinstance(metadata, dict):
+            raise SteererFileError(f"{path}: header 'metadata' must be a JSON object, got {type(metadata).__name__}")
         dtype = tensors["experts"].dtype if "experts" in tensors else None
         try:
             params = SteerParams(**tensors, **scalars, storage_dtype=dtype)
@@ -130,8 +151,8 @@ class Steerer:
         if header.get("hidden_size") != params.d:
             raise SteererFileError(f"{path}: header says hidden_size={header.get('hidden_size')} but the tensors "
                                    f"have d={params.d}")
-        return cls(params=params, layer=header["layer"], model=header.get("model"),
-                   method=header.get("method", "finesteer"), metadata=header.get("metadata", {}))
+        return cls(params=params, layer=layer, model=header.get("model"),
+                   method=header.get("method", "finesteer"), metadata=metadata)
 
     def __repr__(self) -> str:
         return (f"Steerer(method={self.method!r}, layer={self.layer}, hidden_size={self.hidden_size}, "

@@ -163,10 +163,43 @@ def test_caa_is_the_mean_delta_without_gate():
     (lambda: F.fit_mose(torch.randn(10, 8), torch.randn(9, 8)), "Delta"),
     (lambda: F.fit_mose(torch.randn(10, 8), torch.full((10, 8), float("nan"))), "NaN"),
     (lambda: F.fit_mose(torch.randn(10, 8), torch.randn(10, 8), activation="tanh"), "activation"),
+    (lambda: F.fit_mose(torch.randn(10, 8), torch.randn(10, 8), res_rank=4, hidden=0),
+     r"hidden: expected an int >= 1 .* when res_rank > 0"),
+    (lambda: F.fit_mose(torch.randn(10, 8), torch.randn(10, 8), res_rank=-1), "res_rank: expected an int >= 0"),
+    (lambda: F.fit_mose(torch.randn(10, 8), torch.randn(10, 8), epochs=0), "epochs: expected a positive int"),
+    (lambda: F.fit_mose(torch.randn(10, 8), torch.randn(10, 8), batch_size=2.5), "batch_size: expected a positive"),
+    (lambda: F.fit_mose(torch.randn(10, 8), torch.randn(10, 8), lr=float("nan")), "lr: expected a positive finite"),
+    (lambda: F.fit_mose(torch.randn(10, 8), torch.randn(10, 8), weight_decay=-1.0), "weight_decay: expected"),
 ])
 def test_bad_input_names_the_argument(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+def test_mose_ignores_constant_anchor_dimensions():
+    """A (nearly) constant training dimension has nothing to learn from: it must get zero input weights, not
+    ``0.01 * randn / 1e-6``-sized ones that make any deviation at inference swing the router."""
+    data = planted(120, 21)
+    H = data["targets"].clone()
+    H[:, 5] = 2.0 + 1e-8 * torch.randn(120)  # nearly constant
+    H[:, 6] = 3.0  # exactly constant
+    mose = F.fit_mose(H, data["delta"], num_experts=3, res_rank=2, hidden=8, epochs=20, seed=0)
+    assert mose.report.constant_inputs == 2
+    assert torch.equal(mose.router_weight[5:7], torch.zeros(2, 3))
+    assert torch.equal(mose.res_in_weight[:, 5:7], torch.zeros(8, 2))
+    # the other dimensions' weights stay at the scale of 1/std, and fp16 packing stays finite
+    assert mose.router_weight.abs().max() < 100 and mose.res_in_weight.abs().max() < 100
+    packed = mose.params().to(dtype=torch.float16).pack()
+    assert torch.isfinite(packed.w_in).all()
+    moved = H[:10].clone()
+    moved[:, 5:7] += 1.0
+    assert torch.allclose(mose.predict(moved), mose.predict(H[:10]), atol=1e-6)
+
+
+def test_mose_without_residual_accepts_hidden_zero():
+    data = planted(40, 22)
+    mose = F.fit_mose(data["targets"], data["delta"], num_experts=2, res_rank=0, hidden=0, epochs=2)
+    assert mose.res_in_weight is None and mose.report.hidden == 0
 
 
 # ---- activations (tiny model, character tokenizer: no files needed) ----------------------------------------------
@@ -243,3 +276,31 @@ def test_remove_group_means_keeps_overall_mean_and_within_group_variation():
     assert torch.allclose(cleaned - cleaned.mean(0), centred - centred.mean(0), atol=1e-5)
     with pytest.raises(ValueError, match="groups"):
         F.remove_group_means(delta, groups[:-1])
+
+
+def test_layer_index_checks_share_one_helper_and_message():
+    import numpy as np
+
+    from finesteer import recipes
+    from finesteer.activations import collect_activations
+    from finesteer.interchange import ControlVectorError, import_cast
+    from finesteer.layers import check_layer_index, num_layers
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    n, d = num_layers(model), model.config.hidden_size
+    out_of_range = f"index {n} out of range for a model with {n} decoder layers"
+    with pytest.raises(ValueError, match=f"layers: {out_of_range}"):
+        collect_activations(model, CharTokenizer(), ["x"], n, progress=False)
+    with pytest.raises(ValueError, match=rf"layers\[1\]: {out_of_range}"):
+        collect_activations(model, CharTokenizer(), ["x"], [0, n], progress=False)
+    with pytest.raises(ValueError, match=f"layer: {out_of_range}"):
+        recipes._layer(model, n)
+    with pytest.raises(ControlVectorError, match=f"layer: {out_of_range}"):
+        import_cast(torch.ones(d), torch.ones(d), 0.5, n, model=model)
+    assert recipes._layer(model, None) == n // 2
+    layer = check_layer_index(np.int64(n - 1), n)
+    assert layer == n - 1 and type(layer) is int
+    for bad in (-1, True, 1.0, "1"):
+        with pytest.raises(ValueError, match="where: expected a non-negative int"):
+            check_layer_index(bad, n, "where")

@@ -52,6 +52,14 @@ def rewrite(path, out, tensors=None, header=None):
     (lambda d: {**d, "extra": torch.zeros(1)}, None, r"unknown tensors \['extra'\]"),
     (None, lambda m: {**m, "format_version": 99}, "unknown format_version 99"),
     (None, lambda m: {**m, "hidden_size": 25}, "header says hidden_size=25"),
+    (None, lambda m: {k: v for k, v in m.items() if k != "layer"}, "header 'layer' must be a non-negative int"),
+    (None, lambda m: {**m, "layer": "7"}, "header 'layer' must be a non-negative int"),
+    (None, lambda m: {k: v for k, v in m.items() if k != "scalars"}, "header 'scalars' must be a JSON object"),
+    (None, lambda m: {**m, "scalars": {k: v for k, v in m["scalars"].items() if k != "tau"}},
+     r"header 'scalars' lacks \['tau'\]"),
+    (None, lambda m: {**m, "tensors": 3}, "header 'tensors' must be a list"),
+    (None, lambda m: {**m, "metadata": [1]}, "header 'metadata' must be a JSON object"),
+    (None, lambda m: [m], "FineSteer metadata must be a JSON object, got list"),
 ])
 def test_bad_files_raise_clear_errors(tmp_path, tensors, header, match):
     make_steerer().save(tmp_path / "good.safetensors")
@@ -78,3 +86,15 @@ def test_invalid_steerer_fields():
         make_steerer().__class__(params=random_params(8, 0, 1), layer=-1)
     with pytest.raises(TypeError, match="metadata: must be JSON-serialisable"):
         Steerer(params=random_params(8, 0, 1), layer=0, metadata={"x": object()})
+
+
+def test_resaving_a_loaded_steerer_records_the_current_versions(tmp_path):
+    s = make_steerer()
+    s.save(tmp_path / "s.safetensors")
+    old = Steerer.load(tmp_path / "s.safetensors")
+    old.metadata["versions"] = {"finesteer": "0.0.1-stale", "torch": "1.0"}  # as if written by an old install
+    old.save(tmp_path / "t.safetensors")
+    again = Steerer.load(tmp_path / "t.safetensors")
+    assert again.metadata["versions"]["torch"] == torch.__version__
+    assert again.metadata["versions"]["finesteer"] != "0.0.1-stale"
+    assert again.metadata["metrics"] == {"auc": 0.97}
