@@ -25,7 +25,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -362,12 +362,41 @@ def split_prompts(ps: PromptSet, fractions: Sequence[float] = (0.5, 0.25, 0.25),
     return Splits(*out)
 
 
+def check_disjoint(parts: Mapping[str, PromptSet], what: str = "prompts") -> None:
+    """Raise `ValueError` naming every pair of ``parts`` (name -> prompt set) that share a prompt (compared after
+    `normalize`), e.g. the fit / calibration / test splits of the targets and of the benign prompts: a prompt in
+    two of them would leak fit data into calibration or test, or carry both labels. ``what`` names the
+    arguments the parts came from."""
+    keys = {name: {normalize(p) for p in ps.prompts} for name, ps in parts.items()}
+    names = list(keys)
+    shared = [f"{a} & {b}: {len(keys[a] & keys[b])}" for i, a in enumerate(names) for b in names[i + 1:]
+              if keys[a] & keys[b]]
+    if shared:
+        raise ValueError(f"{what}: splits that must be disjoint share prompts ({'; '.join(shared)}); remove the "
+                         "prompts that appear on both sides")
+
+
 # ---- question/answer pairs (truthfulness) -------------------------------------------------------------------------
 @dataclasses.dataclass
 class QAItem:
     question: str
     correct: list
     incorrect: list
+
+
+def _answers(row: dict, key: str, path: Path, lineno: int) -> list:
+    """The answers under ``key`` (``best_answer``: one string; the others: a list of strings), [] when absent.
+    Anything else is an error, not silently dropped (a string where a list belongs would split into letters)."""
+    value = row.get(key)
+    if value is None:
+        return []
+    if key == "best_answer":
+        if isinstance(value, str):
+            return [value]
+        raise ValueError(f"{path}:{lineno}: 'best_answer' must be a string, got {type(value).__name__}")
+    if isinstance(value, list) and all(isinstance(a, str) for a in value):
+        return list(value)
+    raise ValueError(f"{path}:{lineno}: {key!r} must be a list of strings, got {value!r:.80}")
 
 
 def load_qa_jsonl(path: str | os.PathLike) -> tuple:
@@ -384,10 +413,12 @@ def load_qa_jsonl(path: str | os.PathLike) -> tuple:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-        question = row.get("question") if isinstance(row, dict) else None
-        correct = ([row["best_answer"]] if isinstance(row.get("best_answer"), str) else []) + \
-            [a for a in row.get("correct_answers", []) if isinstance(a, str)]
-        incorrect = [a for a in row.get("incorrect_answers", []) if isinstance(a, str)]
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object per line (TruthfulQA layout), got "
+                             f"{type(row).__name__}")
+        question = row.get("question")
+        correct = _answers(row, "best_answer", path, lineno) + _answers(row, "correct_answers", path, lineno)
+        incorrect = _answers(row, "incorrect_answers", path, lineno)
         if not isinstance(question, str) or not correct or not incorrect:
             raise ValueError(f"{path}:{lineno}: expected 'question', 'best_answer' or 'correct_answers', and "
                              "'incorrect_answers' (TruthfulQA layout)")

@@ -118,10 +118,10 @@ def fit_recipe(model, tokenizer, *, recipe: str, targets: datasets.PromptSet, be
                                       opts.seed)
     b_splits = datasets.split_prompts(datasets.subsample(benign, opts.n_benign, opts.seed), opts.fractions,
                                       opts.seed)
-    overlap = {datasets.normalize(p) for p in t_splits.fit.prompts + t_splits.calibration.prompts} & \
-        {datasets.normalize(p) for p in t_splits.test.prompts + b_splits.test.prompts}
-    if overlap:  # splits are disjoint by construction; a benign prompt equal to a target would break that
-        raise ValueError(f"targets, benign: {len(overlap)} prompt(s) appear in both fit/calibration and test data")
+    # each set's splits are disjoint by construction; a benign prompt equal to a target would break that
+    datasets.check_disjoint({f"{side} {name}": getattr(splits, name) for side, splits in
+                             (("target", t_splits), ("benign", b_splits)) for name in ("fit", "calibration", "test")},
+                            "targets, benign")
 
     fit_prompts = t_splits.fit.prompts
     shifts = completion_shifts(model, tokenizer, fit_prompts, [desired[p] for p in fit_prompts],

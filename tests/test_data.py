@@ -119,6 +119,51 @@ def test_qa_jsonl_truthfulqa_layout(tmp_path):
         D.load_qa_jsonl(path)
 
 
+@pytest.mark.parametrize("second_line, match", [
+    ('["Q?", "A", "B"]', r"qa.jsonl:2: expected a JSON object per line .* got list"),
+    ('"just a string"', r"qa.jsonl:2: expected a JSON object per line .* got str"),
+    ('{"question": "Q?", "correct_answers": "A", "incorrect_answers": ["B"]}',
+     r"qa.jsonl:2: 'correct_answers' must be a list of strings"),
+    ('{"question": "Q?", "best_answer": ["A"], "incorrect_answers": ["B"]}', r"qa.jsonl:2: 'best_answer' must be"),
+    ('{"question": "Q?", "best_answer": "A", "incorrect_answers": ["B", 3]}',
+     r"qa.jsonl:2: 'incorrect_answers' must be a list of strings"),
+])
+def test_qa_jsonl_bad_lines_name_file_and_line(tmp_path, second_line, match):
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"question": "Q1?", "best_answer": "A", "incorrect_answers": ["B"]}) + "\n" +
+                    second_line + "\n")
+    with pytest.raises(ValueError, match=match):
+        D.load_qa_jsonl(path)
+
+
+def test_check_disjoint_names_every_shared_pair():
+    src = {"u": D.Source("u", "user", "1", "f", "MIT")}
+
+    def ps(*prompts):
+        return D.PromptSet("x", list(prompts), ["u"] * len(prompts), src)
+
+    D.check_disjoint({"a": ps("one", "two"), "b": ps("three"), "c": ps("four")})  # disjoint: no error
+    with pytest.raises(ValueError, match=r"targets, benign: .*\(a & c: 1; b & c: 2\)"):
+        D.check_disjoint({"a": ps("one", "two"), "b": ps("three", "Four!"), "c": ps("One.", "four", "three")},
+                         "targets, benign")
+
+
+def test_fit_recipe_refuses_benign_prompts_that_equal_targets():
+    """Benign prompts equal to the targets split the same way, so target fit == benign fit: the old check (only
+    fit/calibration against test) missed it; every pair of splits must be disjoint."""
+    from finesteer import recipes
+    from tiny_models import tiny_model
+
+    src = {"u": D.Source("u", "user", "1", "f", "MIT")}
+    targets = D.PromptSet("t", [f"harmful request {i}" for i in range(12)], ["u"] * 12, src)
+    benign = D.PromptSet("b", [f"Harmful request {i}!" for i in range(12)], ["u"] * 12, src)
+    completions = {p: "x" for p in targets.prompts}
+    with pytest.raises(ValueError, match=r"targets, benign: .*target fit & benign fit: \d+"):
+        recipes.fit_recipe(tiny_model("llama"), None, recipe="test", targets=targets, benign=benign,
+                           desired=completions, undesired=completions, progress=False,
+                           options=recipes.FitOptions(n_target=12, n_benign=12))
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda ps: D.split_prompts(ps, (0.5, 0.5)), "fractions"),
     (lambda ps: D.split_prompts(ps, (0.5, 0.4, 0.4)), "fractions"),
