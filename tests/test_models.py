@@ -43,16 +43,51 @@ def test_chat_template_anchor_matches_a_plain_forward(smollm2):
     assert torch.allclose(acts[0], hs[4][0, -1], atol=1e-3, rtol=1e-4)
 
 
-def test_local_folder_loads(tmp_path, smollm2):
+def test_local_folder_loads(tmp_path, smollm2, monkeypatch):
     _, tokenizer = smollm2
     tiny = tiny_model("llama", vocab_size=len(tokenizer))
     tiny.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
+    # a pickled checkpoint beside the safetensors one must never reach torch.load
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not a pickle")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load called on a model folder"))
     model, tok = models.load_model(tmp_path)
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.inference_mode():
         assert torch.allclose(model(ids).logits, tiny(ids).logits, atol=1e-5)
     assert tok.chat_template == tokenizer.chat_template
+
+
+def test_pickle_only_folder_is_refused(tmp_path, monkeypatch):
+    tiny = tiny_model("llama")
+    tiny.config.save_pretrained(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"pretend pickle")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load called on a model folder"))
+    with pytest.raises(ValueError, match=r"only pickled weights \(pytorch_model.bin\); FineSteer loads "
+                                         "safetensors weights only"):
+        models.load_model(tmp_path)
+    (tmp_path / "pytorch_model.bin").unlink()
+    with pytest.raises(ValueError, match="holds no weights"):
+        models.load_model(tmp_path)
+
+
+def test_gguf_conversion_runs_once_per_folder(tmp_path, monkeypatch):
+    """smollm2 and .gguf paths share one convert-if-unmarked step: a folder without the marker is replaced."""
+    calls = []
+
+    def fake_convert(gguf, folder):
+        calls.append(gguf)
+        folder.mkdir()
+        (folder / models._CONVERTED_MARKER).write_text("{}")
+
+    monkeypatch.setattr(models, "convert_gguf", fake_convert)
+    folder = tmp_path / "converted"
+    folder.mkdir()
+    (folder / "leftover").write_text("x")  # no marker: not trusted
+    assert models._converted(lambda: tmp_path / "m.gguf", folder, progress=False) == folder
+    assert calls == [tmp_path / "m.gguf"] and not (folder / "leftover").exists()
+    models._converted(lambda: pytest.fail("looked up the GGUF although converted"), folder, progress=False)
+    assert len(calls) == 1
 
 
 def test_cache_dir_follows_environment(tmp_path, monkeypatch):
