@@ -9,7 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .kernel_common import apply_config, native_dot, padded
+from .kernel_common import apply_config, device_guard, native_dot, padded
+from .w_out_dot import coef_times_w_out
 
 
 @triton.jit
@@ -35,13 +36,7 @@ def apply_kernel(h_ptr, out_ptr, coef_ptr, seq_ptr, w_out_ptr, n_rows, n_seq, d,
         x = tl.load(h_ptr + offs, mask=mask, other=0.0)
         w = tl.load(w_out_ptr + coef_cols[:, None] * d + offs_d[None, :],
                     mask=(coef_cols < NC)[:, None] & d_mask[None, :], other=0.0)
-        if NATIVE_DOT:
-            # 16-bit tensor-core operands: a high and a low part keep ~16 bits of each coefficient
-            coef_hi = coef.to(x.dtype)
-            delta = tl.dot(coef_hi, w)
-            delta = tl.dot((coef - coef_hi.to(tl.float32)).to(x.dtype), w, delta)
-        else:
-            delta = tl.dot(coef, w.to(tl.float32), input_precision="ieee")
+        delta = coef_times_w_out(coef, w, NATIVE_DOT)
         out = tl.where(active[:, None], (x.to(tl.float32) + delta).to(x.dtype), x)
         tl.store(out_ptr + offs, out, mask=mask)
 
@@ -56,6 +51,7 @@ def launch_apply(h2d: torch.Tensor, out2d: torch.Tensor, coef: torch.Tensor, row
         return
     config = config or apply_config(n_rows, d)
     grid = (triton.cdiv(n_rows, config.BLOCK_T), triton.cdiv(d, config.BLOCK_D))
-    apply_kernel[grid](h2d, out2d, coef, row_to_seq, w_out, n_rows, n_seq, d,
-                       NC=n_coef, NCP=padded(n_coef), NATIVE_DOT=native_dot(h2d.dtype),
-                       IN_PLACE=out2d.data_ptr() == h2d.data_ptr(), **config.launch_kwargs())
+    with device_guard(h2d):
+        apply_kernel[grid](h2d, out2d, coef, row_to_seq, w_out, n_rows, n_seq, d,
+                           NC=n_coef, NCP=padded(n_coef), NATIVE_DOT=native_dot(h2d.dtype),
+                           IN_PLACE=out2d.data_ptr() == h2d.data_ptr(), **config.launch_kwargs())

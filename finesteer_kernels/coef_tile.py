@@ -1,54 +1,65 @@
-"""Pass 1 and the per-row epilogue, shared by the token-mode and the synthesize kernels (a device function).
+"""Pass 1 and the per-row epilogue, shared by the token-mode and the synthesize kernels (device functions).
 
-For a tile of BLOCK_T rows it accumulates ``h @ W_in`` (fp32, tl.dot) and ``||h||^2`` in one sweep over d, then
-turns the NP accumulated columns ``[S^T h | h.mu | A^T h | W1 h | zero padding]`` into the coefficient row
-``alpha * gamma * g * [softmax(A^T h + c) | W2 act(W1 h + b1) + b2]`` (NCP columns, the first NC valid).
-Readable equivalent: `reference.coefficients`.
+For a tile of BLOCK_T rows, pass 1 centres each row on the gate's mean, ``xc = h - mu`` (mu read in fp32), and
+accumulates ``xc @ W_in`` (fp32, tl.dot) and ``||xc||^2`` in one sweep over d. The epilogue turns the NP accumulated
+columns ``[S^T xc | A^T xc | W1 xc | zero padding]`` into the coefficient row
+``alpha * gamma * g * [softmax(A^T xc + (c + A^T mu)) | W2 act(W1 xc + (b1 + W1 mu)) + b2]`` (NCP columns, the
+first NC valid); ``A^T mu`` and ``W1 mu`` are folded into the biases at packing (`SteerParams.pack_centred`).
+Centring before the dot keeps the gate exact for rows close to a large mu, where the expansion
+``||h||^2 - 2 h.mu + ||mu||^2`` cancels. Readable equivalent: `reference.coefficients`.
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def tile_coefficients(h_ptr, rows, row_mask, d, w_in_ptr, consts_ptr, tau, eps, scale,
-                      R: tl.constexpr, K: tl.constexpr, M: tl.constexpr, KR: tl.constexpr,
-                      HAS_GATE: tl.constexpr, HAS_ROUTER: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
-                      MEAN_COL: tl.constexpr, ROUTER_COL: tl.constexpr, RES_COL: tl.constexpr,
-                      W_IN_STRIDE: tl.constexpr, S_MU_OFF: tl.constexpr, MU_SQ_OFF: tl.constexpr,
-                      RB_OFF: tl.constexpr, B1_OFF: tl.constexpr, W2_OFF: tl.constexpr, B2_OFF: tl.constexpr,
-                      NP: tl.constexpr, MP: tl.constexpr, NCP: tl.constexpr, NATIVE_DOT: tl.constexpr,
-                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Returns ``(coef, g)``: ``(BLOCK_T, NCP)`` fp32 coefficients (scale and gate folded in) and the fp32 gate."""
+def centred_projections(h_ptr, rows, row_mask, d, w_in_ptr, mean_ptr, d_start, d_stop,
+                        HAS_GATE: tl.constexpr, HAS_MEAN: tl.constexpr, W_IN_STRIDE: tl.constexpr,
+                        NP: tl.constexpr, NATIVE_DOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Pass 1 over ``[d_start, d_stop)``: ``(xc @ W_in, ||xc||^2)`` as fp32 ``(BLOCK_T, NP)`` and ``(BLOCK_T,)``."""
     cols = tl.arange(0, NP)
     acc = tl.zeros((BLOCK_T, NP), tl.float32)
     sq = tl.zeros((BLOCK_T,), tl.float32)
     row_base = rows.to(tl.int64) * d
-    if HAS_GATE or HAS_ROUTER or HAS_RES:  # CAA-like steerers read nothing in pass 1
-        for d0 in range(0, d, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            d_mask = offs_d < d
-            x = tl.load(h_ptr + row_base[:, None] + offs_d[None, :], mask=row_mask[:, None] & d_mask[None, :],
-                        other=0.0)
-            w = tl.load(w_in_ptr + offs_d[:, None] * W_IN_STRIDE + cols[None, :],
-                        mask=d_mask[:, None] & (cols[None, :] < W_IN_STRIDE), other=0.0)
-            x32 = x.to(tl.float32)
-            if HAS_GATE:
-                sq += tl.sum(x32 * x32, axis=1)
-            if NATIVE_DOT:
-                acc = tl.dot(x, w, acc)
-            else:
-                acc = tl.dot(x32, w.to(tl.float32), acc, input_precision="ieee")
+    for d0 in range(d_start, d_stop, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < d_stop
+        x = tl.load(h_ptr + row_base[:, None] + offs_d[None, :], mask=row_mask[:, None] & d_mask[None, :],
+                    other=0.0)
+        w = tl.load(w_in_ptr + offs_d[:, None] * W_IN_STRIDE + cols[None, :],
+                    mask=d_mask[:, None] & (cols[None, :] < W_IN_STRIDE), other=0.0)
+        if HAS_MEAN:
+            mu = tl.load(mean_ptr + offs_d, mask=d_mask, other=0.0)
+            xc32 = x.to(tl.float32) - mu[None, :]
+            xc = xc32.to(x.dtype)
+        else:
+            xc32 = x.to(tl.float32)
+            xc = x
+        if HAS_GATE:
+            sq += tl.sum(xc32 * xc32, axis=1)
+        if NATIVE_DOT:  # 16-bit tensor-core operands; xc is small next to mu, so its rounding costs little
+            acc = tl.dot(xc, w, acc)
+        else:
+            acc = tl.dot(xc32, w.to(tl.float32), acc, input_precision="ieee")
+    return acc, sq
 
-    g = tl.full((BLOCK_T,), 1.0, tl.float32)
-    if HAS_GATE:
-        # ||S^T(h-mu)||^2 / max(||h-mu||^2, eps) from the one pass over h:
-        # S^T(h-mu) = S^T h - S^T mu and ||h-mu||^2 = ||h||^2 - 2 h.mu + ||mu||^2
-        s_mu = tl.load(consts_ptr + S_MU_OFF + cols, mask=cols < R, other=0.0)
-        proj = tl.where(cols[None, :] < R, acc - s_mu[None, :], 0.0)
+
+@triton.jit
+def coefficients_from_projections(acc, sq, row_mask, consts_ptr, tau, eps, scale,
+                                  R: tl.constexpr, K: tl.constexpr, M: tl.constexpr, KR: tl.constexpr,
+                                  HAS_GATE: tl.constexpr, HAS_ROUTER: tl.constexpr, HAS_RES: tl.constexpr,
+                                  RELU: tl.constexpr, ROUTER_COL: tl.constexpr, RES_COL: tl.constexpr,
+                                  RB_OFF: tl.constexpr, B1_OFF: tl.constexpr, W2_OFF: tl.constexpr,
+                                  B2_OFF: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr, NCP: tl.constexpr,
+                                  BLOCK_T: tl.constexpr):
+    """The epilogue: ``(coef, g)``, ``(BLOCK_T, NCP)`` fp32 coefficients (scale and gate folded in) and the fp32
+    gate; rows outside ``row_mask`` get ``g = 0``."""
+    cols = tl.arange(0, NP)
+    g = tl.where(row_mask, 1.0, 0.0)
+    if HAS_GATE:  # ||S^T(h-mu)||^2 / max(||h-mu||^2, eps) >= tau, both from the centred pass
+        proj = tl.where(cols[None, :] < R, acc, 0.0)
         inside = tl.sum(proj * proj, axis=1)
-        h_mu = tl.sum(tl.where(cols[None, :] == MEAN_COL, acc, 0.0), axis=1)
-        energy = tl.maximum(sq - 2.0 * h_mu + tl.load(consts_ptr + MU_SQ_OFF), eps)
-        g = tl.where(inside / energy >= tau, 1.0, 0.0)
+        g = tl.where(inside / tl.maximum(sq, eps) >= tau, g, 0.0)
 
     # Coefficient columns [0, K) take the softmax weights of the router columns, [K, K+k) the MLP's output; the
     # accumulator's columns are picked out with tl.gather (no slicing of register tensors in Triton).
@@ -79,3 +90,21 @@ def tile_coefficients(h_ptr, rows, row_mask, d, w_in_ptr, consts_ptr, tau, eps, 
         coef += tl.dot(hidden, w2_t, input_precision="ieee") + b2[None, :]
     coef = coef * (scale * g)[:, None]
     return coef, g
+
+
+@triton.jit
+def tile_coefficients(h_ptr, rows, row_mask, d, w_in_ptr, mean_ptr, consts_ptr, tau, eps, scale,
+                      R: tl.constexpr, K: tl.constexpr, M: tl.constexpr, KR: tl.constexpr,
+                      HAS_GATE: tl.constexpr, HAS_MEAN: tl.constexpr, HAS_ROUTER: tl.constexpr,
+                      HAS_RES: tl.constexpr, RELU: tl.constexpr, ROUTER_COL: tl.constexpr, RES_COL: tl.constexpr,
+                      W_IN_STRIDE: tl.constexpr, RB_OFF: tl.constexpr, B1_OFF: tl.constexpr,
+                      W2_OFF: tl.constexpr, B2_OFF: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr,
+                      NCP: tl.constexpr, NATIVE_DOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Pass 1 over all of d, then the epilogue: ``(coef, g)``."""
+    # CAA-like steerers (no gate, router or MLP) read nothing in pass 1: an empty range
+    d_stop = d if (HAS_GATE or HAS_ROUTER or HAS_RES) else 0
+    acc, sq = centred_projections(h_ptr, rows, row_mask, d, w_in_ptr, mean_ptr, 0, d_stop, HAS_GATE, HAS_MEAN,
+                                  W_IN_STRIDE, NP, NATIVE_DOT, BLOCK_T, BLOCK_D)
+    return coefficients_from_projections(acc, sq, row_mask, consts_ptr, tau, eps, scale, R, K, M, KR, HAS_GATE,
+                                         HAS_ROUTER, HAS_RES, RELU, ROUTER_COL, RES_COL, RB_OFF, B1_OFF, W2_OFF,
+                                         B2_OFF, NP, MP, NCP, BLOCK_T)

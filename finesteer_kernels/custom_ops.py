@@ -1,17 +1,22 @@
 """The Triton kernels registered as torch.library custom ops, each with a fake (shape-only) implementation, so that
 ``torch.compile(fullgraph=True)`` traces through a call as one opaque node:
 
-    finesteer::steer(h, w_in, w_out, consts, layout, tau, eps, scale) -> Tensor        token mode
-    finesteer::steer_(h!, w_in, w_out, consts, layout, tau, eps, scale) -> ()          token mode, in place
-    finesteer::synthesize(h, w_in, consts, layout, tau, eps, scale) -> Tensor         (B, K+k) fp32
-    finesteer::apply_coef(h, coef, row_to_seq, w_out) -> Tensor                        query-mode apply
-    finesteer::apply_coef_(h!, coef, row_to_seq, w_out) -> ()                          the same, in place
+    finesteer::steer(h, w_in, w_out, mean, consts, layout, tau, eps, scale, keep) -> Tensor    token mode
+    finesteer::steer_(h!, w_in, w_out, mean, consts, layout, tau, eps, scale, keep) -> ()      token mode, in place
+    finesteer::synthesize(h, w_in, mean, consts, layout, tau, eps, scale) -> Tensor           (B, K+k) fp32
+    finesteer::apply_coef(h, coef, row_to_seq, w_out) -> Tensor                                query-mode apply
+    finesteer::apply_coef_(h!, coef, row_to_seq, w_out) -> ()                                  the same, in place
 
-``h`` is contiguous ``(N, d)``; ``w_in``/``w_out``/``consts`` come from `SteerParams.pack_aligned`; ``layout`` is a
-`kernel_common.Layout` as a list of ints; ``scale`` is ``alpha * gamma``. `finesteer_kernels.ops` prepares these
-from a `SteerParams`; other libraries should call `finesteer_kernels.steer` etc., not these ops directly.
+``h`` is contiguous ``(N, d)``; ``w_in``/``w_out``/``mean``/``consts`` come from `SteerParams.pack_centred`;
+``layout`` is a `kernel_common.Layout` as a list of ints; ``scale`` is ``alpha * gamma``; ``keep`` is None or a
+contiguous ``(N,)`` bool (False: leave the row unchanged). Each launch runs with ``h``'s GPU as the current device
+(`kernel_common.device_guard`). `finesteer_kernels.ops` prepares these from a `SteerParams`; other libraries
+should call `finesteer_kernels.steer` etc., not these ops directly. The ops have no autograd formula: `ops` runs
+the torch reference when gradients are wanted.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -23,40 +28,40 @@ from .synthesize_kernel import launch_synthesize
 
 
 @torch.library.custom_op("finesteer::steer", mutates_args=())
-def steer(h: Tensor, w_in: Tensor, w_out: Tensor, consts: Tensor, layout: list[int], tau: float, eps: float,
-          scale: float) -> Tensor:
+def steer(h: Tensor, w_in: Tensor, w_out: Tensor, mean: Tensor, consts: Tensor, layout: list[int], tau: float,
+          eps: float, scale: float, keep: Optional[Tensor] = None) -> Tensor:
     out = torch.empty_like(h)
-    launch_steer(h, out, w_in, w_out, consts, Layout(*layout), tau, eps, scale)
+    launch_steer(h, out, w_in, w_out, mean, consts, Layout(*layout), tau, eps, scale, keep)
     return out
 
 
 @steer.register_fake
-def _steer_fake(h, w_in, w_out, consts, layout, tau, eps, scale):
+def _steer_fake(h, w_in, w_out, mean, consts, layout, tau, eps, scale, keep=None):
     return torch.empty_like(h)
 
 
 @torch.library.custom_op("finesteer::steer_", mutates_args=("h",))
-def steer_(h: Tensor, w_in: Tensor, w_out: Tensor, consts: Tensor, layout: list[int], tau: float, eps: float,
-           scale: float) -> None:
-    launch_steer(h, h, w_in, w_out, consts, Layout(*layout), tau, eps, scale)
+def steer_(h: Tensor, w_in: Tensor, w_out: Tensor, mean: Tensor, consts: Tensor, layout: list[int], tau: float,
+           eps: float, scale: float, keep: Optional[Tensor] = None) -> None:
+    launch_steer(h, h, w_in, w_out, mean, consts, Layout(*layout), tau, eps, scale, keep)
 
 
 @steer_.register_fake
-def _steer_inplace_fake(h, w_in, w_out, consts, layout, tau, eps, scale):
+def _steer_inplace_fake(h, w_in, w_out, mean, consts, layout, tau, eps, scale, keep=None):
     return None
 
 
 @torch.library.custom_op("finesteer::synthesize", mutates_args=())
-def synthesize(h: Tensor, w_in: Tensor, consts: Tensor, layout: list[int], tau: float, eps: float,
+def synthesize(h: Tensor, w_in: Tensor, mean: Tensor, consts: Tensor, layout: list[int], tau: float, eps: float,
                scale: float) -> Tensor:
     layout = Layout(*layout)
     coef = torch.empty(h.shape[0], layout.n_coef, dtype=torch.float32, device=h.device)
-    launch_synthesize(h, coef, w_in, consts, layout, tau, eps, scale)
+    launch_synthesize(h, coef, w_in, mean, consts, layout, tau, eps, scale)
     return coef
 
 
 @synthesize.register_fake
-def _synthesize_fake(h, w_in, consts, layout, tau, eps, scale):
+def _synthesize_fake(h, w_in, mean, consts, layout, tau, eps, scale):
     return h.new_empty(h.shape[0], Layout(*layout).n_coef, dtype=torch.float32)
 
 

@@ -6,7 +6,7 @@ Imports triton; `ops` imports this module lazily, so the package itself needs ne
 Block sizes (GPU; one pinned config under the interpreter, where only fewer, larger numpy steps matter):
 
 * token mode and `synthesize` (pass 1 reads a ``(BLOCK_T, BLOCK_D)`` tile of h and a ``(BLOCK_D, NP)`` tile of
-  W_in per step, NP = padded r+1+K+m): ``BLOCK_D = 64`` keeps a W_in stage at 64 x 128 x 2 B = 16 KiB of shared
+  W_in per step, NP = padded r+K+m): ``BLOCK_D = 64`` keeps a W_in stage at 64 x 128 x 2 B = 16 KiB of shared
   memory. ``BLOCK_T`` trades weight re-reads (W_in and W_out are read once per row tile, from L2) against
   parallelism and registers (the fp32 accumulator is BLOCK_T x NP): 64 rows (wgmma on Hopper, 8 warps) once there
   are enough rows to fill the SMs, else 32 (4 warps), and 16, the smallest tl.dot tile, for decode-size inputs.
@@ -20,13 +20,14 @@ checked for spills by tests/test_kernel_compile.py; they have not been tuned on 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
 import triton
 from triton import knobs
 
-from .params import PackedSteerParams
+from .params import CentredPack
 
 # Under TRITON_INTERPRET=1, `triton.jit` builds interpreted functions at import time of the kernel modules; this
 # records which kind they are.
@@ -44,15 +45,13 @@ class Layout(NamedTuple):
     M: int
     KR: int
     HAS_GATE: int
+    HAS_MEAN: int
     HAS_ROUTER: int
     HAS_RES: int
     RELU: int
-    MEAN_COL: int
     ROUTER_COL: int
     RES_COL: int
     W_IN_STRIDE: int
-    S_MU_OFF: int
-    MU_SQ_OFF: int
     RB_OFF: int
     B1_OFF: int
     W2_OFF: int
@@ -73,16 +72,22 @@ def padded(n: int) -> int:
     return max(MIN_DOT, triton.next_power_of_2(n))
 
 
-def layout_of(packed: PackedSteerParams, activation: str) -> Layout:
-    """The layout of a `SteerParams.pack_aligned` result (``w_in`` columns already padded)."""
+def layout_of(packed: CentredPack, activation: str) -> Layout:
+    """The layout of a `SteerParams.pack_centred` result (``w_in`` columns already padded)."""
     return Layout(
         R=packed.r, K=packed.num_experts, M=packed.m, KR=packed.k, HAS_GATE=int(packed.has_gate),
-        HAS_ROUTER=int(packed.has_router), HAS_RES=int(packed.k > 0), RELU=int(activation == "relu"),
-        MEAN_COL=packed.mean_col, ROUTER_COL=packed.router_col, RES_COL=packed.res_col,
-        W_IN_STRIDE=packed.w_in.shape[1], S_MU_OFF=packed.s_mu_off, MU_SQ_OFF=packed.mu_sq_off,
-        RB_OFF=packed.router_bias_off, B1_OFF=packed.res_in_bias_off, W2_OFF=packed.res_out_weight_off,
-        B2_OFF=packed.res_out_bias_off,
+        HAS_MEAN=int(packed.has_mean), HAS_ROUTER=int(packed.has_router), HAS_RES=int(packed.k > 0),
+        RELU=int(activation == "relu"), ROUTER_COL=packed.router_col, RES_COL=packed.res_col,
+        W_IN_STRIDE=packed.w_in.shape[1], RB_OFF=packed.router_bias_off, B1_OFF=packed.res_in_bias_off,
+        W2_OFF=packed.res_out_weight_off, B2_OFF=packed.res_out_bias_off,
     )
+
+
+def device_guard(t: torch.Tensor):
+    """Make ``t``'s GPU the current device while a kernel launches: Triton launches on the current device and its
+    current stream, and with a model spread over GPUs (device_map) a layer on cuda:1 runs while cuda:0 is current.
+    Sets the device only (no synchronisation); a no-op for CPU tensors (the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def native_dot(dtype: torch.dtype) -> bool:

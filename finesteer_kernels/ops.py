@@ -4,8 +4,9 @@ Backends: ``torch`` (the reference, any device) and ``triton`` (fused kernels; C
 ``TRITON_INTERPRET=1``). Without ``FINESTEER_BACKEND`` the Triton kernels run wherever they can and the reference
 elsewhere; ``FINESTEER_BACKEND=triton|torch`` forces one, and forcing triton where it cannot run raises.
 
-The Triton path goes through the torch.library ops of `custom_ops` (so torch.compile can trace it). Only metadata
-(shape, dtype, device, env) is inspected on the way: no host synchronisation.
+The kernels have no backward: when autograd is on and an input requires grad, the reference runs instead (it is
+differentiable). The Triton path goes through the torch.library ops of `custom_ops` (so torch.compile can trace
+it). Only metadata (shape, dtype, device, requires_grad, env) is inspected on the way: no host synchronisation.
 """
 from __future__ import annotations
 
@@ -17,10 +18,9 @@ import torch
 
 from . import reference
 from .params import SteerParams
-from .validation import check_coef, check_hidden, check_row_to_seq
+from .validation import check_coef, check_hidden, check_row_mask, check_row_to_seq
 
 BACKENDS = ("triton", "torch")
-
 
 
 def _triton_installed() -> bool:
@@ -49,17 +49,35 @@ def _triton_problem(h: torch.Tensor) -> Optional[str]:
     return None
 
 
-def select_backend(h: torch.Tensor) -> str:
-    """The backend that runs for a hidden-state tensor ``h``: ``"triton"`` or ``"torch"``."""
+def _autograd_problem(inputs) -> Optional[str]:
+    """Why the kernels cannot serve these inputs because a gradient is wanted, or None."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return ("an input requires grad and the Triton kernels have no backward; run under torch.no_grad() "
+                "(or torch.inference_mode()) to use them")
+    return None
+
+
+def select_backend(h: torch.Tensor, *inputs: Optional[torch.Tensor]) -> str:
+    """The backend that runs for a hidden-state tensor ``h``: ``"triton"`` or ``"torch"``.
+
+    Gradients: when autograd is on and ``h`` (or another tensor input, e.g. ``coef``) requires grad, the torch
+    reference runs, since the kernels have no backward; forcing ``FINESTEER_BACKEND=triton`` then raises.
+    """
     forced = os.environ.get("FINESTEER_BACKEND", "").strip().lower()
     if forced and forced not in BACKENDS:
         raise ValueError(f"FINESTEER_BACKEND: expected one of {BACKENDS}, got {forced!r}")
     if forced == "torch":
         return "torch"
-    problem = _triton_problem(h)
+    problem = _triton_problem(h) or _autograd_problem((h,) + inputs)
     if forced == "triton" and problem:
         raise RuntimeError(f"FINESTEER_BACKEND=triton, but the Triton kernels cannot run: {problem}")
     return "torch" if problem else "triton"
+
+
+def _writes_in_place(h: torch.Tensor, *inputs: Optional[torch.Tensor]) -> bool:
+    """Whether an in-place form can hand ``h`` itself to a kernel: the Triton backend and rows viewable as
+    ``(N, d)``. Otherwise it computes out of place and copies back."""
+    return select_backend(h, *inputs) == "triton" and h.is_contiguous()
 
 
 def _kernel_args(h: torch.Tensor, params: SteerParams):
@@ -67,32 +85,39 @@ def _kernel_args(h: torch.Tensor, params: SteerParams):
     from . import custom_ops  # noqa: F401  (registers the torch.ops.finesteer ops)
     from .kernel_common import W_IN_ALIGN, layout_of
 
-    packed = params.pack_aligned(h.dtype, h.device, W_IN_ALIGN)
+    packed = params.pack_centred(h.dtype, h.device, W_IN_ALIGN)
     return packed, list(layout_of(packed, params.activation))
 
 
-def steer(h: torch.Tensor, params: SteerParams) -> torch.Tensor:
-    """Token mode: returns ``h`` steered row by row (a new tensor, same shape and dtype)."""
+def steer(h: torch.Tensor, params: SteerParams, row_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Token mode: returns ``h`` steered row by row (a new tensor, same shape and dtype).
+
+    ``row_mask`` (optional, keyword): a bool tensor of shape ``h.shape[:-1]`` (or the row count); rows marked False
+    come back unchanged (e.g. padding), in the same single launch.
+    """
     check_hidden(h, params)
+    keep = check_row_mask(row_mask, h)
     if select_backend(h) == "torch":
-        return reference.steer(h, params)
+        return reference.steer(h, params, row_mask)
     packed, layout = _kernel_args(h, params)
     rows = h.reshape(-1, params.d).contiguous()
-    out = torch.ops.finesteer.steer(rows, packed.w_in, packed.w_out, packed.consts, layout, params.tau, params.eps,
-                                    params.alpha * params.gamma)
+    out = torch.ops.finesteer.steer(rows, packed.w_in, packed.w_out, packed.mean, packed.consts, layout,
+                                    params.tau, params.eps, params.alpha * params.gamma,
+                                    None if keep is None else keep.contiguous())
     return out.view(h.shape)
 
 
-def steer_(h: torch.Tensor, params: SteerParams) -> torch.Tensor:
-    """In-place token mode for hooks; returns ``h``. The kernel leaves rows whose gate is off unwritten."""
+def steer_(h: torch.Tensor, params: SteerParams, row_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """In-place token mode for hooks; returns ``h``. The kernel leaves rows whose gate is off (and rows that
+    ``row_mask`` marks False) unwritten."""
     check_hidden(h, params)
-    if select_backend(h) == "torch":
-        return reference.steer_(h, params)
-    if not h.is_contiguous():  # rows cannot be viewed as (N, d) in place
-        return h.copy_(steer(h, params))
+    keep = check_row_mask(row_mask, h)
+    if not _writes_in_place(h):
+        return h.copy_(steer(h, params, row_mask))
     packed, layout = _kernel_args(h, params)
-    torch.ops.finesteer.steer_(h.view(-1, params.d), packed.w_in, packed.w_out, packed.consts, layout, params.tau,
-                               params.eps, params.alpha * params.gamma)
+    torch.ops.finesteer.steer_(h.view(-1, params.d), packed.w_in, packed.w_out, packed.mean, packed.consts, layout,
+                               params.tau, params.eps, params.alpha * params.gamma,
+                               None if keep is None else keep.contiguous())
     return h
 
 
@@ -102,8 +127,8 @@ def synthesize(h_anchor: torch.Tensor, params: SteerParams) -> torch.Tensor:
     if select_backend(h_anchor) == "torch":
         return reference.synthesize(h_anchor, params)
     packed, layout = _kernel_args(h_anchor, params)
-    return torch.ops.finesteer.synthesize(h_anchor.contiguous(), packed.w_in, packed.consts, layout, params.tau,
-                                          params.eps, params.alpha * params.gamma)
+    return torch.ops.finesteer.synthesize(h_anchor.contiguous(), packed.w_in, packed.mean, packed.consts, layout,
+                                          params.tau, params.eps, params.alpha * params.gamma)
 
 
 def _apply_operands(h: torch.Tensor, coef: torch.Tensor, params: SteerParams, row_to_seq: torch.Tensor):
@@ -119,7 +144,7 @@ def apply_coef(h: torch.Tensor, coef: torch.Tensor, params: SteerParams, row_to_
     On the Triton backend a ``row_to_seq`` entry >= B cannot raise without a host sync; its row becomes NaN.
     """
     check_hidden(h, params)
-    if select_backend(h) == "torch":
+    if select_backend(h, coef) == "torch":
         return reference.apply_coef(h, coef, params, row_to_seq)
     coef32, seq = _apply_operands(h, coef, params, row_to_seq)
     packed, _ = _kernel_args(h, params)
@@ -130,7 +155,7 @@ def apply_coef(h: torch.Tensor, coef: torch.Tensor, params: SteerParams, row_to_
 def apply_coef_(h: torch.Tensor, coef: torch.Tensor, params: SteerParams, row_to_seq: torch.Tensor) -> torch.Tensor:
     """In-place `apply_coef` for hooks; returns ``h``. Rows mapped to -1 are not written."""
     check_hidden(h, params)
-    if select_backend(h) == "torch" or not h.is_contiguous():
+    if not _writes_in_place(h, coef):
         return h.copy_(apply_coef(h, coef, params, row_to_seq))
     coef32, seq = _apply_operands(h, coef, params, row_to_seq)
     packed, _ = _kernel_args(h, params)

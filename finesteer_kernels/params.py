@@ -7,9 +7,11 @@ Per row ``h`` (a ``d``-vector) the op computes::
     b = W2 act(W1 h + b1) + b2        (optional residual MLP)
     out = h + alpha * g * gamma * (a^T V + b^T U_res)
 
-Tensors are kept as fp32 masters (unless `.to(dtype=...)` asks otherwise); the fused kernels read the packed form
-``W_in = [S | mu | A | W1^T]`` (d x n_in) and ``W_out = [V ; U_res]`` ((K+k) x d), see `PackedSteerParams`.
-Validation happens once here, at construction, so the hot path only checks shapes, dtypes and devices.
+Tensors are kept as fp32 masters (unless `.to(dtype=...)` asks otherwise). Two packed forms:
+`pack` gives SPEC section 2's ``W_in = [S | mu | A | W1^T]`` (d x n_in) and ``W_out = [V ; U_res]`` ((K+k) x d),
+see `PackedSteerParams`; `pack_centred` is the form the fused kernels read (the gate centred inside pass 1, mu
+kept in fp32), see `CentredPack`. Validation happens once here, at construction, so the hot path only checks shapes,
+dtypes and devices; packing needs no host synchronisation.
 """
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ TENSOR_FIELDS = (
 SCALAR_FIELDS = ("tau", "gamma", "alpha", "eps", "activation")
 _RESIDUAL_REQUIRED = ("res_in_weight", "res_out_weight", "res_basis")
 _RESIDUAL_OPTIONAL = ("res_in_bias", "res_out_bias")
+# the fields each packed form casts to the activation dtype (the rest stay fp32)
+_CAST_BY_PACK = ("basis", "mean", "router_weight", "res_in_weight", "experts", "res_basis")
+_CAST_BY_PACK_CENTRED = ("basis", "router_weight", "res_in_weight", "experts", "res_basis")
 
 
 class PackedSteerParams(NamedTuple):
@@ -65,6 +70,47 @@ class PackedSteerParams(NamedTuple):
     @property
     def n_out(self) -> int:
         return self.w_out.shape[0]
+
+
+class CentredPack(NamedTuple):
+    """The packed form the fused kernels read (`SteerParams.pack_centred`).
+
+    The kernels centre each row inside pass 1, ``xc = h - mu`` with mu in fp32, and run one dot over ``xc``:
+
+    * ``w_in`` (activation dtype, ``d x n_in``, columns zero-padded to a multiple of ``align``):
+      ``[S (r) | A (K, only when K > 1) | W1^T (m) | 0...]``; no mu column.
+    * ``mean``: mu in fp32 ``(d,)``; one zero when the gate has no mean (or there is no gate): ``has_mean`` says.
+    * ``consts`` (fp32): ``[c + A^T mu (K) | b1 + W1 mu (m) | W2 (k*m, row-major) | b2 (k)]`` (each part only where
+      its layer is; at least one element, so no kernel gets an empty buffer). The folds use the fp32 masters, so
+      ``A^T h = A^T xc + A^T mu`` loses nothing to the rounding of A applied to mu.
+    * ``w_out``: ``[V ; U_res]`` in the activation dtype, as in `pack`.
+    """
+
+    w_in: torch.Tensor
+    w_out: torch.Tensor
+    mean: torch.Tensor
+    consts: torch.Tensor
+    r: int
+    num_experts: int
+    m: int
+    k: int
+    has_gate: bool
+    has_mean: bool
+    has_router: bool
+    router_col: int
+    res_col: int
+    router_bias_off: int
+    res_in_bias_off: int
+    res_out_weight_off: int
+    res_out_bias_off: int
+
+
+def _check_fits(name: str, amax: float, dtype: torch.dtype, what: str) -> None:
+    """Raise if a tensor whose largest magnitude is ``amax`` would overflow to inf when cast to ``dtype``."""
+    limit = torch.finfo(dtype).max
+    if amax > limit:
+        raise ValueError(f"{name}: largest magnitude {amax:.4g} overflows {dtype} (max {limit:.4g}) when cast "
+                         f"for {what}; rescale it or use a wider dtype")
 
 
 def _as_float_tensor(name: str, value, ndim: int) -> Optional[torch.Tensor]:
@@ -126,6 +172,7 @@ class SteerParams:
         store_dtype = torch.float32 if storage_dtype is None else storage_dtype
         if not store_dtype.is_floating_point:
             raise TypeError(f"storage_dtype: expected a floating-point dtype, got {store_dtype}")
+        amax: dict = {}
         for name in TENSOR_FIELDS:
             t = _as_float_tensor(name, getattr(self, name), ndims[name])
             if t is not None:
@@ -134,6 +181,9 @@ class SteerParams:
                                      "put all tensors on one device")
                 if not torch.isfinite(t).all():
                     raise ValueError(f"{name}: contains NaN or infinite values")
+                # largest magnitude, kept so that packing can check the range of a dtype without a host sync
+                amax[name] = float(t.detach().abs().amax()) if t.numel() else 0.0
+                _check_fits(name, amax[name], store_dtype, "storage_dtype")
                 t = t.detach().to(store_dtype).contiguous()
             object.__setattr__(self, name, t)
 
@@ -215,6 +265,9 @@ class SteerParams:
             expect("res_out_weight", (k, m))
             expect("res_out_bias", (k,))
             expect("res_basis", (k, d))
+        if orthonormalize and self.basis is not None:
+            amax["basis"] = 1.0  # orthonormal columns
+        object.__setattr__(self, "_amax", amax)
         object.__setattr__(self, "_pack_cache", {})
 
     # ---- sizes ---------------------------------------------------------------------------------------------
@@ -291,6 +344,7 @@ class SteerParams:
         cached = self._pack_cache.get(key)
         if cached is not None:
             return cached
+        self._check_cast(_CAST_BY_PACK, dtype)
         f32 = {n: t.to(device=device, dtype=torch.float32) for n, t in self.tensors().items()}
         d, K, r, m, k = self.d, self.num_experts, self.r, self.m, self.k
         zeros = lambda n: torch.zeros(n, dtype=torch.float32, device=device)  # noqa: E731
@@ -329,38 +383,67 @@ class SteerParams:
         self._pack_cache[key] = packed
         return packed
 
-    def pack_aligned(self, dtype: Optional[torch.dtype] = None, device=None, align: int = 8) -> PackedSteerParams:
-        """`pack` with ``W_in``'s columns zero-padded to a multiple of ``align`` (at least ``align``).
+    def _check_cast(self, names: tuple, dtype: torch.dtype) -> None:
+        """Packing casts these fields to ``dtype``: raise, naming the field, if one would overflow (no host sync:
+        the magnitudes were measured at construction)."""
+        for name in names:
+            if name in self._amax:
+                _check_fits(name, self._amax[name], dtype, f"packing in {dtype}")
 
-        The fused kernels read ``W_in`` in ``(BLOCK_D, n_in)`` tiles; a row stride of 8 elements makes every row
-        start on a 16-byte boundary in 16-bit dtypes, so the loads vectorise. The extra columns are zero and lie
-        past ``res_col + m``, so every offset of the plain `pack` still holds. The gate's constants are recomputed
-        from the rounded S and mu, and an empty ``consts`` becomes one zero, so no kernel gets an empty buffer.
-        Cached per (dtype, device, align).
+    def pack_centred(self, dtype: Optional[torch.dtype] = None, device=None, align: int = 8) -> CentredPack:
+        """The fused kernels' packed form (`CentredPack`), cached per (dtype, device, align).
+
+        ``W_in`` holds ``[S | A | W1^T]`` with columns zero-padded to a multiple of ``align`` (at least ``align``):
+        the kernels read it in ``(BLOCK_D, n_in)`` tiles, and a row stride of 8 elements starts every row on a
+        16-byte boundary in 16-bit dtypes, so the loads vectorise. mu stays fp32 and is subtracted from each row
+        before the dot, so rows close to a large mu keep their digits (the expansion
+        ``||h||^2 - 2 h.mu + ||mu||^2`` of `pack` cancels there, and a 16-bit mu is off by more than ``h - mu``).
         """
         if align < 1:
             raise ValueError(f"align: expected a positive column multiple, got {align}")
         dtype = dtype or self.dtype
         device = torch.device(device) if device is not None else self.device
-        key = (dtype, device, "aligned", align)
+        key = (dtype, device, "centred", align)
         cached = self._pack_cache.get(key)
         if cached is not None:
             return cached
-        packed = self.pack(dtype, device)
-        n_in = packed.w_in.shape[1]
+        self._check_cast(_CAST_BY_PACK_CENTRED, dtype)
+        f64 = {n: t.to(device=device, dtype=torch.float64) for n, t in self.tensors().items()}
+        d, K, r, m, k = self.d, self.num_experts, self.r, self.m, self.k
+        zeros = lambda n: torch.zeros(n, dtype=torch.float64, device=device)  # noqa: E731
+        has_mean = self.mean is not None
+        mu = f64["mean"] if has_mean else zeros(d)
+        has_router = K > 1
+        cols, consts = [], []
+        if self.has_gate:
+            cols.append(f64["basis"])
+        if has_router:
+            cols.append(f64["router_weight"])
+            consts.append(f64.get("router_bias", zeros(K)) + f64["router_weight"].T @ mu)
+        if self.has_residual:
+            cols.append(f64["res_in_weight"].T)
+            consts += [f64.get("res_in_bias", zeros(m)) + f64["res_in_weight"] @ mu,
+                       f64["res_out_weight"].reshape(-1), f64.get("res_out_bias", zeros(k))]
+        n_in = r + (K if has_router else 0) + m
         padded_cols = max(align, -(-n_in // align) * align)
-        w_in = torch.nn.functional.pad(packed.w_in, (0, padded_cols - n_in)).contiguous()
-        consts = packed.consts if packed.consts.numel() else torch.zeros(1, dtype=torch.float32, device=device)
-        if packed.has_gate:
-            # S^T mu and ||mu||^2 of the S and mu the kernels read (rounded to `dtype`): mixing rounded h.mu with
-            # fp32 ||mu||^2 in ||h||^2 - 2 h.mu + ||mu||^2 cancels badly for rows near mu.
-            basis, mean = packed.w_in[:, :packed.r].float(), packed.w_in[:, packed.mean_col].float()
-            consts = consts.clone()
-            consts[packed.s_mu_off:packed.s_mu_off + packed.r] = basis.T @ mean
-            consts[packed.mu_sq_off] = mean @ mean
-        aligned = packed._replace(w_in=w_in, consts=consts)
-        self._pack_cache[key] = aligned
-        return aligned
+        w_in = torch.cat(cols + [zeros((d, padded_cols - n_in))], dim=1)
+        rows = [f64["experts"]] + ([f64["res_basis"]] if self.has_residual else [])
+        router_bias_off = 0
+        res_in_bias_off = router_bias_off + (K if has_router else 0)
+        res_out_weight_off = res_in_bias_off + m
+        res_out_bias_off = res_out_weight_off + k * m
+        packed = CentredPack(
+            w_in=w_in.to(dtype).contiguous(),
+            w_out=torch.cat(rows, dim=0).to(dtype).contiguous(),
+            mean=(mu if has_mean else zeros(1)).to(torch.float32).contiguous(),
+            consts=torch.cat(consts).to(torch.float32) if consts else torch.zeros(1, device=device),
+            r=r, num_experts=K, m=m, k=k, has_gate=self.has_gate, has_mean=has_mean, has_router=has_router,
+            router_col=r, res_col=r + (K if has_router else 0), router_bias_off=router_bias_off,
+            res_in_bias_off=res_in_bias_off, res_out_weight_off=res_out_weight_off,
+            res_out_bias_off=res_out_bias_off,
+        )
+        self._pack_cache[key] = packed
+        return packed
 
     def __repr__(self) -> str:
         parts = [f"d={self.d}", f"K={self.num_experts}", f"r={self.r}"]

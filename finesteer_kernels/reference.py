@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .params import SteerParams
-from .validation import check_coef, check_hidden, check_row_to_seq
+from .validation import check_coef, check_hidden, check_row_mask, check_row_to_seq
 
 
 def gate(h32: torch.Tensor, p: SteerParams) -> torch.Tensor:
@@ -49,17 +49,24 @@ def output_basis(p: SteerParams) -> torch.Tensor:
     return torch.cat(rows, dim=0).float()
 
 
-def steer(h: torch.Tensor, params: SteerParams) -> torch.Tensor:
-    """Token mode: every row of ``h`` (``(..., d)``) gates and routes on itself; returns a new tensor."""
+def steer(h: torch.Tensor, params: SteerParams, row_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Token mode: every row of ``h`` (``(..., d)``) gates and routes on itself; returns a new tensor.
+
+    ``row_mask`` (optional bool, shape ``h.shape[:-1]`` or the row count): rows marked False come back unchanged
+    (padding)."""
     check_hidden(h, params)
-    h32 = h.reshape(-1, params.d).float()
-    out = h32 + coefficients(h32, params) @ output_basis(params)
-    return out.to(h.dtype).reshape(h.shape)
+    keep = check_row_mask(row_mask, h)
+    rows = h.reshape(-1, params.d)
+    h32 = rows.float()
+    out = (h32 + coefficients(h32, params) @ output_basis(params)).to(h.dtype)
+    if keep is not None:
+        out = torch.where(keep[:, None], out, rows)
+    return out.reshape(h.shape)
 
 
-def steer_(h: torch.Tensor, params: SteerParams) -> torch.Tensor:
+def steer_(h: torch.Tensor, params: SteerParams, row_mask: torch.Tensor | None = None) -> torch.Tensor:
     """In-place `steer` (for hooks); returns ``h``."""
-    return h.copy_(steer(h, params))
+    return h.copy_(steer(h, params, row_mask))
 
 
 def synthesize(h_anchor: torch.Tensor, params: SteerParams) -> torch.Tensor:
@@ -79,6 +86,8 @@ def apply_coef(h: torch.Tensor, coef: torch.Tensor, params: SteerParams,
     check_coef(coef, params, h.device)
     seq = check_row_to_seq(row_to_seq, h).reshape(-1)
     h32 = h.reshape(-1, params.d).float()
-    out = h32 + coef.float()[seq.clamp_min(0)] @ output_basis(params)
+    # a zero row after the B coefficient rows: index -1 (skipped rows) picks it, even when B == 0
+    table = torch.cat([coef.float(), coef.new_zeros(1, coef.shape[1], dtype=torch.float32)])
+    out = h32 + table[seq.clamp_min(-1)] @ output_basis(params)
     out = torch.where((seq >= 0)[:, None], out.to(h.dtype), h.reshape(-1, params.d))
     return out.reshape(h.shape)

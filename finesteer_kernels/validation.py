@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 HIDDEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SIGNED_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)  # -1 marks rows to skip
 
 
 def check_hidden(h: torch.Tensor, params, name: str = "h", ndim: int | None = None) -> None:
@@ -31,14 +32,31 @@ def check_coef(coef: torch.Tensor, params, device: torch.device) -> None:
         raise ValueError(f"coef: on {coef.device}, expected {device}")
 
 
+def _check_row_shape(name: str, t: torch.Tensor, h: torch.Tensor) -> None:
+    rows = h.numel() // h.shape[-1] if h.shape[-1] else 0
+    if tuple(t.shape) not in (tuple(h.shape[:-1]), (rows,)):
+        raise ValueError(f"{name}: expected shape {tuple(h.shape[:-1])} or ({rows},) to match h "
+                         f"{tuple(h.shape)}, got {tuple(t.shape)}")
+    if t.device != h.device:
+        raise ValueError(f"{name}: on {t.device}, expected {h.device}")
+
+
 def check_row_to_seq(row_to_seq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Returns ``row_to_seq`` as int64; its shape must be ``h.shape[:-1]`` or the flattened row count."""
-    if not isinstance(row_to_seq, torch.Tensor) or row_to_seq.is_floating_point() or row_to_seq.is_complex():
-        raise TypeError("row_to_seq: expected an integer tensor (sequence index per row, -1 to skip)")
-    rows = h.numel() // h.shape[-1] if h.shape[-1] else 0
-    if tuple(row_to_seq.shape) not in (tuple(h.shape[:-1]), (rows,)):
-        raise ValueError(f"row_to_seq: expected shape {tuple(h.shape[:-1])} or ({rows},) to match h "
-                         f"{tuple(h.shape)}, got {tuple(row_to_seq.shape)}")
-    if row_to_seq.device != h.device:
-        raise ValueError(f"row_to_seq: on {row_to_seq.device}, expected {h.device}")
+    if not isinstance(row_to_seq, torch.Tensor) or row_to_seq.dtype not in SIGNED_INT_DTYPES:
+        got = row_to_seq.dtype if isinstance(row_to_seq, torch.Tensor) else type(row_to_seq).__name__
+        raise TypeError("row_to_seq: expected an integer tensor of a signed dtype (int8/16/32/64; sequence index "
+                        f"per row, -1 to skip), got {got}")
+    _check_row_shape("row_to_seq", row_to_seq, h)
     return row_to_seq.long()
+
+
+def check_row_mask(row_mask, h: torch.Tensor):
+    """``None`` or a bool tensor of shape ``h.shape[:-1]`` (or the flattened row count); returned flat."""
+    if row_mask is None:
+        return None
+    if not isinstance(row_mask, torch.Tensor) or row_mask.dtype != torch.bool:
+        got = row_mask.dtype if isinstance(row_mask, torch.Tensor) else type(row_mask).__name__
+        raise TypeError(f"row_mask: expected a bool tensor (True = steer the row, False = leave it), got {got}")
+    _check_row_shape("row_mask", row_mask, h)
+    return row_mask.reshape(-1)

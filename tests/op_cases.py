@@ -35,6 +35,17 @@ def random_params(d: int, r: int, K: int, residual: str | None = None, m: int = 
     return SteerParams(**kw)
 
 
+def far_mean_params(d: int, r: int, K: int, residual: str | None = None, ratio: float = 40.0, seed: int = 0,
+                    **kw) -> SteerParams:
+    """`random_params` with the gate's mean pushed out to about ``ratio`` times the distance of `random_rows` rows
+    from it. Real residual streams look like this (SmolLM2 layer-15 anchors lie 13-15 % of ||mu|| from the mean);
+    there the expanded gate ``||h||^2 - 2 h.mu + ||mu||^2`` cancels and a 16-bit mu is off by more than h - mu."""
+    p = random_params(d, r, K, residual, seed=seed, **kw)
+    direction = torch.randn(d, generator=torch.Generator().manual_seed(seed + 1))
+    offset = max(3.5 * math.sqrt(r), 1.1 * math.sqrt(d))  # about the largest ||h - mu|| of random_rows
+    return p.replace(mean=direction / direction.norm() * ratio * offset)
+
+
 def gate_scores64(h: torch.Tensor, p: SteerParams) -> torch.Tensor:
     """Energy ratio per row in float64 (rows of a 2-D ``h``)."""
     x = h.double()
@@ -60,6 +71,31 @@ def random_rows(p: SteerParams, n: int, seed: int = 1, dtype=torch.float32) -> t
     if ((gate_scores64(rounded, p) - p.tau).abs() < THRESHOLD_MARGIN).any():
         raise RuntimeError("test rows too close to the gate threshold; pick another seed or tau")
     return rounded
+
+
+def spread_rows(p: SteerParams, n: int, seed: int = 1, dtype=torch.float32, radius: float | None = None
+                ) -> torch.Tensor:
+    """``(n, d)`` rows at distance ``radius`` (default sqrt(d)) from the gate's mean whose gate scores spread over
+    [0, 1], up to THRESHOLD_MARGIN from tau on either side (after rounding to ``dtype``): the rows where a gate
+    that is slightly off decides differently. Needs a gate with 0 < r < d."""
+    if not 0 < p.r < p.d:
+        raise ValueError("spread_rows: needs a gate basis with 0 < r < d")
+    g = torch.Generator().manual_seed(seed)
+    S = p.basis.double()
+    mu = p.mean.double() if p.mean is not None else torch.zeros(p.d, dtype=torch.float64)
+    radius = math.sqrt(p.d) if radius is None else radius
+    m = 4 * n
+    target = torch.rand(m, generator=g, dtype=torch.float64)
+    inside = torch.randn(m, p.r, generator=g, dtype=torch.float64) @ S.T
+    outside = torch.randn(m, p.d, generator=g, dtype=torch.float64)
+    outside = outside - outside @ S @ S.T
+    unit = lambda x: x / x.norm(dim=1, keepdim=True)  # noqa: E731
+    delta = target.sqrt()[:, None] * unit(inside) + (1 - target).sqrt()[:, None] * unit(outside)
+    rows = (mu + radius * delta).to(dtype)
+    clear = (gate_scores64(rows, p) - p.tau).abs() >= THRESHOLD_MARGIN
+    if int(clear.sum()) < n:
+        raise RuntimeError("spread_rows: too few rows clear of the gate threshold; pick another seed")
+    return rows[clear][:n]
 
 
 def loop_coefficients(h: torch.Tensor, p: SteerParams) -> torch.Tensor:

@@ -20,19 +20,20 @@ SHAPES = {  # name: (r, K, m, k) of the packed layout; m = k = 0: no residual ML
     "widest": (128, 32, 40, 16),  # largest acceptance sizes: W_in padded to 256 columns
     "caa": (0, 1, 0, 0),  # a plain control vector: no pass 1 at all
 }
-# (kernel, shape, rows, in_place, must use tensor cores)
+# (kernel, shape, rows, in_place, must use tensor cores, with a row mask)
 CASES = [
-    ("steer", "typical", 8192, False, True),  # prefill
-    ("steer", "typical", 8192, True, True),
-    ("steer", "typical", 512, False, True),  # mid-size: 32-row tiles
-    ("steer", "typical", 1, False, False),  # decode
-    ("steer", "widest", 8192, False, True),
-    ("steer", "widest", 1, False, False),
-    ("steer", "caa", 8192, False, True),
-    ("synthesize", "typical", 16, False, False),
-    ("synthesize", "widest", 16, False, False),
-    ("apply", "typical", 8192, False, True),
-    ("apply", "typical", 64, False, False),
+    ("steer", "typical", 8192, False, True, False),  # prefill
+    ("steer", "typical", 8192, True, True, False),
+    ("steer", "typical", 8192, True, True, True),  # in place with padding rows masked out
+    ("steer", "typical", 512, False, True, False),  # mid-size: 32-row tiles
+    ("steer", "typical", 1, False, False, False),  # decode
+    ("steer", "widest", 8192, False, True, False),
+    ("steer", "widest", 1, False, False, False),
+    ("steer", "caa", 8192, False, True, False),
+    ("synthesize", "typical", 16, False, False, False),
+    ("synthesize", "widest", 16, False, False, False),
+    ("apply", "typical", 8192, False, True, False),
+    ("apply", "typical", 64, False, False, False),
 ]
 
 
@@ -56,10 +57,10 @@ def _compile_all() -> None:
     layouts = {}
     for name, (r, K, m, k) in SHAPES.items():
         params = random_params(D, r, K, "relu" if m else None, m=m, k=k)
-        packed = params.pack_aligned(torch.bfloat16, "cpu", W_IN_ALIGN)
+        packed = params.pack_centred(torch.bfloat16, "cpu", W_IN_ALIGN)
         layouts[name] = layout_of(packed, "relu")
     divisible = [["tt.divisibility", 16]]
-    for kernel_name, shape, rows, in_place, needs_tc in CASES:
+    for kernel_name, shape, rows, in_place, needs_tc, keep in CASES:
         layout = layouts[shape]
         if kernel_name == "apply":
             fn, config = apply_kernel, apply_config(rows, D, interpreting=False)
@@ -72,14 +73,14 @@ def _compile_all() -> None:
             consts = layout.constexprs()
             if kernel_name == "steer":
                 fn = steer_kernel
-                sig = dict(h_ptr="*bf16", out_ptr="*bf16", w_in_ptr="*bf16", w_out_ptr="*bf16", consts_ptr="*fp32")
-                consts["IN_PLACE"] = in_place
-                aligned = [0, 1, 2, 3, 4, 6]
+                sig = dict(h_ptr="*bf16", out_ptr="*bf16", w_in_ptr="*bf16", w_out_ptr="*bf16", mean_ptr="*fp32",
+                           consts_ptr="*fp32", keep_ptr="*u8" if keep else "*fp32")
+                consts.update(IN_PLACE=in_place, HAS_KEEP=keep)
+                aligned = [0, 1, 2, 3, 4, 5, 6, 8]
             else:
                 fn = synthesize_kernel
-                sig = dict(h_ptr="*bf16", coef_ptr="*fp32", w_in_ptr="*bf16", consts_ptr="*fp32")
-                consts.pop("IN_PLACE", None)
-                aligned = [0, 1, 2, 3, 5]
+                sig = dict(h_ptr="*bf16", coef_ptr="*fp32", w_in_ptr="*bf16", mean_ptr="*fp32", consts_ptr="*fp32")
+                aligned = [0, 1, 2, 3, 4, 6]
             sig.update(n_rows="i32", d="i32", tau="fp32", eps="fp32", scale="fp32")
         consts.update(NATIVE_DOT=native_dot(torch.bfloat16), BLOCK_T=config.BLOCK_T, BLOCK_D=config.BLOCK_D)
         sig.update({c: "constexpr" for c in consts})
@@ -99,7 +100,7 @@ def _compile_all() -> None:
         report = ptxas.stderr + ptxas.stdout
         spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
         print(json.dumps(dict(
-            kernel=kernel_name, shape=shape, rows=rows, in_place=in_place, needs_tc=needs_tc,
+            kernel=kernel_name, shape=shape, rows=rows, in_place=in_place, keep=keep, needs_tc=needs_tc,
             config=config._asdict(), registers=int(re.search(r"Used (\d+) registers", report).group(1)),
             spill_bytes=sum(spills), stack_bytes=int(re.search(r"(\d+) bytes stack frame", report).group(1)),
             shared_bytes=compiled.metadata.shared, hgmma=len(re.findall(r"\bHGMMA\b", sass)),
@@ -117,6 +118,7 @@ def test_kernels_compile_for_hopper_without_spills():
     assert len(results) == len(CASES)
     for res in results:
         print(f"{res['kernel']:>10} {res['shape']:>7} rows={res['rows']:<5} in_place={res['in_place']!s:<5} "
+              f"row_mask={res['keep']!s:<5} "
               f"{res['config']} regs={res['registers']} spill={res['spill_bytes']}B stack={res['stack_bytes']}B "
               f"smem={res['shared_bytes']}B HGMMA={res['hgmma']} HMMA={res['hmma']} LDG.128={res['ldg128']}")
     for res in results:

@@ -5,6 +5,7 @@ Sizes follow a covering design rather than the full product: every value of ever
 dtype) appears, the bounds are combined (d = 4096 with 257 rows, r = 128, K = 32), and every case runs all three
 kernels (token mode, synthesize, apply) into NaN-poisoned outputs, so an element a kernel fails to write shows up.
 """
+import contextlib
 import math
 import os
 import subprocess
@@ -18,7 +19,7 @@ from finesteer_kernels.apply_kernel import launch_apply
 from finesteer_kernels.kernel_common import Layout, apply_config, coef_config
 from finesteer_kernels.steer_kernel import launch_steer
 from finesteer_kernels.synthesize_kernel import launch_synthesize
-from op_cases import REL_TOL, gate_scores64, random_params, random_rows, rel_error
+from op_cases import REL_TOL, far_mean_params, gate_scores64, random_params, random_rows, rel_error, spread_rows
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
@@ -92,11 +93,11 @@ def test_kernels_match_reference(case):
     scale = p.alpha * p.gamma
 
     out = poisoned(*h.shape, dtype=dtype)
-    launch_steer(h, out, packed.w_in, packed.w_out, packed.consts, layout, p.tau, p.eps, scale)
+    launch_steer(h, out, packed.w_in, packed.w_out, packed.mean, packed.consts, layout, p.tau, p.eps, scale)
     assert rel_error(out, reference.steer(h, p)) < tol
 
     coef = poisoned(rows, p.n_coef, dtype=f32)
-    launch_synthesize(h, coef, packed.w_in, packed.consts, layout, p.tau, p.eps, scale)
+    launch_synthesize(h, coef, packed.w_in, packed.mean, packed.consts, layout, p.tau, p.eps, scale)
     expected_coef = reference.synthesize(h, p)
     assert rel_error(coef, expected_coef) < tol
     if p.has_gate:  # gate decisions agree exactly: gated-off rows have all-zero coefficients
@@ -141,9 +142,17 @@ def test_public_functions_keep_shapes_and_dtypes(dtype):
     applied = ops.apply_coef(h, coef, p, seq)
     assert applied.shape == h.shape and applied.dtype == dtype
     assert rel_error(applied, reference.apply_coef(h, coef, p, seq)) < REL_TOL[dtype]
-    # a transposed (non-contiguous) input is steered like its contiguous copy
+    # transposed (non-contiguous) inputs: every form against the reference, so a stride bug shows
     ht = h.transpose(0, 1)
-    assert torch.equal(ops.steer_(ht.clone(), p), ops.steer(ht.contiguous(), p))
+    seq_t = seq.transpose(0, 1)
+    steered_t = ht.clone()
+    assert not steered_t.is_contiguous()
+    assert ops.steer_(steered_t, p) is steered_t
+    assert rel_error(steered_t, reference.steer(ht, p)) < REL_TOL[dtype]
+    assert rel_error(ops.steer(ht, p), reference.steer(ht, p)) < REL_TOL[dtype]
+    applied_t = ht.clone()
+    assert ops.apply_coef_(applied_t, coef, p, seq_t) is applied_t
+    assert rel_error(applied_t, reference.apply_coef(ht, coef, p, seq_t)) < REL_TOL[dtype]
 
 
 def test_in_place_leaves_gated_off_rows_unwritten():
@@ -170,7 +179,7 @@ def test_gpu_block_configurations_under_the_interpreter():
         packed, layout = kernel_operands(h, params)
         config = coef_config(rows, layout, interpreting=False)
         out = poisoned(*h.shape, dtype=f16)
-        launch_steer(h, out, packed.w_in, packed.w_out, packed.consts, layout, params.tau, params.eps,
+        launch_steer(h, out, packed.w_in, packed.w_out, packed.mean, packed.consts, layout, params.tau, params.eps,
                      params.alpha * params.gamma, config=config)
         assert rel_error(out, reference.steer(h, params)) < REL_TOL[f16], config
         coef = reference.synthesize(h, params)
@@ -181,12 +190,96 @@ def test_gpu_block_configurations_under_the_interpreter():
         assert rel_error(out, reference.apply_coef(h, coef, params, seq)) < REL_TOL[f16], config
 
 
+# ratios at which the former gate (expanded ||h||^2 - 2 h.mu + ||mu||^2, mu rounded into W_in) got 4-7 of these
+# 128 rows wrong in each dtype; larger 16-bit ratios would leave h - mu below the rounding of h itself
+@pytest.mark.parametrize("dtype,ratio", [(f32, 1000.0), (f16, 1000.0), (bf16, 300.0)], ids=["f32", "f16", "bf16"])
+def test_rows_near_a_large_mean(dtype, ratio):
+    """||mu|| >= 30 ||h - mu||, as in real residual streams, and gate scores spread up to the margin around tau:
+    the gate decisions must match the float64 truth exactly."""
+    p = far_mean_params(1000, 12, 4, "relu", ratio=ratio, seed=3)
+    h = spread_rows(p, 128, seed=4, dtype=dtype)
+    assert (p.mean.norm() / (h.double() - p.mean.double()).norm(dim=1)).min() >= 30
+    truth = gate_scores64(h, p) >= p.tau
+    assert truth.any() and (~truth).any()
+    p, h = p.to(DEVICE), h.to(DEVICE)
+    coef = ops.synthesize(h, p)
+    assert torch.equal((coef.abs().sum(1) != 0).cpu(), truth)
+    assert rel_error(coef, reference.synthesize(h, p)) < REL_TOL[dtype]
+    out = ops.steer(h, p)
+    assert torch.equal((out != h).any(1).cpu(), truth)
+    assert rel_error(out, reference.steer(h, p)) < REL_TOL[dtype]
+
+
 def test_apply_marks_out_of_range_sequence_indices_with_nan():
     p = random_params(32, 0, 2, seed=14).to(DEVICE)
     h = torch.randn(4, 32, device=DEVICE)
     coef = torch.randn(2, p.n_coef, device=DEVICE)
     out = ops.apply_coef(h, coef, p, torch.tensor([0, 2, -1, 1], device=DEVICE))
     assert out[1].isnan().all() and not out[[0, 2, 3]].isnan().any()
+
+
+def test_row_mask_leaves_rows_alone_in_one_launch():
+    p = random_params(64, 4, 3, "relu", seed=16).to(DEVICE)
+    h = random_rows(p, 8, seed=17).to(DEVICE).reshape(2, 4, 64)
+    on = (gate_scores64(h.reshape(8, 64).cpu(), p.to("cpu")) >= p.tau).reshape(2, 4).to(DEVICE)
+    mask = torch.tensor([[True, False, True, True], [False, True, True, False]], device=DEVICE)
+    assert (on & mask).any() and (on & ~mask).any()  # masked rows whose gate is on would have changed
+    h[..., 0] = -0.0
+    expected = reference.steer(h, p, row_mask=mask)
+    assert torch.equal(expected[~mask], h[~mask])
+    out = ops.steer(h, p, row_mask=mask)
+    assert rel_error(out, expected) < 1e-5 and torch.equal(out[~mask], h[~mask])
+    steered = h.clone()
+    assert ops.steer_(steered, p, row_mask=mask.reshape(-1)) is steered
+    assert rel_error(steered, expected) < 1e-5
+    assert torch.signbit(steered[~mask][:, 0]).all()  # masked rows are not stored at all in place
+    with pytest.raises(TypeError, match="row_mask: expected a bool tensor"):
+        ops.steer(h, p, row_mask=mask.long())
+
+
+def test_gradients_fall_back_to_the_differentiable_reference(monkeypatch):
+    """The kernels have no backward: with autograd on and an input requiring grad, the reference runs."""
+    p = random_params(24, 3, 3, "relu", seed=18).to(DEVICE)
+    h = random_rows(p, 6, seed=19).to(DEVICE)
+    x = h.clone().requires_grad_(True)
+    assert ops.select_backend(x) == "torch"
+    ops.steer(x, p).square().sum().backward()
+    x_ref = h.clone().requires_grad_(True)
+    reference.steer(x_ref, p).square().sum().backward()
+    assert torch.allclose(x.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
+    coef = ops.synthesize(h[:2], p).requires_grad_(True)
+    seq = torch.tensor([0, 1, -1, 0, 1, 1], device=DEVICE)
+    assert ops.select_backend(h, coef) == "torch"
+    ops.apply_coef(h, coef, p, seq).sum().backward()
+    assert coef.grad is not None and coef.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert ops.select_backend(x) == "triton"
+        assert rel_error(ops.steer(x, p), reference.steer(h, p)) < 1e-5
+    monkeypatch.setenv("FINESTEER_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="FINESTEER_BACKEND=triton.*requires grad.*no backward"):
+        ops.steer(x, p)
+
+
+def test_every_launch_makes_the_tensors_device_current(monkeypatch):
+    """Triton launches on the current device: each launcher enters `device_guard(h)` around its launch (on a CPU
+    machine this checks the wiring; the guard itself sets the CUDA device for CUDA tensors)."""
+    from finesteer_kernels import apply_kernel, steer_kernel, synthesize_kernel
+
+    seen = []
+
+    def recording_guard(t):
+        seen.append(t)
+        return kernel_common.device_guard(t)
+
+    for module in (steer_kernel, synthesize_kernel, apply_kernel):
+        monkeypatch.setattr(module, "device_guard", recording_guard)
+    p = random_params(16, 2, 3, "relu", seed=20).to(DEVICE)
+    h = random_rows(p, 4, seed=21).to(DEVICE)
+    ops.steer(h, p)
+    coef = ops.synthesize(h, p)
+    ops.apply_coef(h, coef, p, torch.arange(4, device=DEVICE))
+    assert len(seen) == 3 and all(t.device == h.device and t.shape == h.shape for t in seen)
+    assert isinstance(kernel_common.device_guard(torch.zeros(1)), contextlib.nullcontext)
 
 
 def test_empty_input():

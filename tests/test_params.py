@@ -113,3 +113,72 @@ def test_energy_expansion_is_exact_enough_for_the_gate():
     direct = (h - p.mean).square().sum(-1)
     assert torch.allclose(energy, direct, rtol=1e-4)
     assert not math.isnan(float(energy.sum()))
+
+
+def centred_packed_steer(h: torch.Tensor, p: SteerParams, dtype=torch.float32) -> torch.Tensor:
+    """The op computed only from `pack_centred`, the way the fused kernels do (centre, one product, epilogue)."""
+    pk = p.pack_centred(dtype)
+    x = h.float()
+    xc = x - pk.mean if pk.has_mean else x
+    y = xc @ pk.w_in.float()
+    coef = []
+    if pk.has_router:
+        logits = y[:, pk.router_col:pk.router_col + pk.num_experts] + pk.consts[
+            pk.router_bias_off:pk.router_bias_off + pk.num_experts]
+        coef.append(torch.softmax(logits, -1))
+    else:
+        coef.append(torch.ones(len(x), 1))
+    if pk.k:
+        hid = y[:, pk.res_col:pk.res_col + pk.m] + pk.consts[pk.res_in_bias_off:pk.res_in_bias_off + pk.m]
+        hid = torch.relu(hid) if p.activation == "relu" else hid
+        W2 = pk.consts[pk.res_out_weight_off:pk.res_out_weight_off + pk.k * pk.m].reshape(pk.k, pk.m)
+        coef.append(hid @ W2.T + pk.consts[pk.res_out_bias_off:pk.res_out_bias_off + pk.k])
+    scale = torch.full((len(x),), p.alpha * p.gamma)
+    if pk.has_gate:
+        inside = y[:, :pk.r].square().sum(-1)
+        scale = scale * (inside / xc.square().sum(-1).clamp_min(p.eps) >= p.tau)
+    return x + (torch.cat(coef, -1) * scale[:, None]) @ pk.w_out.float()
+
+
+@pytest.mark.parametrize("r,K,residual,with_mean", [(0, 1, None, True), (3, 1, None, True), (0, 4, "relu", True),
+                                                    (5, 3, "identity", True), (2, 2, "relu", False)])
+def test_centred_packed_form_computes_the_op(r, K, residual, with_mean):
+    p = random_params(30, r, K, residual, seed=r + K, with_mean=with_mean)
+    h = random_rows(p, 16)
+    torch.testing.assert_close(centred_packed_steer(h, p), reference.steer(h, p), rtol=1e-5, atol=1e-5)
+    pk = p.pack_centred(torch.float16, align=8)
+    n_in = r + (K if K > 1 else 0) + p.m
+    assert pk.w_in.shape == (30, max(8, -(-n_in // 8) * 8)) and pk.w_in.dtype == torch.float16
+    assert not pk.w_in[:, n_in:].any()  # the padding columns are zero
+    assert pk.mean.dtype == pk.consts.dtype == torch.float32 and pk.consts.numel() >= 1
+    assert pk.has_mean == (r > 0 and with_mean) and pk.mean.shape == ((30,) if pk.has_mean else (1,))
+    assert p.pack_centred(torch.float16, align=8) is pk, "packing is cached"
+
+
+def test_centred_packing_folds_the_mean_into_the_biases_in_full_precision():
+    """A^T h = A^T (h - mu) + A^T mu with A^T mu from the fp32 masters: in fp16 only the small centred part sees
+    the rounded weights, so rows far from the origin keep their router logits."""
+    p = random_params(64, 4, 3, "relu", seed=3).replace(mean=torch.full((64,), 50.0))
+    pk = p.pack_centred(torch.float16)
+    expected_bias = p.router_bias.double() + p.router_weight.double().T @ p.mean.double()
+    torch.testing.assert_close(pk.consts[:3].double(), expected_bias, rtol=1e-6, atol=1e-5)
+    h = random_rows(p, 8)
+    assert (h - p.mean).norm(dim=1).max() < 0.3 * p.mean.norm()
+    torch.testing.assert_close(centred_packed_steer(h, p, torch.float16), reference.steer(h, p), rtol=0, atol=2e-2)
+
+
+def test_packing_in_a_narrow_dtype_raises_on_overflow_naming_the_field():
+    big = 1e5  # > fp16 max (65504), fine in bf16 and fp32
+    p = random_params(16, 2, 3, "relu", seed=4)
+    for field in ("experts", "router_weight", "res_in_weight", "res_basis"):
+        q = p.replace(**{field: getattr(p, field) * 0 + big})
+        for pack in (q.pack, q.pack_centred):
+            with pytest.raises(ValueError, match=f"{field}: largest magnitude 1e\\+05 overflows torch.float16"):
+                pack(torch.float16)
+            assert torch.isfinite(pack(torch.bfloat16).w_out).all()
+    far = p.replace(mean=p.mean * 0 + big)
+    with pytest.raises(ValueError, match="mean: largest magnitude"):
+        far.pack(torch.float16)  # pack puts mu into the fp16 W_in
+    assert far.pack_centred(torch.float16).mean.dtype == torch.float32  # mu stays fp32 for the kernels
+    with pytest.raises(ValueError, match="experts: .*overflows torch.float16.*storage_dtype"):
+        SteerParams(experts=torch.full((1, 4), big), storage_dtype=torch.float16)

@@ -104,3 +104,38 @@ def test_hot_path_errors_name_the_argument():
         reference.apply_coef(torch.randn(2, 4, 16), coef, p, torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(TypeError, match="row_to_seq: expected an integer"):
         reference.apply_coef(torch.randn(2, 4, 16), coef, p, torch.zeros(2, 4))
+    for unsigned in (torch.bool, torch.uint8):  # cannot hold -1
+        with pytest.raises(TypeError, match=f"row_to_seq: expected an integer tensor of a signed dtype.*{unsigned}"):
+            reference.apply_coef(torch.randn(2, 4, 16), coef, p, torch.zeros(2, 4, dtype=unsigned))
+    with pytest.raises(TypeError, match="row_mask: expected a bool tensor"):
+        reference.steer(torch.randn(2, 4, 16), p, row_mask=torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="row_mask: expected shape"):
+        reference.steer(torch.randn(2, 4, 16), p, row_mask=torch.ones(2, 3, dtype=torch.bool))
+
+
+def test_signed_row_maps_of_every_width_agree():
+    p = random_params(16, 2, 3, "relu")
+    h = random_rows(p, 6).reshape(2, 3, 16)
+    coef = reference.synthesize(h[:, -1], p)
+    seq = torch.tensor([[0, 0, -1], [1, -1, 1]])
+    expected = reference.apply_coef(h, coef, p, seq)
+    for dtype in (torch.int8, torch.int16, torch.int32):
+        assert torch.equal(reference.apply_coef(h, coef, p, seq.to(dtype)), expected)
+
+
+def test_apply_with_no_sequences_leaves_every_row():
+    """B = 0 (a batch with nothing to steer yet): every row maps to -1 and comes back unchanged."""
+    p = random_params(16, 2, 3, "relu")
+    h = random_rows(p, 5)
+    out = reference.apply_coef(h, torch.zeros(0, p.n_coef), p, torch.full((5,), -1))
+    assert torch.equal(out, h)
+
+
+def test_row_mask_leaves_masked_rows_unchanged():
+    p = random_params(16, 2, 3, "relu")
+    h = random_rows(p, 6).reshape(2, 3, 16)
+    mask = torch.tensor([[True, False, True], [False, True, True]])
+    out = reference.steer(h, p, row_mask=mask)
+    assert torch.equal(out[~mask], h[~mask])
+    assert torch.equal(out[mask], reference.steer(h, p)[mask])
+    assert torch.equal(reference.steer(h, p, row_mask=mask.reshape(-1)), out)  # flat mask
