@@ -41,11 +41,6 @@ def test_fit_help_explains_every_option(capsys):
         assert word in text
 
 
-def test_demo_placeholder_kept(capsys):
-    assert cli.main(["demo"]) == 0
-    assert "demo" in capsys.readouterr().out
-
-
 @pytest.mark.parametrize("method", ["finesteer", "caa", "cast"])
 def test_small_safety_fit(tiny_folder, tmp_path, capsys, method):
     out, report = tmp_path / "s.safetensors", tmp_path / "r.json"
