@@ -6,8 +6,8 @@ Importing needs no GPU and no triton (the Triton kernels are imported on first u
 """
 from . import reference
 from .ops import apply_coef, apply_coef_, select_backend, steer, steer_, synthesize
-from .params import PackedSteerParams, SteerParams
+from .params import CentredPack, PackedSteerParams, SteerParams
 
 __version__ = "0.1.0"
-__all__ = ["SteerParams", "PackedSteerParams", "steer", "steer_", "synthesize", "apply_coef", "apply_coef_",
-           "select_backend", "reference", "__version__"]
+__all__ = ["SteerParams", "PackedSteerParams", "CentredPack", "steer", "steer_", "synthesize", "apply_coef",
+           "apply_coef_", "select_backend", "reference", "__version__"]
