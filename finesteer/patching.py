@@ -31,7 +31,7 @@ import finesteer_kernels
 from finesteer_kernels import SteerParams
 from finesteer_kernels.validation import HIDDEN_DTYPES
 
-from .layers import find_decoder_layers, hidden_size
+from .layers import check_layer_index, find_decoder_layers, hidden_size
 from .steerer import Steerer
 
 __all__ = ["patch_model", "unpatch_model", "PatchHandle", "find_decoder_layers"]
@@ -385,16 +385,11 @@ class PatchHandle:
 
     def _steer_tokens(self, site: _Site, hidden: torch.Tensor, ctx: Optional[_ForwardContext],
                       in_place: bool) -> torch.Tensor:
+        steer = finesteer_kernels.steer_ if in_place else finesteer_kernels.steer
         if ctx is None or ctx.mask is None:
-            return (finesteer_kernels.steer_ if in_place else finesteer_kernels.steer)(hidden, site.params)
-        # With a mask, padding positions stay as they are: per-row coefficients, and -1 rows skipped.
-        rows = _rows_for(ctx, hidden)
-        batch, new_tokens, d = hidden.shape
-        coef = finesteer_kernels.synthesize(hidden.reshape(-1, d), site.params)
-        flat_index = torch.arange(batch * new_tokens, device=hidden.device).view(batch, new_tokens)
-        row_to_token = torch.where(rows.valid, flat_index, -1)
-        apply = finesteer_kernels.apply_coef_ if in_place else finesteer_kernels.apply_coef
-        return apply(hidden, coef, site.params, row_to_token)
+            return steer(hidden, site.params)
+        # With a mask, padding positions stay as they are: the kernel skips rows the mask marks False.
+        return steer(hidden, site.params, row_mask=_rows_for(ctx, hidden).valid)
 
     def _steer_query(self, site: _Site, hidden: torch.Tensor, ctx: Optional[_ForwardContext],
                      in_place: bool) -> torch.Tensor:
@@ -549,6 +544,7 @@ def _prepare(params: SteerParams, device: torch.device, dtype: torch.dtype, alph
     coef = finesteer_kernels.synthesize(probe[0], params)
     finesteer_kernels.apply_coef(probe, coef, params, torch.zeros(1, 1, dtype=torch.long, device=device))
     finesteer_kernels.steer(probe, params)
+    finesteer_kernels.steer(probe, params, row_mask=torch.ones(1, 1, dtype=torch.bool, device=device))
     return params
 
 
@@ -573,9 +569,7 @@ def patch_model(model: torch.nn.Module, steerer_or_dict: Union[Steerer, Mapping[
     width = hidden_size(model)
     sites = {}
     for index, params in sorted(wanted.items()):
-        if not 0 <= index < len(layer_modules):
-            raise IndexError(f"steerer_or_dict: layer {index} is out of range; "
-                             f"{type(model).__name__} has decoder layers 0..{len(layer_modules) - 1}")
+        check_layer_index(index, len(layer_modules), name="steerer_or_dict", error=IndexError)
         if params.d != width:
             raise ValueError(f"steerer_or_dict: the steerer for layer {index} has hidden size {params.d}, but "
                              f"{type(model).__name__} has hidden size {width}")

@@ -317,6 +317,9 @@ def test_token_mode_changes_exactly_the_gated_positions(arch):
         base = model(ids, output_hidden_states=True).hidden_states
         with patch_model(model, {LAYER: params}, mode="token"):
             steered = model(ids, output_hidden_states=True).hidden_states
+            # an all-ones mask takes the row_mask path of the op: it must steer exactly the same rows the same way
+            masked = model(ids, attention_mask=torch.ones_like(ids), output_hidden_states=True).hidden_states
+    assert torch.equal(masked[LAYER + 1], steered[LAYER + 1])
     changed = (steered[LAYER + 1][0] != base[LAYER + 1][0]).any(-1)
     assert torch.equal(changed, gated)
     torch.testing.assert_close(steered[LAYER + 1][0], reference.steer(h, params), rtol=1e-5, atol=1e-6)
@@ -512,8 +515,10 @@ def test_clear_errors():
     params = mose(64, 1.0)
     with pytest.raises(ValueError, match="mode"):
         patch_model(model, {LAYER: params}, mode="sentence")
-    with pytest.raises(IndexError, match="layer 3 is out of range"):
+    with pytest.raises(IndexError, match=r"steerer_or_dict: index 3 out of range .* decoder layers"):
         patch_model(model, {3: params})
+    with pytest.raises(IndexError, match="steerer_or_dict: expected a non-negative int"):
+        patch_model(model, {-1: params})
     with pytest.raises(ValueError, match="hidden size 32"):
         patch_model(model, {LAYER: mose(32, 1.0)})
     with pytest.raises(TypeError, match="bare SteerParams"):
