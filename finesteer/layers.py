@@ -50,7 +50,7 @@ def hidden_size(model: torch.nn.Module) -> int:
 
 def check_layer_index(layer, layer_count: Optional[int], name: str = "layer", error: type = ValueError) -> int:
     """``layer`` as an int, after checking it is a decoder layer index: a non-negative int (numpy ints accepted,
-    bools refused) and, when ``layer_count`` is known, below it. Raises ``error`` (a `ValueError` subclass lets
+    bools refused) and, when ``layer_count`` is known, below it. Raises ``error`` (any exception class, so
     callers keep their own error type) naming ``name``."""
     if isinstance(layer, np.integer):
         layer = int(layer)
