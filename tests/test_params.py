@@ -65,29 +65,35 @@ def test_replace_revalidates():
         p.replace(tau=2.0)
 
 
-def packed_steer(h: torch.Tensor, p: SteerParams) -> torch.Tensor:
-    """The op computed only from the packed form, the way the fused kernels do."""
-    pk = p.pack()
-    x = h.float()
-    y = x @ pk.w_in.float()
+def unscaled_coefficients(y: torch.Tensor, pk, p: SteerParams) -> torch.Tensor:
+    """Router weights then residual coefficients from the products ``y`` with a packed ``W_in`` (either packing)."""
     coef = []
     if pk.has_router:
         logits = y[:, pk.router_col:pk.router_col + pk.num_experts] + pk.consts[
             pk.router_bias_off:pk.router_bias_off + pk.num_experts]
         coef.append(torch.softmax(logits, -1))
     else:
-        coef.append(torch.ones(len(x), 1))
+        coef.append(torch.ones(len(y), 1))
     if pk.k:
         hid = y[:, pk.res_col:pk.res_col + pk.m] + pk.consts[pk.res_in_bias_off:pk.res_in_bias_off + pk.m]
         hid = torch.relu(hid) if p.activation == "relu" else hid
         W2 = pk.consts[pk.res_out_weight_off:pk.res_out_weight_off + pk.k * pk.m].reshape(pk.k, pk.m)
         coef.append(hid @ W2.T + pk.consts[pk.res_out_bias_off:pk.res_out_bias_off + pk.k])
+    return torch.cat(coef, -1)
+
+
+def packed_steer(h: torch.Tensor, p: SteerParams) -> torch.Tensor:
+    """The op computed only from the packed form, the way the fused kernels do."""
+    pk = p.pack()
+    x = h.float()
+    y = x @ pk.w_in.float()
+    coef = unscaled_coefficients(y, pk, p)
     scale = torch.full((len(x),), p.alpha * p.gamma)
     if pk.has_gate:
         proj = y[:, :pk.r] - pk.consts[pk.s_mu_off:pk.s_mu_off + pk.r]
         energy = (x * x).sum(-1) - 2 * y[:, pk.mean_col] + pk.consts[pk.mu_sq_off]
         scale = scale * (proj.square().sum(-1) >= p.tau * energy.clamp_min(p.eps))
-    return x + (torch.cat(coef, -1) * scale[:, None]) @ pk.w_out.float()
+    return x + (coef * scale[:, None]) @ pk.w_out.float()
 
 
 @pytest.mark.parametrize("r,K,residual", [(0, 1, None), (3, 1, None), (0, 4, "relu"), (5, 3, "identity"),
@@ -121,23 +127,12 @@ def centred_packed_steer(h: torch.Tensor, p: SteerParams, dtype=torch.float32) -
     x = h.float()
     xc = x - pk.mean if pk.has_mean else x
     y = xc @ pk.w_in.float()
-    coef = []
-    if pk.has_router:
-        logits = y[:, pk.router_col:pk.router_col + pk.num_experts] + pk.consts[
-            pk.router_bias_off:pk.router_bias_off + pk.num_experts]
-        coef.append(torch.softmax(logits, -1))
-    else:
-        coef.append(torch.ones(len(x), 1))
-    if pk.k:
-        hid = y[:, pk.res_col:pk.res_col + pk.m] + pk.consts[pk.res_in_bias_off:pk.res_in_bias_off + pk.m]
-        hid = torch.relu(hid) if p.activation == "relu" else hid
-        W2 = pk.consts[pk.res_out_weight_off:pk.res_out_weight_off + pk.k * pk.m].reshape(pk.k, pk.m)
-        coef.append(hid @ W2.T + pk.consts[pk.res_out_bias_off:pk.res_out_bias_off + pk.k])
+    coef = unscaled_coefficients(y, pk, p)
     scale = torch.full((len(x),), p.alpha * p.gamma)
     if pk.has_gate:
         inside = y[:, :pk.r].square().sum(-1)
         scale = scale * (inside / xc.square().sum(-1).clamp_min(p.eps) >= p.tau)
-    return x + (torch.cat(coef, -1) * scale[:, None]) @ pk.w_out.float()
+    return x + (coef * scale[:, None]) @ pk.w_out.float()
 
 
 @pytest.mark.parametrize("r,K,residual,with_mean", [(0, 1, None, True), (3, 1, None, True), (0, 4, "relu", True),
