@@ -500,7 +500,7 @@ def plot(results: dict, path: str | os.PathLike) -> None:
     ax.set_xlim(-5, 105)
     ax.set_ylim(-5, 105)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="lower center")  # the corners hold the methods' extreme points
     d = results["data"]
     ax.set_title(f"{results['model']}, layer {results['layer']}: held-out {d['harmful']['n']} harmful / "
                  f"{d['benign']['n']} benign", fontsize=9)
