@@ -267,20 +267,33 @@ def benign_prompts(sharegpt_limit: Optional[int] = 300, exclude: Sequence[Prompt
     return combine("benign", *sets)
 
 
-def load_jsonl(path: str | os.PathLike, field: str = "prompt", name: Optional[str] = None,
-               licence: str = "user-supplied") -> PromptSet:
-    """A user's prompts: one JSON object per line with the text under ``field`` (or a bare JSON string per line)."""
-    path = Path(path)
+def _jsonl_rows(path: Path, argument: str) -> list:
+    """``(line number, parsed value)`` for each non-blank line of a user's JSONL file; errors name file and line."""
     if not path.is_file():
-        raise FileNotFoundError(f"path: no JSONL file at {str(path)!r}")
-    prompts = []
+        raise FileNotFoundError(f"{argument}: no JSONL file at {str(path)!r}")
+    rows = []
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            item = json.loads(line)
+            rows.append((lineno, json.loads(line)))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+    return rows
+
+
+def _user_source(path: Path, label: str, licence: str) -> Source:
+    """Provenance of a user's file: its content hash stands in for a version."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return Source(label, "user", "sha256:" + digest, str(path.resolve()), licence)
+
+
+def load_jsonl(path: str | os.PathLike, field: str = "prompt", name: Optional[str] = None,
+               licence: str = "user-supplied") -> PromptSet:
+    """A user's prompts: one JSON object per line with the text under ``field`` (or a bare JSON string per line)."""
+    path = Path(path)
+    prompts = []
+    for lineno, item in _jsonl_rows(path, "path"):
         text = item if isinstance(item, str) else item.get(field) if isinstance(item, dict) else None
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"{path}:{lineno}: expected an object with a non-empty string under {field!r} "
@@ -289,8 +302,7 @@ def load_jsonl(path: str | os.PathLike, field: str = "prompt", name: Optional[st
     if not prompts:
         raise ValueError(f"path: {path} holds no prompts")
     label = name or path.stem
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return _single(label, prompts, Source(label, "user", "sha256:" + digest, str(path.resolve()), licence))
+    return _single(label, prompts, _user_source(path, label, licence))
 
 
 # ---- splits -------------------------------------------------------------------------------------------------------
@@ -403,16 +415,8 @@ def load_qa_jsonl(path: str | os.PathLike) -> tuple:
     """Question/answer JSONL in the TruthfulQA layout: ``question``, ``best_answer`` and/or ``correct_answers``
     (list), ``incorrect_answers`` (list). Returns ``(items, Source)``."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"qa_path: no JSONL file at {str(path)!r}")
     items = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+    for lineno, row in _jsonl_rows(path, "qa_path"):
         if not isinstance(row, dict):
             raise ValueError(f"{path}:{lineno}: expected a JSON object per line (TruthfulQA layout), got "
                              f"{type(row).__name__}")
@@ -425,5 +429,4 @@ def load_qa_jsonl(path: str | os.PathLike) -> tuple:
         items.append(QAItem(question.strip(), list(dict.fromkeys(correct)), list(dict.fromkeys(incorrect))))
     if not items:
         raise ValueError(f"qa_path: {path} holds no questions")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return items, Source(path.stem, "user", "sha256:" + digest, str(path.resolve()), "user-supplied")
+    return items, _user_source(path, path.stem, "user-supplied")
