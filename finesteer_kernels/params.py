@@ -338,13 +338,20 @@ class SteerParams:
         present only where its layer is. Subtracting ``S^T mu`` and using
         ``||h-mu||^2 = ||h||^2 - 2 h.mu + ||mu||^2`` lets one pass over h serve the centred gate.
         """
+        return self._cached_pack((), dtype, device, _CAST_BY_PACK, self._build_pack)
+
+    def _cached_pack(self, key_extra: tuple, dtype, device, cast_fields: tuple, build):
+        """One cache for every packed form: ``build(dtype, device)`` runs once per key, after the overflow check."""
         dtype = dtype or self.dtype
         device = torch.device(device) if device is not None else self.device
-        key = (dtype, device)
-        cached = self._pack_cache.get(key)
-        if cached is not None:
-            return cached
-        self._check_cast(_CAST_BY_PACK, dtype)
+        key = (dtype, device, *key_extra)
+        packed = self._pack_cache.get(key)
+        if packed is None:
+            self._check_cast(cast_fields, dtype)
+            packed = self._pack_cache[key] = build(dtype, device)
+        return packed
+
+    def _build_pack(self, dtype: torch.dtype, device: torch.device) -> PackedSteerParams:
         f32 = {n: t.to(device=device, dtype=torch.float32) for n, t in self.tensors().items()}
         d, K, r, m, k = self.d, self.num_experts, self.r, self.m, self.k
         zeros = lambda n: torch.zeros(n, dtype=torch.float32, device=device)  # noqa: E731
@@ -370,7 +377,7 @@ class SteerParams:
         res_in_bias_off = router_bias_off + (K if has_router else 0)
         res_out_weight_off = res_in_bias_off + m
         res_out_bias_off = res_out_weight_off + k * m
-        packed = PackedSteerParams(
+        return PackedSteerParams(
             w_in=w_in.to(dtype).contiguous(),
             w_out=torch.cat(rows, dim=0).to(dtype).contiguous(),
             consts=torch.cat(consts) if consts else zeros(0),
@@ -380,8 +387,6 @@ class SteerParams:
             res_in_bias_off=res_in_bias_off, res_out_weight_off=res_out_weight_off,
             res_out_bias_off=res_out_bias_off,
         )
-        self._pack_cache[key] = packed
-        return packed
 
     def _check_cast(self, names: tuple, dtype: torch.dtype) -> None:
         """Packing casts these fields to ``dtype``: raise, naming the field, if one would overflow (no host sync:
@@ -401,13 +406,10 @@ class SteerParams:
         """
         if align < 1:
             raise ValueError(f"align: expected a positive column multiple, got {align}")
-        dtype = dtype or self.dtype
-        device = torch.device(device) if device is not None else self.device
-        key = (dtype, device, "centred", align)
-        cached = self._pack_cache.get(key)
-        if cached is not None:
-            return cached
-        self._check_cast(_CAST_BY_PACK_CENTRED, dtype)
+        return self._cached_pack(("centred", align), dtype, device, _CAST_BY_PACK_CENTRED,
+                                 lambda dtype, device: self._build_centred(dtype, device, align))
+
+    def _build_centred(self, dtype: torch.dtype, device: torch.device, align: int) -> CentredPack:
         f64 = {n: t.to(device=device, dtype=torch.float64) for n, t in self.tensors().items()}
         d, K, r, m, k = self.d, self.num_experts, self.r, self.m, self.k
         zeros = lambda n: torch.zeros(n, dtype=torch.float64, device=device)  # noqa: E731
@@ -432,7 +434,7 @@ class SteerParams:
         res_in_bias_off = router_bias_off + (K if has_router else 0)
         res_out_weight_off = res_in_bias_off + m
         res_out_bias_off = res_out_weight_off + k * m
-        packed = CentredPack(
+        return CentredPack(
             w_in=w_in.to(dtype).contiguous(),
             w_out=torch.cat(rows, dim=0).to(dtype).contiguous(),
             mean=(mu if has_mean else zeros(1)).to(torch.float32).contiguous(),
@@ -442,8 +444,6 @@ class SteerParams:
             res_in_bias_off=res_in_bias_off, res_out_weight_off=res_out_weight_off,
             res_out_bias_off=res_out_bias_off,
         )
-        self._pack_cache[key] = packed
-        return packed
 
     def __repr__(self) -> str:
         parts = [f"d={self.d}", f"K={self.num_experts}", f"r={self.r}"]
