@@ -141,9 +141,10 @@ def _apply_operands(h: torch.Tensor, coef: torch.Tensor, params: SteerParams, ro
 def apply_coef(h: torch.Tensor, coef: torch.Tensor, params: SteerParams, row_to_seq: torch.Tensor) -> torch.Tensor:
     """Query mode step 2: ``h + coef[row_to_seq] @ W_out``; rows mapped to -1 stay as they are.
 
-    On the Triton backend a ``row_to_seq`` entry >= B cannot raise without a host sync; its row becomes NaN.
+    A ``row_to_seq`` entry >= B cannot raise without a host sync: on both backends its row becomes NaN.
     """
     check_hidden(h, params)
+    check_coef(coef, params, h.device)  # before select_backend reads coef.requires_grad
     if select_backend(h, coef) == "torch":
         return reference.apply_coef(h, coef, params, row_to_seq)
     coef32, seq = _apply_operands(h, coef, params, row_to_seq)
@@ -155,6 +156,7 @@ def apply_coef(h: torch.Tensor, coef: torch.Tensor, params: SteerParams, row_to_
 def apply_coef_(h: torch.Tensor, coef: torch.Tensor, params: SteerParams, row_to_seq: torch.Tensor) -> torch.Tensor:
     """In-place `apply_coef` for hooks; returns ``h``. Rows mapped to -1 are not written."""
     check_hidden(h, params)
+    check_coef(coef, params, h.device)
     if not _writes_in_place(h, coef):
         return h.copy_(apply_coef(h, coef, params, row_to_seq))
     coef32, seq = _apply_operands(h, coef, params, row_to_seq)

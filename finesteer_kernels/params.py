@@ -16,11 +16,15 @@ dtypes and devices; packing needs no host synchronisation.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import NamedTuple, Optional
 
 import torch
 
 ACTIVATIONS = ("relu", "identity")
+STORABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+FP32_MAX = torch.finfo(torch.float32).max
 
 # Names of the tensor fields, in packing order; `Steerer` files use them as tensor names.
 TENSOR_FIELDS = (
@@ -33,6 +37,8 @@ _RESIDUAL_OPTIONAL = ("res_in_bias", "res_out_bias")
 # the fields each packed form casts to the activation dtype (the rest stay fp32)
 _CAST_BY_PACK = ("basis", "mean", "router_weight", "res_in_weight", "experts", "res_basis")
 _CAST_BY_PACK_CENTRED = ("basis", "router_weight", "res_in_weight", "experts", "res_basis")
+# the axis of each tensor that runs over the hidden size d
+HIDDEN_AXIS = {"basis": 0, "mean": 0, "router_weight": 0, "experts": 1, "res_in_weight": 1, "res_basis": 1}
 
 
 class PackedSteerParams(NamedTuple):
@@ -113,16 +119,71 @@ def _check_fits(name: str, amax: float, dtype: torch.dtype, what: str) -> None:
                          f"for {what}; rescale it or use a wider dtype")
 
 
+def _check_storable(name: str, dtype: torch.dtype) -> None:
+    if dtype not in STORABLE_DTYPES:
+        raise TypeError(f"{name}: expected a floating-point tensor of dtype float32, float16, bfloat16 or float64, "
+                        f"got {dtype}")
+
+
 def _as_float_tensor(name: str, value, ndim: int) -> Optional[torch.Tensor]:
     if value is None:
         return None
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(value).__name__}")
-    if not value.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {value.dtype}")
+    _check_storable(name, value.dtype)
     if value.dim() != ndim:
         raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(value.shape)}")
     return value
+
+
+def _as_scalar(name: str, value) -> float:
+    """A finite Python float from a number, a numpy scalar or a one-element tensor/array (construction time, so
+    reading a tensor's value here is not on the hot path)."""
+    shape = getattr(value, "shape", None)
+    if shape is not None and not isinstance(value, numbers.Number):  # a tensor or an array
+        if math.prod(shape) != 1:
+            raise TypeError(f"{name}: expected a number, got a {type(value).__name__} of shape {tuple(shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: must be finite, got {value}")
+    return value
+
+
+def _check_hidden_sizes(tensors: dict) -> None:
+    """Every tensor's hidden-size axis must agree. When they do not, name the tensors that disagree with the size
+    most of them share (or every group, on a tie) rather than whichever one happens to be checked first."""
+    by_d: dict = {}
+    for name, axis in HIDDEN_AXIS.items():
+        if tensors.get(name) is not None:
+            by_d.setdefault(tensors[name].shape[axis], []).append(name)
+    if len(by_d) < 2:
+        return
+    shapes = lambda names: ", ".join(f"{n} {tuple(tensors[n].shape)}" for n in names)  # noqa: E731
+    groups = sorted(by_d.items(), key=lambda item: -len(item[1]))
+    if len(groups[0][1]) == len(groups[1][1]):
+        raise ValueError("hidden size: the tensors disagree (" +
+                         "; ".join(f"d={d}: {shapes(names)}" for d, names in groups) +
+                         "); every tensor must have the same hidden size d")
+    (d, agreeing), odd = groups[0], [n for _, names in groups[1:] for n in names]
+    raise ValueError(f"{', '.join(odd)}: hidden size of {shapes(odd)} disagrees with d={d} of {shapes(agreeing)}; "
+                     "every tensor must have the same hidden size d")
+
+
+def _orthonormal_span(name: str, basis: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis (QR) of span(basis), refusing a rank-deficient one: QR would fill the missing
+    directions with arbitrary columns, i.e. invent gate directions."""
+    b = basis.double()
+    singular = torch.linalg.svdvals(b)
+    tol = float(singular.max()) * max(b.shape) * torch.finfo(basis.dtype).eps
+    rank = int((singular > tol).sum())
+    if rank < b.shape[1]:
+        raise ValueError(f"{name}: rank-deficient ({b.shape[1]} columns spanning only {rank} dimension(s)); "
+                         "orthonormalize=True cannot invent the missing directions: pass linearly independent "
+                         "columns, or fewer of them")
+    return torch.linalg.qr(b)[0]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -168,10 +229,11 @@ class SteerParams:
                      res_in_bias=1, res_out_weight=2, res_out_bias=1, res_basis=2)
         if self.experts is None:
             raise ValueError("experts: required, a (K, d) tensor of expert vectors")
-        device = self.experts.device if isinstance(self.experts, torch.Tensor) else None
+        device = _as_float_tensor("experts", self.experts, 2).device  # checked first: it fixes device and d
         store_dtype = torch.float32 if storage_dtype is None else storage_dtype
-        if not store_dtype.is_floating_point:
-            raise TypeError(f"storage_dtype: expected a floating-point dtype, got {store_dtype}")
+        if not isinstance(store_dtype, torch.dtype):
+            raise TypeError(f"storage_dtype: expected a torch.dtype, got {type(store_dtype).__name__}")
+        _check_storable("storage_dtype", store_dtype)
         amax: dict = {}
         for name in TENSOR_FIELDS:
             t = _as_float_tensor(name, getattr(self, name), ndims[name])
@@ -188,30 +250,29 @@ class SteerParams:
             object.__setattr__(self, name, t)
 
         for name in ("tau", "gamma", "alpha", "eps"):
-            v = getattr(self, name)
-            if isinstance(v, torch.Tensor):
-                v = v.item()  # construction time, not the hot path
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                raise TypeError(f"{name}: expected a number, got {type(v).__name__}")
-            v = float(v)
-            if v != v or v in (float("inf"), float("-inf")):
-                raise ValueError(f"{name}: must be finite, got {v}")
-            object.__setattr__(self, name, v)
+            object.__setattr__(self, name, _as_scalar(name, getattr(self, name)))
         if not 0.0 <= self.tau <= 1.0:
             raise ValueError(f"tau: the gate threshold is an energy ratio and must lie in [0, 1], got {self.tau}")
-        if self.eps <= 0:
-            raise ValueError(f"eps: must be > 0, got {self.eps}")
+        if not torch.finfo(torch.float32).tiny <= self.eps <= FP32_MAX:
+            raise ValueError(f"eps: must be a positive normal float32 number (1.2e-38 .. 3.4e38), got {self.eps}")
+        # The kernels multiply the coefficients by alpha * gamma * g in float32: a scale that overflows to inf
+        # would turn rows whose gate is off (g = 0) into NaN (inf * 0) instead of leaving them unchanged.
+        for name, value in (("alpha", self.alpha), ("gamma", self.gamma), ("alpha * gamma", self.alpha * self.gamma)):
+            if abs(value) > FP32_MAX:
+                raise ValueError(f"{name}: {value:.4g} overflows float32 (max {FP32_MAX:.4g}); the op scales by "
+                                 "alpha * gamma in float32, so keep |alpha|, |gamma| and |alpha * gamma| below that")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {self.activation!r}")
 
+        _check_hidden_sizes(self.tensors())
         K, d = self.experts.shape
         if K < 1 or d < 1:
             raise ValueError(f"experts: expected shape (K, d) with K >= 1 and d >= 1, got {tuple(self.experts.shape)}")
 
-        def expect(name: str, shape: tuple) -> None:
+        def expect(name: str, shape: tuple, why: str = "") -> None:
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != shape:
-                raise ValueError(f"{name}: expected shape {shape} (d={d}, K={K}), got {tuple(t.shape)}")
+                raise ValueError(f"{name}: expected shape {shape} ({why or f'd={d}, K={K}'}), got {tuple(t.shape)}")
 
         # gate
         if self.basis is None:
@@ -219,15 +280,11 @@ class SteerParams:
                 raise ValueError("mean: given without basis; with no basis the gate is always on and mean "
                                  "would be ignored")
         else:
-            if self.basis.shape[0] != d:
-                raise ValueError(f"basis: expected shape (d, r) with d={d}, got {tuple(self.basis.shape)}")
             r = self.basis.shape[1]
             if not 1 <= r <= d:
                 raise ValueError(f"basis: expected 1 <= r <= d={d} columns, got r={r}")
-            expect("mean", (d,))
             if orthonormalize:
-                q, _ = torch.linalg.qr(self.basis.double())
-                object.__setattr__(self, "basis", q.to(store_dtype).contiguous())
+                object.__setattr__(self, "basis", _orthonormal_span("basis", self.basis).to(store_dtype).contiguous())
             else:
                 gram = self.basis.double().T @ self.basis.double()
                 err = (gram - torch.eye(r, dtype=gram.dtype, device=gram.device)).abs().max().item()
@@ -245,7 +302,8 @@ class SteerParams:
                 raise ValueError(f"router_weight: required when K > 1 (K={K}), a (d, K) tensor")
             expect("router_weight", (d, K))
             expect("router_bias", (K,))
-        # residual
+        # residual: W1 (m, d) -> W2 (k, m) -> U_res (k, d); m comes from W1 and k from W2, so each mismatch is
+        # reported on the tensor whose size disagrees with the one feeding it
         present = [n for n in _RESIDUAL_REQUIRED if getattr(self, n) is not None]
         if present and len(present) != len(_RESIDUAL_REQUIRED):
             missing = [n for n in _RESIDUAL_REQUIRED if n not in present]
@@ -256,15 +314,14 @@ class SteerParams:
                 if getattr(self, n) is not None:
                     raise ValueError(f"{n}: given without the residual MLP weights")
         else:
-            m = self.res_in_weight.shape[0]
-            k = self.res_basis.shape[0]
+            m, k = self.res_in_weight.shape[0], self.res_out_weight.shape[0]
             if m < 1 or k < 1:
-                raise ValueError(f"residual: need m >= 1 and k >= 1, got m={m}, k={k}")
-            expect("res_in_weight", (m, d))
-            expect("res_in_bias", (m,))
-            expect("res_out_weight", (k, m))
-            expect("res_out_bias", (k,))
-            expect("res_basis", (k, d))
+                raise ValueError(f"residual: need m >= 1 and k >= 1, got m={m} (res_in_weight rows), k={k} "
+                                 "(res_out_weight rows)")
+            expect("res_in_bias", (m,), f"m={m} rows of res_in_weight")
+            expect("res_out_weight", (k, m), f"one column per row of res_in_weight, m={m}")
+            expect("res_basis", (k, d), f"one row per output of res_out_weight, k={k}, and d={d}")
+            expect("res_out_bias", (k,), f"k={k} rows of res_out_weight")
         if orthonormalize and self.basis is not None:
             amax["basis"] = 1.0  # orthonormal columns
         object.__setattr__(self, "_amax", amax)

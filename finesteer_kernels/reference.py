@@ -77,17 +77,22 @@ def synthesize(h_anchor: torch.Tensor, params: SteerParams) -> torch.Tensor:
 
 def apply_coef(h: torch.Tensor, coef: torch.Tensor, params: SteerParams,
                row_to_seq: torch.Tensor) -> torch.Tensor:
-    """Query mode, step 2: ``h + coef[row_to_seq] @ W_out``; rows mapped to -1 are returned unchanged.
+    """Query mode, step 2: ``h + coef[row_to_seq] @ W_out``; rows mapped to a negative index are returned unchanged.
 
     ``row_to_seq`` has the leading shape of ``h`` (or is its flattening) and holds, per row, the index of its
-    sequence in ``coef`` (``(B, K+k)``), or -1 for rows to leave alone (padding).
+    sequence in ``coef`` (``(B, K+k)``), or -1 for rows to leave alone (padding). An index >= B makes its row NaN,
+    as in the kernel: raising would need a host read of ``row_to_seq``.
     """
     check_hidden(h, params)
     check_coef(coef, params, h.device)
     seq = check_row_to_seq(row_to_seq, h).reshape(-1)
     h32 = h.reshape(-1, params.d).float()
-    # a zero row after the B coefficient rows: index -1 (skipped rows) picks it, even when B == 0
-    table = torch.cat([coef.float(), coef.new_zeros(1, coef.shape[1], dtype=torch.float32)])
-    out = h32 + table[seq.clamp_min(-1)] @ output_basis(params)
+    batch, n = coef.shape
+    # after the B coefficient rows: a zero row (index B) for skipped rows, even when B == 0, and a NaN row
+    # (index B + 1) for indices past the end
+    table = torch.cat([coef.float(), coef.new_zeros(1, n, dtype=torch.float32),
+                       coef.new_full((1, n), float("nan"), dtype=torch.float32)])
+    index = torch.where(seq < 0, batch, torch.where(seq >= batch, batch + 1, seq))
+    out = h32 + table[index] @ output_basis(params)
     out = torch.where((seq >= 0)[:, None], out.to(h.dtype), h.reshape(-1, params.d))
     return out.reshape(h.shape)

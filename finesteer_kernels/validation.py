@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import torch
 
+from .params import SteerParams
+
 HIDDEN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SIGNED_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)  # -1 marks rows to skip
 
 
 def check_hidden(h: torch.Tensor, params, name: str = "h", ndim: int | None = None) -> None:
+    if not isinstance(params, SteerParams):
+        raise TypeError(f"params: expected finesteer_kernels.SteerParams, got {type(params).__name__}")
     if not isinstance(h, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(h).__name__}")
     if h.dtype not in HIDDEN_DTYPES:
@@ -42,7 +46,8 @@ def _check_row_shape(name: str, t: torch.Tensor, h: torch.Tensor) -> None:
 
 
 def check_row_to_seq(row_to_seq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Returns ``row_to_seq`` as int64; its shape must be ``h.shape[:-1]`` or the flattened row count."""
+    """Returns ``row_to_seq`` as int64; its shape must be ``h.shape[:-1]`` or the flattened row count. Its values
+    are not read (that would be a host sync): an index >= B gives a NaN row on both backends."""
     if not isinstance(row_to_seq, torch.Tensor) or row_to_seq.dtype not in SIGNED_INT_DTYPES:
         got = row_to_seq.dtype if isinstance(row_to_seq, torch.Tensor) else type(row_to_seq).__name__
         raise TypeError("row_to_seq: expected an integer tensor of a signed dtype (int8/16/32/64; sequence index "
