@@ -17,7 +17,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from finesteer_kernels import SteerParams
-from finesteer_kernels.params import SCALAR_FIELDS, TENSOR_FIELDS
+from finesteer_kernels.params import HIDDEN_AXIS, SCALAR_FIELDS, STORABLE_DTYPES, TENSOR_FIELDS
+
+from .files import apply_umask
 
 FORMAT_NAME = "finesteer"
 FORMAT_VERSION = 1
@@ -66,8 +68,8 @@ class Steerer:
             raise ValueError(f"layer: expected a non-negative int (decoder layer index), got {self.layer!r}")
         try:
             json.dumps(self.metadata)
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"metadata: must be JSON-serialisable ({e})") from None
+        except (TypeError, ValueError, RecursionError) as e:
+            raise TypeError(f"metadata: must be JSON-serialisable ({type(e).__name__}: {e})") from None
 
     @property
     def hidden_size(self) -> int:
@@ -81,7 +83,8 @@ class Steerer:
 
     # ---- I/O -----------------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write one safetensors file (tensors as stored, fp32 by default) with JSON metadata."""
+        """Write one safetensors file (tensors as stored, fp32 by default) with JSON metadata, with the file mode
+        the user's umask gives."""
         tensors = {n: t.detach().cpu().contiguous() for n, t in self.params.tensors().items()}
         header: dict[str, Any] = {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
@@ -91,11 +94,14 @@ class Steerer:
             "metadata": {**self.metadata, "versions": _versions()},
         }
         save_file(tensors, os.fspath(path), metadata={FORMAT_NAME: json.dumps(header)})
+        apply_umask(path)  # safetensors writes 0600 whatever the umask
 
     @classmethod
     def load(cls, path: str | os.PathLike, device="cpu") -> "Steerer":
-        """Read a file written by `save`. Raises `SteererFileError` with the reason on any bad file."""
+        """Read a file written by `save` onto ``device``. Raises `SteererFileError` with the reason on any bad file,
+        ``FileNotFoundError`` for a missing one and ``ValueError`` for a device this machine does not have."""
         path = os.fspath(path)
+        device = _checked_device(device)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"path: no steerer file at {path!r}")
         try:
@@ -109,8 +115,9 @@ class Steerer:
                                    "entry in its header)")
         try:
             header = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise SteererFileError(f"{path}: FineSteer metadata is not valid JSON ({e})") from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise SteererFileError(f"{path}: FineSteer metadata is not valid JSON "
+                                   f"({'nested too deeply' if isinstance(e, RecursionError) else e})") from None
         if not isinstance(header, dict):
             raise SteererFileError(f"{path}: FineSteer metadata must be a JSON object, got {type(header).__name__}")
         version = header.get("format_version")
@@ -143,17 +150,49 @@ class Steerer:
         metadata = header.get("metadata", {})
         if not isinstance(metadata, dict):
             raise SteererFileError(f"{path}: header 'metadata' must be a JSON object, got {type(metadata).__name__}")
+        for key, kind in (("model", (str, type(None))), ("method", str)):
+            if not isinstance(header.get(key, "finesteer"), kind):
+                raise SteererFileError(f"{path}: header '{key}' must be a string, got {header[key]!r}")
+        _check_tensors(path, tensors, header.get("hidden_size"))
         dtype = tensors["experts"].dtype if "experts" in tensors else None
         try:
             params = SteerParams(**tensors, **scalars, storage_dtype=dtype)
         except (TypeError, ValueError) as e:
             raise SteererFileError(f"{path}: invalid steering parameters: {e}") from None
-        if header.get("hidden_size") != params.d:
-            raise SteererFileError(f"{path}: header says hidden_size={header.get('hidden_size')} but the tensors "
-                                   f"have d={params.d}")
         return cls(params=params, layer=layer, model=header.get("model"),
                    method=header.get("method", "finesteer"), metadata=metadata)
 
     def __repr__(self) -> str:
         return (f"Steerer(method={self.method!r}, layer={self.layer}, hidden_size={self.hidden_size}, "
                 f"model={self.model!r}, params={self.params!r})")
+
+
+def _checked_device(device) -> torch.device:
+    """``device`` as a torch.device this machine has, or a ValueError naming it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: {device!r} is not a torch device ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {device!r} requested, but CUDA is not available here (torch "
+                             f"{torch.__version__}); load on 'cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {device!r} requested, but this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s)")
+    return dev
+
+
+def _check_tensors(path: str, tensors: dict, hidden_size) -> None:
+    """Dtypes and the header's hidden size, tensor by tensor, so a bad tensor is named by the file's own record
+    rather than by a disagreement with whichever tensor is checked next."""
+    if not isinstance(hidden_size, int) or isinstance(hidden_size, bool) or hidden_size < 1:
+        raise SteererFileError(f"{path}: header 'hidden_size' must be a positive int, got {hidden_size!r}")
+    for name, tensor in tensors.items():
+        if tensor.dtype not in STORABLE_DTYPES:
+            raise SteererFileError(f"{path}: tensor {name!r} has dtype {tensor.dtype}; steerer files hold float32, "
+                                   "float16, bfloat16 or float64 tensors")
+        axis = HIDDEN_AXIS.get(name)
+        if axis is not None and tensor.dim() > axis and tensor.shape[axis] != hidden_size:
+            raise SteererFileError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, whose hidden-size axis "
+                                   f"{axis} is {tensor.shape[axis]}, but the header says hidden_size={hidden_size}")

@@ -1,5 +1,8 @@
 """Steerer files: bit-exact round trip and clear errors on bad files."""
+import contextlib
 import json
+import os
+import sys
 
 import pytest
 import torch
@@ -32,6 +35,13 @@ def test_round_trip_is_bit_exact(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
 
+def nested(depth: int):
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return {"deep": value}
+
+
 def rewrite(path, out, tensors=None, header=None):
     from safetensors import safe_open
 
@@ -42,16 +52,38 @@ def rewrite(path, out, tensors=None, header=None):
         data = tensors(data)
     if header:
         meta = header(meta)
-    save_file({n: t.contiguous() for n, t in data.items()}, str(out), metadata={"finesteer": json.dumps(meta)})
+    with _deep_json():
+        text = json.dumps(meta)
+    save_file({n: t.contiguous() for n, t in data.items()}, str(out), metadata={"finesteer": text})
+
+
+@contextlib.contextmanager
+def _deep_json():
+    """json.dumps recurses once per nesting level: let it write the deeply nested test header."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20000)
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(limit)
 
 
 @pytest.mark.parametrize("tensors,header,match", [
     (lambda d: {n: t for n, t in d.items() if n != "res_basis"}, None, r"missing tensors \['res_basis'\]"),
-    (lambda d: {**d, "basis": d["basis"][:-1]}, None, r"basis: expected shape \(d, r\) with d=24"),
-    (lambda d: {**d, "experts": d["experts"][:, :-1]}, None, r"basis: expected shape \(d, r\) with d=23"),
+    (lambda d: {**d, "basis": d["basis"][:-1]}, None,
+     r"tensor 'basis' has shape \(23, 3\), whose hidden-size axis 0 is 23, but the header says hidden_size=24"),
+    (lambda d: {**d, "experts": d["experts"][:, :-1]}, None, r"tensor 'experts' has shape \(4, 23\)"),
+    (lambda d: {**d, "experts": d["experts"].to(torch.float8_e4m3fn)}, None,
+     "tensor 'experts' has dtype torch.float8_e4m3fn"),
+    (None, lambda m: {**m, "hidden_size": "24"}, "header 'hidden_size' must be a positive int, got '24'"),
+    (None, lambda m: {**m, "metadata": nested(5000)}, "FineSteer metadata is not valid JSON .nested too deeply"),
+    (None, lambda m: {**m, "scalars": {**m["scalars"], "alpha": 1e39}}, r"alpha: 1e\+39 overflows float32"),
+    (None, lambda m: {**m, "scalars": {**m["scalars"], "alpha": 1e20, "gamma": 1e20}},
+     r"alpha \* gamma: 1e\+40 overflows float32"),
+    (None, lambda m: {**m, "model": 3}, "header 'model' must be a string"),
     (lambda d: {**d, "extra": torch.zeros(1)}, None, r"unknown tensors \['extra'\]"),
     (None, lambda m: {**m, "format_version": 99}, "unknown format_version 99"),
-    (None, lambda m: {**m, "hidden_size": 25}, "header says hidden_size=25"),
+    (None, lambda m: {**m, "hidden_size": 25}, "the header says hidden_size=25"),
     (None, lambda m: {k: v for k, v in m.items() if k != "layer"}, "header 'layer' must be a non-negative int"),
     (None, lambda m: {**m, "layer": "7"}, "header 'layer' must be a non-negative int"),
     (None, lambda m: {k: v for k, v in m.items() if k != "scalars"}, "header 'scalars' must be a JSON object"),
@@ -86,6 +118,28 @@ def test_invalid_steerer_fields():
         make_steerer().__class__(params=random_params(8, 0, 1), layer=-1)
     with pytest.raises(TypeError, match="metadata: must be JSON-serialisable"):
         Steerer(params=random_params(8, 0, 1), layer=0, metadata={"x": object()})
+    with pytest.raises(TypeError, match="metadata: must be JSON-serialisable .RecursionError"):
+        Steerer(params=random_params(8, 0, 1), layer=0, metadata=nested(5000))
+
+
+def test_load_names_a_device_this_machine_lacks(tmp_path):
+    make_steerer().save(tmp_path / "s.safetensors")
+    missing = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(ValueError, match=f"device: '{missing}' requested"):
+        Steerer.load(tmp_path / "s.safetensors", device=missing)
+    with pytest.raises(ValueError, match="device: 'gpu0' is not a torch device"):
+        Steerer.load(tmp_path / "s.safetensors", device="gpu0")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_saved_files_follow_the_umask(tmp_path, umask):
+    """safetensors itself writes 0600; a steerer file gets what open() would give."""
+    old = os.umask(umask)
+    try:
+        make_steerer().save(tmp_path / "s.safetensors")
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "s.safetensors").st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_resaving_a_loaded_steerer_records_the_current_versions(tmp_path):
