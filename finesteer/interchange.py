@@ -30,8 +30,9 @@ so any reader with strength 1 adds exactly what FineSteer adds.
 from __future__ import annotations
 
 import os
+import struct
 import warnings
-from typing import Iterable, Mapping, Optional, Union
+from typing import Iterable, Mapping, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -91,6 +92,12 @@ def _check_layer(layer: int, num_layers: Optional[int], where: str, allow_zero: 
     return layer
 
 
+def _layer_of(text: str) -> Optional[int]:
+    """The layer index a tensor name's suffix spells in ASCII digits ('12'), else None (``str.isdigit`` also
+    accepts digits such as '²' that ``int`` cannot read)."""
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
 def _as_vector(value: VectorLike, where: str, hidden_size: Optional[int]) -> torch.Tensor:
     if isinstance(value, np.ndarray):
         value = torch.from_numpy(np.array(value))  # a copy: GGUF data is a read-only memmap
@@ -98,8 +105,9 @@ def _as_vector(value: VectorLike, where: str, hidden_size: Optional[int]) -> tor
         raise TypeError(f"{where}: expected a torch.Tensor or numpy array, got {type(value).__name__}")
     if not value.is_floating_point():
         raise TypeError(f"{where}: expected floating-point values, got dtype {value.dtype}")
-    if value.dim() != 1:
-        raise ControlVectorError(f"{where}: expected a 1-D vector of the hidden size, got shape {tuple(value.shape)}")
+    if value.dim() != 1 or value.numel() == 0:
+        raise ControlVectorError(f"{where}: expected a non-empty 1-D vector of the hidden size, got shape "
+                                 f"{tuple(value.shape)}")
     if hidden_size is not None and value.shape[0] != hidden_size:
         raise ControlVectorError(f"{where}: hidden size {value.shape[0]} does not match the model's {hidden_size}")
     if not torch.isfinite(value).all():
@@ -153,11 +161,10 @@ def _read_safetensors_vectors(path: str) -> dict:
         raise ControlVectorError(f"{path}: not a safetensors file ({e})") from None
     vectors = {}
     for name, tensor in tensors.items():
-        text = name[len(TENSOR_PREFIX):] if name.startswith(TENSOR_PREFIX) else name
-        if not text.isdigit():
+        layer = _layer_of(name[len(TENSOR_PREFIX):] if name.startswith(TENSOR_PREFIX) else name)
+        if layer is None:
             raise ControlVectorError(f"{path}: tensor {name!r} is not named by a layer index ('12' or "
                                      f"'{TENSOR_PREFIX}12')")
-        layer = int(text)
         if layer in vectors:
             raise ControlVectorError(f"{path}: layer {layer} appears twice (tensor {name!r})")
         vectors[layer] = tensor
@@ -197,20 +204,34 @@ def import_vectors(vectors: Union[Mapping[int, VectorLike], str, os.PathLike], *
 
 
 # ---- GGUF control vectors ------------------------------------------------------------------------------------
-def _read_gguf(path: str):
+class _GGUFTensor(NamedTuple):
+    name: str
+    type_name: str
+    is_f32: bool
+    shape: tuple
+    data: np.ndarray
+
+
+def _read_gguf(path: str) -> tuple[dict, list]:
+    """``({key: value} of the control-vector keys, [_GGUFTensor])``, read eagerly: the gguf reader decodes some
+    values lazily, so a corrupt file would otherwise fail later with an error that does not name it."""
     import gguf
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"path: no control-vector file at {path!r}")
     try:
-        return gguf.GGUFReader(path)
-    except (ValueError, OSError, IndexError, KeyError) as e:
-        raise ControlVectorError(f"{path}: not a readable GGUF file ({e})") from None
-
-
-def _field(reader, key: str):
-    field = reader.get_field(key)
-    return None if field is None else field.contents()
+        reader = gguf.GGUFReader(path)
+        fields = {}
+        for key in ("general.architecture", MODEL_HINT_KEY, LAYER_COUNT_KEY):
+            field = reader.get_field(key)
+            if field is not None:
+                fields[key] = field.contents()
+        tensors = [_GGUFTensor(t.name, t.tensor_type.name, t.tensor_type == gguf.GGMLQuantizationType.F32,
+                               tuple(int(s) for s in t.shape), t.data) for t in reader.tensors]
+    except (ValueError, OSError, IndexError, KeyError, TypeError, OverflowError, struct.error) as e:
+        # ValueError includes UnicodeDecodeError (a corrupt string)
+        raise ControlVectorError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    return fields, tensors
 
 
 def _parse_direction_name(name: str, path: str) -> int:
@@ -218,10 +239,11 @@ def _parse_direction_name(name: str, path: str) -> int:
     if text is None:
         raise ControlVectorError(f"{path}: unexpected tensor {name!r}; a control vector holds only "
                                  f"'{TENSOR_PREFIX}<layer>' tensors")
-    if not text.isdigit():
+    layer = _layer_of(text)
+    if layer is None:
         raise ControlVectorError(f"{path}: tensor {name!r} has no valid layer index (expected "
                                  f"'{TENSOR_PREFIX}<non-negative int>')")
-    return int(text)
+    return layer
 
 
 def import_gguf(path: Union[str, os.PathLike], *, alpha: float = 1.0, model=None, hidden_size: Optional[int] = None,
@@ -235,31 +257,33 @@ def import_gguf(path: Union[str, os.PathLike], *, alpha: float = 1.0, model=None
     non-1-D tensors, or a width that differs between tensors or from the model. ``controlvector.layer_count`` is
     kept in the metadata but not enforced: llama.cpp does not read it and writers fill it differently.
     """
-    import gguf
-
     path = os.fspath(path)
     d, n = _model_shape(model, hidden_size, num_layers)
-    reader = _read_gguf(path)
-    arch = _field(reader, "general.architecture")
+    fields, tensors = _read_gguf(path)
+    arch = fields.get("general.architecture")
     if arch != ARCHITECTURE:
         found = "no general.architecture" if arch is None else f"general.architecture = {arch!r}"
         raise ControlVectorError(f"{path}: not a control vector ({found}, expected {ARCHITECTURE!r})")
-    hint = _field(reader, MODEL_HINT_KEY)
-    layer_count = _field(reader, LAYER_COUNT_KEY)
-    if not reader.tensors:
+    hint = fields.get(MODEL_HINT_KEY)
+    layer_count = fields.get(LAYER_COUNT_KEY)
+    if hint is not None and not isinstance(hint, str):
+        raise ControlVectorError(f"{path}: {MODEL_HINT_KEY} must be a string, got {hint!r}")
+    if layer_count is not None and (not isinstance(layer_count, (int, np.integer)) or isinstance(layer_count, bool)):
+        raise ControlVectorError(f"{path}: {LAYER_COUNT_KEY} must be an integer, got {layer_count!r}")
+    if not tensors:
         raise ControlVectorError(f"{path}: missing tensors: a control vector needs at least one "
                                  f"'{TENSOR_PREFIX}<layer>' tensor, the file has none")
     vectors: dict[int, torch.Tensor] = {}
-    for tensor in reader.tensors:
+    for tensor in tensors:
         layer = _parse_direction_name(tensor.name, path)
         where = f"{path}: tensor {tensor.name!r}"
         _check_layer(layer, n, where, allow_zero=False)
         if layer in vectors:
             raise ControlVectorError(f"{where}: layer {layer} appears twice")
-        if tensor.tensor_type != gguf.GGMLQuantizationType.F32:
-            raise ControlVectorError(f"{where}: type {tensor.tensor_type.name}, llama.cpp reads only F32 directions")
+        if not tensor.is_f32:
+            raise ControlVectorError(f"{where}: type {tensor.type_name}, llama.cpp reads only F32 directions")
         if len(tensor.shape) != 1:
-            raise ControlVectorError(f"{where}: shape {tuple(int(s) for s in tensor.shape)}, expected 1-D")
+            raise ControlVectorError(f"{where}: shape {tensor.shape}, expected 1-D")
         vectors[layer] = _as_vector(np.asarray(tensor.data, dtype=np.float32), where, d)
     _same_width(vectors, path)
     _check_model_hint(hint, model, path)

@@ -102,6 +102,8 @@ def test_a_file_from_the_gguf_writer_in_the_repeng_and_llama_cpp_layouts_imports
      {}, "unexpected tensor 'blk.0.attn_q.weight'"),
     ("unparsable layer", {"direction.one": np.ones(D, np.float32)}, {}, "no valid layer index"),
     ("negative layer", {"direction.-2": np.ones(D, np.float32)}, {}, "no valid layer index"),
+    ("non-ASCII digit", {"direction.\u00b2": np.ones(D, np.float32)}, {},
+     "'direction.\u00b2' has no valid layer index"),
     ("layer zero", {"direction.0": np.ones(D, np.float32)}, {}, "layer index 0 is invalid"),
     ("layer beyond the model", {"direction.6": np.ones(D, np.float32)}, {},
      "index 6 out of range for a model with 6 decoder layers"),
@@ -175,7 +177,8 @@ def test_import_vectors_from_dicts_and_safetensors(tmp_path):
     ({"3": torch.ones(D)}, "non-negative int"),
     ({3: torch.ones(D)}, "vectors: index 3 out of range for a model with 3 decoder layers"),
     ({1: torch.ones(D + 2)}, f"hidden size {D + 2} does not match"),
-    ({1: torch.ones(2, D)}, "expected a 1-D vector"),
+    ({1: torch.ones(2, D)}, "expected a non-empty 1-D vector"),
+    ({1: torch.ones(0)}, r"vectors\[1\]: expected a non-empty 1-D vector of the hidden size, got shape \(0,\)"),
     ({1: torch.full((D,), float("nan"))}, "NaN"),
     ({}, "no vectors"),
 ])
@@ -185,9 +188,39 @@ def test_import_vectors_rejects_bad_maps(bad, error):
 
 
 def test_import_vectors_rejects_badly_named_safetensors(tmp_path):
-    save_file({"layer_two": torch.ones(D)}, str(tmp_path / "v.safetensors"))
-    with pytest.raises(ControlVectorError, match="'layer_two' is not named by a layer index"):
-        import_vectors(tmp_path / "v.safetensors")
+    for name in ("layer_two", "direction.\u00b2", "\u0663"):  # '²' and Arabic-Indic 3 pass str.isdigit
+        save_file({name: torch.ones(D)}, str(tmp_path / "v.safetensors"))
+        with pytest.raises(ControlVectorError, match=f"'{name}' is not named by a layer index"):
+            import_vectors(tmp_path / "v.safetensors")
+
+
+def test_a_zero_length_vector_is_named_without_a_model():
+    with pytest.raises(ControlVectorError, match=r"vectors\[2\]: expected a non-empty 1-D vector"):
+        import_vectors({2: np.zeros(0, np.float32)})
+
+
+def test_corrupt_gguf_bytes_raise_control_vector_errors_naming_the_file(tmp_path):
+    """Random byte flips (seeded) anywhere in a valid file: every outcome is a clean import or a
+    ControlVectorError that names the file, never a bare decoding or indexing error."""
+    import random
+
+    good = write_gguf(tmp_path / "good.gguf", {f"direction.{i}": np.full(D, i, np.float32) for i in (1, 2)},
+                      layer_count=2).read_bytes()
+    rng = random.Random(0)
+    outcomes = {"imported": 0, "refused": 0}
+    for trial in range(300):
+        data = bytearray(good)
+        for _ in range(rng.randint(1, 3)):
+            data[rng.randrange(4, len(data) if trial % 2 else 256)] = rng.randrange(256)  # odd: anywhere
+        bad = tmp_path / "bad.gguf"
+        bad.write_bytes(bytes(data))
+        try:
+            import_gguf(bad)
+            outcomes["imported"] += 1
+        except ControlVectorError as e:
+            assert str(bad) in str(e)
+            outcomes["refused"] += 1
+    assert min(outcomes.values()) > 10, outcomes
 
 
 # ---- CAST ----------------------------------------------------------------------------------------------------
