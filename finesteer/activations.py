@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .layers import check_layer_index, find_decoder_layers
+from .layers import DecoderLayers, check_layer_index, find_decoder_layers
 
 Completions = Union[str, Sequence[str]]
 
@@ -32,8 +32,8 @@ class Shifts(NamedTuple):
     anchors: dict
 
 
-def _check_layers(model: torch.nn.Module, layers) -> list:
-    n = len(find_decoder_layers(model))
+def _check_layers(model: torch.nn.Module, layers, decoder_layers: DecoderLayers = None) -> list:
+    n = len(find_decoder_layers(model, decoder_layers))
     wanted = [layers] if isinstance(layers, (int, np.integer)) else list(layers)
     if not wanted:
         raise ValueError("layers: expected a decoder layer index or a non-empty list of them, got an empty list")
@@ -88,7 +88,7 @@ def _pad_id(tokenizer) -> int:
 @torch.inference_mode()
 def span_means(model: torch.nn.Module, sequences: Sequence[Sequence[int]], spans: Sequence[Sequence[tuple]],
                layers: Sequence[int], pad_id: int = 0, batch_size: int = 16, progress: bool = True,
-               desc: str = "activations") -> dict:
+               desc: str = "activations", decoder_layers: DecoderLayers = None) -> dict:
     """Mean residual stream over token spans at the given layer outputs.
 
     Args:
@@ -96,6 +96,8 @@ def span_means(model: torch.nn.Module, sequences: Sequence[Sequence[int]], spans
         spans: per sequence, the same number ``S`` of ``(start, end)`` token ranges (non-empty, within the
             sequence).
         layers: decoder layer indices (validated by the callers).
+        decoder_layers: where the decoder layers are, when `find_decoder_layers` cannot find them (a dotted path
+            such as ``"transformer.h"`` or the ``ModuleList``).
     Returns:
         ``layer -> (N, S, d)`` fp32 CPU tensor.
     """
@@ -106,7 +108,7 @@ def span_means(model: torch.nn.Module, sequences: Sequence[Sequence[int]], spans
     for i, (seq, sp) in enumerate(zip(sequences, spans)):
         if len(sp) != n_spans or any(not 0 <= a < b <= len(seq) for a, b in sp):
             raise ValueError(f"spans[{i}]: expected {n_spans} ranges 0 <= start < end <= {len(seq)}, got {sp}")
-    decoder_layers = find_decoder_layers(model)
+    layer_modules = find_decoder_layers(model, decoder_layers)
     last = max(layers)
     captured: dict = {}
 
@@ -118,7 +120,7 @@ def span_means(model: torch.nn.Module, sequences: Sequence[Sequence[int]], spans
         return hook
 
     device = next(model.parameters()).device
-    handles = [decoder_layers[i].register_forward_hook(make_hook(i)) for i in layers]
+    handles = [layer_modules[i].register_forward_hook(make_hook(i)) for i in layers]
     order = sorted(range(n), key=lambda i: -len(sequences[i]))  # longest first: memory peaks show up at once
     out = {}
     chunks: dict = {layer: [] for layer in layers}
@@ -159,13 +161,15 @@ def span_means(model: torch.nn.Module, sequences: Sequence[Sequence[int]], spans
 
 def collect_activations(model: torch.nn.Module, tokenizer, prompts: Sequence[str], layers, *,
                         batch_size: int = 16, max_prompt_tokens: int = 256, chat_template: bool = True,
-                        progress: bool = True, desc: str = "anchor activations") -> dict:
+                        progress: bool = True, desc: str = "anchor activations",
+                        decoder_layers: DecoderLayers = None) -> dict:
     """Anchor-row (last prompt token, where the reply starts) residual stream at the outputs of ``layers``.
 
     Returns ``layer -> (len(prompts), d)`` fp32 CPU tensor. Prompts longer than ``max_prompt_tokens`` are cut from
-    the left (with a warning), keeping the anchor.
+    the left (with a warning), keeping the anchor. ``decoder_layers`` names the layer list where
+    `find_decoder_layers` cannot find it (see `span_means`).
     """
-    layers = _check_layers(model, layers)
+    layers = _check_layers(model, layers, decoder_layers)
     if isinstance(prompts, str) or len(prompts) == 0:
         raise ValueError("prompts: expected a non-empty sequence of strings")
     cuts = _Truncations()
@@ -178,22 +182,23 @@ def collect_activations(model: torch.nn.Module, tokenizer, prompts: Sequence[str
         sequences.append(ids)
     cuts.warn(max_prompt_tokens, 0)
     means = span_means(model, sequences, [[(len(s) - 1, len(s))] for s in sequences], layers,
-                       _pad_id(tokenizer), batch_size, progress, desc)
+                       _pad_id(tokenizer), batch_size, progress, desc, decoder_layers)
     return {layer: m[:, 0] for layer, m in means.items()}
 
 
 def completion_shifts(model: torch.nn.Module, tokenizer, prompts: Sequence[str], desired: Sequence[Completions],
                       undesired: Sequence[Completions], layers, *, batch_size: int = 16,
                       max_prompt_tokens: int = 256, max_completion_tokens: int = 64, chat_template: bool = True,
-                      progress: bool = True) -> Shifts:
+                      progress: bool = True, decoder_layers: DecoderLayers = None) -> Shifts:
     """Delta per prompt: mean over completion tokens of h(prompt + desired) minus the same for the undesired
     completion, at the outputs of ``layers``; plus the anchor rows (last prompt token) from the same forwards.
 
     ``desired[i]`` / ``undesired[i]`` is one completion or a list of completions for ``prompts[i]``; with several,
     each side is the average of its completions' means.
-    Returns `Shifts(delta, anchors)`, each ``layer -> (len(prompts), d)`` fp32 CPU tensor.
+    Returns `Shifts(delta, anchors)`, each ``layer -> (len(prompts), d)`` fp32 CPU tensor. ``decoder_layers``
+    names the layer list where `find_decoder_layers` cannot find it (see `span_means`).
     """
-    layers = _check_layers(model, layers)
+    layers = _check_layers(model, layers, decoder_layers)
     if isinstance(prompts, str) or len(prompts) == 0:
         raise ValueError("prompts: expected a non-empty sequence of strings")
     for name, side in (("desired", desired), ("undesired", undesired)):
@@ -224,7 +229,7 @@ def completion_shifts(model: torch.nn.Module, tokenizer, prompts: Sequence[str],
                 weight.append(1.0 / len(completions))
     cuts.warn(max_prompt_tokens, max_completion_tokens)
     means = span_means(model, sequences, spans, layers, _pad_id(tokenizer), batch_size, progress,
-                       desc="completion shifts")
+                       desc="completion shifts", decoder_layers=decoder_layers)
     owner_t = torch.tensor(owner)
     coeff = torch.tensor(sign) * torch.tensor(weight)
     first = torch.full((len(prompts),), -1, dtype=torch.long)

@@ -3,10 +3,15 @@
 Each patched layer gets a forward hook on its output (registered first, so ``output_hidden_states`` records the
 steered values). The module that owns the layer list gets a forward pre-hook that notes, once per forward, the
 attention mask and how many tokens the cache already holds; from those and the number of new tokens the layer hook
-tells a prefill from a decode step. A cache that keeps its length in a device tensor (a static cache) is not read:
-the handle counts the tokens fed to each cache object instead, in forward and generate alike. All state (the
-per-sequence coefficients of query mode, the token counts) lives on the `PatchHandle` and is dropped by
-`PatchHandle.remove`.
+tells a prefill from a decode step; a forward hook on the same module forgets them when the forward ends, so a
+layer called on its own afterwards is not steered with a finished forward's mask. A cache that keeps its length in a
+device tensor (a static cache) is not read: the handle counts the tokens fed to each cache object instead, in
+forward and generate alike. All state (the per-sequence coefficients of query mode, the token counts) lives on the
+`PatchHandle` and is dropped by `PatchHandle.remove`.
+
+Threads: one patch serves one thread at a time. A forward, layer call or ``generate`` entering from a second thread
+while another thread's is running raises RuntimeError, and so does a query-mode decode step in a thread other than
+the one whose prefill made the cached coefficients; patch one model copy per thread instead.
 
 Query mode (the paper's): a prefill synthesises ``coef`` at each row's anchor, the last non-padding token of the
 prompt, adds ``coef @ W_out`` to every non-padding position and caches ``coef``; decode steps reuse it. Inside
@@ -21,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import threading
 import weakref
 from collections.abc import Mapping
 from typing import Optional, Union
@@ -31,8 +37,9 @@ import finesteer_kernels
 from finesteer_kernels import SteerParams
 from finesteer_kernels.validation import HIDDEN_DTYPES
 
-from .layers import check_layer_index, find_decoder_layers, hidden_size
+from .layers import DecoderLayers, check_layer_index, find_decoder_layers, hidden_size
 from .steerer import Steerer
+from .threads import OneThreadAtATime
 
 __all__ = ["patch_model", "unpatch_model", "PatchHandle", "find_decoder_layers"]
 
@@ -233,7 +240,12 @@ class _LayerHook:
 
     def __call__(self, module, args, kwargs, output):
         layer_input = args[0] if args else kwargs.get("hidden_states")
-        return self.handle._steer_output(self.site, output, layer_input)
+        guard = self.handle._one_thread
+        guard.enter(f"layer {self.site.layer}")
+        try:
+            return self.handle._steer_output(self.site, output, layer_input)
+        finally:
+            guard.exit()
 
 
 class _OwnerPreHook:
@@ -245,6 +257,16 @@ class _OwnerPreHook:
 
     def __call__(self, module, args, kwargs):
         self.handle._begin_forward(self.reader, args, kwargs)
+
+
+class _OwnerPostHook:
+    """Forward hook on the same module (run even when the forward raises): the forward's context ends with it."""
+
+    def __init__(self, handle: "PatchHandle"):
+        self.handle = handle
+
+    def __call__(self, module, args, output):
+        self.handle._end_forward()
 
 
 @dataclasses.dataclass
@@ -275,8 +297,13 @@ class PatchHandle:
         # Tokens fed to each cache object through this patch, for caches whose length lives on the device (reading
         # it would synchronise). Weak keys: a cache the caller drops is forgotten.
         self._cache_fill: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._one_thread = OneThreadAtATime(
+            "one patch serves one thread at a time (its forward context and query-mode coefficients are shared); "
+            "patch a separate copy of the model per thread")
+        self._coef_thread: Optional[int] = None  # thread whose prefill made the cached query-mode coefficients
         self._hooks = [owner.register_forward_pre_hook(_OwnerPreHook(self, owner), with_kwargs=True,
-                                                       prepend=True)]
+                                                       prepend=True),
+                       owner.register_forward_hook(_OwnerPostHook(self), always_call=True)]
         for index, site in sites.items():
             # prepend: run before transformers' own recording hooks so output_hidden_states shows the edit
             self._hooks.append(layer_modules[index].register_forward_hook(
@@ -337,6 +364,7 @@ class PatchHandle:
         return self._sites[layer]
 
     def _begin_forward(self, reader: _ArgReader, args: tuple, kwargs: dict) -> None:
+        self._one_thread.enter("model forward")  # left in _end_forward, which runs even if this raises
         mask = _as_mask(reader.get(args, kwargs, "attention_mask"))
         cache = reader.get(args, kwargs, "cache", "past_key_values")
         call = self._generate_stack[-1] if self._generate_stack else None
@@ -360,6 +388,11 @@ class PatchHandle:
                              "model with a fresh cache (or after cache.reset() and handle.reset()), or pass a 2-D "
                              "attention_mask of shape (batch, past + new)")
         self._context = _ForwardContext(mask, past, call, key_start)
+
+    def _end_forward(self) -> None:
+        if self._one_thread.held_here():  # not in a thread whose _begin_forward was refused
+            self._context = None
+            self._one_thread.exit()
 
     def _steer_output(self, site: _Site, output, layer_input):
         hidden = output[0] if isinstance(output, tuple) else output
@@ -403,6 +436,10 @@ class PatchHandle:
                 raise RuntimeError(f"layer {site.layer}: a decode step (tokens after a non-empty cache) but no "
                                    "prefill was seen since patching (or since reset()); run the prompt through the "
                                    "patched model first")
+            if self._coef_thread != threading.get_ident():
+                raise RuntimeError(f"layer {site.layer}: a query-mode decode step in another thread than the "
+                                   "prefill that made the cached coefficients; one patch serves one thread at a "
+                                   "time: patch a separate copy of the model per thread")
             if coef.shape[0] != batch:
                 raise RuntimeError(f"layer {site.layer}: batch size changed between prefill ({coef.shape[0]} rows) "
                                    f"and decode ({batch} rows); query mode keeps one coefficient row per sequence "
@@ -413,6 +450,7 @@ class PatchHandle:
             coef = torch.where(rows.anchor_found, coef, 0.0)  # a row with no real prompt token gets no edit
             coef = _share_within_beams(coef, rows.num_beams)
             site.coef = site.coef_memory = _store_coef(site.coef_memory, coef)
+            self._coef_thread = threading.get_ident()
         apply = finesteer_kernels.apply_coef_ if in_place else finesteer_kernels.apply_coef
         return apply(hidden, coef, site.params, rows.row_to_seq)
 
@@ -428,6 +466,13 @@ class PatchHandle:
         def generate(*args, **kwargs):
             if not handle.active:  # removed while another wrapper sat on top of this one
                 return original(*args, **kwargs)
+            handle._one_thread.enter("model.generate")
+            try:
+                return _run(*args, **kwargs)
+            finally:
+                handle._one_thread.exit()
+
+        def _run(*args, **kwargs):
             handle._generate_stack.append(_generate_call(model, reader, args, kwargs))
             given_cache = kwargs.get("cache", kwargs.get("past_key_values"))
             length = _reported_length(given_cache) if given_cache is not None else None
@@ -549,7 +594,8 @@ def _prepare(params: SteerParams, device: torch.device, dtype: torch.dtype, alph
 
 
 def patch_model(model: torch.nn.Module, steerer_or_dict: Union[Steerer, Mapping[int, SteererLike]],
-                mode: str = "query", alpha: Optional[float] = None) -> PatchHandle:
+                mode: str = "query", alpha: Optional[float] = None,
+                decoder_layers: DecoderLayers = None) -> PatchHandle:
     """Steer ``model`` at the output of decoder layers; returns a `PatchHandle` (a context manager).
 
     Args:
@@ -559,13 +605,16 @@ def patch_model(model: torch.nn.Module, steerer_or_dict: Union[Steerer, Mapping[
         mode: ``"query"`` (per sequence: gate and route once at the prompt's last token, add the same vector to
             every token) or ``"token"`` (every position gates and routes on its own hidden state).
         alpha: strength overriding each steerer's own ``alpha``; None keeps theirs.
+        decoder_layers: where the decoder layers are, for a model where `find_decoder_layers` cannot find them:
+            a dotted path inside ``model`` (e.g. ``"transformer.h"``) or the ``ModuleList`` itself. Its parent
+            module must be the one whose forward receives the attention mask and cache.
     """
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module (a transformers model), got {type(model).__name__}")
     wanted = _normalise_steerers(steerer_or_dict)
-    layer_modules = find_decoder_layers(model)
+    layer_modules = find_decoder_layers(model, decoder_layers)
     width = hidden_size(model)
     sites = {}
     for index, params in sorted(wanted.items()):

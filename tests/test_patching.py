@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from finesteer_kernels import SteerParams, reference
 from op_cases import random_params
 from tiny_models import random_ids, tiny_model
 
-ARCHS = ("llama", "qwen2", "mistral", "gemma2", "gpt2", "gpt_neox")
+ARCHS = ("llama", "qwen2", "mistral", "gemma2", "gpt2", "gpt_neox", "falcon", "bloom")
 LAYER = 1  # a middle layer: hidden_states[LAYER + 1] is its raw output (the last layer's is normed)
 NEW_TOKENS = 4
 
@@ -71,8 +72,13 @@ def layer_outputs(model, layer: int, **inputs) -> torch.Tensor:
 def adding(model, vectors: dict):
     """Plain hand-written hooks: layer -> (B, d) vectors added to every position of row b."""
     layers = finesteer.find_decoder_layers(model)
-    hooks = [layers[i].register_forward_hook(lambda mod, args, out, v=v: out + v[:, None, :].to(out.dtype))
-             for i, v in vectors.items()]
+
+    def add(out, v):  # Falcon and Bloom layers return tuples
+        if isinstance(out, tuple):
+            return (add(out[0], v), *out[1:])
+        return out + v[:, None, :].to(out.dtype)
+
+    hooks = [layers[i].register_forward_hook(lambda mod, args, out, v=v: add(out, v)) for i, v in vectors.items()]
     try:
         yield
     finally:
@@ -547,11 +553,172 @@ def test_clear_errors():
 
 
 def test_steerer_dataclass_replace_moves_site():
-    """The error message's suggested fix works."""
+    """The error message's suggested fix works: the moved steerer edits the output of LAYER, not of layer 0."""
     model = get_model("llama")
-    steerer = Steerer(params=mose(64, 1.0), layer=0)
-    with patch_model(model, {LAYER: dataclasses.replace(steerer, layer=LAYER)}) as handle:
-        assert handle.layers == (LAYER,)
+    ids = random_ids(1, 4, seed=30)
+    steerer = Steerer(params=SteerParams(experts=torch.ones(1, 64), alpha=0.5), layer=0)
+    with torch.no_grad():
+        base = model(ids, output_hidden_states=True).hidden_states
+        with patch_model(model, {LAYER: dataclasses.replace(steerer, layer=LAYER)}) as handle:
+            assert handle.layers == (LAYER,)
+            out = model(ids, output_hidden_states=True).hidden_states
+    for i in range(LAYER + 1):
+        assert torch.equal(out[i], base[i])
+    torch.testing.assert_close(out[LAYER + 1], base[LAYER + 1] + 0.5, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_edit_comes_first_with_grad_enabled(arch):
+    """With autograd on, the edit returns a new tensor (no in-place write hides the order): the steering hook
+    must still run before transformers' recording hooks and before a user's hook registered earlier."""
+    model = get_model(arch)
+    ids = random_ids(2, 4, seed=31)
+    params = SteerParams(experts=torch.ones(1, 64), alpha=0.5)
+    with torch.no_grad():
+        base = model(ids, output_hidden_states=True).hidden_states[LAYER + 1]
+    seen = []
+    user = finesteer.find_decoder_layers(model)[LAYER].register_forward_hook(
+        lambda mod, args, out: seen.append((out[0] if isinstance(out, tuple) else out).detach().clone()))
+    try:
+        with torch.enable_grad(), patch_model(model, {LAYER: params}):
+            recorded = model(ids, output_hidden_states=True).hidden_states[LAYER + 1]
+            assert recorded.requires_grad
+    finally:
+        user.remove()
+    torch.testing.assert_close(recorded.detach(), base + 0.5, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(seen[0], base + 0.5, rtol=1e-6, atol=1e-6)
+
+
+def test_beams_share_their_prompts_coefficients_even_when_computed_apart(monkeypatch):
+    """Beams start from identical prefills, so on a CPU their coefficients agree anyway; here synthesize gives
+    every row different ones (as rounding can on a GPU), and query mode must still use one row per prompt, the
+    first beam's."""
+    import finesteer_kernels
+
+    real = finesteer_kernels.synthesize
+
+    def per_row(h, params):
+        coef = real(h, params)
+        return coef * (1 + 0.1 * torch.arange(coef.shape[0], dtype=coef.dtype))[:, None]
+
+    monkeypatch.setattr(finesteer_kernels, "synthesize", per_row)
+    model = get_model("llama")
+    ids = random_ids(2, 4, seed=32)
+    params = mose(64, hidden_scale(model, ids), seed=6)
+    with torch.no_grad(), patch_model(model, {LAYER: params}) as handle:
+        greedy(model, ids, num_beams=3)
+        coef = handle.cached_coef(LAYER)
+    anchors = anchors_of(model, LAYER, ids, torch.ones_like(ids))
+    first_beams = real(anchors, params) * torch.tensor([1.0, 1.3])[:, None]  # rows 0 and 3 of six
+    torch.testing.assert_close(coef, first_beams.repeat_interleave(3, dim=0), rtol=1e-5, atol=1e-6)
+
+
+def test_a_layer_called_after_a_padded_forward_does_not_reuse_its_mask():
+    """The forward's context (mask, cache length) ends with the forward: a decoder layer called on its own
+    afterwards is steered as under a fresh patch (token mode, always-on steerer: every row), not with the
+    finished forward's padding."""
+    model = get_model("gpt2")
+    ids, mask = left_padded([random_ids(1, 2, seed=36)[0], random_ids(1, 5, seed=37)[0]])
+    layer = finesteer.find_decoder_layers(model)[LAYER]
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(38))
+    params = SteerParams(experts=torch.ones(1, 64), alpha=1.0)
+    with torch.no_grad():
+        plain = layer(x)
+        with patch_model(model, {LAYER: params}, mode="token"):
+            fresh = layer(x)
+        with patch_model(model, {LAYER: params}, mode="token"):
+            model(ids, attention_mask=mask)
+            after = layer(x)
+    torch.testing.assert_close(fresh, plain + 1.0, rtol=1e-6, atol=1e-6)
+    assert torch.equal(after, fresh)
+
+
+def test_a_second_thread_is_refused_while_one_is_running():
+    """Documented choice: one patch serves one thread at a time. A generate or forward entering from a second
+    thread while the first thread's generate runs raises at once; the first thread's result is unaffected."""
+    model = get_model("llama")
+    ids = random_ids(1, 4, seed=33)
+    params = mose(64, hidden_scale(model, ids), seed=7)
+    inside, release, results = threading.Event(), threading.Event(), {}
+
+    def hold_the_first_forward(mod, args, out):
+        if not inside.is_set():
+            inside.set()
+            release.wait(60)
+
+    def first_thread():
+        results["tokens"] = greedy(model, ids)
+
+    with torch.no_grad(), patch_model(model, {LAYER: params}):
+        expected = greedy(model, ids)
+        hook = finesteer.find_decoder_layers(model)[0].register_forward_hook(hold_the_first_forward)
+        worker = threading.Thread(target=first_thread)
+        try:
+            worker.start()
+            assert inside.wait(60)
+            with pytest.raises(RuntimeError, match="model.generate: called from a second thread"):
+                greedy(model, ids)
+            with pytest.raises(RuntimeError, match="model forward: called from a second thread"):
+                model(ids)
+        finally:
+            release.set()
+            worker.join(60)
+            hook.remove()
+        assert torch.equal(results["tokens"], expected)
+        assert torch.equal(greedy(model, ids), expected)  # free again once the first thread is done
+
+
+def test_a_decode_step_in_another_thread_than_its_prefill_is_refused():
+    """Interleaved manual loops in two threads would decode with each other's coefficients: a decode step must
+    run in the thread whose prefill made the cached ones."""
+    model = get_model("llama")
+    ids, step = random_ids(1, 4, seed=34), random_ids(1, 1, seed=35)
+    caches = {}
+    with torch.no_grad(), patch_model(model, {LAYER: mose(64, 1.0)}):
+        worker = threading.Thread(target=lambda: caches.update(other=model(ids, use_cache=True).cache))
+        worker.start()
+        worker.join(60)
+        with pytest.raises(RuntimeError, match="decode step in another thread than the prefill"):
+            model(step, cache=caches["other"])
+        model(step, cache=model(ids, use_cache=True).cache)  # prefill and decode in this thread
+
+
+@pytest.mark.parametrize("arch", ["falcon", "bloom"])
+def test_layers_of_models_without_a_recorded_layer_class_are_found(arch):
+    model = get_model(arch)
+    assert not any(getattr(m, "_can_record_outputs", None) for m in model.modules())
+    assert finesteer.find_decoder_layers(model) is model.transformer.h
+
+
+def test_decoder_layers_can_be_named_explicitly(monkeypatch):
+    """A model the search cannot handle (simulated: no recorded layer class, no known path) works once its layer
+    list is named, in patch_model and in the activation collectors."""
+    from finesteer import activations, layers
+
+    model = get_model("llama")
+    ids = random_ids(1, 4, seed=39)
+    params = SteerParams(experts=torch.ones(1, 64), alpha=0.5)
+    with torch.no_grad():
+        expected = model(ids, output_hidden_states=True).hidden_states[LAYER + 1] + 0.5
+    monkeypatch.setattr(layers, "_layer_class", lambda model: None)
+    monkeypatch.setattr(layers, "LAYER_PATHS", ())
+    with pytest.raises(ValueError, match="pass decoder_layers='path.to.layers'"):
+        patch_model(model, {LAYER: params})
+    for named in ("model.layers", model.model.layers):
+        with torch.no_grad(), patch_model(model, {LAYER: params}, decoder_layers=named):
+            out = model(ids, output_hidden_states=True).hidden_states[LAYER + 1]
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    means = activations.span_means(model, [ids[0].tolist()], [[(3, 4)]], [LAYER], progress=False,
+                                   decoder_layers="model.layers")
+    torch.testing.assert_close(means[LAYER][0, 0], expected[0, 3] - 0.5, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="decoder_layers: LlamaForCausalLM has no submodule 'model.blocks'"):
+        layers.find_decoder_layers(model, "model.blocks")
+    with pytest.raises(ValueError, match="decoder_layers: model.norm is a LlamaRMSNorm, not a non-empty ModuleList"):
+        layers.find_decoder_layers(model, "model.norm")
+    with pytest.raises(ValueError, match="not part of the model"):
+        layers.find_decoder_layers(model, torch.nn.ModuleList([torch.nn.Linear(2, 2)]))
+    with pytest.raises(TypeError, match="decoder_layers: expected a dotted path"):
+        layers.find_decoder_layers(model, 3)
 
 
 # ---- manual decode loops (what a CUDA-graph decode loop runs, step by step) ------------------------------------------

@@ -19,6 +19,9 @@ CONFIGS = {
     "gpt2": dict(n_embd=64, n_layer=3, n_head=4, n_positions=256),
     "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                      max_position_embeddings=256),
+    # no _can_record_outputs: their layers are found at the usual path (transformer.h)
+    "falcon": dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4),
+    "bloom": dict(hidden_size=64, n_layer=3, n_head=4),
 }
 ARCHITECTURES = tuple(CONFIGS)
 
