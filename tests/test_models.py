@@ -71,7 +71,23 @@ def test_pickle_only_folder_is_refused(tmp_path, monkeypatch):
         models.load_model(tmp_path)
 
 
-def test_gguf_conversion_runs_once_per_folder(tmp_path, monkeypatch):
+def test_dimensions_come_from_the_config_without_loading_weights(tmp_path, monkeypatch):
+    """Layer count and hidden size for option checks: from config.json, from SmolLM2's GGUF header (before any
+    conversion, in milliseconds) or from its converted copy; never from the weights."""
+    import time
+
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("weights loaded"))
+    tiny_model("gpt2", n_layer=5).save_pretrained(tmp_path / "gpt2")
+    assert models.model_dimensions(tmp_path / "gpt2") == (5, 64)
+    clock = time.perf_counter()
+    assert models.model_dimensions(models.smollm2_gguf_path()) == (30, 576)  # the header only
+    assert time.perf_counter() - clock < 2.0
+    monkeypatch.setenv("FINESTEER_CACHE", str(tmp_path / "empty-cache"))  # not converted: the wheel's header
+    assert models.model_dimensions("smollm2") == (30, 576)
+    assert not (tmp_path / "empty-cache" / models.SMOLLM2_NAME).exists()
+
+
+def test_gguf_conversion_runs_once_per_folder(tmp_path, monkeypatch, capsys):
     """smollm2 and .gguf paths share one convert-if-unmarked step: a folder without the marker is replaced."""
     calls = []
 
@@ -86,8 +102,11 @@ def test_gguf_conversion_runs_once_per_folder(tmp_path, monkeypatch):
     (folder / "leftover").write_text("x")  # no marker: not trusted
     assert models._converted(lambda: tmp_path / "m.gguf", folder, progress=False) == folder
     assert calls == [tmp_path / "m.gguf"] and not (folder / "leftover").exists()
+    (folder / models._CONVERTED_MARKER).unlink()
+    models._converted(lambda: tmp_path / "m.gguf", folder, progress=True)  # says how long it took
+    assert "finesteer: converted in 0 s" in capsys.readouterr().out
     models._converted(lambda: pytest.fail("looked up the GGUF although converted"), folder, progress=False)
-    assert len(calls) == 1
+    assert len(calls) == 2
 
 
 def test_cache_dir_follows_environment(tmp_path, monkeypatch):
@@ -104,7 +123,12 @@ def test_missing_wheel_is_explained(monkeypatch):
 
 
 def test_bad_names_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="name_or_path"):
+    with pytest.raises(FileNotFoundError, match="name_or_path: 'some-org/some-model-on-the-hub' does not exist"):
         models.load_model("some-org/some-model-on-the-hub")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        models.model_dimensions(tmp_path / "missing.gguf")
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="a file that is not .gguf"):
+        models.load_model(tmp_path / "weights.bin")
     with pytest.raises(FileNotFoundError, match="config.json"):
         models.load_model(tmp_path)
