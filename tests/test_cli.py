@@ -41,6 +41,23 @@ def test_fit_help_explains_every_option(capsys):
         assert word in text
 
 
+def held_out_tpr(folder: str, steerer) -> float:
+    """The gate's TPR on the recipe's held-out target prompts, recomputed from scratch: the split rebuilt from the
+    options, the anchors collected again, the file's gate applied (as `finesteer.fit.energy_ratio` scores)."""
+    from finesteer import data as datasets
+    from finesteer.activations import collect_activations
+    from finesteer.fit import energy_ratio
+
+    opts = steerer.metadata["options"]
+    pool = datasets.harmful_prompts()
+    test = datasets.split_prompts(datasets.subsample(pool, opts["n_target"], opts["seed"]), opts["fractions"],
+                                  opts["seed"]).test
+    model, tokenizer = models.load_model(folder, progress=False)
+    h = collect_activations(model, tokenizer, test.prompts, steerer.layer, progress=False)[steerer.layer]
+    p = steerer.params
+    return float((energy_ratio(h, p.basis, p.mean) >= p.tau).double().mean())
+
+
 @pytest.mark.parametrize("method", ["finesteer", "caa", "cast"])
 def test_small_safety_fit(tiny_folder, tmp_path, capsys, method):
     out, report = tmp_path / "s.safetensors", tmp_path / "r.json"
@@ -59,7 +76,8 @@ def test_small_safety_fit(tiny_folder, tmp_path, capsys, method):
     if method == "finesteer":
         p = steerer.params
         assert p.has_gate and p.num_experts >= 2 and p.has_residual
-        assert 0 <= summary["gate_test"]["tpr"] <= 1 and summary["mose"]["num_experts"] == p.num_experts
+        assert summary["mose"]["num_experts"] == p.num_experts
+        assert summary["gate_test"]["tpr"] == pytest.approx(held_out_tpr(tiny_folder, steerer), abs=1e-9)
     elif method == "caa":
         assert not steerer.params.has_gate and steerer.params.num_experts == 1 and "gate_test" not in summary
     else:
@@ -91,5 +109,5 @@ def test_truthfulness_recipe_with_user_qa(tiny_folder, tmp_path, capsys):
     steerer = finesteer.Steerer.load(out)
     assert steerer.metadata["recipe"] == "truthfulness"
     assert steerer.metadata["data"]["target"]["sizes"] == {"fit": 8, "calibration": 4, "test": 4}
-    with pytest.raises(SystemExit, match="--qa"):
-        cli.main(["fit", "--model", tiny_folder, "--recipe", "truthfulness", "--out", str(out), *SMALL])
+    assert cli.main(["fit", "--model", tiny_folder, "--recipe", "truthfulness", "--out", str(out), *SMALL]) == 1
+    assert capsys.readouterr().err.startswith("finesteer: --qa: required with --recipe truthfulness")

