@@ -1,4 +1,4 @@
-"""`SteerParams`: the parameters of the unified steering op (SPEC section 2), validated and packable.
+"""`SteerParams`: the parameters of the unified steering op (docs/method.md), validated and packable.
 
 Per row ``h`` (a ``d``-vector) the op computes::
 
@@ -8,7 +8,7 @@ Per row ``h`` (a ``d``-vector) the op computes::
     out = h + alpha * g * gamma * (a^T V + b^T U_res)
 
 Tensors are kept as fp32 masters (unless `.to(dtype=...)` asks otherwise). Two packed forms:
-`pack` gives SPEC section 2's ``W_in = [S | mu | A | W1^T]`` (d x n_in) and ``W_out = [V ; U_res]`` ((K+k) x d),
+`pack` gives the ``W_in = [S | mu | A | W1^T]`` (d x n_in) and ``W_out = [V ; U_res]`` ((K+k) x d),
 see `PackedSteerParams`; `pack_centred` is the form the fused kernels read (the gate centred inside pass 1, mu
 kept in fp32), see `CentredPack`. Validation happens once here, at construction, so the hot path only checks shapes,
 dtypes and devices; packing needs no host synchronisation.
