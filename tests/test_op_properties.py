@@ -2,8 +2,10 @@
 activation, mean or not, dtype, strength and scale, row count and leading shape, on both backends (the Triton one
 through the interpreter), against the independent float64 loops of `op_cases`.
 
-Derandomized (the same examples on every run, no example database), so CI is deterministic; sizes and example
-counts are small because the interpreter is 100-3000x slower than eager.
+Derandomized, with no example database: the examples are a fixed function of the test and of the local modules
+loaded when it runs (Hypothesis mixes numeric constants found in local source into its draws), so the suite, run in
+its fixed order, draws the same examples every time; running this file alone draws another fixed set. Sizes and
+example counts are small because the interpreter is 100-3000x slower than eager.
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ def op_cases(draw):
     except RuntimeError:  # a row within the threshold margin: its decision would hinge on rounding
         assume(False)
     leading = draw(st.sampled_from([(n,), (1, n)] + ([(2, n // 2)] if n % 2 == 0 else [])))
-    batch = draw(st.integers(1, 3))
+    batch = draw(st.integers(1, min(3, n)))  # sequences in coef: at most one per anchor row of h
     row_to_seq = torch.tensor(draw(st.lists(st.integers(-1, batch - 1), min_size=n, max_size=n)))
     return params, h, leading, row_to_seq
 
