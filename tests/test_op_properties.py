@@ -9,9 +9,6 @@ example counts are small because the interpreter is 100-3000x slower than eager.
 """
 from __future__ import annotations
 
-import contextlib
-import os
-
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
@@ -20,20 +17,6 @@ from finesteer_kernels import ops
 from op_cases import DTYPES, REL_TOL, loop_coefficients, loop_steer, random_params, random_rows, rel_error
 
 EXAMPLES = {"torch": 60, "triton": 20}
-
-
-@contextlib.contextmanager
-def backend_env(backend: str):
-    """FINESTEER_BACKEND for one example (hypothesis runs examples inside one test call, so no fixture)."""
-    old = os.environ.get("FINESTEER_BACKEND")
-    os.environ["FINESTEER_BACKEND"] = backend
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["FINESTEER_BACKEND"]
-        else:
-            os.environ["FINESTEER_BACKEND"] = old
 
 
 @st.composite
@@ -61,7 +44,8 @@ def check_parity(backend: str, case) -> None:
     p, h, leading, row_to_seq = case
     tol = REL_TOL[h.dtype]
     expected = loop_steer(h, p)
-    with backend_env(backend):
+    with pytest.MonkeyPatch.context() as env:  # per example: hypothesis runs them all inside one test call
+        env.setenv("FINESTEER_BACKEND", backend)
         out = ops.steer(h.reshape(*leading, p.d), p)
         assert out.shape == (*leading, p.d) and out.dtype == h.dtype
         assert rel_error(out.reshape(-1, p.d), expected) < tol
