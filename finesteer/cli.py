@@ -74,12 +74,13 @@ def _fit(args: argparse.Namespace) -> int:
                          r=args.r, num_experts=args.num_experts, res_rank=args.res_rank, hidden=args.hidden,
                          epochs=args.epochs, alpha=args.alpha)
     targets, benign = preflight.fit_sizes_and_model(args, options)
+    loading = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), progress=not args.quiet)
     loaded = time.perf_counter()
     steerer = run_recipe(args.recipe, model, tokenizer, layer=args.layer, method=args.method, targets=targets,
                          benign=benign, qa_path=args.qa, options=options, model_name=args.model,
                          progress=not args.quiet)
-    steerer.metadata["timings"]["model_load_s"] = loaded - started
+    steerer.metadata["timings"]["model_load_s"] = loaded - loading
     steerer.metadata["timings"]["total_s"] = time.perf_counter() - started
     steerer.save(args.out)
     summary = _summary(steerer)
