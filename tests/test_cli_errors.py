@@ -29,7 +29,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def nothing_expensive(monkeypatch):
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    monkeypatch.delenv("FINESTEER_DEBUG", raising=False)
 
 
 def one_line_error(argv: list, capsys) -> str:
@@ -42,61 +42,66 @@ def one_line_error(argv: list, capsys) -> str:
     return lines[0]
 
 
-def fit_cases(tmp: str, model: str) -> list:
-    out = f"{tmp}/s.safetensors"
-    return [
-        (["--out", f"{tmp}/missing/s.safetensors"], "--out: cannot write .* the folder .*missing' does not exist"),
-        (["--out", tmp], "--out: .* is a folder"),
-        (["--out", out, "--report", f"{tmp}/missing/r.json"], "--report: cannot write"),
-        (["--out", out, "--layer", "3"], r"--layer: index 3 out of range for a model with 3 decoder layers \(0..2\)"),
-        (["--out", out, "--layer", "-1"], "--layer: expected a non-negative int"),
-        (["--out", out, "--model", f"{tmp}/no-such-model"], "--model: '.*no-such-model' does not exist"),
-        (["--out", out, "--n-benign", "6"], "--n-benign: 6 prompts cannot be split .* use at least 7$"),
-        (["--out", out, "--n-benign", "9"], r"--n-benign: 9 prompts .* use 10 \(the nearest size that works; the "
-                                            r"smallest is 7\)"),
-        (["--out", out, "--n-benign", "5"], "n_target, n_benign: need at least 12 targets and 6 benign"),
-        (["--out", out, "--recipe", "truthfulness"], "--qa: required with --recipe truthfulness"),
-        (["--out", out, "--targets", f"{tmp}/none.jsonl"], "--targets: no such file"),
-        (["--out", out, "--res-rank", "-1"], "--res-rank: expected an integer >= 0, got -1"),
-        (["--out", out, "--alpha", "inf"], "--alpha: expected a finite number"),
-    ]
+FIT_CASES = [  # {tmp}: an empty folder, {model}: the tiny model folder
+    (["--out", "{tmp}/missing/s.safetensors"], "--out: cannot write .* the folder .*missing' does not exist"),
+    (["--out", "{tmp}"], "--out: .* is a folder"),
+    (["--report", "{tmp}/missing/r.json"], "--report: cannot write"),
+    (["--layer", "3"], r"--layer: index 3 out of range for a model with 3 decoder layers \(0..2\)"),
+    (["--layer", "-1"], "--layer: expected a non-negative int"),
+    (["--model", "{tmp}/no-such-model"], "--model: '.*no-such-model' does not exist"),
+    (["--n-benign", "6"], "--n-benign: 6 prompts cannot be split .* use at least 7$"),
+    (["--n-benign", "9"], r"--n-benign: 9 prompts .* use 10 \(the nearest size that works; the smallest is 7\)"),
+    (["--n-benign", "5"], "n_target, n_benign: need at least 12 targets and 6 benign"),
+    (["--recipe", "truthfulness"], "--qa: required with --recipe truthfulness"),
+    (["--targets", "{tmp}/none.jsonl"], "--targets: no such file"),
+    (["--res-rank", "-1"], "--res-rank: expected an integer >= 0, got -1"),
+    (["--alpha", "inf"], "--alpha: expected a finite number"),
+]
+
+EVAL_DEMO_CASES = [  # {out}: an eval output folder, {file}: a plain file, {steerers}: small steerer files
+    (["eval", "--alphas", "1,x"], r"--alphas: expected comma-separated numbers, got '1,x'"),
+    (["eval", "--alphas", "0.5,-1"], "--alphas: expected comma-separated positive finite strengths"),
+    (["eval", "--methods", "none,caa,foo"], "--methods: unknown 'foo'; expected a comma-separated subset"),
+    (["eval", "--methods", "caa,cast"], "--methods: must include 'none'"),
+    (["eval", "--limit", "0"], "--limit: expected an integer >= 1, got 0"),
+    (["eval", "--layer", "7"], "--layer: index 7 out of range"),
+    (["eval", "--n-benign", "6"], "--n-benign: 6 prompts cannot be split"),
+    (["eval", "--cache-dir", "{file}/sub"], "--cache-dir: cannot create the folder"),
+    (["eval", "--out", "{file}"], "--out: .* is a file; give a folder"),
+    (["demo", "--steerer", "{steerers}/missing.safetensors"], "--steerer: no such file"),
+    (["demo", "--steerer", "{steerers}/narrow.safetensors"],
+     "--steerer: .* fitted for hidden size 32, but .* has hidden size 64"),
+    (["demo", "--steerer", "{steerers}/deep.safetensors"], r"--steerer: .* steers layer 5, but .* has layers 0..2"),
+    (["demo", "--show", "0"], "--show: expected an integer >= 1"),
+]
 
 
-def test_fit_errors_are_one_line_and_come_before_the_model_loads(tiny, tmp_path, capsys):
-    for args, expected in fit_cases(str(tmp_path), tiny):
-        argv = ["fit", "--model", tiny, *args] if "--model" not in args else ["fit", *args]
-        line = one_line_error(argv, capsys)
-        assert re.search(expected, line), (args, line)
+@pytest.fixture(scope="module")
+def steerers(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("steerers")
+    Steerer(SteerParams(experts=torch.ones(1, 32)), layer=1, model="other").save(folder / "narrow.safetensors")
+    Steerer(SteerParams(experts=torch.ones(1, 64)), layer=5, model="other").save(folder / "deep.safetensors")
+    return str(folder)
+
+
+@pytest.mark.parametrize("args, expected", FIT_CASES, ids=[" ".join(a) for a, _ in FIT_CASES])
+def test_fit_errors_are_one_line_and_come_before_the_model_loads(args, expected, tiny, tmp_path, capsys):
+    args = [a.format(tmp=tmp_path) for a in args]
+    defaults = {"--model": tiny, "--out": f"{tmp_path}/s.safetensors"}
+    extra = [x for option, value in defaults.items() if option not in args for x in (option, value)]
+    line = one_line_error(["fit", *args, *extra], capsys)
+    assert re.search(expected, line), line
     assert not list(tmp_path.iterdir())  # nothing was written
 
 
-def test_eval_and_demo_errors_are_one_line_and_come_before_the_model_loads(tiny, tmp_path, capsys):
-    out = str(tmp_path / "results")
+@pytest.mark.parametrize("argv, expected", EVAL_DEMO_CASES, ids=[" ".join(a) for a, _ in EVAL_DEMO_CASES])
+def test_eval_and_demo_errors_are_one_line_and_come_before_the_model_loads(argv, expected, tiny, steerers, tmp_path,
+                                                                          capsys):
     (tmp_path / "file").write_text("x")
-    narrow = tmp_path / "narrow.safetensors"
-    Steerer(SteerParams(experts=torch.ones(1, 32)), layer=1, model="other").save(narrow)
-    deep = tmp_path / "deep.safetensors"
-    Steerer(SteerParams(experts=torch.ones(1, 64)), layer=5, model="other").save(deep)
-    cases = [
-        (["eval", "--alphas", "1,x"], r"--alphas: expected comma-separated numbers, got '1,x'"),
-        (["eval", "--alphas", "0.5,-1"], "--alphas: expected comma-separated positive finite strengths"),
-        (["eval", "--methods", "none,caa,foo"], "--methods: unknown 'foo'; expected a comma-separated subset"),
-        (["eval", "--methods", "caa,cast"], "--methods: must include 'none'"),
-        (["eval", "--limit", "0"], "--limit: expected an integer >= 1, got 0"),
-        (["eval", "--layer", "7"], "--layer: index 7 out of range"),
-        (["eval", "--n-benign", "6"], "--n-benign: 6 prompts cannot be split"),
-        (["eval", "--cache-dir", str(tmp_path / "file" / "sub")], "--cache-dir: cannot create the folder"),
-        (["demo", "--steerer", str(tmp_path / "missing.safetensors")], "--steerer: no such file"),
-        (["demo", "--steerer", str(narrow)], "--steerer: .* fitted for hidden size 32, but .* has hidden size 64"),
-        (["demo", "--steerer", str(deep)], r"--steerer: .* steers layer 5, but .* has layers 0..2"),
-        (["demo", "--show", "0"], "--show: expected an integer >= 1"),
-    ]
-    for argv, expected in cases:
-        extra = ["--out", out] if argv[0] == "eval" else []
-        line = one_line_error([*argv, "--model", tiny, *extra], capsys)
-        assert re.search(expected, line), (argv, line)
-    line = one_line_error(["eval", "--model", tiny, "--out", str(tmp_path / "file")], capsys)
-    assert "--out: " in line and "is a file; give a folder" in line
+    argv = [a.format(file=tmp_path / "file", steerers=steerers) for a in argv]
+    extra = ["--out", str(tmp_path / "results")] if argv[0] == "eval" and "--out" not in argv else []
+    line = one_line_error([*argv, "--model", tiny, *extra], capsys)
+    assert re.search(expected, line), line
     assert not (tmp_path / "results").exists()
 
 
@@ -105,7 +110,7 @@ def test_debug_flag_and_environment_show_the_traceback(tmp_path, monkeypatch):
     for debug_argv in (["--debug", *argv], [*argv, "--debug"]):
         with pytest.raises(FileNotFoundError, match="--out: cannot write"):
             cli.main(debug_argv)
-    monkeypatch.setenv(cli.DEBUG_ENV, "1")
+    monkeypatch.setenv("FINESTEER_DEBUG", "1")
     with pytest.raises(FileNotFoundError, match="--out: cannot write"):
         cli.main(argv)
 
@@ -122,12 +127,12 @@ def test_unexpected_errors_say_so_and_point_at_debug(monkeypatch, capsys):
 def test_a_real_process_prints_one_line_and_exits_non_zero(tmp_path):
     """Through the installed entry point's code path in a fresh interpreter: stderr is exactly one line."""
     argv = [sys.executable, "-m", "finesteer.cli", "fit", "--out", str(tmp_path / "missing" / "s.safetensors")]
-    env = {k: v for k, v in os.environ.items() if k != cli.DEBUG_ENV}
+    env = {k: v for k, v in os.environ.items() if k != "FINESTEER_DEBUG"}
     done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.splitlines() == [f"finesteer: --out: cannot write '{tmp_path}/missing/s.safetensors': "
                                         f"the folder '{tmp_path}/missing' does not exist"]
-    debug = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env={**env, cli.DEBUG_ENV: "1"},
+    debug = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env={**env, "FINESTEER_DEBUG": "1"},
                            timeout=300)
     assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
 
