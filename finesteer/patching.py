@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import threading
 import weakref
 from collections.abc import Mapping
 from typing import Optional, Union
@@ -436,7 +435,8 @@ class PatchHandle:
                 raise RuntimeError(f"layer {site.layer}: a decode step (tokens after a non-empty cache) but no "
                                    "prefill was seen since patching (or since reset()); run the prompt through the "
                                    "patched model first")
-            if self._coef_thread != threading.get_ident():
+            here = self._one_thread.ident()
+            if None not in (here, self._coef_thread) and here != self._coef_thread:
                 raise RuntimeError(f"layer {site.layer}: a query-mode decode step in another thread than the "
                                    "prefill that made the cached coefficients; one patch serves one thread at a "
                                    "time: patch a separate copy of the model per thread")
@@ -450,7 +450,7 @@ class PatchHandle:
             coef = torch.where(rows.anchor_found, coef, 0.0)  # a row with no real prompt token gets no edit
             coef = _share_within_beams(coef, rows.num_beams)
             site.coef = site.coef_memory = _store_coef(site.coef_memory, coef)
-            self._coef_thread = threading.get_ident()
+            self._coef_thread = self._one_thread.ident()
         apply = finesteer_kernels.apply_coef_ if in_place else finesteer_kernels.apply_coef
         return apply(hidden, coef, site.params, rows.row_to_seq)
 
