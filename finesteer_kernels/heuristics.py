@@ -19,11 +19,15 @@ MIN_DOT = 16  # smallest tl.dot M/N/K
 INTERPRETER_CONFIG = Config(BLOCK_T=32, BLOCK_D=128, num_warps=4, num_stages=1)
 INTERPRETER_APPLY_CONFIG = Config(BLOCK_T=32, BLOCK_D=128, num_warps=4, num_stages=1)
 
-BLOCK_TS = (16, 32, 64, 128)
-BLOCK_DS = (32, 64, 128, 256)
-WARPS = (4, 8)
-STAGES = (2, 3, 4)
-SPLITS = (1, 2, 4, 8, 16, 32, 64)
+# The search space is kept small on purpose: every configuration the heuristic can pick on the issue's grid is
+# compiled for sm_90a by tests/test_kernel_compile.py, and these rules come from what spilled there: warps follow
+# the row tile (4 up to 32 rows, 8 from 64 rows, where wgmma takes over, and for 256-column accumulators); fp32
+# (no tensor cores: 'ieee' dots) stays at <= 32 rows; 256-column d blocks only with 16-row tiles; 128-row tiles
+# would hold a 128 x NP fp32 accumulator.
+BLOCK_TS = (16, 32, 64)
+BLOCK_DS = (64, 128, 256)
+STAGES = (3,)  # two tiles in flight while one is used: ~40-80 KiB per SM at the picked tiles
+SPLITS = (1, 2, 4, 8, 16, 32)
 MAX_REGS = 232  # keep clear of 255: the estimate is not exact
 
 
@@ -34,17 +38,17 @@ def _split_ok(d: int, block_d: int, split: int) -> bool:
     return d % (split * block_d) == 0 or (-(-d // split) >= block_d and split * block_d <= d)
 
 
-def steer_candidates(shape: Shape, card: Card, store_coef: bool = False):
+def steer_candidates(shape: Shape, card: Card, block_ds=BLOCK_DS):
     rows_cap = max(MIN_DOT, 1 << max(0, (shape.rows - 1).bit_length()))
     for bt in BLOCK_TS:
         if bt > rows_cap and bt > MIN_DOT:
             continue
-        for bd in BLOCK_DS:
+        for bd in block_ds:
             if bd > max(32, 1 << (shape.d - 1).bit_length()):
                 continue
-            for warps in WARPS:
-                if bt * bd // (32 * warps) < 4:  # fewer than 4 elements a thread: wasted lanes
-                    continue
+            if (bd == 256 and bt > 16) or (shape.elem == 4 and bt > 32):
+                continue
+            for warps in ((8,) if bt >= 64 or shape.np > 128 else (4,)):
                 for stages in STAGES:
                     for split in SPLITS:
                         if not shape.has_pass1 and split > 1:
@@ -67,7 +71,9 @@ def _rank(prediction: Prediction, ctas: int) -> tuple:
 def best_steer(shape: Shape, card: Card = DEFAULT_CARD, store_coef: bool = False) -> Prediction:
     """The model's best configuration for token mode (or `synthesize` with ``store_coef``)."""
     scored = []
-    for config, res in steer_candidates(shape, card, store_coef):
+    # 32-column d blocks only when nothing else fits (wide fp32 layouts)
+    candidates = list(steer_candidates(shape, card)) or list(steer_candidates(shape, card, block_ds=(32,)))
+    for config, res in candidates:
         pred = predict_steer(shape, config, card, store_coef=store_coef)
         scored.append((res.ctas_per_sm >= 2 or pred.grid <= card.sms, pred, res))
     if not scored:
@@ -101,7 +107,8 @@ APPLY_CONFIGS = (Config(16, 64, 4, 1), Config(16, 128, 4, 1), Config(32, 128, 4,
 
 @functools.lru_cache(maxsize=4096)
 def _cached_apply(shape: Shape, card: Card, sequences: int) -> Config:
-    preds = [predict_apply(shape, c, card, sequences) for c in APPLY_CONFIGS]
+    configs = [c for c in APPLY_CONFIGS if c.BLOCK_T <= max(MIN_DOT, shape.rows)]
+    preds = [predict_apply(shape, c, card, sequences) for c in configs]
     return min(preds, key=lambda p: (round(p.time_us / p.ideal_us / 0.02), p.l2_bytes)).config
 
 

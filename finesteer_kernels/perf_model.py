@@ -204,11 +204,15 @@ def resources(shape: Shape, config: Config, card: Card, kind: str = "steer") -> 
         pass1 = buffers * (bt * bd * e + bd * shape.np * e + bd * 4) if shape.has_pass1 else 0
         pass2 = buffers * (bt * bd * e + shape.ncp * bd * e)
         wgmma_a = 2 * bt * bd * dot_e if bt >= 64 else 0  # the centred tile staged for wgmma
+        wgmma_a += bt * bd * 4 if e == 4 else 0  # fp32 'ieee' dots stage the centred tile too
         scratch = bt * shape.np * 4 if shape.np > 128 else 0  # epilogue layout conversions of a wide accumulator
         smem = max(pass1, pass2) + wgmma_a + scratch + 1 * KiB
+        # the epilogue holds the accumulator and ~2 more (BLOCK_T, NP) fp32 temporaries (softmax, gathers); the
+        # split-d reduction one more (the partial being added); fp32 tiles cost ~4x the registers of 16-bit ones
         acc = bt * shape.np // threads if shape.has_pass1 else 0
+        acc_factor = (13 if shape.np <= 128 else 36) + (4 if config.SPLIT > 1 else 0)
         tile = bt * bd // threads
-        regs = 40 + acc + (3 if e == 4 else 2) * tile + 2 * bt * shape.ncp // threads
+        regs = 24 + acc_factor * acc // 4 + (5 if e == 4 else 5 // 4) * tile + tile // 4 + 2 * bt * shape.ncp // threads
     regs = min(255, -(-regs // 8) * 8)
     by_smem = card.smem_per_sm // (smem + KiB) if smem <= card.smem_per_cta else 0
     per_warp = -(-regs * 32 // 256) * 256
