@@ -2,7 +2,8 @@
 
 For a shape and a card, `steer_config` predicts every candidate configuration (row tile, d block, warps, pipeline
 stages, split of d over programs) and keeps the fastest prediction among those that leave at least two programs
-resident per SM (the issue's rule; fewer only when nothing else fits). Ties go to fewer L2 bytes, then to more
+resident per SM, so one program's epilogue or wait overlaps another's loads, or run a persistent grid on every SM
+(split-d launches are persistent); the issue's rule, broken only when nothing else fits. Ties go to fewer L2 bytes, then to more
 resident programs. Under the Triton interpreter one configuration is pinned (only fewer, larger numpy steps
 matter there); tests pass the GPU configurations explicitly to exercise their code paths.
 
@@ -75,7 +76,8 @@ def best_steer(shape: Shape, card: Card = DEFAULT_CARD, store_coef: bool = False
     candidates = list(steer_candidates(shape, card)) or list(steer_candidates(shape, card, block_ds=(32,)))
     for config, res in candidates:
         pred = predict_steer(shape, config, card, store_coef=store_coef)
-        scored.append((res.ctas_per_sm >= 2 or pred.grid <= card.sms, pred, res))
+        persistent_full = config.SPLIT > 1 and pred.grid >= card.sms  # a persistent grid on every SM
+        scored.append((res.ctas_per_sm >= 2 or persistent_full, pred, res))
     if not scored:
         raise ValueError(f"no launch configuration fits {shape} on {card.name}")
     preferred = [s for s in scored if s[0]] or scored

@@ -282,13 +282,15 @@ def lag_tiles(concurrent: int, split: int) -> int:
 
 def predict_steer(shape: Shape, config: Config, card: Card, pipelined_pass2: bool = True,
                   store_coef: bool = False, multicast: int = 1, partials_on_chip: bool = False,
-                  tile_on_chip: bool = False) -> Prediction:
+                  tile_on_chip: bool = False, hide_ramp: bool = False) -> Prediction:
     """Token mode (``store_coef``: `synthesize`, pass 1 and the epilogue only) with ``config``.
 
     ``pipelined_pass2=False`` models the v1 kernel (synchronous loads of h in pass 2). Designs Triton cannot express
     today, to show what they would buy: ``multicast`` (W_in/W_out tiles fetched once per cluster of that many SMs,
     TMA multicast), ``partials_on_chip`` (split-d partial sums exchanged in distributed shared memory instead of
-    L2), ``tile_on_chip`` (the row tile kept in shared memory between the passes: no second read of h at all)."""
+    L2), ``tile_on_chip`` (the row tile kept in shared memory between the passes: no second read of h at all),
+    ``hide_ramp`` (the launch's first dependent round trips overlapped with the previous kernel, as programmatic
+    dependent launch allows)."""
     e, T, d = shape.elem, shape.rows, shape.d
     bt, split = config.BLOCK_T, config.SPLIT
     res = resources(shape, config, card)
@@ -298,7 +300,7 @@ def predict_steer(shape: Shape, config: Config, card: Card, pipelined_pass2: boo
     if split > 1:
         first = min(n_tiles * split, card.sms * occ)
         lag = 0 if store_coef else lag_tiles(first, split)
-        grid = (n_tiles + lag) * split
+        grid = min((n_tiles + lag) * split, card.sms * occ)  # persistent: programs loop over the work items
         partial_bytes = 0 if partials_on_chip else T * split * (shape.w_in_cols + 1) * 4  # fp32 partials
         coef_bytes = T * (shape.n_coef + 1) * 4 * (1 + split)  # written once, read by each slice's pass 2
     else:
@@ -328,14 +330,14 @@ def predict_steer(shape: Shape, config: Config, card: Card, pipelined_pass2: boo
     rate1 = _sm_rate(card, per_sm * buffers * stage1)
     rate2 = _sm_rate(card, per_sm * (buffers if pipelined_pass2 else 1) * stage2)
     waves = grid / (card.sms * occ)
-    quantum = math.ceil(waves) / waves if 1 < waves < 4 else 1.0  # the last, partial wave of a short grid
+    quantum = math.ceil(waves) / waves if 1 < waves < 4 and split == 1 else 1.0  # a short grid's last wave
     sm_us = quantum * (pass1_l2 / (active * rate1) + pass2_l2 / (active * rate2)) / 1e3
     return Prediction("synthesize" if store_coef else "steer", card.name, config, grid, res.ctas_per_sm, concurrent,
                       working_set, second_l2, hbm, l2, ideal, hbm / card.hbm_gbps / 1e3, l2 / card.l2_gbps / 1e3,
                       sm_us, ideal / card.hbm_gbps / 1e3, 2 if split > 1 else 1, card.launch_us,
                       # first loads of pass 1 and pass 2; split-d adds the partials' read-back, the coefficient
                       # store and the flag poll
-                      (2 if split == 1 else 5) * card.latency_ns / 1e3)
+                      0.0 if hide_ramp else (2 if split == 1 else 5) * card.latency_ns / 1e3)
 
 
 def predict_apply(shape: Shape, config: Config, card: Card, sequences: int) -> Prediction:
@@ -368,3 +370,18 @@ def predict_apply_delta(rows: int, d: int, elem: int, sequences: int, card: Card
     return Prediction("apply_delta", card.name, None, grid, 0, grid, 0, True, hbm, hbm, hbm,
                       hbm / card.hbm_gbps / 1e3, hbm / card.l2_gbps / 1e3, hbm / (active * rate) / 1e3,
                       hbm / card.hbm_gbps / 1e3, 1, card.launch_us)
+
+
+def v1_config(rows: int, shape: Shape) -> Config:
+    """The configuration the v1 kernels used (fixed thresholds), kept to predict what v2 changes."""
+    wide = shape.np > 128
+    if rows <= 16:
+        return Config(16, 64, 8 if wide else 4, 3)
+    if rows >= 4096 or wide:
+        return Config(64, 64, 8, 3)
+    return Config(32, 64, 4, 3)
+
+
+def predict_v1(shape: Shape, card: Card) -> Prediction:
+    """The v1 token-mode kernel: one program per row tile, pass 2's loads of h synchronous."""
+    return predict_steer(shape, v1_config(shape.rows, shape), card, pipelined_pass2=False)

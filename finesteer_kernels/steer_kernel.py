@@ -13,9 +13,10 @@ Two layouts of the work, chosen per shape by the bytes-and-occupancy model (`heu
   ``v // SPLIT`` and stores the fp32 partial sums; the last slice to arrive (an atomic counter) adds the SPLIT
   partials in slice order (deterministic), runs the epilogue and publishes the tile's coefficients. The same
   program then runs pass 2 of its slice for tile ``v // SPLIT - LAG``, whose coefficients were published by
-  programs that started earlier; LAG tiles of distance let that wait be rare. The last LAG tiles' pass 2 run on
-  LAG extra rows of programs. With one row tile this is the decode path: W_in is read by SPLIT SMs, not one.
-  Under the Triton interpreter programs run one by one in order, so no wait ever spins there.
+  programs that started earlier; LAG tiles of distance let that wait be rare. The grid is persistent (at most the
+  programs that fit at once), each program taking tickets until the work (``(n_tiles + LAG) * SPLIT`` items) is
+  done. With one row tile this is the decode path: W_in is read by SPLIT SMs, not one. Under the Triton
+  interpreter programs run one by one, so no wait ever spins there.
 
 In place, rows whose gate is off are not written, and a tile (slice) with no edit skips pass 2. An optional
 per-row ``keep`` mask marks rows to leave exactly as they are. ``coef_out``: store the coefficients instead of
@@ -117,66 +118,72 @@ def steer_kernel(h_ptr, out_ptr, w_in_ptr, w_out_ptr, mean_ptr, consts_ptr, keep
         ready_ptr = flags_ptr + 1 + n_tiles
         part_size = BLOCK_T * (NP + 1)
         coef_ws_ptr = ws_ptr + ring.to(tl.int64) * SPLIT * part_size
-        v = tl.atomic_add(flags_ptr, 1)  # arrival order: every program this one waits on started earlier
-        tile = v // SPLIT
-        s = v % SPLIT
-        slice_d = tl.cdiv(tl.cdiv(d, SPLIT), BLOCK_D) * BLOCK_D
-        d_start = s * slice_d
-        d_stop = tl.minimum(d, d_start + slice_d)
-        lanes = tl.arange(0, BLOCK_T)
-        cols = tl.arange(0, NP)
-        if tile < n_tiles:  # pass 1 of this slice; the last slice to arrive finishes the tile
-            rows = tile * BLOCK_T + lanes
-            row_mask = rows < n_rows
-            edit = row_mask
-            if HAS_KEEP:
-                edit = edit & (tl.load(keep_ptr + rows, mask=row_mask, other=0) != 0)
-            slot = tile % ring
-            if tile >= ring:  # the slot's previous tile must have summed its partials
-                wait_until_set(ready_ptr + tile - ring)
-            acc, sq = centred_projections(h_ptr, rows, edit, d, w_in_ptr, mean_ptr, d_start, d_stop, HAS_GATE,
-                                          HAS_MEAN, W_IN_STRIDE, NP, NATIVE_DOT, BLOCK_T, BLOCK_D, NUM_STAGES)
-            part_ptr = ws_ptr + (slot * SPLIT).to(tl.int64) * part_size
-            live = edit[:, None] & (cols < W_IN_STRIDE)[None, :]
-            tl.store(part_ptr + s * part_size + lanes[:, None] * (NP + 1) + cols[None, :], acc, mask=live)
-            tl.store(part_ptr + s * part_size + lanes * (NP + 1) + NP, sq, mask=edit)
-            tl.debug_barrier()  # every thread's partials are stored before the release below
-            if tl.atomic_add(arrived_ptr + tile, 1, sem="acq_rel") == SPLIT - 1:
-                acc = tl.zeros((BLOCK_T, NP), tl.float32)
-                sq = tl.zeros((BLOCK_T,), tl.float32)
-                for j in range(SPLIT):  # slice order, whichever slice finishes: deterministic sums
-                    acc += tl.load(part_ptr + j * part_size + lanes[:, None] * (NP + 1) + cols[None, :],
-                                   mask=live, other=0.0, cache_modifier=".cg")
-                    sq += tl.load(part_ptr + j * part_size + lanes * (NP + 1) + NP, mask=edit, other=0.0,
-                                  cache_modifier=".cg")
-                coef, g = coefficients_from_projections(acc, sq, edit, consts_ptr, tau, eps, scale, R, K, M, KR,
-                                                        HAS_GATE, HAS_ROUTER, HAS_RES, RELU, ROUTER_COL, RES_COL,
-                                                        RB_OFF, B1_OFF, W2_OFF, B2_OFF, NP, MP, NCP, BLOCK_T)
-                if STORE_COEF:
-                    tl.store(coef_out_ptr + rows.to(tl.int64)[:, None] * NC + coef_cols[None, :], coef,
-                             mask=row_mask[:, None] & (coef_cols < NC)[None, :])
-                else:
-                    tile_ptr = coef_ws_ptr + tile.to(tl.int64) * BLOCK_T * (NCP + 1)
-                    tl.store(tile_ptr + lanes[:, None] * (NCP + 1) + coef_cols[None, :], coef)
-                    tl.store(tile_ptr + lanes * (NCP + 1) + NCP, g)
-                tl.debug_barrier()
-                tl.atomic_xchg(ready_ptr + tile, 1, sem="release")
-        if not STORE_COEF:
-            done = tile - lag  # pass 2 of this slice for a tile whose coefficients started earlier
-            if (done >= 0) & (done < n_tiles):
-                wait_until_set(ready_ptr + done)
-                rows = done * BLOCK_T + lanes
+        # A persistent loop over work items in ticket order: item v is pass 1 of slice v % SPLIT of tile
+        # v // SPLIT, then pass 2 of that slice for tile v // SPLIT - lag. An item only ever waits on items with
+        # lower tickets, taken by programs that are running or done, so the waits always end.
+        n_items = (n_tiles + lag) * SPLIT
+        v = tl.atomic_add(flags_ptr, 1)
+        while v < n_items:
+            tile = v // SPLIT
+            s = v % SPLIT
+            slice_d = tl.cdiv(tl.cdiv(d, SPLIT), BLOCK_D) * BLOCK_D
+            d_start = s * slice_d
+            d_stop = tl.minimum(d, d_start + slice_d)
+            lanes = tl.arange(0, BLOCK_T)
+            cols = tl.arange(0, NP)
+            if tile < n_tiles:  # pass 1 of this slice; the last slice to arrive finishes the tile
+                rows = tile * BLOCK_T + lanes
                 row_mask = rows < n_rows
-                tile_ptr = coef_ws_ptr + done.to(tl.int64) * BLOCK_T * (NCP + 1)
-                coef = tl.load(tile_ptr + lanes[:, None] * (NCP + 1) + coef_cols[None, :], cache_modifier=".cg")
-                g = tl.load(tile_ptr + lanes * (NCP + 1) + NCP, cache_modifier=".cg")
-                edit = g != 0.0  # g is 0 where keep said no, the gate is off, or past the last row
-                write_tile(h_ptr, out_ptr, rows, row_mask, edit, g, d, d_start, d_stop, coef, w_out_ptr, HAS_GATE,
-                           HAS_KEEP, IN_PLACE, NC, NCP, NATIVE_DOT, BLOCK_D, NUM_STAGES)
+                edit = row_mask
+                if HAS_KEEP:
+                    edit = edit & (tl.load(keep_ptr + rows, mask=row_mask, other=0) != 0)
+                slot = tile % ring
+                if tile >= ring:  # the slot's previous tile must have summed its partials
+                    wait_until_set(ready_ptr + tile - ring)
+                acc, sq = centred_projections(h_ptr, rows, edit, d, w_in_ptr, mean_ptr, d_start, d_stop, HAS_GATE,
+                                              HAS_MEAN, W_IN_STRIDE, NP, NATIVE_DOT, BLOCK_T, BLOCK_D, NUM_STAGES)
+                part_ptr = ws_ptr + (slot * SPLIT).to(tl.int64) * part_size
+                live = edit[:, None] & (cols < W_IN_STRIDE)[None, :]
+                tl.store(part_ptr + s * part_size + lanes[:, None] * (NP + 1) + cols[None, :], acc, mask=live)
+                tl.store(part_ptr + s * part_size + lanes * (NP + 1) + NP, sq, mask=edit)
+                tl.debug_barrier()  # every thread's partials are stored before the release below
+                if tl.atomic_add(arrived_ptr + tile, 1, sem="acq_rel") == SPLIT - 1:
+                    acc = tl.zeros((BLOCK_T, NP), tl.float32)
+                    sq = tl.zeros((BLOCK_T,), tl.float32)
+                    for j in range(SPLIT):  # slice order, whichever slice finishes: deterministic sums
+                        acc += tl.load(part_ptr + j * part_size + lanes[:, None] * (NP + 1) + cols[None, :],
+                                       mask=live, other=0.0, cache_modifier=".cg")
+                        sq += tl.load(part_ptr + j * part_size + lanes * (NP + 1) + NP, mask=edit, other=0.0,
+                                      cache_modifier=".cg")
+                    coef, g = coefficients_from_projections(acc, sq, edit, consts_ptr, tau, eps, scale, R, K, M, KR,
+                                                            HAS_GATE, HAS_ROUTER, HAS_RES, RELU, ROUTER_COL, RES_COL,
+                                                            RB_OFF, B1_OFF, W2_OFF, B2_OFF, NP, MP, NCP, BLOCK_T)
+                    if STORE_COEF:
+                        tl.store(coef_out_ptr + rows.to(tl.int64)[:, None] * NC + coef_cols[None, :], coef,
+                                 mask=row_mask[:, None] & (coef_cols < NC)[None, :])
+                    else:
+                        tile_ptr = coef_ws_ptr + tile.to(tl.int64) * BLOCK_T * (NCP + 1)
+                        tl.store(tile_ptr + lanes[:, None] * (NCP + 1) + coef_cols[None, :], coef)
+                        tl.store(tile_ptr + lanes * (NCP + 1) + NCP, g)
+                    tl.debug_barrier()
+                    tl.atomic_xchg(ready_ptr + tile, 1, sem="release")
+            if not STORE_COEF:
+                done = tile - lag  # pass 2 of this slice for a tile whose coefficients started earlier
+                if (done >= 0) & (done < n_tiles):
+                    wait_until_set(ready_ptr + done)
+                    rows = done * BLOCK_T + lanes
+                    row_mask = rows < n_rows
+                    tile_ptr = coef_ws_ptr + done.to(tl.int64) * BLOCK_T * (NCP + 1)
+                    coef = tl.load(tile_ptr + lanes[:, None] * (NCP + 1) + coef_cols[None, :], cache_modifier=".cg")
+                    g = tl.load(tile_ptr + lanes * (NCP + 1) + NCP, cache_modifier=".cg")
+                    edit = g != 0.0  # g is 0 where keep said no, the gate is off, or past the last row
+                    write_tile(h_ptr, out_ptr, rows, row_mask, edit, g, d, d_start, d_stop, coef, w_out_ptr, HAS_GATE,
+                               HAS_KEEP, IN_PLACE, NC, NCP, NATIVE_DOT, BLOCK_D, NUM_STAGES)
+            v = tl.atomic_add(flags_ptr, 1)
 
 
 def _split_plan(n_rows: int, d: int, config, layout: Layout, elem: int, card, store_coef: bool, lag=None):
-    """(grid, lag, ring) of a split-d launch."""
+    """(grid, lag, ring) of a split-d launch: a persistent grid of at most the programs that fit at once."""
     n_tiles = triton.cdiv(n_rows, config.BLOCK_T)
     occupancy = max(1, resources(shape_of(n_rows, d, layout, elem), config, card).ctas_per_sm)
     concurrent = min(n_tiles * config.SPLIT, card.sms * occupancy)
@@ -184,7 +191,7 @@ def _split_plan(n_rows: int, d: int, config, layout: Layout, elem: int, card, st
         lag = 0 if store_coef else lag_tiles(concurrent, config.SPLIT)
     lag = 0 if store_coef else max(1, min(lag, n_tiles))
     ring = max(1, min(n_tiles, triton.cdiv(concurrent, config.SPLIT) + lag + 2))
-    return (n_tiles + lag) * config.SPLIT, lag, ring
+    return min((n_tiles + lag) * config.SPLIT, card.sms * occupancy), lag, ring
 
 
 def launch_steer(h2d: torch.Tensor, out2d, w_in: torch.Tensor, w_out: torch.Tensor, mean: torch.Tensor,
