@@ -23,7 +23,8 @@ INTERPRETER_APPLY_CONFIG = Config(BLOCK_T=32, BLOCK_D=128, num_warps=4, num_stag
 # The search space is kept small on purpose: every configuration the heuristic can pick on the grid is
 # compiled for sm_90a by tests/test_kernel_compile.py, and these rules come from what spilled there: warps follow
 # the row tile (4 up to 32 rows, 8 from 64 rows, where wgmma takes over, and for 256-column accumulators); fp32
-# (no tensor cores: 'ieee' dots) stays at <= 32 rows; 256-column d blocks only with 16-row tiles; 128-row tiles
+# (no tensor cores: 'ieee' dots on FMA units) takes 8 warps and <= 32 rows, and with a 256-column accumulator
+# 32-column d blocks and no split; 256-column d blocks only with 16-row tiles; 128-row tiles
 # would hold a 128 x NP fp32 accumulator.
 BLOCK_TS = (16, 32, 64)
 BLOCK_DS = (64, 128, 256)
@@ -49,10 +50,12 @@ def steer_candidates(shape: Shape, card: Card, block_ds=BLOCK_DS):
                 continue
             if (bd == 256 and bt > 16) or (shape.elem == 4 and bt > 32):
                 continue
-            for warps in ((8,) if bt >= 64 or shape.np > 128 else (4,)):
+            if shape.elem == 4 and shape.np > 128 and bd > 32:  # wide fp32: only the 32-column fallback fits
+                continue
+            for warps in ((8,) if bt >= 64 or shape.np > 128 or shape.elem == 4 else (4,)):
                 for stages in STAGES:
                     for split in SPLITS:
-                        if not shape.has_pass1 and split > 1:
+                        if split > 1 and (not shape.has_pass1 or (shape.elem == 4 and shape.np > 128)):
                             continue
                         if not _split_ok(shape.d, bd, split):
                             continue
