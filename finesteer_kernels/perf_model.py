@@ -357,11 +357,12 @@ def predict_apply(shape: Shape, config: Config, card: Card, sequences: int) -> P
     rate = _sm_rate(card, concurrent / active * (bt * bd * e + shape.n_coef * bd * e))
     return Prediction("apply", card.name, config, grid, res.ctas_per_sm, concurrent, 0, True, hbm, l2, hbm,
                       hbm / card.hbm_gbps / 1e3, l2 / card.l2_gbps / 1e3, l2 / (active * rate) / 1e3,
-                      hbm / card.hbm_gbps / 1e3, 1, card.launch_us)
+                      hbm / card.hbm_gbps / 1e3, 1, card.launch_us)  # one load per program: sm_us is its latency
 
 
-def predict_apply_delta(rows: int, d: int, elem: int, sequences: int, card: Card, block: int = 1024) -> Prediction:
-    """Decode fast path: ``h + delta[seq]`` (delta fp32, one row per sequence)."""
+def predict_apply_delta(rows: int, d: int, elem: int, sequences: int, card: Card, block: int = 512) -> Prediction:
+    """Decode fast path: ``h + delta[seq]`` (delta fp32, one row per sequence); ``block``: elements a program
+    handles (delta_kernel's BLOCK_D for one row)."""
     h = rows * d * elem
     hbm = 2 * h + sequences * d * 4
     grid = -(-rows * d // block)
@@ -369,7 +370,7 @@ def predict_apply_delta(rows: int, d: int, elem: int, sequences: int, card: Card
     rate = _sm_rate(card, block * (elem + 4))
     return Prediction("apply_delta", card.name, None, grid, 0, grid, 0, True, hbm, hbm, hbm,
                       hbm / card.hbm_gbps / 1e3, hbm / card.l2_gbps / 1e3, hbm / (active * rate) / 1e3,
-                      hbm / card.hbm_gbps / 1e3, 1, card.launch_us)
+                      hbm / card.hbm_gbps / 1e3, 1, card.launch_us)  # one load per program: sm_us is its latency
 
 
 def v1_config(rows: int, shape: Shape) -> Config:

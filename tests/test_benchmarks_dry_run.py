@@ -121,3 +121,14 @@ def test_e2e_loop_on_tiny_model(monkeypatch):
     # and the unpatched model is left without hooks
     assert any(r["tokens_differ_from_unpatched"] for r in rows.values())
     assert not any(layer._forward_hooks for layer in model.model.layers)
+
+
+def test_results_page_holds_the_models_current_predictions():
+    """benchmarks/RESULTS.md's prediction tables are generated from the model; regenerate them
+    (``python -m benchmarks.model_table --write``) when the model or the heuristic changes."""
+    from benchmarks import model_table
+
+    with open(model_table.RESULTS) as f:
+        text = f.read()
+    assert model_table.replaced(text) == text
+    assert "64x128, 8w, 3st, split 4" in text  # the v2 pick at T = 8192, d = 4096 is in the table
