@@ -92,6 +92,12 @@ def _time_cuda(fn: Callable[[], object], budget_s: float, min_reps: int, max_rep
     torch.cuda.synchronize(device)
     per_call = max((time.perf_counter() - t0) / 3, 1e-6)
     reps = int(min(max_reps, max(min_reps, budget_s / per_call)))
+    return stats_of(_event_times(fn, reps, device, flush_l2))
+
+
+def _event_times(fn: Callable[[], object], reps: int, device: torch.device, flush_l2: bool) -> list[float]:
+    """Seconds of ``reps`` calls of ``fn``, each between two CUDA events; with ``flush_l2`` a 256 MiB buffer is
+    zeroed before each call, outside the timed region."""
     flush = _l2_flush_buffer(device) if flush_l2 else None
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
@@ -102,7 +108,7 @@ def _time_cuda(fn: Callable[[], object], budget_s: float, min_reps: int, max_rep
         fn()
         ends[i].record()
     torch.cuda.synchronize(device)
-    return stats_of([s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends)])
+    return [s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends)]
 
 
 def measure(fn: Callable[[], object], device: torch.device, budget_s: float = 0.3, min_reps: int = 5,
@@ -230,18 +236,8 @@ def time_graph(fn: Callable[[], object], device: torch.device, reps: int = 20, c
     with torch.cuda.graph(graph):
         for _ in range(calls_per_graph):
             fn()
-    flush = _l2_flush_buffer(device) if cold_l2 else None
     graph.replay()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for i in range(reps):
-        if flush is not None:
-            flush.zero_()
-        starts[i].record()
-        graph.replay()
-        ends[i].record()
-    torch.cuda.synchronize(device)
-    return stats_of([s.elapsed_time(e) * 1e-3 / calls_per_graph for s, e in zip(starts, ends)])
+    return stats_of([t / calls_per_graph for t in _event_times(graph.replay, reps, device, cold_l2)])
 
 
 def l2_read_bandwidth_gbps(device: torch.device, l2_bytes: int, interpreted: bool = False) -> dict:

@@ -11,12 +11,13 @@ Plain Python: no torch, no triton.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional
 
-from .perf_model import DEFAULT_CARD, Card, Config, Prediction, Shape, predict_apply, predict_steer, resources
+from .perf_model import (DEFAULT_CARD, MIN_DOT, Card, Config, Prediction, Shape, predict_apply, predict_steer,
+                         resources)
 
-MIN_DOT = 16  # smallest tl.dot M/N/K
 INTERPRETER_CONFIG = Config(BLOCK_T=32, BLOCK_D=128, num_warps=4, num_stages=1)
 INTERPRETER_APPLY_CONFIG = Config(BLOCK_T=32, BLOCK_D=128, num_warps=4, num_stages=1)
 
@@ -101,8 +102,6 @@ def steer_config(shape: Shape, card: Optional[Card] = None, interpreting: bool =
                  store_coef: bool = False) -> Config:
     if interpreting:
         return INTERPRETER_CONFIG
-    import dataclasses
-
     return _cached_steer(dataclasses.replace(shape, rows=_bucket(shape.rows)), card or DEFAULT_CARD, store_coef)
 
 
@@ -121,7 +120,5 @@ def apply_config(shape: Shape, sequences: int, card: Optional[Card] = None, inte
     """Query-mode `apply_coef`: grid over row tiles and d blocks (no reduction over d)."""
     if interpreting:
         return INTERPRETER_APPLY_CONFIG
-    import dataclasses
-
     return _cached_apply(dataclasses.replace(shape, rows=_bucket(shape.rows)), card or DEFAULT_CARD,
                          min(_bucket(sequences), 64))

@@ -14,13 +14,12 @@ import triton
 from triton import knobs
 
 from .params import CentredPack
-from .perf_model import DEFAULT_CARD, Card, Shape, card_for_device
+from .perf_model import DEFAULT_CARD, Card, Shape, card_for_device, padded
 
 # Under TRITON_INTERPRET=1, `triton.jit` builds interpreted functions at import time of the kernel modules; this
 # records which kind they are.
 INTERPRETING = bool(knobs.runtime.interpret)
 
-MIN_DOT = 16  # smallest M, N, K that tl.dot accepts on the GPU
 W_IN_ALIGN = 8  # W_in columns padded to 8 elements: 16-byte rows in 16-bit dtypes
 
 
@@ -52,11 +51,6 @@ class Layout(NamedTuple):
         """Keyword arguments for a kernel launch: the layout plus the padded widths tl.dot needs."""
         return dict(self._asdict(), NP=padded(self.W_IN_STRIDE), MP=padded(self.M), NC=self.n_coef,
                     NCP=padded(self.n_coef))
-
-
-def padded(n: int) -> int:
-    """Width of a tl.dot operand holding ``n`` columns: a power of two, at least 16."""
-    return max(MIN_DOT, triton.next_power_of_2(n))
 
 
 def layout_of(packed: CentredPack, activation: str) -> Layout:

@@ -114,9 +114,12 @@ def card_for_device(device) -> Card:
 
 
 # ---- what is moved --------------------------------------------------------------------------------------------
-def padded(n: int, minimum: int = 16) -> int:
-    """A tl.dot operand width: the next power of two, at least 16."""
-    return max(minimum, 1 << max(0, (n - 1).bit_length()))
+MIN_DOT = 16  # smallest M, N, K that tl.dot accepts on the GPU
+
+
+def padded(n: int) -> int:
+    """Width of a tl.dot operand holding ``n`` columns: a power of two, at least 16."""
+    return max(MIN_DOT, 1 << max(0, (n - 1).bit_length()))
 
 
 @dataclasses.dataclass(frozen=True)

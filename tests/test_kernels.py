@@ -202,6 +202,7 @@ SPLIT_CASES = [  # (d, rows, r, K, residual, dtype, config, lag)
     (257, 1, 64, 32, "identity", bf16, Config(16, 64, 4, 3, SPLIT=4), None),  # decode, r and K at bounds
     (1000, 33, 12, 1, None, f16, Config(32, 64, 4, 3, SPLIT=8), 1),  # 2 tiles; last slices empty (8 x 128 > 1000)
     (96, 40, 8, 10, "relu", f16, Config(16, 32, 4, 2, SPLIT=2), 3),  # lag past the tile count
+    (200, 20, 128, 32, "relu", f32, Config(16, 64, 8, 2, SPLIT=4), None),  # r and K at their bounds, NP = 256
 ]
 
 
@@ -229,6 +230,27 @@ def test_split_d_matches_reference(case):
     assert rel_error(steered, want) < tol
     untouched = ~keep | (reference.synthesize(before, p).abs().sum(1) == 0)  # masked or gated off: not stored
     assert torch.signbit(steered[untouched, 0]).all()
+
+
+def test_split_d_persistent_programs_loop_over_many_items(monkeypatch):
+    """On a card with 2 SMs of one program each, the split-d grid is 2 programs taking many tickets each."""
+    import dataclasses
+
+    from finesteer_kernels import steer_kernel
+    from finesteer_kernels.perf_model import DEFAULT_CARD
+
+    tiny = dataclasses.replace(DEFAULT_CARD, sms=2, max_ctas_per_sm=1)
+    monkeypatch.setattr(steer_kernel, "card_for", lambda t: tiny)
+    p = random_params(150, 12, 4, "relu", seed=44).to(DEVICE)
+    h = random_rows(p, 100, seed=45, dtype=f16).to(DEVICE)  # 7 row tiles
+    packed, layout = kernel_operands(h, p)
+    config = Config(16, 32, 4, 2, SPLIT=4)
+    grid, lag, ring = steer_kernel._split_plan(100, 150, config, layout, 2, tiny, False)
+    assert grid == 2 and ring < 7  # 2 programs for (7 + lag) x 4 items; the partials' ring is reused
+    out = poisoned(*h.shape, dtype=f16)
+    launch_steer(h, out, packed.w_in, packed.w_out, packed.mean, packed.consts, layout, p.tau, p.eps,
+                 p.alpha * p.gamma, config=config)
+    assert rel_error(out, reference.steer(h, p)) < REL_TOL[f16]
 
 
 def test_apply_delta_matches_reference():
