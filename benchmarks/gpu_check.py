@@ -278,9 +278,13 @@ def sweep_section(device, sizes: Sizes, results: dict, deadline: float) -> dict:
         run = lambda c=config: launch_steer(h, out, packed.w_in, packed.w_out, packed.mean, packed.consts,  # noqa
                                             Layout(*layout), params.tau, params.eps, params.alpha * params.gamma,
                                             config=c)
-        with torch.inference_mode():
-            seconds = _time_or_run(run, device, sizes)
-            run()
+        try:
+            with torch.inference_mode():
+                seconds = _time_or_run(run, device, sizes)
+                run()
+        except Exception as e:  # one configuration that fails to compile or launch must not end the sweep
+            rows.append({**row, "note": f"failed: {type(e).__name__}: {str(e)[:200]}"})
+            continue
         row.update(ok=rel_error(out, expected) <= REL_TOL[torch.bfloat16], model=_prediction(results, shape, config))
         if seconds is not None:
             row.update(median_us=seconds * 1e6, pct_copy=100 * 2 * h.numel() * 2 / seconds / 1e9 / copy)

@@ -87,8 +87,9 @@ DEFAULT_CARD = CARDS["H100 SXM"]  # the heuristic's card when no GPU can be aske
 def card_from_properties(name: str, sms: int, l2_bytes: int, peak_gbps: Optional[float] = None) -> Card:
     """A card from what ``torch.cuda.get_device_properties`` says: a known card by name (with the SM count and L2
     size the device reports), else a generic Hopper-like card scaled by SM count."""
+    sxm_h100 = "H100" in name and not any(other in name for other in ("PCIe", "NVL"))
     for key, card in CARDS.items():
-        if key.split()[0] in name and (key != "H100 SXM" or "H100" in name):
+        if (key == "H100 SXM" and sxm_h100) or (key == "H200" and "H200" in name):
             return dataclasses.replace(card, sms=sms, l2_bytes=l2_bytes or card.l2_bytes)
     peak = peak_gbps or 2000.0
     return Card(name, sms=sms, l2_bytes=l2_bytes or 40 * MiB, peak_gbps=peak, hbm_gbps=peak * COPY_EFFICIENCY,
