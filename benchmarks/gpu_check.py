@@ -133,11 +133,12 @@ def bandwidth_section(device, sizes: Sizes) -> dict:
 
 
 def _cards(results: dict):
-    """(the model's card as shipped, the card with this run's measured bandwidths) for predictions."""
-    from finesteer_kernels.perf_model import Card
+    """(the model's card as shipped, the card with this run's measured bandwidths) for predictions; the default
+    card when the bandwidth section could not run."""
+    from finesteer_kernels.perf_model import DEFAULT_CARD, Card
 
     bw = results["sections"].get("bandwidth", {})
-    shipped = Card(**bw["card"]) if "card" in bw else None
+    shipped = Card(**bw["card"]) if "card" in bw else DEFAULT_CARD
     measured = Card(**bw["card_measured"]) if "card_measured" in bw else shipped
     return shipped, measured
 
