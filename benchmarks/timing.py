@@ -92,6 +92,12 @@ def _time_cuda(fn: Callable[[], object], budget_s: float, min_reps: int, max_rep
     torch.cuda.synchronize(device)
     per_call = max((time.perf_counter() - t0) / 3, 1e-6)
     reps = int(min(max_reps, max(min_reps, budget_s / per_call)))
+    return stats_of(_event_times(fn, reps, device, flush_l2))
+
+
+def _event_times(fn: Callable[[], object], reps: int, device: torch.device, flush_l2: bool) -> list[float]:
+    """Seconds of ``reps`` calls of ``fn``, each between two CUDA events; with ``flush_l2`` a 256 MiB buffer is
+    zeroed before each call, outside the timed region."""
     flush = _l2_flush_buffer(device) if flush_l2 else None
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
@@ -102,7 +108,7 @@ def _time_cuda(fn: Callable[[], object], budget_s: float, min_reps: int, max_rep
         fn()
         ends[i].record()
     torch.cuda.synchronize(device)
-    return stats_of([s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends)])
+    return [s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends)]
 
 
 def measure(fn: Callable[[], object], device: torch.device, budget_s: float = 0.3, min_reps: int = 5,
@@ -211,3 +217,59 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30, budget_s: f
 
 def bytes_per_second(nbytes: float, seconds: Optional[float]) -> Optional[float]:
     return None if seconds is None or seconds <= 0 else nbytes / seconds / 1e9
+
+
+# ---- CUDA graphs with a cold L2 ----------------------------------------------------------------------------------
+def time_graph(fn: Callable[[], object], device: torch.device, reps: int = 20, cold_l2: bool = True,
+               calls_per_graph: int = 1) -> Stats:
+    """Capture ``fn`` (``calls_per_graph`` times) in a CUDA graph after warming it up on a side stream, then time
+    ``reps`` replays with CUDA events; with ``cold_l2`` a 256 MiB buffer is zeroed before each replay (outside the
+    timed region), so every replay starts with nothing of its inputs in L2. Per-call seconds."""
+    device = torch.device(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls_per_graph):
+            fn()
+    graph.replay()
+    return stats_of([t / calls_per_graph for t in _event_times(graph.replay, reps, device, cold_l2)])
+
+
+def l2_read_bandwidth_gbps(device: torch.device, l2_bytes: int, interpreted: bool = False) -> dict:
+    """L2 read bandwidth: every SM re-reads its slice of a buffer of a quarter of L2 (so it stays there) many
+    times; bytes read / median time. Under the interpreter the kernel runs once at a tiny size, untimed."""
+    from benchmarks.probe_kernels import read_kernel
+
+    device = torch.device(device)
+    programs = 8 if interpreted else 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    per_program = max(1024, (l2_bytes // 4) // 4 // programs // 1024 * 1024)  # fp32 elements
+    x = torch.ones(programs * per_program, dtype=torch.float32, device=device)
+    out = torch.empty(programs, dtype=torch.float32, device=device)
+    reps = 1 if interpreted else 50
+    launch = lambda: read_kernel[(programs,)](x, out, per_program, reps, BLOCK=1024)  # noqa: E731
+    launch()
+    if interpreted:
+        return {"note": "interpreted once, not timed", "ok": bool(out.sum() == x.numel())}
+    stats = time_graph(launch, device, reps=10, cold_l2=False)
+    moved = reps * x.numel() * 4
+    return {"bytes": moved, "buffer_bytes": x.numel() * 4, **stats.as_us(), "gbps": moved / stats.median / 1e9}
+
+
+def per_sm_bandwidth_gbps(device: torch.device, programs: int = 8, nbytes: int = 1 << 28) -> dict:
+    """One SM's sustained read bandwidth: ``programs`` programs (one per SM) stream a buffer much larger than L2
+    once; bytes / median time / programs."""
+    from benchmarks.probe_kernels import read_kernel
+
+    device = torch.device(device)
+    per_program = nbytes // 4 // programs
+    x = torch.ones(programs * per_program, dtype=torch.float32, device=device)
+    out = torch.empty(programs, dtype=torch.float32, device=device)
+    launch = lambda: read_kernel[(programs,)](x, out, per_program, 1, BLOCK=2048, num_warps=8)  # noqa: E731
+    stats = time_graph(launch, device, reps=5, cold_l2=True)
+    return {"programs": programs, "bytes": x.numel() * 4, **stats.as_us(),
+            "gbps_per_sm": x.numel() * 4 / stats.median / 1e9 / programs}

@@ -14,7 +14,8 @@ while another thread's is running raises RuntimeError, and so does a query-mode 
 the one whose prefill made the cached coefficients; patch one model copy per thread instead.
 
 Query mode (the paper's): a prefill synthesises ``coef`` at each row's anchor, the last non-padding token of the
-prompt, adds ``coef @ W_out`` to every non-padding position and caches ``coef``; decode steps reuse it. Inside
+prompt, caches ``coef`` and the per-sequence edit ``delta = coef @ W_out`` and adds delta to every non-padding
+position; a decode step is then one op per steered layer, ``h + delta`` (`finesteer_kernels.apply_delta_`). Inside
 ``model.generate`` the prompt is what ``generate`` was given, so ``use_cache=False`` (which recomputes the whole
 sequence every step) and assisted decoding keep the prompt's anchor. Token mode: every position gates and routes on
 its own hidden state. See docs/patching.md.
@@ -67,20 +68,15 @@ class _ForwardContext:
     derived: dict = dataclasses.field(default_factory=dict)
 
 
-def _real_new_tokens(mask: torch.Tensor, past: Optional[int], batch: int, new_tokens: int,
-                     key_start: Optional[torch.Tensor] = None) -> tuple:
-    """(past, (B, T) bool of non-padding new tokens) from a 2-D or 4-D attention mask, by shapes and indexing only.
-
-    A 4-D mask (static caches, custom masks) hides padding in its diagonal: new token i attends to itself (key
-    ``past + i``) exactly when it is a real token; masked entries are False or a large negative number. Where the
-    cache keeps its length on the device (``key_start``), the keys are indexed from that: exact even when the
-    handle's own count lags (CUDA-graph replays run no hooks), and no host read."""
+def _mask_past(mask: torch.Tensor, past: Optional[int], batch: int, new_tokens: int,
+               key_start: Optional[torch.Tensor] = None) -> int:
+    """Check a 2-D or 4-D attention mask's shape against this forward and return the cached token count (from
+    the 2-D mask's width when the cache did not say). Shapes only: no tensor op."""
     if mask.dim() == 2:
         if mask.shape[0] != batch or mask.shape[1] < new_tokens:
             raise ValueError(f"attention_mask: shape {tuple(mask.shape)} does not cover this forward's {batch} rows "
                              f"of {new_tokens} new tokens; expected (batch, past + new)")
-        past = mask.shape[1] - new_tokens if past is None else past
-        return past, mask[:, mask.shape[1] - new_tokens:].bool()
+        return mask.shape[1] - new_tokens if past is None else past
     if past is None:
         raise ValueError("cache: cannot tell how many tokens it holds (get_seq_length did not return an int) and "
                          "the attention mask is 4-D; pass a 2-D attention_mask")
@@ -88,24 +84,41 @@ def _real_new_tokens(mask: torch.Tensor, past: Optional[int], batch: int, new_to
     if mask.shape[0] not in (1, batch) or mask.shape[-2] != new_tokens or mask.shape[-1] < keys_needed:
         raise ValueError(f"attention_mask: 4-D shape {tuple(mask.shape)} does not match {batch} rows of "
                          f"{new_tokens} new tokens after {past} cached ones")
+    return past
+
+
+def _real_new_tokens(mask: torch.Tensor, past: int, batch: int, new_tokens: int,
+                     key_start: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, T) bool of non-padding new tokens from a 2-D or 4-D attention mask (checked by `_mask_past`), by
+    indexing only.
+
+    A 4-D mask (static caches, custom masks) hides padding in its diagonal: new token i attends to itself (key
+    ``past + i``) exactly when it is a real token; masked entries are False or a large negative number. Where the
+    cache keeps its length on the device (``key_start``), the keys are indexed from that: exact even when the
+    handle's own count lags (CUDA-graph replays run no hooks), and no host read."""
+    if mask.dim() == 2:
+        return mask[:, mask.shape[1] - new_tokens:].bool()
     i = torch.arange(new_tokens, device=mask.device)
     keys = i + (past if key_start is None else key_start.to(mask.device))
     diagonal = mask[:, 0, i, keys]
     real = diagonal if diagonal.dtype == torch.bool else diagonal > torch.finfo(diagonal.dtype).min / 2
-    return past, real.expand(batch, new_tokens)
+    return real.expand(batch, new_tokens)
 
 
 class _Rows:
     """How one forward of ``B`` rows and ``T`` new tokens is steered: which tokens are real, whether it is a
-    prefill (and where each row's anchor is) or a decode step, as index tensors for the op."""
+    prefill (and where each row's anchor is) or a decode step, as index tensors for the op. Decode or not is
+    decided from shapes; the index tensors are built on first use, so a query-mode decode step runs no tensor op
+    here."""
 
     def __init__(self, ctx: _ForwardContext, hidden: torch.Tensor):
-        batch, new_tokens = hidden.shape[0], hidden.shape[1]
-        device = hidden.device
-        past, valid = ctx.past_length, None  # valid: (B, T) real (non-padding) new tokens; None = all
+        self._ctx = ctx
+        self._batch, self._new_tokens = hidden.shape[0], hidden.shape[1]
+        self._device = hidden.device
+        past = ctx.past_length
         if ctx.mask is not None:
-            past, valid = _real_new_tokens(ctx.mask, past, batch, new_tokens, ctx.key_start)
-            valid = valid.to(device)
+            past = _mask_past(ctx.mask, past, self._batch, self._new_tokens, ctx.key_start)
+        self._past = past
         call = ctx.call
         prompt_length = call.prompt_length if call is not None else None
         if prompt_length is not None:
@@ -114,26 +127,52 @@ class _Rows:
             # finds the same anchor again; an early prefill chunk (prefill_chunk_size) ends before the anchor and
             # is left alone, since the decision is not known yet.
             self.decode = past >= prompt_length
-            self.pending = past + new_tokens < prompt_length
-            anchor_limit = prompt_length - past
+            self.pending = past + self._new_tokens < prompt_length
+            self._anchor_limit = prompt_length - past
         else:
             # Outside generate: one new token on a non-empty cache is a decode step, anything else a prefill.
-            self.decode = new_tokens == 1 and past > 0
+            self.decode = self._new_tokens == 1 and past > 0
             self.pending = False
-            anchor_limit = new_tokens
+            self._anchor_limit = self._new_tokens
         self.num_beams = call.num_beams if call is not None else 1
-        self.valid = valid
-        seq = torch.arange(batch, device=device)[:, None].expand(batch, new_tokens)
-        self.row_to_seq = seq if valid is None else torch.where(valid, seq, -1)  # (B, T), -1 = padding
-        if not self.decode:
-            pos = torch.arange(new_tokens, device=device)
-            eligible = (pos < anchor_limit)[None, :].expand(batch, new_tokens)
-            if valid is not None:
-                eligible = eligible & valid
-            anchor = torch.where(eligible, pos, -1).amax(dim=1)  # last real prompt token per row, -1 if none
-            self.anchor_found = (anchor >= 0)[:, None]
-            self.anchor = anchor.clamp_min(0)
-            self.batch_index = torch.arange(batch, device=device)
+
+    @functools.cached_property
+    def valid(self) -> Optional[torch.Tensor]:
+        """(B, T) real (non-padding) new tokens; None = all."""
+        ctx = self._ctx
+        if ctx.mask is None:
+            return None
+        return _real_new_tokens(ctx.mask, self._past, self._batch, self._new_tokens, ctx.key_start).to(self._device)
+
+    @functools.cached_property
+    def row_to_seq(self) -> torch.Tensor:
+        """(B, T) sequence index per token, -1 for padding."""
+        batch, new_tokens = self._batch, self._new_tokens
+        seq = torch.arange(batch, device=self._device)[:, None].expand(batch, new_tokens)
+        return seq if self.valid is None else torch.where(self.valid, seq, -1)
+
+    @functools.cached_property
+    def _anchors(self) -> tuple:
+        """(anchor position per row, whether the row has one): the last real prompt token of each row."""
+        batch, new_tokens = self._batch, self._new_tokens
+        pos = torch.arange(new_tokens, device=self._device)
+        eligible = (pos < self._anchor_limit)[None, :].expand(batch, new_tokens)
+        if self.valid is not None:
+            eligible = eligible & self.valid
+        anchor = torch.where(eligible, pos, -1).amax(dim=1)  # -1 if none
+        return anchor.clamp_min(0), (anchor >= 0)[:, None]
+
+    @property
+    def anchor(self) -> torch.Tensor:
+        return self._anchors[0]
+
+    @property
+    def anchor_found(self) -> torch.Tensor:
+        return self._anchors[1]
+
+    @functools.cached_property
+    def batch_index(self) -> torch.Tensor:
+        return torch.arange(self._batch, device=self._device)
 
 
 def _rows_for(ctx: Optional[_ForwardContext], hidden: torch.Tensor) -> _Rows:
@@ -276,6 +315,8 @@ class _Site:
     params: SteerParams
     coef: Optional[torch.Tensor] = None  # (B, K+k) fp32 per sequence, from the last prefill
     coef_memory: Optional[torch.Tensor] = None  # where prefills write coef; kept by reset(), see _store_coef
+    delta: Optional[torch.Tensor] = None  # (B, d) fp32 = coef @ W_out: a decode step only adds it
+    delta_memory: Optional[torch.Tensor] = None  # where prefills write delta (as coef_memory)
 
 
 class PatchHandle:
@@ -328,7 +369,7 @@ class PatchHandle:
         """Forget the cached query-mode coefficients (the next forward must be a prefill) and take every cache
         seen so far as empty: call it after ``cache.reset()`` when reusing a static cache for a new prompt."""
         for site in self._sites.values():
-            site.coef = None
+            site.coef = site.delta = None
         for cache in list(self._cache_fill.keys()):
             self._cache_fill[cache] = 0
         self._context = None
@@ -343,7 +384,7 @@ class PatchHandle:
         self._restore_generate()
         self.reset()
         for site in self._sites.values():
-            site.coef_memory = None
+            site.coef_memory = site.delta_memory = None
         self.active = False
 
     def __enter__(self) -> "PatchHandle":
@@ -430,8 +471,9 @@ class PatchHandle:
         if rows.pending:
             return hidden
         if rows.decode:
-            coef = site.coef
-            if coef is None:
+            # The fast path: one op on the per-sequence delta cached at prefill (every decode token is a real token:
+            # padding only ever sits in the prompt).
+            if site.delta is None:
                 raise RuntimeError(f"layer {site.layer}: a decode step (tokens after a non-empty cache) but no "
                                    "prefill was seen since patching (or since reset()); run the prompt through the "
                                    "patched model first")
@@ -440,19 +482,22 @@ class PatchHandle:
                 raise RuntimeError(f"layer {site.layer}: a query-mode decode step in another thread than the "
                                    "prefill that made the cached coefficients; one patch serves one thread at a "
                                    "time: patch a separate copy of the model per thread")
-            if coef.shape[0] != batch:
-                raise RuntimeError(f"layer {site.layer}: batch size changed between prefill ({coef.shape[0]} rows) "
-                                   f"and decode ({batch} rows); query mode keeps one coefficient row per sequence "
-                                   "and cannot follow rows that were added, dropped or regrouped")
-        else:
-            anchors = hidden[rows.batch_index, rows.anchor]  # (B, d)
-            coef = finesteer_kernels.synthesize(anchors, site.params)
-            coef = torch.where(rows.anchor_found, coef, 0.0)  # a row with no real prompt token gets no edit
-            coef = _share_within_beams(coef, rows.num_beams)
-            site.coef = site.coef_memory = _store_coef(site.coef_memory, coef)
-            self._coef_thread = self._one_thread.ident()
-        apply = finesteer_kernels.apply_coef_ if in_place else finesteer_kernels.apply_coef
-        return apply(hidden, coef, site.params, rows.row_to_seq)
+            if site.delta.shape[0] != batch:
+                raise RuntimeError(f"layer {site.layer}: batch size changed between prefill ({site.delta.shape[0]} "
+                                   f"rows) and decode ({batch} rows); query mode keeps one coefficient row per "
+                                   "sequence and cannot follow rows that were added, dropped or regrouped")
+            apply = finesteer_kernels.apply_delta_ if in_place else finesteer_kernels.apply_delta
+            return apply(hidden, site.delta)
+        anchors = hidden[rows.batch_index, rows.anchor]  # (B, d)
+        coef = finesteer_kernels.synthesize(anchors, site.params)
+        coef = torch.where(rows.anchor_found, coef, 0.0)  # a row with no real prompt token gets no edit
+        coef = _share_within_beams(coef, rows.num_beams)
+        site.coef = site.coef_memory = _store_coef(site.coef_memory, coef)
+        delta = finesteer_kernels.coef_delta(coef, site.params)
+        site.delta = site.delta_memory = _store_coef(site.delta_memory, delta)
+        self._coef_thread = self._one_thread.ident()
+        apply = finesteer_kernels.apply_delta_ if in_place else finesteer_kernels.apply_delta
+        return apply(hidden, site.delta, rows.row_to_seq)
 
     # ---- generate -------------------------------------------------------------------------------------------
     def _install_generate_wrapper(self) -> None:
@@ -588,6 +633,9 @@ def _prepare(params: SteerParams, device: torch.device, dtype: torch.dtype, alph
     probe = torch.zeros(1, 1, params.d, device=device, dtype=dtype)
     coef = finesteer_kernels.synthesize(probe[0], params)
     finesteer_kernels.apply_coef(probe, coef, params, torch.zeros(1, 1, dtype=torch.long, device=device))
+    delta = finesteer_kernels.coef_delta(coef, params)
+    finesteer_kernels.apply_delta(probe, delta)  # the decode step's kernel, compiled before any graph capture
+    finesteer_kernels.apply_delta(probe, delta, torch.zeros(1, 1, dtype=torch.long, device=device))
     finesteer_kernels.steer(probe, params)
     finesteer_kernels.steer(probe, params, row_mask=torch.ones(1, 1, dtype=torch.bool, device=device))
     return params

@@ -1,13 +1,15 @@
 """FineSteer kernels: the unified steering op (gate, router, residual MLP, vector addition) and its reference.
 
     from finesteer_kernels import SteerParams, steer, steer_, synthesize, apply_coef, apply_coef_, reference
+    from finesteer_kernels import coef_delta, apply_delta, apply_delta_      # query-mode decode fast path
 
 Importing needs no GPU and no triton (the Triton kernels are imported on first use); docs/kernels.md describes them.
 """
 from . import reference
-from .ops import apply_coef, apply_coef_, select_backend, steer, steer_, synthesize
+from .ops import (apply_coef, apply_coef_, apply_delta, apply_delta_, coef_delta, select_backend, steer, steer_,
+                  synthesize)
 from .params import CentredPack, PackedSteerParams, SteerParams
 
 __version__ = "0.1.0"
 __all__ = ["SteerParams", "PackedSteerParams", "CentredPack", "steer", "steer_", "synthesize", "apply_coef",
-           "apply_coef_", "select_backend", "reference", "__version__"]
+           "apply_coef_", "coef_delta", "apply_delta", "apply_delta_", "select_backend", "reference", "__version__"]

@@ -3,13 +3,15 @@
 No reduction over d, so the grid splits both rows and d, ``(cdiv(N, BLOCK_T), cdiv(d, BLOCK_D))``: at decode
 (one row per sequence) the d/BLOCK_D programs each read a slice of W_out instead of one program streaming it all.
 A row index past the end of ``coef`` cannot raise without a host sync; such rows come out as NaN instead of reading
-out of bounds. Readable equivalent: `reference.apply_coef`. Block sizes: `kernel_common.apply_config`.
+out of bounds. Readable equivalent: `reference.apply_coef`. Block sizes: `heuristics.apply_config` (the bytes model).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .kernel_common import apply_config, device_guard, native_dot, padded
+from .heuristics import apply_config
+from .kernel_common import INTERPRETING, card_for, config_kwargs, device_guard, native_dot, padded
+from .perf_model import Shape
 from .w_out_dot import coef_times_w_out
 
 
@@ -33,7 +35,7 @@ def apply_kernel(h_ptr, out_ptr, coef_ptr, seq_ptr, w_out_ptr, n_rows, n_seq, d,
     if tl.max(write.to(tl.int32), axis=0) > 0:
         mask = write[:, None] & d_mask[None, :]
         offs = rows.to(tl.int64)[:, None] * d + offs_d[None, :]
-        x = tl.load(h_ptr + offs, mask=mask, other=0.0)
+        x = tl.load(h_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first")
         w = tl.load(w_out_ptr + coef_cols[:, None] * d + offs_d[None, :],
                     mask=(coef_cols < NC)[:, None] & d_mask[None, :], other=0.0)
         delta = coef_times_w_out(coef, w, NATIVE_DOT)
@@ -49,9 +51,10 @@ def launch_apply(h2d: torch.Tensor, out2d: torch.Tensor, coef: torch.Tensor, row
     n_seq, n_coef = coef.shape
     if n_rows == 0:
         return
-    config = config or apply_config(n_rows, d)
+    shape = Shape(n_rows, d, h2d.element_size(), 8, n_coef, has_pass1=False)
+    config = config or apply_config(shape, n_seq, card_for(h2d), INTERPRETING)
     grid = (triton.cdiv(n_rows, config.BLOCK_T), triton.cdiv(d, config.BLOCK_D))
     with device_guard(h2d):
         apply_kernel[grid](h2d, out2d, coef, row_to_seq, w_out, n_rows, n_seq, d,
                            NC=n_coef, NCP=padded(n_coef), NATIVE_DOT=native_dot(h2d.dtype),
-                           IN_PLACE=out2d.data_ptr() == h2d.data_ptr(), **config.launch_kwargs())
+                           IN_PLACE=out2d.data_ptr() == h2d.data_ptr(), **config_kwargs(config, pipelined=False))

@@ -15,17 +15,22 @@ import triton.language as tl
 @triton.jit
 def centred_projections(h_ptr, rows, row_mask, d, w_in_ptr, mean_ptr, d_start, d_stop,
                         HAS_GATE: tl.constexpr, HAS_MEAN: tl.constexpr, W_IN_STRIDE: tl.constexpr,
-                        NP: tl.constexpr, NATIVE_DOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Pass 1 over ``[d_start, d_stop)``: ``(xc @ W_in, ||xc||^2)`` as fp32 ``(BLOCK_T, NP)`` and ``(BLOCK_T,)``."""
+                        NP: tl.constexpr, NATIVE_DOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                        NUM_STAGES: tl.constexpr):
+    """Pass 1 over ``[d_start, d_stop)``: ``(xc @ W_in, ||xc||^2)`` as fp32 ``(BLOCK_T, NP)`` and ``(BLOCK_T,)``.
+
+    The loop is software-pipelined (``NUM_STAGES`` buffers, cp.async on sm_80+): h tiles are loaded
+    ``evict_last`` so that pass 2's second read finds them in L2. W_in's zero padding (columns past W_IN_STRIDE)
+    is masked, so never fetched."""
     cols = tl.arange(0, NP)
     acc = tl.zeros((BLOCK_T, NP), tl.float32)
     sq = tl.zeros((BLOCK_T,), tl.float32)
     row_base = rows.to(tl.int64) * d
-    for d0 in range(d_start, d_stop, BLOCK_D):
+    for d0 in tl.range(d_start, d_stop, BLOCK_D, num_stages=NUM_STAGES):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         d_mask = offs_d < d_stop
         x = tl.load(h_ptr + row_base[:, None] + offs_d[None, :], mask=row_mask[:, None] & d_mask[None, :],
-                    other=0.0)
+                    other=0.0, eviction_policy="evict_last")
         w = tl.load(w_in_ptr + offs_d[:, None] * W_IN_STRIDE + cols[None, :],
                     mask=d_mask[:, None] & (cols[None, :] < W_IN_STRIDE), other=0.0)
         if HAS_MEAN:
@@ -99,12 +104,13 @@ def tile_coefficients(h_ptr, rows, row_mask, d, w_in_ptr, mean_ptr, consts_ptr, 
                       HAS_RES: tl.constexpr, RELU: tl.constexpr, ROUTER_COL: tl.constexpr, RES_COL: tl.constexpr,
                       W_IN_STRIDE: tl.constexpr, RB_OFF: tl.constexpr, B1_OFF: tl.constexpr,
                       W2_OFF: tl.constexpr, B2_OFF: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr,
-                      NCP: tl.constexpr, NATIVE_DOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                      NCP: tl.constexpr, NATIVE_DOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                      NUM_STAGES: tl.constexpr):
     """Pass 1 over all of d, then the epilogue: ``(coef, g)``."""
     # CAA-like steerers (no gate, router or MLP) read nothing in pass 1: an empty range
     d_stop = d if (HAS_GATE or HAS_ROUTER or HAS_RES) else 0
     acc, sq = centred_projections(h_ptr, rows, row_mask, d, w_in_ptr, mean_ptr, 0, d_stop, HAS_GATE, HAS_MEAN,
-                                  W_IN_STRIDE, NP, NATIVE_DOT, BLOCK_T, BLOCK_D)
+                                  W_IN_STRIDE, NP, NATIVE_DOT, BLOCK_T, BLOCK_D, NUM_STAGES)
     return coefficients_from_projections(acc, sq, row_mask, consts_ptr, tau, eps, scale, R, K, M, KR, HAS_GATE,
                                          HAS_ROUTER, HAS_RES, RELU, ROUTER_COL, RES_COL, RB_OFF, B1_OFF, W2_OFF,
                                          B2_OFF, NP, MP, NCP, BLOCK_T)

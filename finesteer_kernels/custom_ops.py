@@ -6,8 +6,10 @@
     finesteer::synthesize(h, w_in, mean, consts, layout, tau, eps, scale) -> Tensor           (B, K+k) fp32
     finesteer::apply_coef(h, coef, row_to_seq, w_out) -> Tensor                                query-mode apply
     finesteer::apply_coef_(h!, coef, row_to_seq, w_out) -> ()                                  the same, in place
+    finesteer::apply_delta(h, delta, row_to_seq, rows_per_seq) -> Tensor                      decode: h + delta[seq]
+    finesteer::apply_delta_(h!, delta, row_to_seq, rows_per_seq) -> ()                        the same, in place
 
-``h`` is contiguous ``(N, d)``; ``w_in``/``w_out``/``mean``/``consts`` come from `SteerParams.pack_centred`;
+``h`` is contiguous ``(N, d)`` (the delta ops take any contiguous ``(..., d)``); ``w_in``/``w_out``/``mean``/``consts`` come from `SteerParams.pack_centred`;
 ``layout`` is a `kernel_common.Layout` as a list of ints; ``scale`` is ``alpha * gamma``; ``keep`` is None or a
 contiguous ``(N,)`` bool (False: leave the row unchanged). Each launch runs with ``h``'s GPU as the current device
 (`kernel_common.device_guard`). `finesteer_kernels.ops` prepares these from a `SteerParams`; other libraries
@@ -22,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .apply_kernel import launch_apply
+from .delta_kernel import launch_apply_delta
 from .kernel_common import Layout
 from .steer_kernel import launch_steer
 from .synthesize_kernel import launch_synthesize
@@ -84,4 +87,26 @@ def apply_coef_(h: Tensor, coef: Tensor, row_to_seq: Tensor, w_out: Tensor) -> N
 
 @apply_coef_.register_fake
 def _apply_coef_inplace_fake(h, coef, row_to_seq, w_out):
+    return None
+
+
+@torch.library.custom_op("finesteer::apply_delta", mutates_args=())
+def apply_delta(h: Tensor, delta: Tensor, row_to_seq: Optional[Tensor], rows_per_seq: int) -> Tensor:
+    out = torch.empty_like(h)
+    launch_apply_delta(h, out, delta, row_to_seq, rows_per_seq)
+    return out
+
+
+@apply_delta.register_fake
+def _apply_delta_fake(h, delta, row_to_seq, rows_per_seq):
+    return torch.empty_like(h)
+
+
+@torch.library.custom_op("finesteer::apply_delta_", mutates_args=("h",))
+def apply_delta_(h: Tensor, delta: Tensor, row_to_seq: Optional[Tensor], rows_per_seq: int) -> None:
+    launch_apply_delta(h, h, delta, row_to_seq, rows_per_seq)
+
+
+@apply_delta_.register_fake
+def _apply_delta_inplace_fake(h, delta, row_to_seq, rows_per_seq):
     return None

@@ -1,22 +1,8 @@
-"""What the three Triton kernels share on the host side: the packed layout as compile-time constants, whether the
-interpreter runs them, how dot products are done per dtype, and the block-size heuristics.
+"""What the Triton kernels share on the host side: the packed layout as compile-time constants, whether the
+interpreter runs them, how dot products are done per dtype, which card a tensor lives on, and the model's view of
+a call (`shape_of`). Launch configurations come from `heuristics` (the bytes-and-occupancy model of `perf_model`).
 
 Imports triton; `ops` imports this module lazily, so the package itself needs neither triton nor a GPU.
-
-Block sizes (GPU; one pinned config under the interpreter, where only fewer, larger numpy steps matter):
-
-* token mode and `synthesize` (pass 1 reads a ``(BLOCK_T, BLOCK_D)`` tile of h and a ``(BLOCK_D, NP)`` tile of
-  W_in per step, NP = padded r+K+m): ``BLOCK_D = 64`` keeps a W_in stage at 64 x 128 x 2 B = 16 KiB of shared
-  memory. ``BLOCK_T`` trades weight re-reads (W_in and W_out are read once per row tile, from L2) against
-  parallelism and registers (the fp32 accumulator is BLOCK_T x NP): 64 rows (wgmma on Hopper, 8 warps) once there
-  are enough rows to fill the SMs, else 32 (4 warps), and 16, the smallest tl.dot tile, for decode-size inputs.
-  With NP = 256 (e.g. r = 128, K = 32) the 32-row tile spills on sm_90, so wide layouts use 64 rows and 8 warps.
-* `apply_coef` has no reduction over d, so its grid splits d as well as rows: ``(cdiv(N, BLOCK_T),
-  cdiv(d, BLOCK_D))``. For decode (a few rows) ``BLOCK_D = 64`` gives d/64 programs (64 at d = 4096) instead of one
-  program streaming all of W_out; for prefill ``BLOCK_T = 64, BLOCK_D = 128``.
-
-These are heuristics keyed on (rows, d, padded widths, dtype), chosen from the arithmetic in docs/kernels.md and
-checked for spills by tests/test_kernel_compile.py; they have not been tuned on a GPU.
 """
 from __future__ import annotations
 
@@ -28,12 +14,12 @@ import triton
 from triton import knobs
 
 from .params import CentredPack
+from .perf_model import DEFAULT_CARD, Card, Shape, card_for_device, padded
 
 # Under TRITON_INTERPRET=1, `triton.jit` builds interpreted functions at import time of the kernel modules; this
 # records which kind they are.
 INTERPRETING = bool(knobs.runtime.interpret)
 
-MIN_DOT = 16  # smallest M, N, K that tl.dot accepts on the GPU
 W_IN_ALIGN = 8  # W_in columns padded to 8 elements: 16-byte rows in 16-bit dtypes
 
 
@@ -67,11 +53,6 @@ class Layout(NamedTuple):
                     NCP=padded(self.n_coef))
 
 
-def padded(n: int) -> int:
-    """Width of a tl.dot operand holding ``n`` columns: a power of two, at least 16."""
-    return max(MIN_DOT, triton.next_power_of_2(n))
-
-
 def layout_of(packed: CentredPack, activation: str) -> Layout:
     """The layout of a `SteerParams.pack_centred` result (``w_in`` columns already padded)."""
     return Layout(
@@ -102,38 +83,23 @@ def native_dot(dtype: torch.dtype) -> bool:
     return not (INTERPRETING and dtype == torch.bfloat16)
 
 
-class Config(NamedTuple):
-    BLOCK_T: int
-    BLOCK_D: int
-    num_warps: int
-    num_stages: int
-
-    def launch_kwargs(self) -> dict:
-        if INTERPRETING:
-            return dict(BLOCK_T=self.BLOCK_T, BLOCK_D=self.BLOCK_D)
-        return self._asdict()
+def card_for(t: torch.Tensor) -> Card:
+    """The card the model plans for: ``t``'s GPU, or the default card (no GPU: the interpreter, or compiling)."""
+    return card_for_device(t.device) if t.is_cuda else DEFAULT_CARD
 
 
-INTERPRETER_CONFIG = Config(BLOCK_T=32, BLOCK_D=128, num_warps=4, num_stages=1)
+def shape_of(n_rows: int, d: int, layout: Layout, elem: int) -> Shape:
+    """The model's view of a call on ``n_rows`` rows of width ``d`` with the packed ``layout``."""
+    has_pass1 = bool(layout.HAS_GATE or layout.HAS_ROUTER or layout.HAS_RES)
+    return Shape(n_rows, d, elem, layout.W_IN_STRIDE, layout.n_coef, has_pass1=has_pass1,
+                 has_mean=bool(layout.HAS_MEAN))
 
 
-def coef_config(n_rows: int, layout: Layout, interpreting: bool = INTERPRETING) -> Config:
-    """Token mode and synthesize: one program per row tile, pass 1 over d then (token mode) pass 2."""
-    if interpreting:
-        return INTERPRETER_CONFIG
-    # 256 accumulator columns: 8 warps, and 32-row tiles (mma.sync on Hopper) spill where 64-row tiles (wgmma) fit
-    wide = padded(layout.W_IN_STRIDE) > 128
-    if n_rows <= MIN_DOT:
-        return Config(BLOCK_T=16, BLOCK_D=64, num_warps=8 if wide else 4, num_stages=3)
-    if n_rows >= 4096 or wide:
-        return Config(BLOCK_T=64, BLOCK_D=64, num_warps=8, num_stages=3)
-    return Config(BLOCK_T=32, BLOCK_D=64, num_warps=4, num_stages=3)
-
-
-def apply_config(n_rows: int, d: int, interpreting: bool = INTERPRETING) -> Config:
-    """Query-mode apply: the grid splits rows and d."""
-    if interpreting:
-        return INTERPRETER_CONFIG
-    if n_rows <= 64:
-        return Config(BLOCK_T=16, BLOCK_D=64, num_warps=4, num_stages=2)
-    return Config(BLOCK_T=64, BLOCK_D=128, num_warps=4, num_stages=2)
+def config_kwargs(config, pipelined: bool = True) -> dict:
+    """Launch keywords of a `perf_model.Config` (num_warps and num_stages only when compiling for a GPU)."""
+    kw = dict(BLOCK_T=config.BLOCK_T, BLOCK_D=config.BLOCK_D)
+    if pipelined:
+        kw.update(NUM_STAGES=config.num_stages, SPLIT=config.SPLIT)
+    if not INTERPRETING:
+        kw.update(num_warps=config.num_warps, num_stages=config.num_stages)
+    return kw

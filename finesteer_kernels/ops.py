@@ -18,7 +18,7 @@ import torch
 
 from . import reference
 from .params import SteerParams
-from .validation import check_coef, check_hidden, check_row_mask, check_row_to_seq
+from .validation import check_coef, check_delta, check_hidden, check_row_mask, check_row_to_seq
 
 BACKENDS = ("triton", "torch")
 
@@ -162,4 +162,43 @@ def apply_coef_(h: torch.Tensor, coef: torch.Tensor, params: SteerParams, row_to
     coef32, seq = _apply_operands(h, coef, params, row_to_seq)
     packed, _ = _kernel_args(h, params)
     torch.ops.finesteer.apply_coef_(h.view(-1, params.d), coef32, seq, packed.w_out)
+    return h
+
+
+def coef_delta(coef: torch.Tensor, params: SteerParams) -> torch.Tensor:
+    """Query mode: the per-sequence edit ``coef @ W_out`` as fp32 ``(B, d)``, from the fp32 weights. Computed once
+    per prefill; each decode step then adds it with `apply_delta_` (one launch, no dot)."""
+    check_coef(coef, params, coef.device)
+    return coef.float() @ params.pack_centred(torch.float32, coef.device).w_out  # fp32 W_out, cached
+
+
+def _delta_operands(h: torch.Tensor, delta: torch.Tensor, row_to_seq: Optional[torch.Tensor]):
+    """(flat int64 row_to_seq or None, rows per sequence) for the delta ops; ``h`` and ``delta`` checked."""
+    from . import custom_ops  # noqa: F401  (registers the torch.ops.finesteer ops)
+
+    check_delta(delta, h, row_to_seq)
+    if row_to_seq is None:
+        return None, (h.numel() // h.shape[-1]) // max(delta.shape[0], 1)
+    return check_row_to_seq(row_to_seq, h).reshape(-1).contiguous(), 1
+
+
+def apply_delta(h: torch.Tensor, delta: torch.Tensor, row_to_seq: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Query mode at decode: ``h + delta[seq]`` (``delta`` from `coef_delta`). ``row_to_seq`` None: ``h`` is
+    ``(B, ..., d)`` and every row of ``h[b]`` gets ``delta[b]``; else per row as in `apply_coef` (-1: unchanged;
+    on the Triton backend an index >= B gives a NaN row)."""
+    if select_backend(h, delta) == "torch":
+        return reference.apply_delta(h, delta, row_to_seq)
+    seq, per_seq = _delta_operands(h, delta, row_to_seq)
+    return torch.ops.finesteer.apply_delta(h.contiguous(), delta.contiguous(), seq, per_seq)
+
+
+def apply_delta_(h: torch.Tensor, delta: torch.Tensor, row_to_seq: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """In-place `apply_delta` for hooks; returns ``h``. One op: the Triton kernel, or on the torch backend (no map)
+    one in-place add."""
+    if select_backend(h, delta) == "torch":
+        return reference.apply_delta_(h, delta, row_to_seq)
+    if not h.is_contiguous():
+        return h.copy_(apply_delta(h, delta, row_to_seq))
+    seq, per_seq = _delta_operands(h, delta, row_to_seq)
+    torch.ops.finesteer.apply_delta_(h, delta.contiguous(), seq, per_seq)
     return h

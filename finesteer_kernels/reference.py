@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .params import SteerParams
-from .validation import check_coef, check_hidden, check_row_mask, check_row_to_seq
+from .validation import check_coef, check_delta, check_hidden, check_row_mask, check_row_to_seq
 
 
 def gate(h32: torch.Tensor, p: SteerParams) -> torch.Tensor:
@@ -96,3 +96,38 @@ def apply_coef(h: torch.Tensor, coef: torch.Tensor, params: SteerParams,
     out = h32 + table[index] @ output_basis(params)
     out = torch.where((seq >= 0)[:, None], out.to(h.dtype), h.reshape(-1, params.d))
     return out.reshape(h.shape)
+
+
+def coef_delta(coef: torch.Tensor, params: SteerParams) -> torch.Tensor:
+    """Query mode, the per-sequence edit: ``coef @ W_out`` as fp32 ``(B, d)``; computed once at prefill, a decode
+    step then only adds it (`apply_delta`)."""
+    check_coef(coef, params, coef.device)
+    return coef.float() @ output_basis(params).to(coef.device)
+
+
+def _delta_rows(h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``delta`` viewed to broadcast over ``h`` (``(B, ..., d)``): row ``b`` of delta for every row of ``h[b]``."""
+    return delta.view(delta.shape[0], *([1] * (h.dim() - 2)), delta.shape[1])
+
+
+def apply_delta(h: torch.Tensor, delta: torch.Tensor, row_to_seq: torch.Tensor | None = None) -> torch.Tensor:
+    """Query mode at decode: ``h + delta[seq]`` in fp32, returned in h's dtype.
+
+    ``row_to_seq`` None: ``h`` is ``(B, ..., d)`` and every row of ``h[b]`` gets ``delta[b]``; else as in
+    `apply_coef` (per row, the index of its sequence, -1 to leave the row alone)."""
+    check_delta(delta, h, row_to_seq)
+    if row_to_seq is None:
+        return (h.float() + _delta_rows(h, delta.float())).to(h.dtype)
+    seq = check_row_to_seq(row_to_seq, h).reshape(-1)
+    rows = h.reshape(-1, h.shape[-1])
+    table = torch.cat([delta.float(), delta.new_zeros(1, delta.shape[1], dtype=torch.float32)])
+    out = (rows.float() + table[seq.clamp_min(-1)]).to(h.dtype)
+    return torch.where((seq >= 0)[:, None], out, rows).reshape(h.shape)
+
+
+def apply_delta_(h: torch.Tensor, delta: torch.Tensor, row_to_seq: torch.Tensor | None = None) -> torch.Tensor:
+    """In-place `apply_delta`; returns ``h``. Without ``row_to_seq`` it is one add (the CPU decode step)."""
+    if row_to_seq is None:
+        check_delta(delta, h, None)
+        return h.add_(_delta_rows(h, delta))  # computed in fp32 (type promotion), stored in h's dtype
+    return h.copy_(apply_delta(h, delta, row_to_seq))

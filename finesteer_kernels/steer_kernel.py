@@ -1,31 +1,52 @@
-"""Token-mode kernel: every row gates and routes on itself, in one launch.
+"""Token-mode kernel (and `synthesize`, its first half): every row gates and routes on itself, in one launch.
 
-One program per tile of BLOCK_T rows: pass 1 and the epilogue (`coef_tile.tile_coefficients`) give each row its
-coefficients, then pass 2 sweeps d again and writes ``h + coef @ W_out``. In place, rows whose gate is off are not
-written, and a tile whose gates are all off skips pass 2. An optional per-row ``keep`` mask (e.g. padding) marks
-rows to leave exactly as they are: not written in place, copied out of place. Readable equivalent:
-`reference.steer`. Block sizes: `kernel_common.coef_config`.
+Two layouts of the work, chosen per shape by the bytes-and-occupancy model (`heuristics.steer_config`):
+
+* ``SPLIT == 1``: one program per tile of BLOCK_T rows runs pass 1 and the epilogue
+  (`coef_tile.tile_coefficients`), then pass 2 writes ``h + coef @ W_out``. Both passes are software-pipelined
+  (``tl.range(..., num_stages)``); pass 1 loads h ``evict_last`` and pass 2 ``evict_first``, so the second read
+  comes from L2 when the tiles in flight fit there.
+* ``SPLIT > 1`` (split-d): each row tile's d is cut into SPLIT slices, one program per slice, so a tile's
+  in-flight bytes are spread over SPLIT SMs and the tile can be tall (few W_in re-reads) while the bytes between
+  a row's two reads stay L2-sized. Program ``v`` (taken from a ticket counter in arrival order, so that it only
+  ever waits on programs that are already running) computes pass 1 of slice ``v % SPLIT`` of tile
+  ``v // SPLIT`` and stores the fp32 partial sums; the last slice to arrive (an atomic counter) adds the SPLIT
+  partials in slice order (deterministic), runs the epilogue and publishes the tile's coefficients. The same
+  program then runs pass 2 of its slice for tile ``v // SPLIT - LAG``, whose coefficients were published by
+  programs that started earlier; LAG tiles of distance let that wait be rare. The grid is persistent (at most the
+  programs that fit at once), each program taking tickets until the work (``(n_tiles + LAG) * SPLIT`` items) is
+  done. With one row tile this is the decode path: W_in is read by SPLIT SMs, not one. Under the Triton
+  interpreter programs run one by one, so no wait ever spins there.
+
+In place, rows whose gate is off are not written, and a tile (slice) with no edit skips pass 2. An optional
+per-row ``keep`` mask marks rows to leave exactly as they are. ``coef_out``: store the coefficients instead of
+pass 2 (`synthesize`). Readable equivalent: `reference.steer`, `reference.synthesize`.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .coef_tile import tile_coefficients
-from .kernel_common import Layout, coef_config, device_guard, native_dot
+from .coef_tile import centred_projections, coefficients_from_projections, tile_coefficients
+from .kernel_common import INTERPRETING, Layout, card_for, config_kwargs, device_guard, native_dot, shape_of
+from .heuristics import steer_config
+from .perf_model import lag_tiles, resources
 from .w_out_dot import coef_times_w_out
 
 
 @triton.jit
-def add_coef_times_w_out(x_ptr, out_ptr, rows, write, edit, d, coef, w_out_ptr, NC: tl.constexpr,
-                         NCP: tl.constexpr, NATIVE_DOT: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Pass 2 over all of d: for the rows in ``write``, ``out = x + coef @ W_out`` where ``edit``, else ``x``."""
+def add_coef_times_w_out(x_ptr, out_ptr, rows, write, edit, d, d_start, d_stop, coef, w_out_ptr,
+                         NC: tl.constexpr, NCP: tl.constexpr, NATIVE_DOT: tl.constexpr, BLOCK_D: tl.constexpr,
+                         NUM_STAGES: tl.constexpr):
+    """Pass 2 over ``[d_start, d_stop)``: for the rows in ``write``, ``out = x + coef @ W_out`` where ``edit``,
+    else ``x``. Pipelined; h is read ``evict_first`` (its last use)."""
     coef_rows = tl.arange(0, NCP)
     row_base = rows.to(tl.int64) * d
-    for d0 in range(0, d, BLOCK_D):
+    for d0 in tl.range(d_start, d_stop, BLOCK_D, num_stages=NUM_STAGES):
         offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_mask = offs_d < d
+        d_mask = offs_d < d_stop
         mask = write[:, None] & d_mask[None, :]
-        x = tl.load(x_ptr + row_base[:, None] + offs_d[None, :], mask=mask, other=0.0)
+        x = tl.load(x_ptr + row_base[:, None] + offs_d[None, :], mask=mask, other=0.0,
+                    eviction_policy="evict_first")
         w = tl.load(w_out_ptr + coef_rows[:, None] * d + offs_d[None, :],
                     mask=(coef_rows < NC)[:, None] & d_mask[None, :], other=0.0)
         delta = coef_times_w_out(coef, w, NATIVE_DOT)
@@ -34,50 +55,175 @@ def add_coef_times_w_out(x_ptr, out_ptr, rows, write, edit, d, coef, w_out_ptr, 
 
 
 @triton.jit
-def steer_kernel(h_ptr, out_ptr, w_in_ptr, w_out_ptr, mean_ptr, consts_ptr, keep_ptr, n_rows, d, tau, eps, scale,
+def write_tile(h_ptr, out_ptr, rows, row_mask, edit, g, d, d_start, d_stop, coef, w_out_ptr,
+               HAS_GATE: tl.constexpr, HAS_KEEP: tl.constexpr, IN_PLACE: tl.constexpr, NC: tl.constexpr,
+               NCP: tl.constexpr, NATIVE_DOT: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """Pass 2 with the in-place rules: only edited rows are stored, and a tile with no edit stores nothing."""
+    if IN_PLACE:
+        if HAS_GATE:
+            edit = g != 0.0
+        if HAS_GATE or HAS_KEEP:
+            if tl.max(edit.to(tl.int32), axis=0) > 0:
+                add_coef_times_w_out(h_ptr, out_ptr, rows, edit, edit, d, d_start, d_stop, coef, w_out_ptr, NC,
+                                     NCP, NATIVE_DOT, BLOCK_D, NUM_STAGES)
+        else:
+            add_coef_times_w_out(h_ptr, out_ptr, rows, edit, edit, d, d_start, d_stop, coef, w_out_ptr, NC, NCP,
+                                 NATIVE_DOT, BLOCK_D, NUM_STAGES)
+    else:
+        add_coef_times_w_out(h_ptr, out_ptr, rows, row_mask, edit, d, d_start, d_stop, coef, w_out_ptr, NC, NCP,
+                             NATIVE_DOT, BLOCK_D, NUM_STAGES)
+
+
+@triton.jit
+def wait_until_set(flag_ptr):
+    """Spin until ``*flag_ptr != 0`` (acquire): only ever called on flags that earlier-started programs set."""
+    flag = tl.atomic_add(flag_ptr, 0, sem="acquire")
+    while flag == 0:
+        flag = tl.atomic_add(flag_ptr, 0, sem="acquire")
+
+
+@triton.jit
+def steer_kernel(h_ptr, out_ptr, w_in_ptr, w_out_ptr, mean_ptr, consts_ptr, keep_ptr, coef_out_ptr, ws_ptr,
+                 flags_ptr, n_rows, d, tau, eps, scale, lag, ring,
                  R: tl.constexpr, K: tl.constexpr, M: tl.constexpr, KR: tl.constexpr,
                  HAS_GATE: tl.constexpr, HAS_MEAN: tl.constexpr, HAS_ROUTER: tl.constexpr, HAS_RES: tl.constexpr,
                  RELU: tl.constexpr, ROUTER_COL: tl.constexpr, RES_COL: tl.constexpr, W_IN_STRIDE: tl.constexpr,
                  RB_OFF: tl.constexpr, B1_OFF: tl.constexpr, W2_OFF: tl.constexpr, B2_OFF: tl.constexpr,
                  NP: tl.constexpr, MP: tl.constexpr, NC: tl.constexpr, NCP: tl.constexpr, NATIVE_DOT: tl.constexpr,
-                 IN_PLACE: tl.constexpr, HAS_KEEP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_mask = rows < n_rows
-    edit = row_mask
-    if HAS_KEEP:
-        edit = edit & (tl.load(keep_ptr + rows, mask=row_mask, other=0) != 0)
-    coef, g = tile_coefficients(h_ptr, rows, edit, d, w_in_ptr, mean_ptr, consts_ptr, tau, eps, scale,
-                                R, K, M, KR, HAS_GATE, HAS_MEAN, HAS_ROUTER, HAS_RES, RELU, ROUTER_COL, RES_COL,
-                                W_IN_STRIDE, RB_OFF, B1_OFF, W2_OFF, B2_OFF, NP, MP, NCP, NATIVE_DOT, BLOCK_T,
-                                BLOCK_D)
-    if IN_PLACE:
-        if HAS_GATE:
-            edit = g != 0.0
-        if HAS_GATE or HAS_KEEP:
-            if tl.max(edit.to(tl.int32), axis=0) > 0:  # a tile with nothing to edit skips pass 2
-                add_coef_times_w_out(h_ptr, out_ptr, rows, edit, edit, d, coef, w_out_ptr, NC, NCP, NATIVE_DOT,
-                                     BLOCK_D)
+                 IN_PLACE: tl.constexpr, HAS_KEEP: tl.constexpr, STORE_COEF: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr, SPLIT: tl.constexpr):
+    coef_cols = tl.arange(0, NCP)
+    if SPLIT == 1:
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        row_mask = rows < n_rows
+        edit = row_mask
+        if HAS_KEEP:
+            edit = edit & (tl.load(keep_ptr + rows, mask=row_mask, other=0) != 0)
+        coef, g = tile_coefficients(h_ptr, rows, edit, d, w_in_ptr, mean_ptr, consts_ptr, tau, eps, scale,
+                                    R, K, M, KR, HAS_GATE, HAS_MEAN, HAS_ROUTER, HAS_RES, RELU, ROUTER_COL,
+                                    RES_COL, W_IN_STRIDE, RB_OFF, B1_OFF, W2_OFF, B2_OFF, NP, MP, NCP, NATIVE_DOT,
+                                    BLOCK_T, BLOCK_D, NUM_STAGES)
+        if STORE_COEF:
+            tl.store(coef_out_ptr + rows.to(tl.int64)[:, None] * NC + coef_cols[None, :], coef,
+                     mask=row_mask[:, None] & (coef_cols < NC)[None, :])
         else:
-            add_coef_times_w_out(h_ptr, out_ptr, rows, edit, edit, d, coef, w_out_ptr, NC, NCP, NATIVE_DOT,
-                                 BLOCK_D)
+            write_tile(h_ptr, out_ptr, rows, row_mask, edit, g, d, 0, d, coef, w_out_ptr, HAS_GATE, HAS_KEEP,
+                       IN_PLACE, NC, NCP, NATIVE_DOT, BLOCK_D, NUM_STAGES)
     else:
-        add_coef_times_w_out(h_ptr, out_ptr, rows, row_mask, edit, d, coef, w_out_ptr, NC, NCP, NATIVE_DOT,
-                             BLOCK_D)
+        # flags (int32): [ticket | arrived[n_tiles] | ready[n_tiles]]; ws (fp32): the partials' ring of `ring`
+        # slots, each SPLIT x BLOCK_T x (NP + 1) (projections, then ||xc||^2), then the coefficients and gates of
+        # every row tile, n_tiles x BLOCK_T x (NCP + 1).
+        n_tiles = tl.cdiv(n_rows, BLOCK_T)
+        arrived_ptr = flags_ptr + 1
+        ready_ptr = flags_ptr + 1 + n_tiles
+        part_size = BLOCK_T * (NP + 1)
+        coef_ws_ptr = ws_ptr + ring.to(tl.int64) * SPLIT * part_size
+        # A persistent loop over work items in ticket order: item v is pass 1 of slice v % SPLIT of tile
+        # v // SPLIT, then pass 2 of that slice for tile v // SPLIT - lag. An item only ever waits on items with
+        # lower tickets, taken by programs that are running or done, so the waits always end.
+        n_items = (n_tiles + lag) * SPLIT
+        v = tl.atomic_add(flags_ptr, 1)
+        while v < n_items:
+            tile = v // SPLIT
+            s = v % SPLIT
+            slice_d = tl.cdiv(tl.cdiv(d, SPLIT), BLOCK_D) * BLOCK_D
+            d_start = s * slice_d
+            d_stop = tl.minimum(d, d_start + slice_d)
+            lanes = tl.arange(0, BLOCK_T)
+            cols = tl.arange(0, NP)
+            if tile < n_tiles:  # pass 1 of this slice; the last slice to arrive finishes the tile
+                rows = tile * BLOCK_T + lanes
+                row_mask = rows < n_rows
+                edit = row_mask
+                if HAS_KEEP:
+                    edit = edit & (tl.load(keep_ptr + rows, mask=row_mask, other=0) != 0)
+                slot = tile % ring
+                if tile >= ring:  # the slot's previous tile must have summed its partials
+                    wait_until_set(ready_ptr + tile - ring)
+                acc, sq = centred_projections(h_ptr, rows, edit, d, w_in_ptr, mean_ptr, d_start, d_stop, HAS_GATE,
+                                              HAS_MEAN, W_IN_STRIDE, NP, NATIVE_DOT, BLOCK_T, BLOCK_D, NUM_STAGES)
+                part_ptr = ws_ptr + (slot * SPLIT).to(tl.int64) * part_size
+                live = edit[:, None] & (cols < W_IN_STRIDE)[None, :]
+                tl.store(part_ptr + s * part_size + lanes[:, None] * (NP + 1) + cols[None, :], acc, mask=live)
+                tl.store(part_ptr + s * part_size + lanes * (NP + 1) + NP, sq, mask=edit)
+                tl.debug_barrier()  # every thread's partials are stored before the release below
+                if tl.atomic_add(arrived_ptr + tile, 1, sem="acq_rel") == SPLIT - 1:
+                    acc = tl.zeros((BLOCK_T, NP), tl.float32)
+                    sq = tl.zeros((BLOCK_T,), tl.float32)
+                    for j in range(SPLIT):  # slice order, whichever slice finishes: deterministic sums
+                        acc += tl.load(part_ptr + j * part_size + lanes[:, None] * (NP + 1) + cols[None, :],
+                                       mask=live, other=0.0, cache_modifier=".cg")
+                        sq += tl.load(part_ptr + j * part_size + lanes * (NP + 1) + NP, mask=edit, other=0.0,
+                                      cache_modifier=".cg")
+                    coef, g = coefficients_from_projections(acc, sq, edit, consts_ptr, tau, eps, scale, R, K, M, KR,
+                                                            HAS_GATE, HAS_ROUTER, HAS_RES, RELU, ROUTER_COL, RES_COL,
+                                                            RB_OFF, B1_OFF, W2_OFF, B2_OFF, NP, MP, NCP, BLOCK_T)
+                    if STORE_COEF:
+                        tl.store(coef_out_ptr + rows.to(tl.int64)[:, None] * NC + coef_cols[None, :], coef,
+                                 mask=row_mask[:, None] & (coef_cols < NC)[None, :])
+                    else:
+                        tile_ptr = coef_ws_ptr + tile.to(tl.int64) * BLOCK_T * (NCP + 1)
+                        tl.store(tile_ptr + lanes[:, None] * (NCP + 1) + coef_cols[None, :], coef)
+                        tl.store(tile_ptr + lanes * (NCP + 1) + NCP, g)
+                    tl.debug_barrier()
+                    tl.atomic_xchg(ready_ptr + tile, 1, sem="release")
+            if not STORE_COEF:
+                done = tile - lag  # pass 2 of this slice for a tile whose coefficients started earlier
+                if (done >= 0) & (done < n_tiles):
+                    wait_until_set(ready_ptr + done)
+                    rows = done * BLOCK_T + lanes
+                    row_mask = rows < n_rows
+                    tile_ptr = coef_ws_ptr + done.to(tl.int64) * BLOCK_T * (NCP + 1)
+                    coef = tl.load(tile_ptr + lanes[:, None] * (NCP + 1) + coef_cols[None, :], cache_modifier=".cg")
+                    g = tl.load(tile_ptr + lanes * (NCP + 1) + NCP, cache_modifier=".cg")
+                    edit = g != 0.0  # g is 0 where keep said no, the gate is off, or past the last row
+                    write_tile(h_ptr, out_ptr, rows, row_mask, edit, g, d, d_start, d_stop, coef, w_out_ptr, HAS_GATE,
+                               HAS_KEEP, IN_PLACE, NC, NCP, NATIVE_DOT, BLOCK_D, NUM_STAGES)
+            v = tl.atomic_add(flags_ptr, 1)
 
 
-def launch_steer(h2d: torch.Tensor, out2d: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
-                 mean: torch.Tensor, consts: torch.Tensor, layout: Layout, tau: float, eps: float, scale: float,
-                 keep: torch.Tensor | None = None, config=None) -> None:
+def _split_plan(n_rows: int, d: int, config, layout: Layout, elem: int, card, store_coef: bool, lag=None):
+    """(grid, lag, ring) of a split-d launch: a persistent grid of at most the programs that fit at once."""
+    n_tiles = triton.cdiv(n_rows, config.BLOCK_T)
+    occupancy = max(1, resources(shape_of(n_rows, d, layout, elem), config, card).ctas_per_sm)
+    concurrent = min(n_tiles * config.SPLIT, card.sms * occupancy)
+    if lag is None:
+        lag = 0 if store_coef else lag_tiles(concurrent, config.SPLIT)
+    lag = 0 if store_coef else max(1, min(lag, n_tiles))
+    ring = max(1, min(n_tiles, triton.cdiv(concurrent, config.SPLIT) + lag + 2))
+    return min((n_tiles + lag) * config.SPLIT, card.sms * occupancy), lag, ring
+
+
+def launch_steer(h2d: torch.Tensor, out2d, w_in: torch.Tensor, w_out: torch.Tensor, mean: torch.Tensor,
+                 consts: torch.Tensor, layout: Layout, tau: float, eps: float, scale: float,
+                 keep: torch.Tensor | None = None, config=None, coef_out: torch.Tensor | None = None,
+                 lag: int | None = None) -> None:
     """Run the kernel on contiguous ``(N, d)`` rows; ``out2d`` may be ``h2d`` itself (in place). ``keep``: optional
-    contiguous ``(N,)`` bool, False for rows to leave unchanged."""
+    contiguous ``(N,)`` bool, False for rows to leave unchanged. ``coef_out`` (fp32 ``(N, K+k)``): store the
+    coefficients instead of writing rows (`synthesize`; ``out2d`` is then ignored). ``config``/``lag`` override
+    the model's choice (tests)."""
     n_rows, d = h2d.shape
     if n_rows == 0:
         return
-    config = config or coef_config(n_rows, layout)
-    grid = (triton.cdiv(n_rows, config.BLOCK_T),)
+    store_coef = coef_out is not None
+    card = card_for(h2d)
+    config = config or steer_config(shape_of(n_rows, d, layout, h2d.element_size()), card, INTERPRETING, store_coef)
     with device_guard(h2d):
+        if config.SPLIT == 1:
+            grid, lag, ring = triton.cdiv(n_rows, config.BLOCK_T), 0, 1
+            ws = flags = consts  # never read
+        else:
+            grid, lag, ring = _split_plan(n_rows, d, config, layout, h2d.element_size(), card, store_coef, lag)
+            n_tiles = triton.cdiv(n_rows, config.BLOCK_T)
+            np_, ncp = layout.constexprs()["NP"], layout.constexprs()["NCP"]
+            flags = torch.zeros(1 + 2 * n_tiles, dtype=torch.int32, device=h2d.device)
+            ws = torch.empty(ring * config.SPLIT * config.BLOCK_T * (np_ + 1) + n_tiles * config.BLOCK_T * (ncp + 1),
+                             dtype=torch.float32, device=h2d.device)
         keep_ptr = consts if keep is None else keep.view(torch.uint8)  # never read without HAS_KEEP
-        steer_kernel[grid](h2d, out2d, w_in, w_out, mean, consts, keep_ptr, n_rows, d,
-                           tau, eps, scale, **layout.constexprs(), NATIVE_DOT=native_dot(h2d.dtype),
-                           IN_PLACE=out2d.data_ptr() == h2d.data_ptr(), HAS_KEEP=keep is not None,
-                           **config.launch_kwargs())
+        out_ptr = h2d if store_coef else out2d
+        steer_kernel[(grid,)](h2d, out_ptr, w_in, w_out, mean, consts, keep_ptr,
+                              coef_out if store_coef else consts, ws, flags, n_rows, d, tau, eps, scale, lag, ring,
+                              **layout.constexprs(), NATIVE_DOT=native_dot(h2d.dtype),
+                              IN_PLACE=out_ptr.data_ptr() == h2d.data_ptr() and not store_coef,
+                              HAS_KEEP=keep is not None, STORE_COEF=store_coef, **config_kwargs(config))
+

@@ -55,26 +55,41 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     assert gpu_check.main(["--dry-run", "--out", str(out), "--no-progress"]) == 0
     result = json.loads(out.read_text())
     sections = result["sections"]
-    assert {n: s["status"] for n, s in sections.items()} == {n: "ok" for n in
-                                                             ("device", "empty_kernel", "correctness", "op_timing",
-                                                              "cuda_graph")}
+    assert {n: s["status"] for n, s in sections.items()} == {n: "ok" for n in (
+        "bandwidth", "empty_kernel", "prefill", "sweep", "decode", "correctness")}
+    assert list(sections) == ["bandwidth", "empty_kernel", "prefill", "sweep", "decode", "correctness"]
+    assert sections["bandwidth"]["l2"]["ok"]  # the L2 probe kernel ran (interpreted, untimed)
     checks = sections["correctness"]["checks"]
-    assert {c["dtype"] for c in checks} == {"fp32", "fp16", "bf16"}
+    assert {c["dtype"] for c in checks} == {"fp16", "bf16"}
     assert {c["op"] for c in checks} >= {"steer", "steer_", "synthesize", "apply_coef", "apply_coef_"}
     assert all(c["ok"] for c in checks)
-    rows = sections["op_timing"]["rows"]
-    assert {r["impl"] for r in rows} == {"reference", "frugal", "compiled", "triton"}
-    for r in rows:
-        assert r["ok"] is True, r
-        if r["impl"] == "triton":  # the interpreter is checked, never timed
-            assert r["median_us"] is None and "interpreter" in r["note"]
-        elif r["impl"] != "compiled":
-            assert r["median_us"] > 0 and r["p20_us"] <= r["median_us"] <= r["p80_us"] and r["launches"] >= 1
-    graph = sections["cuda_graph"]["rows"]
-    assert [r["config"] for r in graph][0] == "unpatched"
-    assert all(r["differs_from_unpatched"] for r in graph[1:]) and len(graph) == 5
+    prefill = sections["prefill"]["rows"]
+    assert {r["impl"] for r in prefill} == {"reference", "frugal", "compiled", "triton"}
+    for r in prefill:
+        assert r["ok"] is True and "median_us" not in r, r  # checked against the reference, never timed on CPU
+        if r["impl"] == "triton":  # the model's prediction sits beside every Triton row
+            assert 0 < r["model"]["shipped"]["pct_copy"] <= 100 and r["model"]["shipped"]["config"]
+    sweep = sections["sweep"]["rows"]
+    assert len(sweep) >= 2 and sweep[0]["picked"] and all(r["ok"] for r in sweep)
+    decode = sections["decode"]
+    assert [r["config"] for r in decode["rows"]][0] == "unpatched" and len(decode["rows"]) == 5
+    assert all(r["differs_from_unpatched"] for r in decode["rows"][1:])
+    assert {r["op"] for r in decode["ops"]} == {"query: apply_delta_", "token: steer_ (split-d)"}
+    markdown = (tmp_path / "check.md").read_text()
+    assert "**Prefill**" in markdown and "**Config sweep**" in markdown and "**Decode step**" in markdown
     printed = capsys.readouterr().out.strip().splitlines()
-    assert printed[-1].startswith("wrote ") and any("token, 3 layers" in line for line in printed[-8:])
+    assert printed[-1].startswith("wrote ") and any("token, 3 layers" in line for line in printed)
+
+
+def test_sweep_starts_with_the_pick_and_keeps_the_models_best():
+    from finesteer_kernels.heuristics import best_steer
+    from finesteer_kernels.perf_model import CARDS, Shape
+
+    shape = Shape.of(8192, 4096, 2, 64, 8, 32, 8)
+    card = CARDS["H200"]
+    configs = gpu_check.sweep_configs(shape, card, 14)
+    assert configs[0] == best_steer(shape, card).config and len(configs) == 14 == len(set(configs))
+    assert any(c.SPLIT == 1 for c in configs) and any(c.SPLIT > 1 for c in configs)
 
 
 def test_run_op_table_tiny(tmp_path, capsys):
@@ -106,3 +121,14 @@ def test_e2e_loop_on_tiny_model(monkeypatch):
     # and the unpatched model is left without hooks
     assert any(r["tokens_differ_from_unpatched"] for r in rows.values())
     assert not any(layer._forward_hooks for layer in model.model.layers)
+
+
+def test_results_page_holds_the_models_current_predictions():
+    """benchmarks/RESULTS.md's prediction tables are generated from the model; regenerate them
+    (``python -m benchmarks.model_table --write``) when the model or the heuristic changes."""
+    from benchmarks import model_table
+
+    with open(model_table.RESULTS) as f:
+        text = f.read()
+    assert model_table.replaced(text) == text
+    assert "64x128, 8w, 3st, split 4" in text  # the v2 pick at T = 8192, d = 4096 is in the table

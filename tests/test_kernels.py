@@ -16,7 +16,9 @@ import torch
 
 from finesteer_kernels import kernel_common, ops, reference
 from finesteer_kernels.apply_kernel import launch_apply
-from finesteer_kernels.kernel_common import Layout, apply_config, coef_config
+from finesteer_kernels.heuristics import apply_config, steer_config
+from finesteer_kernels.kernel_common import Layout, shape_of
+from finesteer_kernels.perf_model import Config, Shape
 from finesteer_kernels.steer_kernel import launch_steer
 from finesteer_kernels.synthesize_kernel import launch_synthesize
 from op_cases import REL_TOL, far_mean_params, gate_scores64, random_params, random_rows, rel_error, spread_rows
@@ -170,24 +172,110 @@ def test_in_place_leaves_gated_off_rows_unwritten():
 
 
 def test_gpu_block_configurations_under_the_interpreter():
-    """The GPU heuristics' tile shapes (16/32/64 rows, 64/128 columns) give the same results as the pinned one."""
+    """The tile shapes the model picks on a GPU (16/32/64 rows, d blocks of 64-256, a split of d) give the same
+    results as the pinned interpreter configuration."""
     p = random_params(200, 12, 4, "relu", seed=10)
     wide = random_params(200, 128, 32, "relu", m=40, k=16, seed=11)
     for params, rows in ((p, 5), (p, 40), (wide, 70)):
         params = params.to(DEVICE)
         h = random_rows(params, rows, seed=12, dtype=f16).to(DEVICE)
         packed, layout = kernel_operands(h, params)
-        config = coef_config(rows, layout, interpreting=False)
+        shape = shape_of(rows, params.d, layout, 2)
+        config = steer_config(shape)
         out = poisoned(*h.shape, dtype=f16)
         launch_steer(h, out, packed.w_in, packed.w_out, packed.mean, packed.consts, layout, params.tau, params.eps,
                      params.alpha * params.gamma, config=config)
         assert rel_error(out, reference.steer(h, params)) < REL_TOL[f16], config
         coef = reference.synthesize(h, params)
         seq = row_map(rows, rows, seed=13)
-        config = apply_config(rows, params.d, interpreting=False)
+        config = apply_config(Shape(rows, params.d, 2, 8, params.n_coef, has_pass1=False), rows)
         out = poisoned(*h.shape, dtype=f16)
         launch_apply(h, out, coef, seq, packed.w_out, config=config)
         assert rel_error(out, reference.apply_coef(h, coef, params, seq)) < REL_TOL[f16], config
+
+
+# split-d (SPLIT > 1): the prefill layout (several row tiles, a lag, a ring of partial slots smaller than the tile
+# count) and the decode layout (one row tile over many programs), every dtype, in and out of place, with a keep
+# mask, into poisoned outputs; d not a multiple of the slice.
+SPLIT_CASES = [  # (d, rows, r, K, residual, dtype, config, lag)
+    (300, 70, 12, 4, "relu", f32, Config(16, 32, 4, 2, SPLIT=4), 2),  # 5 tiles, ring < tiles
+    (257, 1, 64, 32, "identity", bf16, Config(16, 64, 4, 3, SPLIT=4), None),  # decode, r and K at bounds
+    (1000, 33, 12, 1, None, f16, Config(32, 64, 4, 3, SPLIT=8), 1),  # 2 tiles; last slices empty (8 x 128 > 1000)
+    (96, 40, 8, 10, "relu", f16, Config(16, 32, 4, 2, SPLIT=2), 3),  # lag past the tile count
+    (200, 20, 128, 32, "relu", f32, Config(16, 64, 8, 2, SPLIT=4), None),  # r and K at their bounds, NP = 256
+]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: f"d{c[0]}-n{c[1]}-split{c[6].SPLIT}-{str(c[5])[6:]}")
+def test_split_d_matches_reference(case):
+    d, rows, r, K, residual, dtype, config, lag = case
+    p = random_params(d, r, K, residual, seed=d + 7 * rows).to(DEVICE)
+    h = random_rows(p, rows, seed=rows, dtype=dtype).to(DEVICE)
+    packed, layout = kernel_operands(h, p)
+    scale, tol = p.alpha * p.gamma, REL_TOL[dtype]
+    args = (packed.w_in, packed.w_out, packed.mean, packed.consts, layout, p.tau, p.eps, scale)
+    expected = reference.steer(h, p)
+    out = poisoned(*h.shape, dtype=dtype)
+    launch_steer(h, out, *args, config=config, lag=lag)
+    assert rel_error(out, expected) < tol
+    coef = poisoned(rows, p.n_coef, dtype=f32)
+    launch_synthesize(h, coef, packed.w_in, packed.mean, packed.consts, layout, p.tau, p.eps, scale, config=config)
+    assert rel_error(coef, reference.synthesize(h, p)) < tol
+    keep = torch.arange(rows, device=DEVICE) % 3 != 1
+    steered = h.clone()
+    steered[:, 0] = -0.0
+    before = steered.clone()
+    launch_steer(steered, steered, *args, keep=keep, config=config, lag=lag)
+    want = reference.steer(before, p, row_mask=keep)
+    assert rel_error(steered, want) < tol
+    untouched = ~keep | (reference.synthesize(before, p).abs().sum(1) == 0)  # masked or gated off: not stored
+    assert torch.signbit(steered[untouched, 0]).all()
+
+
+def test_split_d_persistent_programs_loop_over_many_items(monkeypatch):
+    """On a card with 2 SMs of one program each, the split-d grid is 2 programs taking many tickets each."""
+    import dataclasses
+
+    from finesteer_kernels import steer_kernel
+    from finesteer_kernels.perf_model import DEFAULT_CARD
+
+    tiny = dataclasses.replace(DEFAULT_CARD, sms=2, max_ctas_per_sm=1)
+    monkeypatch.setattr(steer_kernel, "card_for", lambda t: tiny)
+    p = random_params(150, 12, 4, "relu", seed=44).to(DEVICE)
+    h = random_rows(p, 100, seed=45, dtype=f16).to(DEVICE)  # 7 row tiles
+    packed, layout = kernel_operands(h, p)
+    config = Config(16, 32, 4, 2, SPLIT=4)
+    grid, lag, ring = steer_kernel._split_plan(100, 150, config, layout, 2, tiny, False)
+    assert grid == 2 and ring < 7  # 2 programs for (7 + lag) x 4 items; the partials' ring is reused
+    out = poisoned(*h.shape, dtype=f16)
+    launch_steer(h, out, packed.w_in, packed.w_out, packed.mean, packed.consts, layout, p.tau, p.eps,
+                 p.alpha * p.gamma, config=config)
+    assert rel_error(out, reference.steer(h, p)) < REL_TOL[f16]
+
+
+def test_apply_delta_matches_reference():
+    p = random_params(130, 6, 4, "relu", seed=40).to(DEVICE)
+    for dtype in (f32, f16, bf16):
+        h = random_rows(p, 6, seed=41, dtype=dtype).to(DEVICE).reshape(3, 2, 130)
+        coef = reference.synthesize(h[:, -1], p)
+        delta = ops.coef_delta(coef, p)
+        assert delta.dtype == f32 and rel_error(delta, coef @ reference.output_basis(p)) < 1e-6
+        want = reference.apply_coef(h, coef, p, torch.arange(3, device=DEVICE)[:, None].expand(3, 2))
+        assert rel_error(ops.apply_delta(h, delta), want) < REL_TOL[dtype]
+        steered = h.clone()
+        assert ops.apply_delta_(steered, delta) is steered
+        assert rel_error(steered, want) < REL_TOL[dtype]
+        seq = torch.tensor([[2, -1], [0, 0], [-1, 1]], device=DEVICE)
+        mapped = ops.apply_delta(h, delta, seq)
+        assert rel_error(mapped, reference.apply_coef(h, coef, p, seq)) < REL_TOL[dtype]
+        assert torch.equal(mapped[seq < 0], h[seq < 0])
+        in_place = h.clone()
+        ops.apply_delta_(in_place, delta, seq)
+        assert torch.equal(in_place, mapped)
+    with pytest.raises(ValueError, match="delta: without row_to_seq"):
+        ops.apply_delta(h[:2], delta)
+    with pytest.raises(TypeError, match="delta: expected float32"):
+        ops.apply_delta(h, delta.half())
 
 
 # ratios at which the former gate (expanded ||h||^2 - 2 h.mu + ||mu||^2, mu rounded into W_in) got 4-7 of these
@@ -263,7 +351,7 @@ def test_gradients_fall_back_to_the_differentiable_reference(monkeypatch):
 def test_every_launch_makes_the_tensors_device_current(monkeypatch):
     """Triton launches on the current device: each launcher enters `device_guard(h)` around its launch (on a CPU
     machine this checks the wiring; the guard itself sets the CUDA device for CUDA tensors)."""
-    from finesteer_kernels import apply_kernel, steer_kernel, synthesize_kernel
+    from finesteer_kernels import apply_kernel, delta_kernel, steer_kernel
 
     seen = []
 
@@ -271,14 +359,15 @@ def test_every_launch_makes_the_tensors_device_current(monkeypatch):
         seen.append(t)
         return kernel_common.device_guard(t)
 
-    for module in (steer_kernel, synthesize_kernel, apply_kernel):
+    for module in (steer_kernel, apply_kernel, delta_kernel):  # synthesize launches through steer_kernel
         monkeypatch.setattr(module, "device_guard", recording_guard)
     p = random_params(16, 2, 3, "relu", seed=20).to(DEVICE)
     h = random_rows(p, 4, seed=21).to(DEVICE)
     ops.steer(h, p)
     coef = ops.synthesize(h, p)
     ops.apply_coef(h, coef, p, torch.arange(4, device=DEVICE))
-    assert len(seen) == 3 and all(t.device == h.device and t.shape == h.shape for t in seen)
+    ops.apply_delta(h, ops.coef_delta(coef, p), torch.arange(4, device=DEVICE))
+    assert len(seen) == 4 and all(t.device == h.device and t.shape == h.shape for t in seen)
     assert isinstance(kernel_common.device_guard(torch.zeros(1)), contextlib.nullcontext)
 
 

@@ -1,6 +1,6 @@
 """No host synchronisation on the op's call path: every Tensor method that copies device data to the host (or
-branches on it) is patched to raise while steer, steer_, synthesize, apply_coef and apply_coef_ run, on both
-backends. Under TRITON_INTERPRET the interpreter stands in for the device and copies data by design, so calls made
+branches on it) is patched to raise while steer, steer_, synthesize, apply_coef, apply_coef_, coef_delta,
+apply_delta and apply_delta_ run, on both backends, and while the split-d launch (workspace and flags) runs. Under TRITON_INTERPRET the interpreter stands in for the device and copies data by design, so calls made
 from inside it are let through; on CUDA, torch's sync debug mode checks the rest."""
 import contextlib
 import sys
@@ -73,5 +73,23 @@ def test_op_call_path_has_no_host_sync(backend, monkeypatch):
         coef = ops.synthesize(h[:, -1], p)
         applied = ops.apply_coef(h, coef, p, row_to_seq)
         ops.apply_coef_(h.clone(), coef, p, row_to_seq)
+        delta = ops.coef_delta(coef, p)
+        ops.apply_delta(h, delta)
+        ops.apply_delta_(h.clone(), delta, row_to_seq)
         ops.steer(h, fresh)  # packing happens on the call path too
     assert out.shape == h.shape and applied.shape == h.shape and coef.shape == (2, p.n_coef)
+
+
+def test_split_d_launch_has_no_host_sync():
+    from finesteer_kernels.kernel_common import Layout
+    from finesteer_kernels.perf_model import Config
+    from finesteer_kernels.steer_kernel import launch_steer
+
+    p = random_params(96, 4, 3, "relu", seed=23).to(DEVICE)
+    h = random_rows(p, 20, seed=24, dtype=torch.float16).to(DEVICE)
+    packed, layout = ops._kernel_args(h, p)
+    out = torch.empty_like(h)
+    with host_sync_forbidden():
+        launch_steer(h, out, packed.w_in, packed.w_out, packed.mean, packed.consts, Layout(*layout), p.tau, p.eps,
+                     p.alpha * p.gamma, config=Config(16, 32, 4, 2, SPLIT=2))
+    assert torch.isfinite(out).all()

@@ -59,14 +59,18 @@ def test_compiled_query_mode_and_in_place_match_eager(monkeypatch):
         x = x.clone()
         ops.steer_(x, p)
         coef = ops.synthesize(x[:, -1], p)
-        return ops.apply_coef_(x, coef, p, row_to_seq), ops.apply_coef(x, coef, p, row_to_seq)
+        delta = ops.coef_delta(coef, p)
+        decoded = ops.apply_delta_(x[:, -1:].clone(), delta)
+        return (ops.apply_coef_(x, coef, p, row_to_seq), ops.apply_coef(x, coef, p, row_to_seq), decoded,
+                ops.apply_delta(x, delta, row_to_seq))
 
     backend = RecordingBackend("aot_eager")
     compiled = torch.compile(hooks, fullgraph=True, backend=backend)
     for got, want in zip(compiled(h), hooks(h)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     graph = backend.graphs[0]
-    for op in ("finesteer.steer_", "finesteer.synthesize", "finesteer.apply_coef_", "finesteer.apply_coef"):
+    for op in ("finesteer.steer_", "finesteer.synthesize", "finesteer.apply_coef_", "finesteer.apply_coef",
+               "finesteer.apply_delta_", "finesteer.apply_delta"):
         assert op in graph, op
 
 

@@ -1,0 +1,128 @@
+"""The bytes-and-occupancy model's predictions as the markdown tables of benchmarks/RESULTS.md, generated so that
+they cannot drift from the model (tests/test_benchmarks_dry_run.py checks that RESULTS.md holds exactly this).
+
+    python -m benchmarks.model_table           # print the tables
+    python -m benchmarks.model_table --write   # replace them in benchmarks/RESULTS.md
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+from finesteer_kernels.heuristics import best_steer, steer_candidates
+from finesteer_kernels.perf_model import CARDS, Shape, predict_apply_delta, predict_steer, predict_v1, v1_config
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+BEGIN, END = "<!-- model-table:begin -->", "<!-- model-table:end -->"
+PREFILL = [(T, d) for T in (4096, 8192) for d in (4096, 8192)]
+LAYOUTS = {"no residual": (64, 8, 0, 0), "residual m=16 k=8": (64, 8, 16, 8)}
+
+
+def _pct(pred) -> str:
+    return f"{100 / pred.ratio:.0f} %"
+
+
+def _best(shape, card, **design):
+    return min((predict_steer(shape, c, card, **design) for c, _ in steer_candidates(shape, card)),
+               key=lambda p: p.time_us)
+
+
+def prefill_table() -> list[str]:
+    lines = ["| card | layout | T | d | v1: % of copy (us) | v2: % of copy (us) | v2 config | bound | HBM MB (ideal) | "
+             "L2 MB | in-flight MiB |", "|" + " --- |" * 11]
+    for card in CARDS.values():
+        for name, sizes in LAYOUTS.items():
+            for T, d in PREFILL:
+                shape = Shape.of(T, d, 2, *sizes)
+                v1, v2 = predict_v1(shape, card), best_steer(shape, card)
+                lines.append(f"| {card.name} | {name} | {T} | {d} | {_pct(v1)} ({v1.time_us:.0f}) | {_pct(v2)} "
+                             f"({v2.time_us:.1f}) | {v2.config.short()} | {v2.bound} | {v2.hbm_bytes / 1e6:.0f} "
+                             f"({v2.ideal_bytes / 1e6:.0f}) | {v2.l2_bytes / 1e6:.0f} | "
+                             f"{v2.working_set / 2 ** 20:.1f} |")
+    return lines
+
+
+def ladder_table() -> list[str]:
+    """What each design choice buys, one step at a time, at T = 8192 with the residual MLP."""
+    steps = [
+        ("v1: 64-row tiles, pass 2 synchronous", lambda s, c: predict_v1(s, c)),
+        ("+ pass 2 pipelined (v1 tiles)", lambda s, c: predict_steer(s, v1_config(s.rows, s), c)),
+        ("+ tiles chosen by the model, no split", lambda s, c: min(
+            (predict_steer(s, cfg, c) for cfg, _ in steer_candidates(s, c) if cfg.SPLIT == 1),
+            key=lambda p: p.time_us)),
+        ("+ split-d, persistent (v2, shipped)", lambda s, c: best_steer(s, c)),
+        ("not in Triton 3.6: + W_in multicast over 2-SM clusters", lambda s, c: _best(s, c, multicast=2)),
+        ("not in Triton 3.6: + partial sums in distributed shared memory", lambda s, c: _best(
+            s, c, multicast=2, partials_on_chip=True)),
+        ("not in Triton 3.6: + launch ramp overlapped (PDL)", lambda s, c: _best(
+            s, c, multicast=2, partials_on_chip=True, hide_ramp=True)),
+        ("alternative: row tile kept on chip + ramp overlapped", lambda s, c: _best(
+            s, c, tile_on_chip=True, hide_ramp=True)),
+    ]
+    shapes = [(card, d) for card in CARDS.values() for d in (4096, 8192)]
+    header = "| design (T = 8192, residual m=16 k=8) | " + " | ".join(f"{c.name} d={d}" for c, d in shapes) + " |"
+    lines = [header, "|" + " --- |" * (len(shapes) + 1)]
+    for label, fn in steps:
+        cells = []
+        for card, d in shapes:
+            pred = fn(Shape.of(8192, d, 2, *LAYOUTS["residual m=16 k=8"]), card)
+            cells.append(f"{_pct(pred)} ({pred.bound})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def decode_table() -> list[str]:
+    lines = ["| card | d | token mode v1 (us) | token mode v2 (us) | v2 config | query decode: apply_delta (us) |",
+             "|" + " --- |" * 6]
+    for card in CARDS.values():
+        for d in (576, 4096, 8192):
+            shape = Shape.of(1, d, 2, *LAYOUTS["residual m=16 k=8"])
+            v1 = predict_steer(shape, v1_config(1, shape), card, pipelined_pass2=False)
+            v2 = best_steer(shape, card)
+            delta = predict_apply_delta(1, d, 2, 1, card)
+            lines.append(f"| {card.name} | {d} | {v1.time_us:.1f} | {v2.time_us:.1f} | {v2.config.short()} | "
+                         f"{delta.time_us:.2f} |")
+    return lines
+
+
+def cards_table() -> list[str]:
+    lines = ["| card | SMs | L2 | HBM data sheet | HBM achievable (copy) | L2 (assumed) | one SM (assumed) | "
+             "latency (assumed) |", "|" + " --- |" * 8]
+    for card in CARDS.values():
+        lines.append(f"| {card.name} | {card.sms} | {card.l2_bytes // 2 ** 20} MiB | {card.peak_gbps:.0f} GB/s | "
+                     f"{card.hbm_gbps:.0f} GB/s | {card.l2_gbps:.0f} GB/s | {card.sm_gbps:.0f} GB/s | "
+                     f"{card.latency_ns:.0f} ns |")
+    return lines
+
+
+def tables() -> str:
+    parts = ["#### Cards (perf_model.CARDS)", "", *cards_table(), "",
+             "#### Token-mode prefill, bf16, r = 64, K = 8: v1 against v2 (predicted)", "", *prefill_table(), "",
+             "#### What each design choice buys (predicted % of copy bandwidth, and the bound)", "", *ladder_table(),
+             "", "#### Decode, one row, bf16 (predicted device time; launch overhead not included)", "",
+             *decode_table()]
+    return "\n".join(parts)
+
+
+def replaced(text: str) -> str:
+    """``text`` (RESULTS.md) with the generated block between the markers replaced by the current tables."""
+    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    return text[:start] + "\n" + tables() + "\n" + text[end:]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write", action="store_true", help=f"replace the tables in {RESULTS}")
+    args = parser.parse_args(argv)
+    if args.write:
+        with open(RESULTS) as f:
+            text = f.read()
+        with open(RESULTS, "w") as f:
+            f.write(replaced(text))
+    else:
+        print(tables())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,124 @@
+"""Launch configurations, chosen with the bytes-and-occupancy model (`perf_model`), not with thresholds.
+
+For a shape and a card, `steer_config` predicts every candidate configuration (row tile, d block, warps, pipeline
+stages, split of d over programs) and keeps the fastest prediction among those that leave at least two programs
+resident per SM, so one program's epilogue or wait overlaps another's loads, or run a persistent grid on every SM
+(split-d launches are persistent); the issue's rule, broken only when nothing else fits. Ties go to fewer L2 bytes, then to more
+resident programs. Under the Triton interpreter one configuration is pinned (only fewer, larger numpy steps
+matter there); tests pass the GPU configurations explicitly to exercise their code paths.
+
+Plain Python: no torch, no triton.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+from .perf_model import (DEFAULT_CARD, MIN_DOT, Card, Config, Prediction, Shape, predict_apply, predict_steer,
+                         resources)
+
+INTERPRETER_CONFIG = Config(BLOCK_T=32, BLOCK_D=128, num_warps=4, num_stages=1)
+INTERPRETER_APPLY_CONFIG = Config(BLOCK_T=32, BLOCK_D=128, num_warps=4, num_stages=1)
+
+# The search space is kept small on purpose: every configuration the heuristic can pick on the issue's grid is
+# compiled for sm_90a by tests/test_kernel_compile.py, and these rules come from what spilled there: warps follow
+# the row tile (4 up to 32 rows, 8 from 64 rows, where wgmma takes over, and for 256-column accumulators); fp32
+# (no tensor cores: 'ieee' dots on FMA units) takes 8 warps and <= 32 rows, and with a 256-column accumulator
+# 32-column d blocks and no split; 256-column d blocks only with 16-row tiles; 128-row tiles
+# would hold a 128 x NP fp32 accumulator.
+BLOCK_TS = (16, 32, 64)
+BLOCK_DS = (64, 128, 256)
+STAGES = (3,)  # two tiles in flight while one is used: ~40-80 KiB per SM at the picked tiles
+SPLITS = (1, 2, 4, 8, 16, 32)
+MAX_REGS = 232  # keep clear of 255: the estimate is not exact
+
+
+def _split_ok(d: int, block_d: int, split: int) -> bool:
+    """Each program of a split row tile owns ``d / split`` columns, a whole number of d blocks."""
+    if split == 1:
+        return True
+    return d % (split * block_d) == 0 or (-(-d // split) >= block_d and split * block_d <= d)
+
+
+def steer_candidates(shape: Shape, card: Card, block_ds=BLOCK_DS):
+    rows_cap = max(MIN_DOT, 1 << max(0, (shape.rows - 1).bit_length()))
+    for bt in BLOCK_TS:
+        if bt > rows_cap and bt > MIN_DOT:
+            continue
+        for bd in block_ds:
+            if bd > max(32, 1 << (shape.d - 1).bit_length()):
+                continue
+            if (bd == 256 and bt > 16) or (shape.elem == 4 and bt > 32):
+                continue
+            if shape.elem == 4 and shape.np > 128 and bd > 32:  # wide fp32: only the 32-column fallback fits
+                continue
+            for warps in ((8,) if bt >= 64 or shape.np > 128 or shape.elem == 4 else (4,)):
+                for stages in STAGES:
+                    for split in SPLITS:
+                        if split > 1 and (not shape.has_pass1 or (shape.elem == 4 and shape.np > 128)):
+                            continue
+                        if not _split_ok(shape.d, bd, split):
+                            continue
+                        config = Config(bt, bd, warps, stages, split)
+                        res = resources(shape, config, card)
+                        if res.ctas_per_sm == 0 or res.regs > MAX_REGS:
+                            continue
+                        yield config, res
+
+
+def _rank(prediction: Prediction, ctas: int) -> tuple:
+    # predictions within 2 % count as equal: then fewer L2 bytes, more resident programs, fewer programs
+    return (round(prediction.time_us / max(prediction.ideal_us, 1e-9) / 0.02), prediction.l2_bytes, -ctas,
+            prediction.grid)
+
+
+def best_steer(shape: Shape, card: Card = DEFAULT_CARD, store_coef: bool = False) -> Prediction:
+    """The model's best configuration for token mode (or `synthesize` with ``store_coef``)."""
+    scored = []
+    # 32-column d blocks only when nothing else fits (wide fp32 layouts)
+    candidates = list(steer_candidates(shape, card)) or list(steer_candidates(shape, card, block_ds=(32,)))
+    for config, res in candidates:
+        pred = predict_steer(shape, config, card, store_coef=store_coef)
+        persistent_full = config.SPLIT > 1 and pred.grid >= card.sms  # a persistent grid on every SM
+        scored.append((res.ctas_per_sm >= 2 or persistent_full, pred, res))
+    if not scored:
+        raise ValueError(f"no launch configuration fits {shape} on {card.name}")
+    preferred = [s for s in scored if s[0]] or scored
+    return min(preferred, key=lambda s: _rank(s[1], s[2].ctas_per_sm))[1]
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_steer(shape: Shape, card: Card, store_coef: bool) -> Config:
+    return best_steer(shape, card, store_coef).config
+
+
+def _bucket(rows: int) -> int:
+    """Rows rounded up to a power of two: configurations are cached per bucket, not per row count."""
+    return 1 << max(0, (rows - 1).bit_length())
+
+
+def steer_config(shape: Shape, card: Optional[Card] = None, interpreting: bool = False,
+                 store_coef: bool = False) -> Config:
+    if interpreting:
+        return INTERPRETER_CONFIG
+    return _cached_steer(dataclasses.replace(shape, rows=_bucket(shape.rows)), card or DEFAULT_CARD, store_coef)
+
+
+APPLY_CONFIGS = (Config(16, 64, 4, 1), Config(16, 128, 4, 1), Config(32, 128, 4, 1), Config(64, 128, 4, 1),
+                 Config(64, 256, 8, 1))
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_apply(shape: Shape, card: Card, sequences: int) -> Config:
+    configs = [c for c in APPLY_CONFIGS if c.BLOCK_T <= max(MIN_DOT, shape.rows)]
+    preds = [predict_apply(shape, c, card, sequences) for c in configs]
+    return min(preds, key=lambda p: (round(p.time_us / p.ideal_us / 0.02), p.l2_bytes)).config
+
+
+def apply_config(shape: Shape, sequences: int, card: Optional[Card] = None, interpreting: bool = False) -> Config:
+    """Query-mode `apply_coef`: grid over row tiles and d blocks (no reduction over d)."""
+    if interpreting:
+        return INTERPRETER_APPLY_CONFIG
+    return _cached_apply(dataclasses.replace(shape, rows=_bucket(shape.rows)), card or DEFAULT_CARD,
+                         min(_bucket(sequences), 64))

@@ -1,0 +1,392 @@
+"""Bytes-and-occupancy model of the steering kernels: what a launch moves through HBM and L2, how many programs
+fit on a multiprocessor, and the time that follows. Plain Python (no torch, no triton): the config heuristic
+(`heuristics.py`) chooses with it, `benchmarks/gpu_check.py` prints it beside each measured row, and
+`benchmarks/model_table.py` turns it into the tables of `benchmarks/RESULTS.md`.
+
+Units: bytes, GB/s (1e9 B/s), microseconds. One "unit" below is ``T * d * elem``, the bytes of h.
+
+What a design moves (token mode, ``T`` rows, width ``d``, ``n_tiles = cdiv(T, BLOCK_T)``):
+
+* HBM: h read once, the output written once, the weights once (they stay in L2), plus a second read of h when
+  it is not L2-resident and the split-d partial sums written back. The second read counts as L2-resident only when
+  the *in-flight working set* (h bytes read by pass 1 and not yet re-read by pass 2) fits in half of L2 (the
+  issue's rule; the other half holds the weights, the outputs being written and whatever else runs).
+* L2 (every byte between the multiprocessors and L2, reads and writes): h read by pass 1 and by pass 2, the output
+  writes, ``W_in`` re-read once per row tile (only its ``w_in_cols`` stored columns: the zero padding up to the
+  power-of-two accumulator width is masked, so never fetched), ``W_out`` and mu once per row tile, and the split-d
+  partial sums written and read back.
+* Time = the largest of HBM bytes / HBM bandwidth, L2 bytes / L2 bandwidth and the multiprocessors' feed time
+  (bytes each active SM must move / its rate, the rate being the smaller of a per-SM port cap and Little's law:
+  bytes in flight per SM / loaded latency). Launch overhead is reported beside it, not added.
+
+Occupancy: resident programs per SM from shared memory, registers (allocated per warp in 256-register chunks)
+and warps. Shared memory and registers are *estimates* (`resources`), fitted to ptxas reports of Triton 3.9 for
+sm_90a; `tests/test_kernel_compile.py` checks them against ptxas for the configurations the heuristic picks.
+
+Card figures and where they come from are in `CARDS` (docs/kernels.md repeats them). Figures that no data sheet
+gives (L2 bandwidth, per-SM cap, loaded latency) are parameters; `benchmarks/gpu_check.py` measures the first
+two on the first GPU run so the model can be corrected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+KiB = 1024
+MiB = 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Card:
+    """A GPU as the model sees it. Bandwidths in GB/s (1e9 bytes per second, reads plus writes)."""
+
+    name: str
+    sms: int
+    l2_bytes: int
+    peak_gbps: float  # data-sheet HBM bandwidth
+    hbm_gbps: float  # achievable HBM bandwidth (a large device-to-device copy)
+    l2_gbps: float  # L2 <-> SM bandwidth, all SMs together (no data sheet gives it: an assumption)
+    sm_gbps: float  # one SM's load/store port cap
+    latency_ns: float  # loaded HBM latency, for Little's law
+    smem_per_sm: int = 228 * KiB
+    smem_per_cta: int = 227 * KiB
+    regs_per_sm: int = 65536
+    max_warps_per_sm: int = 64
+    max_ctas_per_sm: int = 32
+    launch_us: float = 2.5  # launch-to-launch gap of dependent kernels on one stream (outside CUDA graphs)
+    source: str = ""
+
+
+# Copy efficiency: 4.3 TB/s measured for a device-to-device copy on this workplace's H200 (KINDS.md, 2026-10-28)
+# against 4.8 TB/s on the data sheet = 0.9; applied to the H100 too until a run measures it.
+COPY_EFFICIENCY = 4.3 / 4.8
+# L2 bandwidth: public microbenchmarks of the H100 SXM put L2 read bandwidth at roughly 2-3x its HBM3 bandwidth
+# (3.35 TB/s); we take 2.5x = 8.4 TB/s for the GH100 die, the same on the H200 (same die and clocks, faster HBM
+# only). Uncertainty about +-30 %; gpu_check measures it (repeated reads of a buffer that fits in L2).
+GH100_L2_GBPS = 2.5 * 3350.0
+# One SM: 64 bytes per clock between L1 and L2 at the 1.98 GHz boost clock seen on the H200 here (KINDS.md);
+# an assumption (+-50 %), measured by gpu_check with a copy over a few SMs.
+GH100_SM_GBPS = 64 * 1.98
+# Loaded HBM latency: FACTS.md's "25-30 KiB in flight per SM saturates H200 HBM" is Little's law with ~750 ns
+# (4.8 TB/s / 132 SMs * 750 ns = 27 KiB).
+GH100_LATENCY_NS = 750.0
+
+CARDS = {
+    "H100 SXM": Card("H100 SXM", sms=132, l2_bytes=50 * MiB, peak_gbps=3350.0, hbm_gbps=3350.0 * COPY_EFFICIENCY,
+                     l2_gbps=GH100_L2_GBPS, sm_gbps=GH100_SM_GBPS, latency_ns=GH100_LATENCY_NS,
+                     source="H100 data sheet (SXM5: 132 SMs, 50 MB L2, 3.35 TB/s HBM3)"),
+    "H200": Card("H200", sms=132, l2_bytes=60 * MiB, peak_gbps=4800.0, hbm_gbps=4800.0 * COPY_EFFICIENCY,
+                 l2_gbps=GH100_L2_GBPS, sm_gbps=GH100_SM_GBPS, latency_ns=GH100_LATENCY_NS,
+                 source="H200 data sheet (4.8 TB/s HBM3e); 132 SMs and 60 MB L2 as PyTorch reported them on "
+                        "this workplace's H200 (KINDS.md, 2026-10-28)"),
+}
+DEFAULT_CARD = CARDS["H100 SXM"]  # the heuristic's card when no GPU can be asked (e.g. compiling ahead of time)
+
+
+def card_from_properties(name: str, sms: int, l2_bytes: int, peak_gbps: Optional[float] = None) -> Card:
+    """A card from what ``torch.cuda.get_device_properties`` says: a known card by name (with the SM count and L2
+    size the device reports), else a generic Hopper-like card scaled by SM count."""
+    sxm_h100 = "H100" in name and not any(other in name for other in ("PCIe", "NVL"))
+    for key, card in CARDS.items():
+        if (key == "H100 SXM" and sxm_h100) or (key == "H200" and "H200" in name):
+            return dataclasses.replace(card, sms=sms, l2_bytes=l2_bytes or card.l2_bytes)
+    peak = peak_gbps or 2000.0
+    return Card(name, sms=sms, l2_bytes=l2_bytes or 40 * MiB, peak_gbps=peak, hbm_gbps=peak * COPY_EFFICIENCY,
+                l2_gbps=2.5 * peak, sm_gbps=GH100_SM_GBPS * 0.8, latency_ns=GH100_LATENCY_NS,
+                source="generic: SM count and L2 from the device, bandwidths assumed")
+
+
+_DEVICE_CARDS: dict = {}
+
+
+def card_for_device(device) -> Card:
+    """The card of a CUDA device (cached per device index)."""
+    import torch
+
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    card = _DEVICE_CARDS.get(index)
+    if card is None:
+        props = torch.cuda.get_device_properties(index)
+        card = _DEVICE_CARDS[index] = card_from_properties(props.name, props.multi_processor_count,
+                                                           getattr(props, "L2_cache_size", 0))
+    return card
+
+
+# ---- what is moved --------------------------------------------------------------------------------------------
+MIN_DOT = 16  # smallest M, N, K that tl.dot accepts on the GPU
+
+
+def padded(n: int) -> int:
+    """Width of a tl.dot operand holding ``n`` columns: a power of two, at least 16."""
+    return max(MIN_DOT, 1 << max(0, (n - 1).bit_length()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """Sizes of one call. ``w_in_cols``: stored W_in columns (r + K (if K > 1) + m, padded to a multiple of 8);
+    ``np``: the accumulator width (power of two); ``n_coef``: K + k; ``extra_weight_bytes``: weights read once per
+    row tile besides W_in, mu and W_out (e.g. a norm weight for a fused RMSNorm)."""
+
+    rows: int
+    d: int
+    elem: int  # bytes per element of h (and of the packed weights)
+    w_in_cols: int
+    n_coef: int
+    has_pass1: bool = True
+    has_mean: bool = True
+    extra_weight_bytes: int = 0
+
+    @property
+    def np(self) -> int:
+        return padded(self.w_in_cols)
+
+    @property
+    def ncp(self) -> int:
+        return padded(self.n_coef)
+
+    @property
+    def h_bytes(self) -> int:
+        return self.rows * self.d * self.elem
+
+    @property
+    def w_in_bytes(self) -> int:
+        if not self.has_pass1:
+            return 0
+        return self.d * self.w_in_cols * self.elem + (self.d * 4 if self.has_mean else 0)
+
+    @property
+    def w_out_bytes(self) -> int:
+        return self.n_coef * self.d * self.elem + self.extra_weight_bytes
+
+    @classmethod
+    def of(cls, rows: int, d: int, elem: int, r: int, K: int, m: int = 0, k: int = 0, align: int = 8,
+           **kw) -> "Shape":
+        n_in = r + (K if K > 1 else 0) + m
+        cols = max(align, -(-n_in // align) * align)
+        return cls(rows, d, elem, cols, K + k, has_pass1=bool(r or K > 1 or m), has_mean=bool(r), **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A launch configuration. ``SPLIT`` > 1: each row tile's d is split over SPLIT programs (split-d, see
+    docs/kernels.md); 1: one program per row tile does pass 1, the epilogue and pass 2."""
+
+    BLOCK_T: int
+    BLOCK_D: int
+    num_warps: int
+    num_stages: int
+    SPLIT: int = 1
+
+    def short(self) -> str:
+        split = f", split {self.SPLIT}" if self.SPLIT > 1 else ""
+        return f"{self.BLOCK_T}x{self.BLOCK_D}, {self.num_warps}w, {self.num_stages}st{split}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Resources:
+    smem: int  # bytes per program
+    regs: int  # per thread
+    ctas_per_sm: int  # resident programs per SM (0: does not fit)
+    limited_by: str
+
+
+def resources(shape: Shape, config: Config, card: Card, kind: str = "steer") -> Resources:
+    """Estimated shared memory and registers of one program, and the resident programs per SM that follow.
+
+    Fitted to ptxas (Triton 3.9, sm_90a) on the shapes of tests/test_kernel_compile.py; that test checks the
+    estimate against ptxas for every configuration the heuristic picks there."""
+    bt, bd, e = config.BLOCK_T, config.BLOCK_D, shape.elem
+    threads = 32 * config.num_warps
+    buffers = max(1, config.num_stages - 1)
+    if kind == "apply":
+        smem = buffers * (bt * bd * e + shape.ncp * bd * e)
+        regs = 32 + (3 * bt * bd + 2 * bt * shape.ncp) // threads
+    else:
+        dot_e = 4 if e == 4 else 2  # fp32 runs fp32 dots on fp32 copies
+        pass1 = buffers * (bt * bd * e + bd * shape.np * e + bd * 4) if shape.has_pass1 else 0
+        pass2 = buffers * (bt * bd * e + shape.ncp * bd * e)
+        wgmma_a = 2 * bt * bd * dot_e if bt >= 64 else 0  # the centred tile staged for wgmma
+        wgmma_a += bt * bd * 4 if e == 4 else 0  # fp32 'ieee' dots stage the centred tile too
+        scratch = bt * shape.np * 4 if shape.np > 128 else 0  # epilogue layout conversions of a wide accumulator
+        smem = max(pass1, pass2) + wgmma_a + scratch + 1 * KiB
+        # the epilogue holds the accumulator and ~2 more (BLOCK_T, NP) fp32 temporaries (softmax, gathers); the
+        # split-d reduction one more (the partial being added); fp32 tiles cost ~4x the registers of 16-bit ones
+        acc = bt * shape.np // threads if shape.has_pass1 else 0
+        acc_factor = (13 if shape.np <= 128 else 36) + (4 if config.SPLIT > 1 else 0)
+        tile = bt * bd // threads
+        regs = 24 + acc_factor * acc // 4 + (5 if e == 4 else 5 // 4) * tile + tile // 4 + 2 * bt * shape.ncp // threads
+    regs = min(255, -(-regs // 8) * 8)
+    by_smem = card.smem_per_sm // (smem + KiB) if smem <= card.smem_per_cta else 0
+    per_warp = -(-regs * 32 // 256) * 256
+    by_regs = card.regs_per_sm // (per_warp * config.num_warps)
+    by_warps = card.max_warps_per_sm // config.num_warps
+    limits = {"smem": by_smem, "registers": by_regs, "warps": by_warps, "programs": card.max_ctas_per_sm}
+    limited_by = min(limits, key=limits.get)
+    return Resources(smem, regs, limits[limited_by], limited_by)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    kind: str
+    card: str
+    config: Optional[Config]
+    grid: int
+    ctas_per_sm: int
+    concurrent: int  # programs resident at once
+    working_set: int  # in-flight h bytes between pass 1 and pass 2
+    second_read_l2: bool
+    hbm_bytes: int
+    l2_bytes: int
+    ideal_bytes: int
+    hbm_us: float
+    l2_us: float
+    sm_us: float
+    ideal_us: float
+    launches: int
+    launch_us: float
+    latency_us: float = 0.0  # dependent memory round trips on the critical path (matters at decode sizes only)
+
+    @property
+    def time_us(self) -> float:
+        return max(self.hbm_us, self.l2_us, self.sm_us) + self.latency_us
+
+    @property
+    def ratio(self) -> float:
+        """Predicted time over the ideal HBM time (1.0 = at the memory-bound limit)."""
+        return self.time_us / self.ideal_us
+
+    @property
+    def fraction_of_copy(self) -> float:
+        return 1.0 / self.ratio
+
+    @property
+    def bound(self) -> str:
+        terms = {"HBM": self.hbm_us, "L2": self.l2_us, "SM feed": self.sm_us}
+        return max(terms, key=terms.get)
+
+    def as_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.update(config=None if self.config is None else dataclasses.asdict(self.config), time_us=self.time_us,
+                   ratio=self.ratio, bound=self.bound)
+        return out
+
+
+def _sm_rate(card: Card, inflight_per_sm: float) -> float:
+    """GB/s one SM sustains with ``inflight_per_sm`` bytes of loads outstanding (Little's law, port-capped)."""
+    return min(card.sm_gbps, inflight_per_sm / card.latency_ns)  # bytes/ns == GB/s
+
+
+def lag_tiles(concurrent: int, split: int) -> int:
+    """Split-d: row tiles between a tile's pass 1 and its pass 2, so that pass 2 rarely waits for the tile's
+    coefficients (all programs of the tile have finished pass 1 once ``concurrent`` programs have started since)."""
+    return -(-concurrent // split) + 1
+
+
+def predict_steer(shape: Shape, config: Config, card: Card, pipelined_pass2: bool = True,
+                  store_coef: bool = False, multicast: int = 1, partials_on_chip: bool = False,
+                  tile_on_chip: bool = False, hide_ramp: bool = False) -> Prediction:
+    """Token mode (``store_coef``: `synthesize`, pass 1 and the epilogue only) with ``config``.
+
+    ``pipelined_pass2=False`` models the v1 kernel (synchronous loads of h in pass 2). Designs Triton cannot express
+    today, to show what they would buy: ``multicast`` (W_in/W_out tiles fetched once per cluster of that many SMs,
+    TMA multicast), ``partials_on_chip`` (split-d partial sums exchanged in distributed shared memory instead of
+    L2), ``tile_on_chip`` (the row tile kept in shared memory between the passes: no second read of h at all),
+    ``hide_ramp`` (the launch's first dependent round trips overlapped with the previous kernel, as programmatic
+    dependent launch allows)."""
+    e, T, d = shape.elem, shape.rows, shape.d
+    bt, split = config.BLOCK_T, config.SPLIT
+    res = resources(shape, config, card)
+    occ = max(res.ctas_per_sm, 1)
+    n_tiles = -(-T // bt)
+    h = shape.h_bytes
+    if split > 1:
+        first = min(n_tiles * split, card.sms * occ)
+        lag = 0 if store_coef else lag_tiles(first, split)
+        grid = min((n_tiles + lag) * split, card.sms * occ)  # persistent: programs loop over the work items
+        partial_bytes = 0 if partials_on_chip else T * split * (shape.w_in_cols + 1) * 4  # fp32 partials
+        coef_bytes = T * (shape.n_coef + 1) * 4 * (1 + split)  # written once, read by each slice's pass 2
+    else:
+        lag, grid, partial_bytes, coef_bytes = 0, n_tiles, 0, 0
+    concurrent = min(grid, card.sms * occ)
+    active = min(card.sms, grid)
+    if store_coef or not shape.has_pass1 or tile_on_chip:
+        working_set, second_l2 = 0, True
+    else:
+        working_set = (lag + 1) * bt * d * e if split > 1 else concurrent * bt * d * e
+        second_l2 = working_set <= card.l2_bytes // 2
+    tiles_fetched = -(-n_tiles // multicast)
+    pass1_l2 = (h if shape.has_pass1 else 0) + tiles_fetched * shape.w_in_bytes + partial_bytes * 2
+    pass2_l2 = 0 if store_coef else (1 if tile_on_chip and shape.has_pass1 else 2) * h \
+        + tiles_fetched * shape.w_out_bytes + coef_bytes
+    l2 = pass1_l2 + pass2_l2
+    weights = shape.w_in_bytes + (0 if store_coef else shape.w_out_bytes)
+    out_bytes = T * shape.n_coef * 4 if store_coef else h
+    hbm = h + out_bytes + weights + (0 if second_l2 or store_coef else h) + partial_bytes // 2
+    ideal = (h if shape.has_pass1 or not store_coef else 0) + out_bytes + weights
+    # multiprocessor feed: pass 1 and pass 2 run one after the other in a program
+    buffers = max(1, config.num_stages - 1)
+    per_sm = concurrent / active
+    rows = min(bt, T)  # masked rows load nothing
+    stage1 = rows * config.BLOCK_D * e + config.BLOCK_D * shape.w_in_cols * e
+    stage2 = rows * config.BLOCK_D * e + shape.n_coef * config.BLOCK_D * e
+    rate1 = _sm_rate(card, per_sm * buffers * stage1)
+    rate2 = _sm_rate(card, per_sm * (buffers if pipelined_pass2 else 1) * stage2)
+    waves = grid / (card.sms * occ)
+    quantum = math.ceil(waves) / waves if 1 < waves < 4 and split == 1 else 1.0  # a short grid's last wave
+    sm_us = quantum * (pass1_l2 / (active * rate1) + pass2_l2 / (active * rate2)) / 1e3
+    return Prediction("synthesize" if store_coef else "steer", card.name, config, grid, res.ctas_per_sm, concurrent,
+                      working_set, second_l2, hbm, l2, ideal, hbm / card.hbm_gbps / 1e3, l2 / card.l2_gbps / 1e3,
+                      sm_us, ideal / card.hbm_gbps / 1e3, 2 if split > 1 else 1, card.launch_us,
+                      # first loads of pass 1 and pass 2; split-d adds the partials' read-back, the coefficient
+                      # store and the flag poll
+                      0.0 if hide_ramp else (2 if split == 1 else 5) * card.latency_ns / 1e3)
+
+
+def predict_apply(shape: Shape, config: Config, card: Card, sequences: int) -> Prediction:
+    """Query-mode `apply_coef`: one pass, grid over row tiles and d blocks, W_out re-read per row tile."""
+    e, T, d = shape.elem, shape.rows, shape.d
+    bt, bd = config.BLOCK_T, config.BLOCK_D
+    res = resources(shape, config, card, kind="apply")
+    occ = max(res.ctas_per_sm, 1)
+    n_tiles = -(-T // bt)
+    grid = n_tiles * -(-d // bd)
+    h = shape.h_bytes
+    small = sequences * shape.n_coef * 4 + T * 8
+    l2 = 2 * h + n_tiles * shape.n_coef * d * e + n_tiles * -(-d // bd) * bt * shape.ncp * 4 + T * 8
+    hbm = 2 * h + shape.n_coef * d * e + small
+    concurrent = min(grid, card.sms * occ)
+    active = min(card.sms, grid)
+    rate = _sm_rate(card, concurrent / active * (bt * bd * e + shape.n_coef * bd * e))
+    return Prediction("apply", card.name, config, grid, res.ctas_per_sm, concurrent, 0, True, hbm, l2, hbm,
+                      hbm / card.hbm_gbps / 1e3, l2 / card.l2_gbps / 1e3, l2 / (active * rate) / 1e3,
+                      hbm / card.hbm_gbps / 1e3, 1, card.launch_us)  # one load per program: sm_us is its latency
+
+
+def predict_apply_delta(rows: int, d: int, elem: int, sequences: int, card: Card, block: int = 512) -> Prediction:
+    """Decode fast path: ``h + delta[seq]`` (delta fp32, one row per sequence); ``block``: elements a program
+    handles (delta_kernel's BLOCK_D for one row)."""
+    h = rows * d * elem
+    hbm = 2 * h + sequences * d * 4
+    grid = -(-rows * d // block)
+    active = min(card.sms, grid)
+    rate = _sm_rate(card, block * (elem + 4))
+    return Prediction("apply_delta", card.name, None, grid, 0, grid, 0, True, hbm, hbm, hbm,
+                      hbm / card.hbm_gbps / 1e3, hbm / card.l2_gbps / 1e3, hbm / (active * rate) / 1e3,
+                      hbm / card.hbm_gbps / 1e3, 1, card.launch_us)  # one load per program: sm_us is its latency
+
+
+def v1_config(rows: int, shape: Shape) -> Config:
+    """The configuration the v1 kernels used (fixed thresholds), kept to predict what v2 changes."""
+    wide = shape.np > 128
+    if rows <= 16:
+        return Config(16, 64, 8 if wide else 4, 3)
+    if rows >= 4096 or wide:
+        return Config(64, 64, 8, 3)
+    return Config(32, 64, 4, 3)
+
+
+def predict_v1(shape: Shape, card: Card) -> Prediction:
+    """The v1 token-mode kernel: one program per row tile, pass 2's loads of h synchronous."""
+    return predict_steer(shape, v1_config(shape.rows, shape), card, pipelined_pass2=False)

@@ -1,0 +1,151 @@
+"""The bytes-and-occupancy model and the configuration heuristic (plain Python: no GPU, no interpreter).
+
+The issue's acceptance grid: T in {1, 16, 512, 4096, 8192, 65536}, d in {576, 2048, 4096, 8192}, bf16 and fp16,
+r = 64, K = 8, with (m = 16, k = 8) and without the residual MLP, on the H100 SXM and the H200. Predicted time is
+the largest of HBM bytes / HBM bandwidth, L2 bytes / L2 bandwidth and the SMs' feed time, plus the dependent round
+trips at the start and end of a launch (perf_model's docstring and docs/kernels.md give every figure's source).
+"""
+import itertools
+
+import pytest
+
+from finesteer_kernels.heuristics import best_steer, steer_candidates, steer_config
+from finesteer_kernels.perf_model import (CARDS, MiB, Config, Shape, card_from_properties, predict_apply_delta,
+                                          predict_steer, predict_v1, resources)
+
+T_GRID = (1, 16, 512, 4096, 8192, 65536)
+D_GRID = (576, 2048, 4096, 8192)
+RESIDUAL = {False: (64, 8, 0, 0), True: (64, 8, 16, 8)}
+GOAL = 1.25  # predicted time within 1.25x of the ideal HBM time, for T >= 4096 and d >= 2048
+
+# Where no configuration the kernels can run reaches the goal, the best reachable ratio, pinned (a model change
+# that moves one must update it here and in benchmarks/RESULTS.md). Two causes, both in docs/kernels.md: at
+# T = 4096, d = 2048 the whole op is 8-11 us and the dependent round trips at the launch's start and end are a third
+# of it; on the H200 the L2 (the H100's, an assumed 8.4 TB/s) is less than twice its 4.3 TB/s HBM, and the three
+# reads/writes of h plus W_in's re-reads and the split-d partials exceed that.
+BEST_REACHABLE = {
+    ("H100 SXM", False, 2048, 4096): 1.37,
+    ("H100 SXM", True, 2048, 4096): 1.37,
+    ("H200", False, 2048, 4096): 1.64,
+    ("H200", False, 2048, 8192): 1.41,
+    ("H200", False, 4096, 4096): 1.40,
+    ("H200", False, 4096, 8192): 1.29,
+    ("H200", False, 8192, 4096): 1.28,
+    ("H200", True, 2048, 4096): 1.76,
+    ("H200", True, 2048, 8192): 1.53,
+    ("H200", True, 2048, 65536): 1.33,
+    ("H200", True, 4096, 4096): 1.52,
+    ("H200", True, 4096, 8192): 1.41,
+    ("H200", True, 4096, 65536): 1.31,
+    ("H200", True, 8192, 4096): 1.40,
+    ("H200", True, 8192, 8192): 1.35,
+    ("H200", True, 8192, 65536): 1.30,
+}
+
+
+def grid():
+    for card, residual, d, T, elem in itertools.product(CARDS.values(), RESIDUAL, D_GRID, T_GRID, (2,)):
+        yield card, residual, d, T, Shape.of(T, d, elem, *RESIDUAL[residual])
+
+
+def test_every_pick_keeps_two_programs_per_sm_or_a_persistent_grid_on_every_sm():
+    for card, residual, d, T, shape in grid():
+        pred = best_steer(shape, card)
+        persistent_full = pred.config.SPLIT > 1 and pred.grid >= card.sms
+        assert pred.ctas_per_sm >= 2 or persistent_full, (card.name, residual, d, T, pred.config)
+        assert pred.config.num_stages >= 2  # every hot-loop load of h pipelined (checked in the TTGIR too)
+
+
+def test_prefill_meets_the_goal_or_the_pinned_best_reachable_figure():
+    unreachable = {}
+    for card, residual, d, T, shape in grid():
+        if T < 4096 or d < 2048:
+            continue
+        pred = best_steer(shape, card)
+        key = (card.name, residual, d, T)
+        if pred.ratio <= GOAL:
+            assert key not in BEST_REACHABLE, key
+            continue
+        unreachable[key] = round(pred.ratio, 2)
+        # the pick is the best of every configuration the kernels can run, not just of the preferred ones
+        assert min(predict_steer(shape, c, card).ratio for c, _ in steer_candidates(shape, card)) >= pred.ratio - 1e-9
+        # and two designs Triton 3.6 cannot express would reach the goal (docs/kernels.md, "what would reach it")
+        for design in (dict(tile_on_chip=True, hide_ramp=True), dict(multicast=2, hide_ramp=True)):
+            assert min(predict_steer(shape, c, card, **design).ratio
+                       for c, _ in steer_candidates(shape, card)) <= 1.1, (key, design)
+    assert unreachable == BEST_REACHABLE
+
+
+def test_fp16_picks_equal_bf16_picks():
+    for card, residual, d, T, shape in grid():
+        assert steer_config(shape, card) == steer_config(Shape.of(T, d, 2, *RESIDUAL[residual]), card)
+
+
+def test_v2_moves_h_once_where_v1_read_it_twice_from_hbm():
+    """The issue's review figures: v1 at T = 8192, d = 4096 moves ~201 MB of HBM against 135 MB ideal and runs at
+    ~30-40 % of H200 peak; v2 keeps the second read in L2."""
+    shape = Shape.of(8192, 4096, 2, 64, 8, 16, 8)
+    h200 = CARDS["H200"]
+    v1 = predict_v1(shape, h200)
+    assert v1.working_set == 64 * MiB and not v1.second_read_l2
+    assert v1.hbm_bytes == pytest.approx(202e6, rel=0.01) and v1.ideal_bytes == pytest.approx(135e6, rel=0.01)
+    assert 0.2 <= v1.fraction_of_copy <= 0.4
+    v2 = best_steer(shape, h200)
+    assert v2.second_read_l2 and v2.working_set <= h200.l2_bytes // 2
+    assert v2.hbm_bytes <= 1.05 * v2.ideal_bytes  # + the split-d partial sums, counted as written back
+    assert v2.ratio < v1.ratio / 2
+
+
+def test_bytes_by_hand():
+    """One case computed by hand: T = 4096, d = 4096, bf16, no residual (72 W_in columns, K = 8), 64 x 128 tiles
+    split in 4 over d: 64 row tiles."""
+    shape = Shape.of(4096, 4096, 2, 64, 8)
+    assert (shape.w_in_cols, shape.np, shape.n_coef) == (72, 128, 8)
+    card = CARDS["H100 SXM"]
+    pred = predict_steer(shape, Config(64, 128, 8, 3, SPLIT=4), card)
+    h = 4096 * 4096 * 2
+    w_in = 4096 * 72 * 2 + 4096 * 4  # stored columns only (the padding to 128 is masked) and fp32 mu
+    w_out = 8 * 4096 * 2
+    partials = 4096 * 4 * 73 * 4  # fp32, per row and slice: 72 columns + ||xc||^2
+    coef = 4096 * 9 * 4 * 5  # per row: 8 coefficients + the gate, written once, read by each of the 4 slices
+    assert pred.ideal_bytes == 2 * h + w_in + w_out
+    assert pred.l2_bytes == 3 * h + 64 * (w_in + w_out) + 2 * partials + coef
+    assert pred.hbm_bytes == 2 * h + w_in + w_out + partials // 2
+    assert pred.second_read_l2
+
+
+def test_working_set_rule_and_occupancy():
+    card = CARDS["H100 SXM"]
+    shape = Shape.of(8192, 4096, 2, 64, 8)
+    no_split = predict_steer(shape, Config(64, 64, 8, 3), card)
+    assert no_split.working_set == no_split.concurrent * 64 * 4096 * 2
+    assert no_split.second_read_l2 == (no_split.working_set <= card.l2_bytes // 2)
+    res = resources(shape, Config(64, 128, 8, 3, SPLIT=4), card)
+    assert res.ctas_per_sm == 1 and res.limited_by in ("smem", "registers")
+    small = resources(shape, Config(16, 64, 4, 3), card)
+    assert small.ctas_per_sm >= 3 and small.smem < 64 * 1024
+
+
+def test_decode_splits_d_over_many_programs():
+    for card in CARDS.values():
+        for d in (2048, 4096, 8192):
+            pred = best_steer(Shape.of(1, d, 2, 64, 8, 16, 8), card)
+            assert pred.config.SPLIT >= 8 and pred.grid >= 16, pred.config  # not one program streaming W_in
+            assert pred.time_us < 6.0
+        delta = predict_apply_delta(1, 4096, 2, 1, card)
+        assert delta.hbm_bytes == 2 * 4096 * 2 + 4096 * 4
+
+
+def test_generic_card_from_device_properties():
+    h200 = card_from_properties("NVIDIA H200", 132, 60 * MiB)
+    assert h200.peak_gbps == 4800.0 and h200.l2_bytes == 60 * MiB
+    assert card_from_properties("NVIDIA H100 80GB HBM3", 132, 50 * MiB).peak_gbps == 3350.0
+    other = card_from_properties("NVIDIA RTX 6000 Ada Generation", 142, 96 * MiB)
+    assert other.sms == 142 and other.l2_bytes == 96 * MiB
+    shape = Shape.of(8192, 4096, 2, 64, 8)
+    assert best_steer(shape, other).config is not None
+
+
+def test_interpreter_pins_one_config():
+    shape = Shape.of(8192, 4096, 2, 64, 8)
+    assert steer_config(shape, interpreting=True) == steer_config(Shape.of(3, 40, 4, 4, 2), interpreting=True)
