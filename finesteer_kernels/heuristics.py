@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Optional
 
 from .perf_model import (DEFAULT_CARD, MIN_DOT, Card, Config, Prediction, Shape, predict_apply, predict_steer,
@@ -41,7 +42,15 @@ def _split_ok(d: int, block_d: int, split: int) -> bool:
     return d % (split * block_d) == 0 or (-(-d // split) >= block_d and split * block_d <= d)
 
 
-def steer_candidates(shape: Shape, card: Card, block_ds=BLOCK_DS):
+def split_d_allowed() -> bool:
+    """Whether token mode and `synthesize` may split a row tile's d over several programs. The split-d layout's
+    programs wait on each other (spin waits on flags, see `steer_kernel`), which the Triton interpreter cannot
+    exercise (it runs programs one by one), so until a GPU run has checked it, ``FINESTEER_SPLIT_D=0`` keeps every
+    launch at one program per row tile, whose programs never wait."""
+    return os.environ.get("FINESTEER_SPLIT_D", "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def steer_candidates(shape: Shape, card: Card, block_ds=BLOCK_DS, splits=SPLITS):
     rows_cap = max(MIN_DOT, 1 << max(0, (shape.rows - 1).bit_length()))
     for bt in BLOCK_TS:
         if bt > rows_cap and bt > MIN_DOT:
@@ -55,7 +64,7 @@ def steer_candidates(shape: Shape, card: Card, block_ds=BLOCK_DS):
                 continue
             for warps in ((8,) if bt >= 64 or shape.np > 128 or shape.elem == 4 else (4,)):
                 for stages in STAGES:
-                    for split in SPLITS:
+                    for split in splits:
                         if split > 1 and (not shape.has_pass1 or (shape.elem == 4 and shape.np > 128)):
                             continue
                         if not _split_ok(shape.d, bd, split):
@@ -73,11 +82,15 @@ def _rank(prediction: Prediction, ctas: int) -> tuple:
             prediction.grid)
 
 
-def best_steer(shape: Shape, card: Card = DEFAULT_CARD, store_coef: bool = False) -> Prediction:
-    """The model's best configuration for token mode (or `synthesize` with ``store_coef``)."""
+def best_steer(shape: Shape, card: Card = DEFAULT_CARD, store_coef: bool = False,
+               allow_split: bool = True) -> Prediction:
+    """The model's best configuration for token mode (or `synthesize` with ``store_coef``); ``allow_split=False``
+    keeps to one program per row tile."""
     scored = []
+    splits = SPLITS if allow_split else (1,)
     # 32-column d blocks only when nothing else fits (wide fp32 layouts)
-    candidates = list(steer_candidates(shape, card)) or list(steer_candidates(shape, card, block_ds=(32,)))
+    candidates = list(steer_candidates(shape, card, splits=splits)) or \
+        list(steer_candidates(shape, card, block_ds=(32,), splits=splits))
     for config, res in candidates:
         pred = predict_steer(shape, config, card, store_coef=store_coef)
         persistent_full = config.SPLIT > 1 and pred.grid >= card.sms  # a persistent grid on every SM
@@ -89,8 +102,8 @@ def best_steer(shape: Shape, card: Card = DEFAULT_CARD, store_coef: bool = False
 
 
 @functools.lru_cache(maxsize=4096)
-def _cached_steer(shape: Shape, card: Card, store_coef: bool) -> Config:
-    return best_steer(shape, card, store_coef).config
+def _cached_steer(shape: Shape, card: Card, store_coef: bool, allow_split: bool) -> Config:
+    return best_steer(shape, card, store_coef, allow_split).config
 
 
 def _bucket(rows: int) -> int:
@@ -102,7 +115,8 @@ def steer_config(shape: Shape, card: Optional[Card] = None, interpreting: bool =
                  store_coef: bool = False) -> Config:
     if interpreting:
         return INTERPRETER_CONFIG
-    return _cached_steer(dataclasses.replace(shape, rows=_bucket(shape.rows)), card or DEFAULT_CARD, store_coef)
+    return _cached_steer(dataclasses.replace(shape, rows=_bucket(shape.rows)), card or DEFAULT_CARD, store_coef,
+                         split_d_allowed())
 
 
 APPLY_CONFIGS = (Config(16, 64, 4, 1), Config(16, 128, 4, 1), Config(32, 128, 4, 1), Config(64, 128, 4, 1),

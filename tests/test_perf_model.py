@@ -149,3 +149,12 @@ def test_generic_card_from_device_properties():
 def test_interpreter_pins_one_config():
     shape = Shape.of(8192, 4096, 2, 64, 8)
     assert steer_config(shape, interpreting=True) == steer_config(Shape.of(3, 40, 4, 4, 2), interpreting=True)
+
+
+def test_split_d_can_be_switched_off(monkeypatch):
+    shape = Shape.of(1, 4096, 2, 64, 8, 16, 8)  # decode: the model splits d over many programs
+    assert steer_config(shape).SPLIT > 1
+    monkeypatch.setenv("FINESTEER_SPLIT_D", "0")
+    config = steer_config(shape)
+    assert config.SPLIT == 1
+    assert best_steer(shape, allow_split=False).config == config
