@@ -456,7 +456,7 @@ def test_row_without_real_tokens_gets_no_edit():
 def test_beams_of_a_prompt_share_its_first_beams_coef():
     """Beam search reorders rows within a prompt's beams; sharing one coef row per prompt keeps that exact even
     where a device computes identical rows with slightly different rounding."""
-    from finesteer.patching import _share_within_beams
+    from finesteer.patching.handle import _share_within_beams
 
     coef = torch.arange(12.0).view(6, 2)
     shared = _share_within_beams(coef, 3)
