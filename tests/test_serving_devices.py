@@ -3,6 +3,7 @@ gloo on the CPU) and ``device_map`` placements give the single-process steered t
 `SteererBank` in both modes. Several GPUs are not available here: a device_map that spreads layers over GPUs is
 documented in docs/serving.md, and the placement logic (each layer's bank on that layer's device) is checked."""
 import os
+import socket
 import subprocess
 import sys
 
@@ -34,6 +35,12 @@ def saved(tmp_path_factory):
     return folder, files
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def bank_generate(model, files) -> dict:
     steerers = {os.path.basename(p).split(".")[0]: Steerer.load(p) for p in files}
     out = {}
@@ -58,7 +65,7 @@ def test_tensor_parallel_two_processes_equal_one(saved, tmp_path, monkeypatch):
     env = dict(os.environ, OMP_NUM_THREADS="1", FINESTEER_BACKEND="torch", PYTHONPATH=ROOT,
                MASTER_ADDR="127.0.0.1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(29500 + os.getpid() % 1000),
+                           str(free_port()),
                            os.path.join(ROOT, "tests", "tp_worker.py"), str(folder), ",".join(files), str(out)],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
