@@ -22,7 +22,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "accelerate>=1.0"],  # accelerate: tp_plan, device_map
     },
     entry_points={"console_scripts": ["finesteer = finesteer.cli:main"]},
 )

@@ -23,6 +23,8 @@ failing section is recorded with its error and the rest still run):
    ``apply_delta_``, token mode's split-d ``steer_``) against the empty kernel, in graphs.
 6. ``correctness``: every op against the reference in bf16 and fp16, with and without the residual MLP, a CAA
    vector, a width that is not a multiple of 16, the split-d path at prefill and decode sizes.
+7. ``bank``: a steerer bank (issue 13): a mixed batch of 4 steerers against the same batch on one steerer, token
+   mode, T in {16, 4096}, d = 4096, bf16, in CUDA graphs, beside the bytes model's prediction (a few seconds).
 
 The goals the issue holds the run to are printed last (>= 80 % of copy bandwidth at T >= 4096, >= 1.3x
 torch.compile, decode op <= 1.5x an empty kernel, <= 0.5 % decode overhead with 3 steered layers). Exit status 1
@@ -496,6 +498,38 @@ def correctness_section(device, sizes: Sizes) -> dict:
 
 
 # ---- summary ------------------------------------------------------------------------------------------------------
+# ---- 7. steerer bank (issue 13) -------------------------------------------------------------------------------------
+def bank_section(device, sizes: Sizes) -> dict:
+    """A mixed batch of 4 steerers against the same batch on one steerer, token mode, bf16, the bank kernel in a CUDA
+    graph with a cold L2, beside the bytes model (`benchmarks.bank_bench`); checked against the bank reference."""
+    import torch
+
+    from benchmarks.bank_bench import assignments, make_bank, predictions
+    from benchmarks.cases import random_rows, rel_error
+    from finesteer_kernels import bank_reference, plan_rows, steer_bank
+
+    rows = []
+    for T, d in ([(20, 64)] if sizes.dry else [(16, 4096), (4096, 4096)]):
+        bank = make_bank(d, device)
+        h = random_rows(bank.params[0].to("cpu"), T, seed=T, dtype=torch.bfloat16).to(device)
+        row = {"T": T, "d": d, "predicted": predictions(T, d, bank)}
+        for name, index in assignments(T, device).items():
+            plan = plan_rows(index, len(bank))
+            with torch.inference_mode():
+                err = rel_error(steer_bank(h, bank, index, plan), bank_reference.steer_bank(h, bank, index))
+                seconds = _time_or_run(lambda: steer_bank(h, bank, index, plan), device, sizes)
+            row[f"{name}_ok"] = err <= 1e-2
+            if seconds is not None:
+                row[f"{name}_us"] = seconds * 1e6
+        if "mixed_us" in row:
+            row["measured_ratio"] = row["mixed_us"] / row["uniform_us"]
+        rows.append(row)
+    bad = [r for r in rows if not (r["mixed_ok"] and r["uniform_ok"])]
+    if bad:
+        raise AssertionError(f"bank results disagree with the reference: {bad}")
+    return {"rows": rows}
+
+
 def _pct(value) -> str:
     from benchmarks.report import fmt
 
@@ -620,6 +654,7 @@ def main(argv=None) -> int:
     run_section(results, "sweep", out_path, sweep_section, device, sizes, results, deadline["sweep"])
     run_section(results, "decode", out_path, decode_section, device, sizes)
     run_section(results, "correctness", out_path, correctness_section, device, sizes)
+    run_section(results, "bank", out_path, bank_section, device, sizes)
     lines = markdown_lines(results)
     results["goals"] = [] if args.dry_run else goals(results)
     results["elapsed_s"] = time.perf_counter() - started

@@ -18,6 +18,7 @@ _LAZY = {
     "patch_model": "finesteer.patching",
     "unpatch_model": "finesteer.patching",
     "PatchHandle": "finesteer.patching",
+    "SteererBank": "finesteer.patching",
     "find_decoder_layers": "finesteer.patching",
     "fit_scs": "finesteer.fit",
     "fit_mose": "finesteer.fit",

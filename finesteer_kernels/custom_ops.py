@@ -110,3 +110,53 @@ def apply_delta_(h: Tensor, delta: Tensor, row_to_seq: Optional[Tensor], rows_pe
 @apply_delta_.register_fake
 def _apply_delta_inplace_fake(h, delta, row_to_seq, rows_per_seq):
     return None
+
+
+# ---- steerer banks (finesteer_kernels.bank): one launch over rows of different steerers -------------------------
+#   finesteer::steer_bank(h, order, counts, w_in, w_out, mean, consts, meta, scalars, layout) -> Tensor
+#   finesteer::steer_bank_(h!, ...) -> ()
+#   finesteer::synthesize_bank(h, order, counts, w_in, mean, consts, meta, scalars, layout) -> Tensor (B, NC) fp32
+# order/counts: `bank.plan_rows`; w_in ... scalars: `SteerBank.pack`; layout: a `bank.BankLayout` as ints.
+def _launch_bank(h, out, order, counts, w_in, w_out, mean, consts, meta, scalars, layout, coef_out=None):
+    from .bank import BankLayout, PackedBank
+    from .bank_kernel import launch_bank
+
+    packed = PackedBank(w_in, w_out, mean, consts, meta, scalars, None, None, BankLayout(*layout))
+    launch_bank(h, out, packed, order, counts, coef_out=coef_out)
+
+
+@torch.library.custom_op("finesteer::steer_bank", mutates_args=())
+def steer_bank(h: Tensor, order: Tensor, counts: Tensor, w_in: Tensor, w_out: Tensor, mean: Tensor, consts: Tensor,
+               meta: Tensor, scalars: Tensor, layout: list[int]) -> Tensor:
+    out = torch.empty_like(h)
+    _launch_bank(h, out, order, counts, w_in, w_out, mean, consts, meta, scalars, layout)
+    return out
+
+
+@steer_bank.register_fake
+def _steer_bank_fake(h, order, counts, w_in, w_out, mean, consts, meta, scalars, layout):
+    return torch.empty_like(h)
+
+
+@torch.library.custom_op("finesteer::steer_bank_", mutates_args=("h",))
+def steer_bank_(h: Tensor, order: Tensor, counts: Tensor, w_in: Tensor, w_out: Tensor, mean: Tensor, consts: Tensor,
+                meta: Tensor, scalars: Tensor, layout: list[int]) -> None:
+    _launch_bank(h, h, order, counts, w_in, w_out, mean, consts, meta, scalars, layout)
+
+
+@steer_bank_.register_fake
+def _steer_bank_inplace_fake(h, order, counts, w_in, w_out, mean, consts, meta, scalars, layout):
+    return None
+
+
+@torch.library.custom_op("finesteer::synthesize_bank", mutates_args=())
+def synthesize_bank(h: Tensor, order: Tensor, counts: Tensor, w_in: Tensor, mean: Tensor, consts: Tensor,
+                    meta: Tensor, scalars: Tensor, layout: list[int]) -> Tensor:
+    coef = torch.empty(h.shape[0], layout[3], dtype=torch.float32, device=h.device)  # layout[3] = NC
+    _launch_bank(h, None, order, counts, w_in, w_in, mean, consts, meta, scalars, layout, coef_out=coef)
+    return coef
+
+
+@synthesize_bank.register_fake
+def _synthesize_bank_fake(h, order, counts, w_in, mean, consts, meta, scalars, layout):
+    return h.new_empty(h.shape[0], layout[3], dtype=torch.float32)

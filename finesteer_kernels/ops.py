@@ -202,3 +202,88 @@ def apply_delta_(h: torch.Tensor, delta: torch.Tensor, row_to_seq: Optional[torc
     seq, per_seq = _delta_operands(h, delta, row_to_seq)
     torch.ops.finesteer.apply_delta_(h, delta.contiguous(), seq, per_seq)
     return h
+
+
+# ---- steerer banks: a different steerer per row (docs/serving.md) ------------------------------------------------
+def _bank_kernel_args(h: torch.Tensor, bank, index: torch.Tensor, plan):
+    from . import custom_ops  # noqa: F401  (registers the torch.ops.finesteer ops)
+    from .bank import check_plan, plan_rows
+
+    check_plan(plan, index.numel(), bank)
+    plan = plan or plan_rows(index, len(bank))
+    packed = bank.pack(h.dtype, h.device)
+    return plan, packed, list(packed.layout)
+
+
+def _bank_operands(packed):
+    return packed.w_in, packed.w_out, packed.mean, packed.consts, packed.meta, packed.scalars
+
+
+def steer_bank(h: torch.Tensor, bank, index: torch.Tensor, plan=None) -> torch.Tensor:
+    """Token mode over a mixed batch: row ``i`` of ``h`` (``(..., d)``) steered by ``bank.params[index[i]]``, rows
+    with index -1 unchanged, one launch. ``index``: signed ints, ``h.shape[:-1]`` or flat; ``plan``: an optional
+    `bank.plan_rows(index, len(bank))` to reuse across layers. An index outside ``[-1, S)`` gives a NaN row."""
+    from . import bank_reference
+    from .bank import check_bank_rows
+
+    index = check_bank_rows(h, bank, index)
+    if select_backend(h) == "torch":
+        return bank_reference.steer_bank(h, bank, index)
+    plan, packed, layout = _bank_kernel_args(h, bank, index, plan)
+    out = torch.ops.finesteer.steer_bank(h.reshape(-1, bank.d).contiguous(), plan.order, plan.counts,
+                                         *_bank_operands(packed), layout)
+    return out.view(h.shape)
+
+
+def steer_bank_(h: torch.Tensor, bank, index: torch.Tensor, plan=None) -> torch.Tensor:
+    """In-place `steer_bank` for hooks; returns ``h``. Rows with index -1 and rows whose gate is off are not
+    written."""
+    from .bank import check_bank_rows
+
+    index = check_bank_rows(h, bank, index)
+    if not _writes_in_place(h):
+        return h.copy_(steer_bank(h, bank, index, plan))
+    plan, packed, layout = _bank_kernel_args(h, bank, index, plan)
+    torch.ops.finesteer.steer_bank_(h.view(-1, bank.d), plan.order, plan.counts, *_bank_operands(packed), layout)
+    return h
+
+
+def synthesize_bank(h_anchor: torch.Tensor, bank, index: torch.Tensor, plan=None) -> torch.Tensor:
+    """Query mode step 1 over a mixed batch: ``(B, d)`` anchor rows -> ``(B, bank.n_coef)`` fp32, row ``b`` the
+    K + k coefficients of steerer ``index[b]`` (zero-padded to the bank's widest), zeros for -1."""
+    from . import bank_reference
+    from .bank import check_bank_rows
+
+    index = check_bank_rows(h_anchor, bank, index, name="h_anchor", ndim=2)
+    if select_backend(h_anchor) == "torch":
+        return bank_reference.synthesize_bank(h_anchor, bank, index)
+    plan, packed, layout = _bank_kernel_args(h_anchor, bank, index, plan)
+    w_in, _, mean, consts, meta, scalars = _bank_operands(packed)
+    return torch.ops.finesteer.synthesize_bank(h_anchor.contiguous(), plan.order, plan.counts, w_in, mean, consts,
+                                               meta, scalars, layout)
+
+
+def bank_coef_delta(coef: torch.Tensor, bank, index: torch.Tensor) -> torch.Tensor:
+    """Query mode: each sequence's edit ``coef[b, :K_s + k_s] @ W_out_s`` (``s = index[b]``) as fp32 ``(B, d)``,
+    zeros for -1; one matmul with the bank's fp32 W_out (the coefficients scattered to their steerer's rows). The
+    decode step then adds it with `apply_delta_` as for a single steerer."""
+    from .bank import SteerBank, group_of
+
+    if not isinstance(bank, SteerBank):
+        raise TypeError(f"bank: expected finesteer_kernels.SteerBank, got {type(bank).__name__}")
+    if not isinstance(coef, torch.Tensor) or coef.dim() != 2 or coef.shape[1] != bank.n_coef:
+        shape = tuple(coef.shape) if isinstance(coef, torch.Tensor) else type(coef).__name__
+        raise ValueError(f"coef: expected shape (B, {bank.n_coef}) (from synthesize_bank), got {shape}")
+    if not isinstance(index, torch.Tensor) or index.reshape(-1).shape != (coef.shape[0],):
+        raise ValueError(f"index: expected one bank index per coefficient row ({coef.shape[0]})")
+    packed = bank.pack(torch.float32, coef.device)
+    groups = group_of(index.reshape(-1), len(bank))
+    steerer = (groups - 1).clamp(0, len(bank) - 1)
+    j = torch.arange(bank.n_coef, device=coef.device)
+    total = packed.w_out.shape[0]
+    live = ((groups >= 1) & (groups <= len(bank)))[:, None] & (j < packed.n_coef[steerer][:, None])
+    cols = torch.where(live, packed.out_off[steerer][:, None] + j, total)  # dead entries go to a spare column
+    wide = coef.new_zeros(coef.shape[0], total + 1, dtype=torch.float32)
+    wide.scatter_(1, cols, torch.where(live, coef.float(), 0.0))
+    delta = wide[:, :total] @ packed.w_out
+    return torch.where((groups == len(bank) + 1)[:, None], float("nan"), delta)

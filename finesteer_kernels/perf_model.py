@@ -390,3 +390,56 @@ def v1_config(rows: int, shape: Shape) -> Config:
 def predict_v1(shape: Shape, card: Card) -> Prediction:
     """The v1 token-mode kernel: one program per row tile, pass 2's loads of h synchronous."""
     return predict_steer(shape, v1_config(shape.rows, shape), card, pipelined_pass2=False)
+
+
+# ---- steerer banks (issue 13) ---------------------------------------------------------------------------------
+def predict_bank(steerers, config: Config, card: Card, unsteered_rows: int = 0, in_place: bool = False,
+                 store_coef: bool = False) -> Prediction:
+    """The bank kernel (`finesteer_kernels.bank_kernel`, one program per row tile of one steerer, no split of d) on a
+    mixed batch: ``steerers`` holds one `Shape` per steerer of the bank, its ``rows`` the rows assigned to it (0 for a
+    steerer no row uses), ``unsteered_rows`` the rows with index -1 (copied out of place, untouched in place).
+
+    Each steerer's weights are read from HBM once and re-read from L2 once per row tile of *its* rows, so mixing S
+    steerers costs their weights once each plus up to one partial tile per steerer, not S times the batch. Also
+    counted: the row order (4 bytes a row) and the group counts each program reads. The plan (a sort of the row
+    indices) runs once per forward, before the first steered layer, and is not part of a layer's launch."""
+    shapes = [s for s in steerers if s.rows > 0]
+    if not shapes:
+        raise ValueError("steerers: no rows assigned to any steerer")
+    e, d, bt = shapes[0].elem, shapes[0].d, config.BLOCK_T
+    widest = Shape(sum(s.rows for s in shapes) + unsteered_rows, d, e, max(s.w_in_cols for s in steerers),
+                   max(s.n_coef for s in steerers), has_mean=any(s.has_mean for s in steerers))
+    res = resources(widest, config, card)
+    occ = max(res.ctas_per_sm, 1)
+    tiles = [-(-s.rows // bt) for s in shapes]
+    copy_tiles = 0 if in_place or store_coef else -(-unsteered_rows // bt)
+    grid = sum(tiles) + copy_tiles
+    n_rows = widest.rows
+    groups = len(steerers) + 2
+    h = sum(s.h_bytes for s in shapes)
+    u = unsteered_rows * d * e
+    index_bytes = n_rows * 4 + grid * groups * 4
+    pass1_l2 = sum((s.h_bytes if s.has_pass1 else 0) + t * s.w_in_bytes for s, t in zip(shapes, tiles))
+    pass2_l2 = 0 if store_coef else sum(2 * s.h_bytes + t * s.w_out_bytes for s, t in zip(shapes, tiles))
+    copy = 0 if in_place or store_coef else 2 * u
+    l2 = pass1_l2 + pass2_l2 + copy + index_bytes
+    weights = sum(s.w_in_bytes + (0 if store_coef else s.w_out_bytes) for s in shapes)
+    out_bytes = n_rows * widest.n_coef * 4 if store_coef else h + (0 if in_place else u)
+    concurrent = min(grid, card.sms * occ)
+    active = max(1, min(card.sms, grid))
+    working_set = 0 if store_coef else concurrent * bt * d * e
+    second_l2 = working_set <= card.l2_bytes // 2
+    unsteered_read = 0 if in_place or store_coef else u
+    hbm = h + unsteered_read + out_bytes + weights + (0 if second_l2 else h) + index_bytes
+    ideal = h + unsteered_read + out_bytes + weights
+    buffers = max(1, config.num_stages - 1)
+    per_sm = concurrent / active
+    rows = min(bt, max(s.rows for s in shapes))
+    rate1 = _sm_rate(card, per_sm * buffers * (rows * config.BLOCK_D * e + config.BLOCK_D * widest.w_in_cols * e))
+    rate2 = _sm_rate(card, per_sm * buffers * (rows * config.BLOCK_D * e + widest.n_coef * config.BLOCK_D * e))
+    sm_us = (pass1_l2 / (active * rate1) + (pass2_l2 + copy) / (active * rate2)) / 1e3
+    return Prediction("synthesize_bank" if store_coef else "bank", card.name, config, grid, res.ctas_per_sm,
+                      concurrent, working_set, second_l2, hbm, l2, ideal, hbm / card.hbm_gbps / 1e3,
+                      l2 / card.l2_gbps / 1e3, sm_us, ideal / card.hbm_gbps / 1e3, 1, card.launch_us,
+                      # counts -> row order -> h, then pass 2's first loads
+                      3 * card.latency_ns / 1e3)

@@ -56,8 +56,8 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     result = json.loads(out.read_text())
     sections = result["sections"]
     assert {n: s["status"] for n, s in sections.items()} == {n: "ok" for n in (
-        "bandwidth", "empty_kernel", "prefill", "sweep", "decode", "correctness")}
-    assert list(sections) == ["bandwidth", "empty_kernel", "prefill", "sweep", "decode", "correctness"]
+        "bandwidth", "empty_kernel", "prefill", "sweep", "decode", "correctness", "bank")}
+    assert list(sections) == ["bandwidth", "empty_kernel", "prefill", "sweep", "decode", "correctness", "bank"]
     assert sections["bandwidth"]["l2"]["ok"]  # the L2 probe kernel ran (interpreted, untimed)
     checks = sections["correctness"]["checks"]
     assert {c["dtype"] for c in checks} == {"fp16", "bf16"}

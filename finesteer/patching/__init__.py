@@ -23,10 +23,13 @@ its own hidden state. See docs/patching.md.
 The hooks only look at shapes, never at tensor values, so they do not synchronise with the device.
 
 Modules: `patch` (`patch_model`, `unpatch_model`), `handle` (`PatchHandle`: the hooks and the query-mode state),
-`forward_context` (what a forward looks like: mask, cache length, prefill or decode, anchors).
+`forward_context` (what a forward looks like: mask, cache length, prefill or decode, anchors), `bank` (`SteererBank`,
+`BankHandle`: a steerer per row or request), `continuous` (a bank inside transformers' continuous batching).
 """
 from ..layers import find_decoder_layers
+from .bank import BankHandle, SteererBank
 from .handle import MODES, PatchHandle
 from .patch import patch_model, unpatch_model
 
-__all__ = ["patch_model", "unpatch_model", "PatchHandle", "find_decoder_layers", "MODES"]
+__all__ = ["patch_model", "unpatch_model", "PatchHandle", "BankHandle", "SteererBank", "find_decoder_layers",
+           "MODES"]

@@ -192,6 +192,13 @@ class PatchHandle:
 
     def _begin_forward(self, reader: ArgReader, args: tuple, kwargs: dict) -> None:
         self._one_thread.enter("model forward")  # left in _end_forward, which runs even if this raises
+        if reader.get(args, kwargs, "cu_seq_lens_q") is not None:  # continuous batching: requests packed in one row
+            if self.mode == "query":
+                raise RuntimeError("continuous batching: query mode keeps coefficients per request, which a plain "
+                                   "patch cannot tell apart in a packed batch; patch a finesteer.SteererBank instead "
+                                   "(SteererBank({'s': steerer}, default='s') steers every request; docs/serving.md)")
+            self._context = ForwardContext(None, 0, None)  # token mode: every packed row gates on itself
+            return
         mask = as_mask(reader.get(args, kwargs, "attention_mask"))
         cache = reader.get(args, kwargs, "cache", "past_key_values")
         call = self._generate_stack[-1] if self._generate_stack else None

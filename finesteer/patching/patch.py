@@ -13,6 +13,7 @@ from finesteer_kernels.validation import HIDDEN_DTYPES
 
 from ..layers import DecoderLayers, check_layer_index, find_decoder_layers, hidden_size
 from ..steerer import Steerer
+from .bank import SteererBank, patch_bank
 from .handle import MODES, LayerHook, PatchHandle, Site
 
 SteererLike = Union[Steerer, SteerParams]
@@ -89,7 +90,7 @@ def _prepare(params: SteerParams, device: torch.device, dtype: torch.dtype, alph
     return params
 
 
-def patch_model(model: torch.nn.Module, steerer_or_dict: Union[Steerer, Mapping[int, SteererLike]],
+def patch_model(model: torch.nn.Module, steerer_or_dict: Union[Steerer, Mapping[int, SteererLike], SteererBank],
                 mode: str = "query", alpha: Optional[float] = None,
                 decoder_layers: DecoderLayers = None) -> PatchHandle:
     """Steer ``model`` at the output of decoder layers; returns a `PatchHandle` (a context manager).
@@ -97,7 +98,8 @@ def patch_model(model: torch.nn.Module, steerer_or_dict: Union[Steerer, Mapping[
     Args:
         model: a transformers 5 causal LM (or its base model / a VLM whose text model has decoder layers).
         steerer_or_dict: a `Steerer` (applied at ``steerer.layer``) or a dict ``{layer index: Steerer or
-            SteerParams}`` for several layers.
+            SteerParams}`` for several layers; or a `SteererBank` of named steerers, one chosen per row or request
+            (returns a `BankHandle`: ``handle.assign(names)``; docs/serving.md).
         mode: ``"query"`` (per sequence: gate and route once at the prompt's last token, add the same vector to
             every token) or ``"token"`` (every position gates and routes on its own hidden state).
         alpha: strength overriding each steerer's own ``alpha``; None keeps theirs.
@@ -109,6 +111,8 @@ def patch_model(model: torch.nn.Module, steerer_or_dict: Union[Steerer, Mapping[
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module (a transformers model), got {type(model).__name__}")
+    if isinstance(steerer_or_dict, SteererBank):
+        return patch_bank(model, steerer_or_dict, mode, alpha, decoder_layers)
     wanted = _normalise_steerers(steerer_or_dict)
     layer_modules = find_decoder_layers(model, decoder_layers)
     width = hidden_size(model)

@@ -1,0 +1,264 @@
+"""Per-request steering: a `SteererBank` of named steerers patched once, and a steerer (or none) chosen per row.
+
+    bank = finesteer.SteererBank({"safety": safety, "truthful": truthful})      # Steerers (each knows its layer)
+    with finesteer.patch_model(model, bank, mode="query") as handle:
+        handle.assign(["safety", None, "truthful", "safety"])                    # one entry per prompt (row)
+        out = model.generate(**batch, max_new_tokens=32)
+
+Each steered layer holds one `finesteer_kernels.SteerBank` of the steerers that act there (a steerer may act at
+several layers: give it as ``{layer: Steerer or SteerParams}``), so a mixed batch costs one launch per layer.
+Token mode passes a per-row bank index to `steer_bank_`; query mode synthesises each sequence's coefficients with
+its own steerer at its anchor (`synthesize_bank`), caches the per-sequence ``delta`` and adds it with the same
+`apply_delta_` as a single steerer, so a decode step costs the same whatever the mix. Rows assigned None (or a
+steerer that has no part at a layer) are left bit-identical there. Continuous batching (`generate_batch`,
+`init_continuous_batching`) takes the steerer per request: `finesteer.patching.continuous`. See docs/serving.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Optional
+
+import torch
+
+import finesteer_kernels
+from finesteer_kernels import SteerBank, SteerParams
+
+from ..layers import check_layer_index, find_decoder_layers, hidden_size
+from ..steerer import Steerer
+from .forward_context import ForwardContext, rows_for
+from .handle import PatchHandle, Site, _share_within_beams, _store_coef
+
+
+class SteererBank:
+    """Named steerers for serving many users: ``{name: Steerer}`` or ``{name: {layer: Steerer or SteerParams}}``.
+
+    ``default``: the name used for rows (requests) that are assigned nothing; None (the default) leaves them
+    unsteered. Names are what `PatchHandle.assign`, ``generate_batch(steerers=...)`` and
+    ``manager.add_request(steerer=...)`` take.
+    """
+
+    def __init__(self, steerers: Mapping, default: Optional[str] = None):
+        if not isinstance(steerers, Mapping) or not steerers:
+            raise TypeError("steerers: expected a non-empty dict {name: Steerer or {layer: Steerer/SteerParams}}")
+        self.sites: dict = {}  # name -> {layer: SteerParams}
+        for name, item in steerers.items():
+            if not isinstance(name, str):
+                raise TypeError(f"steerers: names are strings, got {name!r}")
+            if isinstance(item, Steerer):
+                self.sites[name] = {item.layer: item.params}
+            elif isinstance(item, Mapping) and item:
+                layers = {}
+                for layer, part in item.items():
+                    if not isinstance(layer, int) or isinstance(layer, bool):
+                        raise TypeError(f"steerers[{name!r}]: keys are decoder layer indices (int), got {layer!r}")
+                    if isinstance(part, Steerer):
+                        if part.layer != layer:
+                            raise ValueError(f"steerers[{name!r}]: key {layer} holds a steerer fitted at layer "
+                                             f"{part.layer}")
+                        part = part.params
+                    if not isinstance(part, SteerParams):
+                        raise TypeError(f"steerers[{name!r}][{layer}]: expected a Steerer or SteerParams, got "
+                                        f"{type(part).__name__}")
+                    layers[layer] = part
+                self.sites[name] = layers
+            else:
+                raise TypeError(f"steerers[{name!r}]: expected a Steerer or a dict {{layer: Steerer or SteerParams}}, "
+                                f"got {type(item).__name__}")
+        self.names = tuple(self.sites)
+        if default is not None and default not in self.sites:
+            raise KeyError(f"default: {default!r} is not one of the bank's names {list(self.names)}")
+        self.default = default
+
+    @property
+    def layers(self) -> tuple:
+        return tuple(sorted({layer for layers in self.sites.values() for layer in layers}))
+
+    def index_of(self, name: Optional[str]) -> int:
+        """Global index of a name (-1 for None: no steering)."""
+        if name is None:
+            return -1
+        if name not in self.sites:
+            raise KeyError(f"steerer {name!r} is not in the bank (names: {list(self.names)}; None = no steering)")
+        return self.names.index(name)
+
+    def indices(self, names: Sequence) -> list:
+        if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
+            raise TypeError("names: expected a list with one steerer name (or None) per row")
+        return [self.index_of(n) for n in names]
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{n}: layers {sorted(layers)}" for n, layers in self.sites.items())
+        return f"SteererBank({{{parts}}}, default={self.default!r})"
+
+
+@dataclasses.dataclass
+class BankSite(Site):
+    """A patched layer of a bank: the `SteerBank` of the steerers acting there and the map from the bank's global
+    steerer index to this layer's (-1 where a steerer has no part here); `params` is the first steerer's, which
+    the handle uses for device checks only."""
+
+    bank: Optional[SteerBank] = None
+    local_of: Optional[torch.Tensor] = None  # (S_global + 1,) int64: local index of global g at [g + 1]; [0] = -1
+    local_key: tuple = ()  # the same map as a tuple (a cache key: layers with equal maps share plans)
+    seq_index: Optional[torch.Tensor] = None  # query mode: (B,) local index per sequence of the last prefill
+    decode_map: Optional[torch.Tensor] = None  # query mode: (B,) row -> its delta row, -1 for unsteered sequences
+    slot_delta: Optional[torch.Tensor] = None  # continuous batching: (capacity, d) fp32 delta per request slot
+
+    def local(self, global_index: torch.Tensor) -> torch.Tensor:
+        return self.local_of[global_index + 1]
+
+
+class BankHandle(PatchHandle):
+    """The live patch of a `SteererBank`: a `PatchHandle` whose rows each get their own steerer.
+
+    ``handle.assign(names)`` sets the steerer of each row (one name or None per row; inside ``generate`` one per
+    prompt, expanded over beams and returned sequences); rows never assigned get ``bank.default``.
+    ``handle.params(layer)`` is the layer's `finesteer_kernels.SteerBank`."""
+
+    def __init__(self, model, sites: dict, mode: str, owner, layer_modules, steerers: SteererBank):
+        self.steerers = steerers
+        self._assignment: Optional[list] = None
+        self._assignment_tensors: dict = {}
+        super().__init__(model, sites, mode, owner, layer_modules)
+        from .continuous import ContinuousSteering
+
+        self.continuous = ContinuousSteering(self)
+
+    # ---- public ---------------------------------------------------------------------------------------------
+    def assign(self, names: Optional[Sequence]) -> "BankHandle":
+        """One steerer name (or None) per row of the next forwards / generate calls; None resets to the default."""
+        self._assignment = None if names is None else self.steerers.indices(names)
+        self._assignment_tensors = {}
+        return self
+
+    def params(self, layer: int) -> SteerBank:
+        return self._site(layer).bank
+
+    def remove(self) -> None:
+        if self.active:
+            self.continuous.remove()
+        super().remove()
+
+    # ---- rows -> steerers -----------------------------------------------------------------------------------
+    def _sequence_steerers(self, batch: int, ctx: Optional[ForwardContext], device) -> torch.Tensor:
+        """(B,) global steerer index per row of this forward."""
+        key = (batch, device)
+        cached = self._assignment_tensors.get(key)
+        if cached is not None:
+            return cached
+        if self._assignment is None:
+            values = [self.steerers.index_of(self.steerers.default)] * batch
+        else:
+            n = len(self._assignment)
+            inside_generate = ctx is not None and ctx.call is not None
+            if batch != n and not (inside_generate and batch % n == 0):
+                raise ValueError(f"assign: {n} steerer names for a batch of {batch} rows; give one name per row "
+                                 "(inside generate: one per prompt, expanded over beams and returned sequences)")
+            values = [g for g in self._assignment for _ in range(batch // n)]
+        cached = self._assignment_tensors[key] = torch.tensor(values, dtype=torch.long, device=device)
+        return cached
+
+    # ---- steering -------------------------------------------------------------------------------------------
+    def _steer_tokens(self, site: BankSite, hidden, ctx, in_place):
+        packed = self.continuous.batch_of(ctx)
+        if packed is not None:
+            return self.continuous.steer_tokens(site, hidden, packed, in_place)
+        rows = rows_for(ctx, hidden)
+        index = site.local(self._sequence_steerers(hidden.shape[0], ctx, hidden.device))[:, None]
+        index = index.expand(hidden.shape[0], hidden.shape[1])
+        if rows.valid is not None:
+            index = torch.where(rows.valid, index, -1)  # padding stays as it is
+        plan = self._plan(site, ctx, index)
+        steer = finesteer_kernels.steer_bank_ if in_place else finesteer_kernels.steer_bank
+        return steer(hidden, site.bank, index, plan=plan)
+
+    def _plan(self, site: BankSite, ctx: Optional[ForwardContext], index: torch.Tensor):
+        """The row grouping of this forward, shared by every layer with the same steerers (one sort per forward)."""
+        if ctx is None:
+            return None
+        key = ("bank plan", index.shape, site.local_key)
+        if key not in ctx.derived:
+            ctx.derived[key] = finesteer_kernels.plan_rows(index, len(site.bank))
+        return ctx.derived[key]
+
+    def _steer_query(self, site: BankSite, hidden, ctx, in_place):
+        packed = self.continuous.batch_of(ctx)
+        if packed is not None:
+            return self.continuous.steer_query(site, hidden, packed, in_place)
+        rows = rows_for(ctx, hidden)
+        batch = hidden.shape[0]
+        apply = finesteer_kernels.apply_delta_ if in_place else finesteer_kernels.apply_delta
+        if rows.pending:
+            return hidden
+        if rows.decode:
+            if site.delta is None:
+                raise RuntimeError(f"layer {site.layer}: a decode step but no prefill was seen since patching (or "
+                                   "since reset()); run the prompt through the patched model first")
+            if site.delta.shape[0] != batch:
+                raise RuntimeError(f"layer {site.layer}: batch size changed between prefill ({site.delta.shape[0]} "
+                                   f"rows) and decode ({batch} rows)")
+            return apply(hidden, site.delta, site.decode_map.expand(batch, hidden.shape[1]))
+        seq_index = site.local(self._sequence_steerers(batch, ctx, hidden.device))
+        seq_index = torch.where(rows.anchor_found[:, 0], seq_index, -1)  # a row with no real prompt token: none
+        anchors = hidden[rows.batch_index, rows.anchor]
+        coef = _share_within_beams(finesteer_kernels.synthesize_bank(anchors, site.bank, seq_index), rows.num_beams)
+        site.coef = site.coef_memory = _store_coef(site.coef_memory, coef)
+        delta = finesteer_kernels.bank_coef_delta(coef, site.bank, seq_index)
+        site.delta = site.delta_memory = _store_coef(site.delta_memory, delta)
+        site.seq_index = seq_index
+        site.decode_map = torch.where(seq_index >= 0, rows.batch_index, -1)[:, None]
+        row_to_seq = torch.where(site.decode_map >= 0, rows.row_to_seq, -1)
+        return apply(hidden, site.delta, row_to_seq)
+
+    def _begin_forward(self, reader, args: tuple, kwargs: dict) -> None:
+        if self.continuous.begin_forward(reader, args, kwargs):
+            return
+        super()._begin_forward(reader, args, kwargs)
+
+
+def _layer_banks(steerers: SteererBank, layer_modules, width: int, alpha, placement) -> dict:
+    """{layer: BankSite} with each layer's steerers packed on that layer's device."""
+    from .patch import _already_patched, _prepare
+
+    sites = {}
+    for layer in steerers.layers:
+        check_layer_index(layer, len(layer_modules), name="steerers", error=IndexError)
+        if _already_patched(layer_modules[layer]):
+            raise RuntimeError(f"model: layer {layer} is already patched by FineSteer; remove that patch first")
+        device, dtype = placement(layer_modules[layer], layer)
+        here = {}
+        for name in steerers.names:
+            params = steerers.sites[name].get(layer)
+            if params is None:
+                continue
+            if params.d != width:
+                raise ValueError(f"steerers[{name!r}]: the steerer for layer {layer} has hidden size {params.d}, but "
+                                 f"the model has hidden size {width}")
+            here[name] = _prepare(params, device, dtype, alpha)
+        bank = SteerBank(here)
+        local = [-1] + [bank.names.index(n) if n in here else -1 for n in steerers.names]
+        site = BankSite(layer, bank.params[0], bank=bank, local_key=tuple(local),
+                        local_of=torch.tensor(local, dtype=torch.long, device=device))
+        _warm(bank, device, dtype)
+        sites[layer] = site
+    return sites
+
+
+def _warm(bank: SteerBank, device, dtype) -> None:
+    """Run the bank ops once on the layer's device (packing, kernel compilation), as `patch._prepare` does for a
+    single steerer, so a problem shows at patch time and nothing compiles during a CUDA-graph capture."""
+    probe = torch.zeros(2, bank.d, device=device, dtype=dtype)
+    index = torch.tensor([0, -1], device=device)
+    finesteer_kernels.steer_bank(probe, bank, index)
+    coef = finesteer_kernels.synthesize_bank(probe, bank, index)
+    finesteer_kernels.bank_coef_delta(coef, bank, index)
+
+
+def patch_bank(model: torch.nn.Module, steerers: SteererBank, mode: str, alpha, decoder_layers) -> BankHandle:
+    """`patch_model` for a `SteererBank` (it has checked ``mode`` and ``model``)."""
+    from .patch import _owner_of, _placement
+
+    layer_modules = find_decoder_layers(model, decoder_layers)
+    sites = _layer_banks(steerers, layer_modules, hidden_size(model), alpha, _placement)
+    return BankHandle(model, sites, mode, _owner_of(model, layer_modules), layer_modules, steerers)

