@@ -19,6 +19,12 @@ def _eval(args: argparse.Namespace) -> int:
     return evaluate.run(args)
 
 
+def _transfer(args: argparse.Namespace) -> int:
+    from . import transfer
+
+    return transfer.run(args)
+
+
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -34,7 +40,7 @@ def _fit(args: argparse.Namespace) -> int:
                          completions_per_prompt=args.completions_per_prompt, batch_size=args.batch_size,
                          max_prompt_tokens=args.max_prompt_tokens, max_completion_tokens=args.max_completion_tokens,
                          r=args.r, num_experts=args.num_experts, res_rank=args.res_rank, hidden=args.hidden,
-                         epochs=args.epochs, alpha=args.alpha)
+                         epochs=args.epochs, alpha=args.alpha, gate=args.gate, max_fpr=args.max_fpr)
     if args.recipe == "truthfulness" and args.qa is None:
         raise SystemExit("finesteer fit: --qa FILE is required with --recipe truthfulness")
     targets = datasets.load_jsonl(args.targets, field=args.field) if args.targets else None
@@ -43,7 +49,7 @@ def _fit(args: argparse.Namespace) -> int:
     loaded = time.perf_counter()
     steerer = run_recipe(args.recipe, model, tokenizer, layer=args.layer, method=args.method, targets=targets,
                          benign=benign, qa_path=args.qa, options=options, model_name=args.model,
-                         progress=not args.quiet)
+                         activation_cache="", progress=not args.quiet)
     steerer.metadata["timings"]["model_load_s"] = loaded - started
     steerer.metadata["timings"]["total_s"] = time.perf_counter() - started
     steerer.save(args.out)
@@ -77,7 +83,9 @@ def _summary(steerer) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finesteer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    from . import demo as demo_module, evaluate as evaluate_module
+    from . import demo as demo_module, evaluate as evaluate_module, transfer as transfer_module
+    from .gates import GATES
+    from .recipes import DEFAULT_GATE, parse_layer
 
     demo = sub.add_parser("demo", help="fit (or load) a safety steerer on the real model and show it at work",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=demo_module.__doc__)
@@ -88,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 description=evaluate_module.__doc__)
     evaluate_module.add_arguments(evaluation)
     evaluation.set_defaults(func=_eval)
+    transfer = sub.add_parser("transfer", help="leave-one-source-out transfer of every gate variant (LOSO table)",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                              description=transfer_module.__doc__)
+    transfer_module.add_arguments(transfer)
+    transfer.set_defaults(func=_transfer)
 
     fit = sub.add_parser(
         "fit", help="fit a steerer on a model and save it as a safetensors file",
@@ -105,9 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="safety: gate on harmful requests (HarmBench, Do-Not-Answer, StrongREJECT) and steer "
                           "from compliant towards refusing completions; truthfulness: gate on the questions of "
                           "--qa and steer from incorrect towards correct answers")
-    fit.add_argument("--layer", type=int, default=None,
+    fit.add_argument("--layer", type=parse_layer, default=None,
                      help="decoder layer whose output is read and edited (default: the middle layer, "
-                          "num_layers // 2)")
+                          "num_layers // 2), or 'auto': the candidate layer with the best source-held-out "
+                          "calibration AUC of the gate")
+    fit.add_argument("--gate", choices=GATES, default=DEFAULT_GATE,
+                     help="gate variant: scs (the paper's: top-r principal subspace of the targets), contrastive "
+                          "(generalised eigenvectors of target vs benign second moments) or linear (a shrinkage-"
+                          "LDA direction in the op's cone form); see docs/fitting.md")
+    fit.add_argument("--max-fpr", type=float, default=None,
+                     help="Neyman-Pearson threshold: the lowest tau with at most this FPR on the benign "
+                          "calibration prompts (default: the paper's logistic calibration)")
     fit.add_argument("--method", choices=("finesteer", "caa", "cast"), default="finesteer",
                      help="finesteer: SCS subspace gate + mixture of steering experts; caa: the mean shift, no "
                           "gate; cast: a one-direction condition (best-F1 threshold) + the mean shift")

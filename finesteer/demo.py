@@ -11,10 +11,9 @@ import argparse
 import shutil
 import textwrap
 import time
-from typing import Optional
 
 from . import data as datasets
-from .evaluate import (add_fit_arguments, anchor_activations, benign_groups, check_compatible, check_same_split,
+from .workflow import (add_fit_arguments, anchor_activations, benign_groups, check_compatible, check_same_split,
                        encode_batches, exit_on_missing_package, fit_options, fitted_steerer,
                        gate_scores, generate, held_out_prompts)
 from .refusal import is_refusal

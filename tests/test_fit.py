@@ -69,10 +69,10 @@ def test_scs_threshold_starts_from_recall_and_moves_with_logistic_fit():
     benign = torch.cat([cal["benign"][:50], cal["targets"][50:] + 0.5 * torch.randn(50, D)])
     scs = F.fit_scs(data["targets"], cal["targets"][:50], benign, recall=0.9)
     scores = F.energy_ratio(cal["targets"][:50], scs.basis, scs.mean)
-    assert scs.tau_start == pytest.approx(float(torch.quantile(scores, 0.1)), rel=1e-6)
-    assert scs.logistic["converged"] and scs.logistic["used"]
-    assert scs.logistic["w"] > 0
-    assert scs.tau != scs.tau_start  # the logistic fit, not the start, sets tau
+    assert scs.rule["start"] == pytest.approx(float(torch.quantile(scores, 0.1)), rel=1e-6)
+    assert scs.rule["method"] == "logistic" and scs.rule["converged"] and scs.rule["used"]
+    assert scs.rule["w"] > 0
+    assert scs.tau != scs.rule["start"]  # the logistic fit, not the start, sets tau
 
 
 def test_mose_chooses_planted_k_and_beats_caa_on_held_out(fitted):
@@ -295,10 +295,10 @@ def test_layer_index_checks_share_one_helper_and_message():
     with pytest.raises(ValueError, match=rf"layers\[1\]: {out_of_range}"):
         collect_activations(model, CharTokenizer(), ["x"], [0, n], progress=False)
     with pytest.raises(ValueError, match=f"layer: {out_of_range}"):
-        recipes._layer(model, n)
+        recipes._layers_to_collect(model, n)
     with pytest.raises(ControlVectorError, match=f"layer: {out_of_range}"):
         import_cast(torch.ones(d), torch.ones(d), 0.5, n, model=model)
-    assert recipes._layer(model, None) == n // 2
+    assert recipes._layers_to_collect(model, None) == [n // 2]
     layer = check_layer_index(np.int64(n - 1), n)
     assert layer == n - 1 and type(layer) is int
     for bad in (-1, True, 1.0, "1"):
