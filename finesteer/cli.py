@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     from . import demo as demo_module, evaluate as evaluate_module, transfer as transfer_module
     from .gates import GATES
-    from .recipes import DEFAULT_GATE, parse_layer
+    from .recipes import DEFAULT_GATE, DEFAULT_MAX_FPR, optional_share, parse_layer
 
     demo = sub.add_parser("demo", help="fit (or load) a safety steerer on the real model and show it at work",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=demo_module.__doc__)
@@ -126,9 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="gate variant: scs (the paper's: top-r principal subspace of the targets), contrastive "
                           "(generalised eigenvectors of target vs benign second moments) or linear (a shrinkage-"
                           "LDA direction in the op's cone form); see docs/fitting.md")
-    fit.add_argument("--max-fpr", type=float, default=None,
+    fit.add_argument("--max-fpr", type=optional_share, default=DEFAULT_MAX_FPR,
                      help="Neyman-Pearson threshold: the lowest tau with at most this FPR on the benign "
-                          "calibration prompts (default: the paper's logistic calibration)")
+                          "calibration prompts; 'none' for the paper's logistic calibration")
     fit.add_argument("--method", choices=("finesteer", "caa", "cast"), default="finesteer",
                      help="finesteer: SCS subspace gate + mixture of steering experts; caa: the mean shift, no "
                           "gate; cast: a one-direction condition (best-F1 threshold) + the mean shift")

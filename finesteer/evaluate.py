@@ -44,11 +44,16 @@ from .workflow import (add_fit_arguments, anchor_activations, benign_groups, che
                        kl_divergence, model_identity)
 
 GROUPS = ("harmful", "benign", "overrefusal")
-METHODS = ("none", "caa", "cast", "finesteer-query", "finesteer-token")
-FITTED = {"caa": "caa", "cast": "cast", "finesteer-query": "finesteer", "finesteer-token": "finesteer"}
+METHODS = ("none", "caa", "cast", "finesteer-scs", "finesteer-query", "finesteer-token")
+# method -> the fitted steerer it uses; fitted steerer -> (recipe method, gate variant; None: the --gate option)
+FITTED = {"caa": "caa", "cast": "cast", "finesteer-scs": "finesteer-scs", "finesteer-query": "finesteer",
+          "finesteer-token": "finesteer"}
+RECIPE = {"caa": ("caa", None), "cast": ("cast", None), "finesteer": ("finesteer", None),
+          "finesteer-scs": ("finesteer", "scs")}
 # CAA has no gate, so its mode does not matter; CAST decides once per prompt (its condition is checked on the
-# prompt), which is query mode.
-MODE_OF = {"none": None, "caa": "query", "cast": "query", "finesteer-query": "query", "finesteer-token": "token"}
+# prompt), which is query mode. finesteer-scs is FineSteer with the paper's SCS gate, for comparison.
+MODE_OF = {"none": None, "caa": "query", "cast": "query", "finesteer-scs": "query", "finesteer-query": "query",
+           "finesteer-token": "token"}
 DEFAULT_ALPHAS = (0.5, 1.0, 2.0, 4.0)
 
 
@@ -115,22 +120,26 @@ def run_evaluation(model, tokenizer, *, model_name: str, options, layer: Optiona
     group_of = [g for g in GROUPS for _ in groups[g].prompts]
 
     steerers, fit_info, clock = {}, {}, time.perf_counter()
-    for method in dict.fromkeys(FITTED[m] for m in methods if m != "none"):
-        steerer, from_cache = fitted_steerer(model, tokenizer, method, layer, options, model_name, cache, refit,
+    for key in dict.fromkeys(FITTED[m] for m in methods if m != "none"):
+        method, gate = RECIPE[key]
+        opts = options if gate is None else dataclasses.replace(options, gate=gate)
+        steerer, from_cache = fitted_steerer(model, tokenizer, method, layer, opts, model_name, cache, refit,
                                              progress)
         check_same_split(steerer, harmful_test, benign_test)
-        steerers[method] = steerer
-        fit_info[method] = {"from_cache": from_cache, "layer": steerer.layer, "params": repr(steerer.params),
-                            "fit_timings_s": steerer.metadata.get("timings"),
-                            "gate_test_at_fit": (steerer.metadata.get("metrics", {}).get("gate") or {}).get("test")}
+        steerers[key] = steerer
+        metrics = steerer.metadata.get("metrics", {})
+        fit_info[key] = {"from_cache": from_cache, "layer": steerer.layer, "params": repr(steerer.params),
+                         "gate": (metrics.get("gate") or {}).get("kind", "cast" if method == "cast" else None),
+                         "fit_timings_s": steerer.metadata.get("timings"),
+                         "gate_test_at_fit": (metrics.get("gate") or {}).get("test"),
+                         "transfer_at_fit": metrics.get("transfer")}
     fit_seconds = time.perf_counter() - clock
 
     gates: dict = {}
-    if steerers:
-        site = next(iter(steerers.values())).layer
-        anchors = anchor_activations(model, tokenizer, prompts, site, options, progress)
-        for method, steerer in steerers.items():
-            gates[method] = gate_scores(steerer, anchors)[1].tolist()
+    anchors = {site: anchor_activations(model, tokenizer, prompts, site, options, progress)
+               for site in dict.fromkeys(s.layer for s in steerers.values())}
+    for key, steerer in steerers.items():
+        gates[key] = gate_scores(steerer, anchors[steerer.layer])[1].tolist()
 
     configs = [("none", None)] + [(m, float(a)) for m in methods if m != "none" for a in alphas]
     batches = encode_batches(tokenizer, prompts, gen_batch_size, options.max_prompt_tokens)
@@ -196,7 +205,7 @@ def _cell(key: str, value) -> str:
         return str(value)
     if key == "alpha":
         return f"{value:g}"
-    if key.startswith(("gate_on", "refusal", "identical")):
+    if key.startswith(("gate_on", "refusal", "identical", "rate")):
         return f"{100 * value:.0f} %"
     if key.startswith("kl"):
         return f"{value:.3f}"
@@ -216,7 +225,31 @@ def markdown_table(results: dict) -> str:
                  f"{d['overrefusal']['n']} over-refusal prompts. {results['created'][:10]}, {m['cpu']} "
                  f"({m['cpu_count']} cores, load average {m['load_average_start']} at start), "
                  f"torch {m['torch']}, backend {m['backend']}.")
+    lines += transfer_lines(results["steerers"])
     return "\n".join(lines) + "\n"
+
+
+def transfer_lines(fit_info: dict) -> list:
+    """Leave-one-source-out gate transfer of each gated steerer, as its fit measured it on the recipe's own
+    prompts: TPR on each held-out harmful source, FPR on each held-out benign source, and the macro averages."""
+    rows = {key: info["transfer_at_fit"] for key, info in fit_info.items() if info.get("transfer_at_fit")}
+    if not rows:
+        return []
+    sources = list(dict.fromkeys(s for t in rows.values() for s in t["per_source"]))
+    harmful = [s for s in sources if any(t["per_source"].get(s, {}).get("side") == "harmful" for t in rows.values())]
+    benign = [s for s in sources if s not in harmful]
+    lines = ["", "Gate transfer, leave one source out (each source in turn left out of the gate's fit and "
+                 "calibration, then all its prompts scored):", "",
+             "| steerer | gate | layer | " + " | ".join(f"TPR {s}" for s in harmful) + " | macro TPR | "
+             + " | ".join(f"FPR {s}" for s in benign) + " | macro FPR |",
+             "|---|---|--:|" + "--:|" * (len(harmful) + len(benign) + 2)]
+    for key, t in rows.items():
+        per = t["per_source"]
+        cell = lambda s, k: _cell("rate", per[s][k]) if s in per else "—"  # noqa: E731
+        lines.append(f"| {key} | {fit_info[key]['gate']} | {fit_info[key]['layer']} | "
+                     + " | ".join(cell(s, "tpr") for s in harmful) + f" | {_cell('rate', t['macro']['tpr'])} | "
+                     + " | ".join(cell(s, "fpr") for s in benign) + f" | {_cell('rate', t['macro']['fpr'])} |")
+    return lines
 
 
 def plot(results: dict, path: str | os.PathLike) -> None:

@@ -30,7 +30,22 @@ METHODS = ("finesteer", "caa", "cast")
 # The demo's and eval's defaults: the gate and layer that `finesteer transfer` chose for SmolLM2-135M-Instruct by the
 # source-held-out calibration AUC (fit and calibration prompts only; results/transfer.md).
 DEFAULT_GATE = "linear"
-DEFAULT_LAYER = 15
+DEFAULT_LAYER = 21
+# The issue's target is at most 3 % of benign prompts steered, so the threshold is set for that on calibration data.
+DEFAULT_MAX_FPR = 0.03
+
+
+def optional_share(text: str) -> Optional[float]:
+    """A ``--max-fpr`` value: a share in [0, 1), or ``none``."""
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a share in [0, 1) or 'none', got {text!r}")
+    return value
 
 
 def parse_layer(text: str):
@@ -75,7 +90,7 @@ class FitOptions:
     max_prompt_tokens: int = 256
     max_completion_tokens: int = 64
     gate: str = DEFAULT_GATE
-    max_fpr: Optional[float] = None  # Neyman-Pearson threshold for at most this calibration FPR (else logistic)
+    max_fpr: Optional[float] = DEFAULT_MAX_FPR  # Neyman-Pearson threshold for this calibration FPR; None: logistic
     r: Optional[int] = None
     num_experts: Optional[int] = None
     res_rank: int = 8

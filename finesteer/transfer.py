@@ -82,7 +82,7 @@ def source_held_out_auc(kind: str, harmful: dict, benign: dict, splits: dict, wi
     aucs = []
     for side, other in ((harmful, benign), (benign, harmful)):
         for source in side:
-            if source in without:
+            if source in without or len(splits[source][1]) == 0:
                 continue
             gate = fit_without(kind, harmful, benign, splits, (*without, source), **gate_options)
             own = gate.scores(side[source][splits[source][1]])
