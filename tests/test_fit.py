@@ -304,3 +304,57 @@ def test_layer_index_checks_share_one_helper_and_message():
     for bad in (-1, True, 1.0, "1"):
         with pytest.raises(ValueError, match="where: expected a non-negative int"):
             check_layer_index(bad, n, "where")
+
+
+def test_pooled_anchor_rows_and_the_activation_cache(tmp_path):
+    from finesteer.activation_cache import cached_anchor_activations
+    from finesteer.activations import collect_activations, collect_pooled_activations
+    from tiny_models import tiny_model
+
+    model, tok = tiny_model("llama"), CharTokenizer()
+    prompts = ["short", "a considerably longer prompt here", "mid length"]
+    pooled = collect_pooled_activations(model, tok, prompts, [0, 1], (1, 4, 100), batch_size=2, progress=False)
+    for i, p in enumerate(prompts):
+        hidden = _hidden(model, tok(p)["input_ids"], 1)
+        for j, n in enumerate((1, 4, 100)):  # the mean of the last n prompt tokens (all of them when shorter)
+            assert torch.allclose(pooled[1][i, j], hidden[-n:].mean(0), atol=1e-5)
+    assert torch.equal(collect_activations(model, tok, prompts, [0, 1], batch_size=2, progress=False)[1],
+                       pooled[1][:, 0])
+    with pytest.raises(ValueError, match="pools: expected positive token counts"):
+        collect_pooled_activations(model, tok, prompts, 0, (0,), progress=False)
+
+    first = cached_anchor_activations(model, tok, prompts, [1, 0], model_name="tiny", pools=(1, 4), cache=tmp_path,
+                                      progress=False)
+    assert torch.allclose(first[1], pooled[1][:, :2], atol=1e-5)
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and files[0].suffix == ".safetensors"
+    again = cached_anchor_activations(None, None, prompts, [0, 1], model_name="tiny", pools=(1, 4), cache=tmp_path)
+    assert all(torch.equal(first[k], again[k]) for k in (0, 1))  # read back without the model
+    cached_anchor_activations(model, tok, prompts[:2], [0, 1], model_name="tiny", pools=(1, 4), cache=tmp_path,
+                              progress=False)
+    assert len(list(tmp_path.iterdir())) == 2  # other prompts, another key
+
+
+def test_recipe_with_layer_auto_records_the_search_and_the_transfer(tmp_path):
+    from finesteer import data as D
+    from finesteer import recipes
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama", num_hidden_layers=6)
+    src = {s: D.Source(s, "user", "1", "f", "MIT") for s in ("h1", "h2", "b1", "b2")}
+    targets = D.PromptSet("t", [f"how to do harm number {i}" for i in range(24)], ["h1"] * 12 + ["h2"] * 12, src)
+    benign = D.PromptSet("b", [f"a kind question {i}?" for i in range(16)], ["b1"] * 8 + ["b2"] * 8, src)
+    completions = {p: "no" for p in targets.prompts}
+    steerer = recipes.fit_recipe(model, CharTokenizer(), recipe="test", targets=targets, benign=benign,
+                                 desired=completions, undesired={p: "yes" for p in targets.prompts}, layer="auto",
+                                 model_name="tiny", activation_cache=str(tmp_path), progress=False,
+                                 options=recipes.FitOptions(n_target=24, n_benign=16, epochs=3, num_experts=1))
+    search = steerer.metadata["layer_search"]
+    assert recipes.candidate_layers(6) == [1, 2, 3, 4]
+    assert set(search["scores"]) == {"1", "2", "3", "4"} and search["chosen"] == steerer.layer
+    assert search["scores"][str(steerer.layer)] == max(search["scores"].values())
+    metrics = steerer.metadata["metrics"]
+    assert metrics["gate"]["kind"] == recipes.DEFAULT_GATE and metrics["gate"]["rule"]["method"] == "max_fpr"
+    assert set(metrics["transfer"]["per_source"]) == {"h1", "h2", "b1", "b2"}
+    assert {r["side"] for r in metrics["transfer"]["per_source"].values()} == {"harmful", "benign"}
+    assert len(list(tmp_path.iterdir())) == 1  # the anchor rows went to the activation cache
