@@ -84,8 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="finesteer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     from . import demo as demo_module, evaluate as evaluate_module, transfer as transfer_module
-    from .gates import GATES
-    from .recipes import DEFAULT_GATE, DEFAULT_MAX_FPR, optional_share, parse_layer
+    from .recipes import add_gate_arguments
 
     demo = sub.add_parser("demo", help="fit (or load) a safety steerer on the real model and show it at work",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter, description=demo_module.__doc__)
@@ -118,19 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="safety: gate on harmful requests (HarmBench, Do-Not-Answer, StrongREJECT) and steer "
                           "from compliant towards refusing completions; truthfulness: gate on the questions of "
                           "--qa and steer from incorrect towards correct answers")
-    fit.add_argument("--layer", type=parse_layer, default=None,
-                     help="decoder layer whose output is read and edited (default: the middle layer, "
-                          "num_layers // 2), or 'auto': the candidate layer with the best source-held-out "
-                          "calibration AUC of the gate")
-    fit.add_argument("--gate", choices=GATES, default=DEFAULT_GATE,
-                     help="gate variant: scs (the paper's: top-r principal subspace of the targets), contrastive "
-                          "(generalised eigenvectors of target vs benign second moments) or linear (a shrinkage-"
-                          "LDA direction in the op's cone form); see docs/fitting.md")
-    fit.add_argument("--max-fpr", type=optional_share, default=DEFAULT_MAX_FPR,
-                     help="Neyman-Pearson threshold: the lowest tau with at most this FPR on the benign "
-                          "calibration prompts; 'none' for the paper's logistic calibration")
+    add_gate_arguments(fit, default_layer=None)
     fit.add_argument("--method", choices=("finesteer", "caa", "cast"), default="finesteer",
-                     help="finesteer: SCS subspace gate + mixture of steering experts; caa: the mean shift, no "
+                     help="finesteer: the --gate + mixture of steering experts; caa: the mean shift, no "
                           "gate; cast: a one-direction condition (best-F1 threshold) + the mean shift")
     fit.add_argument("--out", required=True, help="where to write the steerer (.safetensors)")
     fit.add_argument("--report", default=None, help="also write the summary and the full metadata as JSON here")
@@ -150,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--completions-per-prompt", type=int, default=1,
                      help="desired and undesired completions averaged per target prompt for Delta")
     fit.add_argument("--r", type=int, default=None,
-                     help="gate subspace rank (default: explaining 90%% of the target variance, at most 32)")
+                     help="gate subspace rank (default: the variant's own rule; scs: explaining 90%% of the target "
+                          "variance, at most 32; contrastive: the best calibration AUC; linear: 1)")
     fit.add_argument("--num-experts", type=int, default=None,
                      help="number of experts K (default: Calinski-Harabasz over 2..10)")
     fit.add_argument("--res-rank", type=int, default=8, help="rank k of the residual basis (0: no residual MLP)")

