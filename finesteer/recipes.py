@@ -72,6 +72,8 @@ def parse_layer(text: str):
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a decoder layer index or 'auto', got {text!r}") from None
+
+
 RECIPES = ("safety", "truthfulness")
 
 REFUSALS = (
@@ -190,7 +192,7 @@ def fit_recipe(model, tokenizer, *, recipe: str, targets: datasets.PromptSet, be
     from one pass over the fit and calibration prompts. ``activation_cache``: a folder (or ``""`` for the default
     one) where the anchor rows are cached on disk (`finesteer.activation_cache`); None collects them each time.
     """
-    from .transfer import fit_without, held_out_rates, macro, select_layer
+    from .transfer import fit_without, held_out_candidates, held_out_rates, macro, select_layer
 
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
@@ -235,9 +237,10 @@ def fit_recipe(model, tokenizer, *, recipe: str, targets: datasets.PromptSet, be
     layer_search = None
     if layer == "auto":
         clock = time.perf_counter()
-        layer, criterion = select_layer(opts.gate if method == "finesteer" else "linear", by_layer, splits,
-                                        target_sources, max_fpr=opts.max_fpr)
-        layer_search = {"criterion": "source-held-out calibration AUC", "gate": opts.gate,
+        # CAA and CAST have no gate of their own to rank layers with: they use the linear gate's ranking
+        searched = opts.gate if method == "finesteer" else "linear"
+        layer, criterion = select_layer(searched, by_layer, splits, target_sources, max_fpr=opts.max_fpr)
+        layer_search = {"criterion": "source-held-out calibration AUC", "gate": searched,
                         "scores": {str(k): v for k, v in criterion.items()}, "chosen": layer}
         timings["layer_search_s"] = time.perf_counter() - clock
     else:
@@ -269,10 +272,12 @@ def fit_recipe(model, tokenizer, *, recipe: str, targets: datasets.PromptSet, be
         rows = by_layer[layer]
         harmful = {s: r for s, r in rows.items() if s in target_sources}
         benign_rows = {s: r for s, r in rows.items() if s not in target_sources}
+        held_out = held_out_candidates(harmful) + held_out_candidates(benign_rows)
         folds = {source: held_out_rates(fit_without(opts.gate, harmful, benign_rows, splits, [source], r=opts.r,
                                                     max_fpr=opts.max_fpr), harmful, benign_rows, splits, source)
-                 for source in rows}
-        metrics["transfer"] = {"per_source": folds, "macro": macro(folds) if len(folds) > 1 else None}
+                 for source in held_out}
+        sides = {f["side"] for f in folds.values()}
+        metrics["transfer"] = {"per_source": folds, "macro": macro(folds) if sides == {"harmful", "benign"} else None}
     elif method == "caa":
         caa = fit_caa(delta, alpha=opts.alpha)
         params = caa.params

@@ -77,18 +77,27 @@ def fit_without(kind: str, harmful: dict, benign: dict, splits: dict, without: S
 def source_held_out_auc(kind: str, harmful: dict, benign: dict, splits: dict, without: Sequence[str] = (),
                         **gate_options) -> float:
     """The layer-selection criterion: mean over the sources not in ``without`` of the calibration AUC of that
-    source (its calibration rows against the other class's calibration rows) for a gate fitted without it.
-    Uses fit and calibration rows only."""
+    source (its calibration rows against the other class's calibration rows) for a gate fitted without it. A side
+    with a single source keeps it (nothing would be left to fit on); with one source on each side this is the plain
+    calibration AUC. Uses fit and calibration rows only."""
     aucs = []
     for side, other in ((harmful, benign), (benign, harmful)):
-        for source in side:
-            if source in without or len(splits[source][1]) == 0:
+        for source in held_out_candidates(side, without):
+            if len(splits[source][1]) == 0:
                 continue
             gate = fit_without(kind, harmful, benign, splits, (*without, source), **gate_options)
             own = gate.scores(side[source][splits[source][1]])
             rest = gate.scores(_part(other, splits, 1, without))
             aucs.append(roc_auc(own, rest) if side is harmful else roc_auc(rest, own))
+    if not aucs:
+        return fit_without(kind, harmful, benign, splits, without, **gate_options).calibration.auc
     return float(np.mean(aucs))
+
+
+def held_out_candidates(side: dict, without: Sequence[str] = ()) -> list:
+    """The sources of one side that can be left out: all of them unless only one would remain."""
+    left = [s for s in side if s not in without]
+    return left if len(left) > 1 else []
 
 
 def select_layer(kind: str, rows_by_layer: dict, splits: dict, harmful_sources: Sequence[str],

