@@ -192,7 +192,7 @@ def fit_recipe(model, tokenizer, *, recipe: str, targets: datasets.PromptSet, be
     from one pass over the fit and calibration prompts. ``activation_cache``: a folder (or ``""`` for the default
     one) where the anchor rows are cached on disk (`finesteer.activation_cache`); None collects them each time.
     """
-    from .transfer import fit_without, held_out_candidates, held_out_rates, macro, select_layer
+    from .transfer import by_side, fit_without, held_out_candidates, held_out_rates, macro, select_layer
 
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
@@ -269,9 +269,7 @@ def fit_recipe(model, tokenizer, *, recipe: str, targets: datasets.PromptSet, be
         metrics["mose"] = mose.report.as_dict()
         gate_target, gate_benign = gate.gate(h_tt), gate.gate(h_bt)
         # transfer: the same gate refitted without each source in turn, tested on all of that source's prompts
-        rows = by_layer[layer]
-        harmful = {s: r for s, r in rows.items() if s in target_sources}
-        benign_rows = {s: r for s, r in rows.items() if s not in target_sources}
+        harmful, benign_rows = by_side(by_layer[layer], target_sources)
         held_out = held_out_candidates(harmful) + held_out_candidates(benign_rows)
         folds = {source: held_out_rates(fit_without(opts.gate, harmful, benign_rows, splits, [source], r=opts.r,
                                                     max_fpr=opts.max_fpr), harmful, benign_rows, splits, source)

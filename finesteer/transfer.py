@@ -100,15 +100,19 @@ def held_out_candidates(side: dict, without: Sequence[str] = ()) -> list:
     return left if len(left) > 1 else []
 
 
+def by_side(rows: dict, harmful_sources: Sequence[str]) -> tuple:
+    """``({harmful source: rows}, {benign source: rows})`` from one layer's ``{source: rows}``."""
+    return ({s: r for s, r in rows.items() if s in harmful_sources},
+            {s: r for s, r in rows.items() if s not in harmful_sources})
+
+
 def select_layer(kind: str, rows_by_layer: dict, splits: dict, harmful_sources: Sequence[str],
                  without: Sequence[str] = (), **gate_options) -> tuple:
     """``(best layer, {layer: criterion})``: `source_held_out_auc` per layer of ``rows_by_layer`` (layer ->
     {source: rows}); ties go to the earlier layer (cheaper to reach)."""
     scores = {}
     for layer, rows in rows_by_layer.items():
-        harmful = {s: r for s, r in rows.items() if s in harmful_sources}
-        benign = {s: r for s, r in rows.items() if s not in harmful_sources}
-        scores[layer] = source_held_out_auc(kind, harmful, benign, splits, without, **gate_options)
+        scores[layer] = source_held_out_auc(kind, *by_side(rows, harmful_sources), splits, without, **gate_options)
     best = max(scores, key=lambda layer: (scores[layer], -layer))
     return best, scores
 
@@ -159,8 +163,6 @@ def study(acts: dict, sizes: list, harmful_sources: Sequence[str], *, gates: Seq
     splits = {source: split_indices(n, seed) for source, n in sizes}
     by_layer = _rows_by_layer(acts, sizes, 0)
     sources = [s for s, _ in sizes]
-    split_rows = lambda layer: ({s: r for s, r in by_layer[layer].items() if s in harmful_sources},  # noqa: E731
-                                {s: r for s, r in by_layer[layer].items() if s not in harmful_sources})
     candidates = {layer: by_layer[layer] for layer in candidate_layers}
     out: dict = {"sources": dict(sizes), "harmful_sources": list(harmful_sources), "max_fpr": max_fpr,
                  "candidate_layers": list(candidate_layers), "fixed_layer": fixed_layer, "gates": {}}
@@ -169,7 +171,7 @@ def study(acts: dict, sizes: list, harmful_sources: Sequence[str], *, gates: Seq
     for kind in gates:
         curves = {}
         for layer in sorted(by_layer):
-            harmful, benign = split_rows(layer)
+            harmful, benign = by_side(by_layer[layer], harmful_sources)
             gate = fit_without(kind, harmful, benign, splits)
             test_auc = roc_auc(gate.scores(_part(harmful, splits, 2)), gate.scores(_part(benign, splits, 2)))
             curves[layer] = {"calibration_auc": gate.calibration.auc, "test_auc": test_auc}
@@ -181,12 +183,12 @@ def study(acts: dict, sizes: list, harmful_sources: Sequence[str], *, gates: Seq
         folds = {}
         for held_out in sources:
             layer, _ = select_layer(kind, candidates, splits, harmful_sources, without=[held_out])
-            harmful, benign = split_rows(layer)
+            harmful, benign = by_side(by_layer[layer], harmful_sources)
             fold = {"layer": layer}
             for rule, options in (("logistic", {}), ("max_fpr", {"max_fpr": max_fpr})):
                 gate = fit_without(kind, harmful, benign, splits, [held_out], **options)
                 fold[rule] = held_out_rates(gate, harmful, benign, splits, held_out)
-            harmful, benign = split_rows(fixed_layer)
+            harmful, benign = by_side(by_layer[fixed_layer], harmful_sources)
             gate = fit_without(kind, harmful, benign, splits, [held_out])
             fold["fixed_layer_logistic"] = held_out_rates(gate, harmful, benign, splits, held_out)
             folds[held_out] = fold
@@ -214,9 +216,7 @@ def tradeoff(kind: str, by_layer: dict, splits: dict, harmful_sources, layers: d
     for target in targets:
         folds = {}
         for held_out, layer in layers.items():
-            rows = by_layer[layer]
-            harmful = {s: r for s, r in rows.items() if s in harmful_sources}
-            benign = {s: r for s, r in rows.items() if s not in harmful_sources}
+            harmful, benign = by_side(by_layer[layer], harmful_sources)
             gate = fit_without(kind, harmful, benign, splits, [held_out], max_fpr=target)
             folds[held_out] = held_out_rates(gate, harmful, benign, splits, held_out)
         points.append({"max_fpr": target, **macro(folds)})
@@ -228,8 +228,7 @@ def pooling(kind: str, acts: dict, sizes: list, splits: dict, harmful_sources, l
     out = {}
     for index, n in enumerate(POOLS):
         rows = _rows_by_layer({layer: acts[layer]}, sizes, index)[layer]
-        harmful = {s: r for s, r in rows.items() if s in harmful_sources}
-        benign = {s: r for s, r in rows.items() if s not in harmful_sources}
+        harmful, benign = by_side(rows, harmful_sources)
         folds = {s: held_out_rates(fit_without(kind, harmful, benign, splits, [s]), harmful, benign, splits, s)
                  for s in rows}
         out[str(n)] = macro(folds)

@@ -174,3 +174,27 @@ def test_a_side_with_one_source_is_never_left_out():
     single = {"b1": rows["b1"]}
     plain = T.fit_without("linear", one_harmful, single, splits).calibration.auc
     assert T.source_held_out_auc("linear", one_harmful, single, splits) == plain
+
+
+def test_transfer_study_tables_and_plot(tmp_path):
+    """`finesteer transfer`'s study on planted rows: one informative and one uninformative 'layer'."""
+    layers = {3: sources(10, informative=False), 7: sources(10, informative=True)}
+    names = list(layers[3])
+    sizes = [(s, 120) for s in names]
+    acts = {layer: torch.stack([torch.cat([rows[s] for s in names])] * len(T.POOLS), dim=1)
+            for layer, rows in layers.items()}
+    results = T.study(acts, sizes, ["h1", "h2", "h3"], gates=("scs", "linear"), candidate_layers=(3, 7),
+                      fixed_layer=3, progress=False)
+    assert results["chosen"] == {"gate": "linear", "layer": 7, "by": results["chosen"]["by"]}
+    for kind in ("scs", "linear"):
+        folds = results["gates"][kind]["folds"]
+        assert set(folds) == set(names) and all(f["layer"] in (3, 7) for f in folds.values())
+    assert [p["max_fpr"] for p in results["tradeoff"]] == list(T.FPR_TARGETS)
+    tprs = [p["tpr"] for p in results["tradeoff"]]
+    assert tprs == sorted(tprs)  # a looser FPR target never lowers the TPR
+    results.update(model="planted")
+    paths = T.write_outputs(results, tmp_path)
+    table = paths["table"].read_text()
+    assert table.count("| scs |") == 3 and table.count("| linear |") == 3
+    assert "**linear** at layer 7" in table
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
