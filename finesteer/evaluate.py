@@ -1,4 +1,5 @@
-"""`finesteer eval`: FineSteer against no steering, CAA and CAST on the held-out test split of the safety recipe.
+"""`finesteer eval`: FineSteer (with the ``--gate`` variant, and with the paper's SCS gate) against no steering, CAA
+and CAST on the held-out test split of the safety recipe.
 
 Every method is fitted by the same recipe (`finesteer.recipes.safety_steerer`) on the same fit split, with the gate
 threshold calibrated on the calibration split; the prompts evaluated here are the recipe's **test** split, rebuilt
@@ -18,9 +19,11 @@ unsteered one). Metrics (see docs/eval.md):
 - generation speed: generated positions (rows x decode steps) per second of ``generate`` wall time, measured in the
   same run for every configuration.
 
-Outputs: ``eval.json`` (everything), ``eval.md`` (the table), ``eval.png`` (refusal rate on harmful prompts vs
-benign preservation, one curve per method over alpha) and ``eval_generations.json`` (every generated reply, so the
-refusal detector can be audited).
+Each gated FineSteer steerer also brings the leave-one-source-out transfer its fit measured (`finesteer.transfer`).
+
+Outputs: ``eval.json`` (everything), ``eval.md`` (the table and the transfer table), ``eval.png`` (refusal rate on
+harmful prompts vs benign preservation, one curve per method over alpha) and ``eval_generations.json`` (every
+generated reply, so the refusal detector can be audited).
 """
 from __future__ import annotations
 

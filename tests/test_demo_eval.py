@@ -50,7 +50,8 @@ def test_eval_outputs_structure(eval_run):
         set(results)
     assert results["model"] == "SmolLM2-135M-Instruct" and results["layer"] == DEFAULT_LAYER
     assert set(results["steerers"]) == {"finesteer", "finesteer-scs", "caa", "cast"}
-    assert results["steerers"]["finesteer"]["gate"] == "linear" and results["steerers"]["finesteer-scs"]["gate"] == "scs"
+    assert results["steerers"]["finesteer"]["gate"] == "linear"
+    assert results["steerers"]["finesteer-scs"]["gate"] == "scs"
     for key in ("finesteer", "finesteer-scs"):  # the fit's leave-one-source-out transfer travels into the results
         transfer = results["steerers"][key]["transfer_at_fit"]
         assert {"harmbench", "do_not_answer", "strongreject", "rho_harmful", "past_tense", "rho_benign",
