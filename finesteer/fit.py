@@ -144,7 +144,7 @@ def fit_mose(H_anchor: torch.Tensor, Delta: torch.Tensor, *, num_experts: Option
              k_range: Sequence[int] = range(2, 11), res_rank: int = 8, hidden: int = 32,
              activation: str = "relu", epochs: int = 400, batch_size: int = 64, lr: float = 1e-2,
              weight_decay: float = 1e-2, val_fraction: float = 0.2, patience: int = 40,
-             max_grad_norm: float = 1.0, seed: int = 0) -> MoSEFit:
+             max_grad_norm: float = 1.0, seed: int = 0, ignore_inputs: Sequence[int] = ()) -> MoSEFit:
     """Fit the mixture of steering experts to ``(H_anchor[i], Delta[i])`` pairs.
 
     Args:
@@ -155,6 +155,8 @@ def fit_mose(H_anchor: torch.Tensor, Delta: torch.Tensor, *, num_experts: Option
             before stopping; max_grad_norm: gradient clipping (after ``backward()``).
         val_fraction: share of pairs held out for early stopping and the report.
         seed: seeds the split, K-means, initialisation and batch order; equal seeds give equal tensors.
+        ignore_inputs: anchor dimensions the router and residual MLP must not read (their input weights are exactly
+            zero), e.g. the linear gate's apex coordinate, where ``h - mu`` is huge (`finesteer.gates`).
     """
     H = as_rows("H_anchor", H_anchor, min_rows=4)
     D = as_rows("Delta", Delta, H.shape[1])
@@ -206,6 +208,11 @@ def fit_mose(H_anchor: torch.Tensor, Delta: torch.Tensor, *, num_experts: Option
     # huge raw-input weights that turn any deviation at inference into wild logits (and overflow fp16 packing), so
     # they are zeroed in Z and get zero input weights: the router and MLP ignore them.
     in_mean, in_scale, informative = _standardisation(Ht)
+    if len(ignore_inputs):
+        bad = [i for i in ignore_inputs if not 0 <= int(i) < d]
+        if bad:
+            raise ValueError(f"ignore_inputs: indices {bad} outside the hidden size {d}")
+        informative[list(ignore_inputs)] = False
     Zt = torch.where(informative, (Ht - in_mean) / in_scale, 0.0).float()
     Zv = torch.where(informative, (Hv - in_mean) / in_scale, 0.0).float()
     keep = informative.float()

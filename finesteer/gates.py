@@ -14,10 +14,11 @@ Variants (`GATES`, ``--gate``):
 - ``linear``: a one-direction gate that decides like a linear classifier. ``w`` = the shrinkage-LDA direction
   (Ledoit-Wolf), ``S = w``, and the cone's apex ``mu = m - c w - C u`` is put far from the data: ``c`` behind the
   midpoint ``m`` of the class means along ``w`` (beyond every fit row, so none reaches the mirrored half of the
-  double cone) and ``C`` aside along the direction ``u`` orthogonal to ``w`` in which the fit rows vary least. Then
+  double cone) and ``C`` aside along a coordinate axis ``e_k`` whose weight in ``w`` is set to exactly zero. Then
   ``||h - mu||^2 = C^2 (1 + O(1e-4))`` for every row and ``s(h) ~ (w.(h - m) + c)^2 / C^2``, monotone in ``w.h``: the
   threshold on ``s`` is a threshold on the linear score. (With the apex on ``w`` alone, the norm of ``h`` off ``w``
-  dominates the ratio and most of the direction's AUC is lost.)
+  dominates the ratio and most of the direction's AUC is lost.) The steering experts must ignore input ``k`` too
+  (`finesteer.fit.fit_mose`'s ``ignore_inputs``): the op's router and residual MLP read the same ``h - mu``.
 
 Thresholds (`calibrate`): by default the paper's rule (start at the score keeping 90 % of calibration targets, then
 a class-balanced, L2-regularised one-feature logistic fit; ``tau`` = its boundary). With ``max_fpr`` a
@@ -36,8 +37,8 @@ import torch
 GATES = ("scs", "contrastive", "linear")
 RANKS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # searched by calibration AUC where the variant picks its own rank
 # The linear gate's apex: c = APEX_BEHIND x the largest |w.(h - m)| of the fit rows behind the boundary (so no row
-# reaches the mirrored half of the double cone), C = APEX_ASIDE x the largest ||h - m|| aside, along a direction the
-# rows hardly vary in (so ||h - mu||^2 is C^2 up to a relative 1e-4 and the score is monotone in w.h).
+# reaches the mirrored half of the double cone), C = APEX_ASIDE x the largest ||h - m|| aside, along a coordinate
+# axis with zero weight in w (so ||h - mu||^2 is C^2 up to a relative 1e-4 and the score is monotone in w.h).
 APEX_BEHIND, APEX_ASIDE = 10.0, 100.0
 
 
@@ -234,22 +235,22 @@ def _linear_direction(Ht: torch.Tensor, Hb: torch.Tensor) -> tuple:
 
 
 def _linear_gate(Ht: torch.Tensor, Hb: torch.Tensor) -> tuple:
-    """``(mu, S, details)`` of the linear gate: ``S = w`` (shrinkage LDA), ``mu = m - c w - C u``."""
+    """``(mu, S, details)`` of the linear gate: ``S = w`` (shrinkage LDA with one coordinate ``k`` zeroed),
+    ``mu = m - c w - C e_k``."""
     w, m = _linear_direction(Ht, Hb)
     X = torch.cat([Ht, Hb]) - m
-    u = _quietest_direction(X, w)
+    # The apex sits aside along a coordinate axis e_k whose weight in w is exactly zero, so the huge component of
+    # h - mu there meets exact zeros in every dot product of the op, even when the kernels round h - mu and the
+    # basis to 16 bits (a tilted axis would leak C x rounding error into the score). k: the coordinate that
+    # contributes least to w.h.
+    k = int(torch.argmin(w.abs() * X.std(0)))
+    w[k] = 0.0
+    w = w / w.norm()
     c = APEX_BEHIND * float((X @ w).abs().max())
     C = APEX_ASIDE * float(X.norm(dim=1).max() + c)
-    return m - c * w - C * u, w[:, None].contiguous(), {"apex_behind": c, "apex_aside": C}
-
-
-def _quietest_direction(X: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The unit direction orthogonal to ``w`` along which the rows of ``X`` vary least (``w`` itself is pushed to
-    the top of the spectrum, so the lowest eigenvector is orthogonal to it)."""
-    scatter = X.T @ X
-    _, vectors = torch.linalg.eigh(scatter + (scatter.trace() + 1.0) * torch.outer(w, w))
-    u = vectors[:, 0] - (vectors[:, 0] @ w) * w
-    return u / u.norm()
+    mean = m - c * w
+    mean[k] -= C
+    return mean, w[:, None].contiguous(), {"apex_behind": c, "apex_aside": C, "apex_coordinate": k}
 
 
 def fit_gate(kind: str, H_target: torch.Tensor, H_benign: torch.Tensor, H_target_cal: torch.Tensor,

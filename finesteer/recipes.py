@@ -262,8 +262,10 @@ def fit_recipe(model, tokenizer, *, recipe: str, targets: datasets.PromptSet, be
     metrics: dict = {}
     if method == "finesteer":
         gate = fit_gate(opts.gate, h_tf, h_bf, h_tc, h_bc, r=opts.r, max_fpr=opts.max_fpr, test=(h_tt, h_bt))
+        apex = gate.details.get("apex_coordinate")
         mose = fit_mose(h_anchor_fit, delta, num_experts=opts.num_experts, res_rank=opts.res_rank,
-                        hidden=opts.hidden, epochs=opts.epochs, seed=opts.seed)
+                        hidden=opts.hidden, epochs=opts.epochs, seed=opts.seed,
+                        ignore_inputs=() if apex is None else (apex,))
         params = mose.params(gate, alpha=opts.alpha)
         metrics["gate"] = gate.report()
         metrics["mose"] = mose.report.as_dict()

@@ -12,6 +12,8 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
+import finesteer_kernels
+from finesteer import fit as F
 from finesteer import gates as G
 from finesteer import transfer as T
 from finesteer_kernels import SteerParams, reference
@@ -86,6 +88,29 @@ def test_linear_gate_direction_and_cone_decide_like_the_linear_score(data):
     clear = np.abs(ratio / gate.tau - 1) > 1e-4
     assert clear.mean() > 0.95
     assert torch.equal(on[torch.from_numpy(clear)], torch.from_numpy(ratio >= gate.tau)[torch.from_numpy(clear)])
+
+
+def test_linear_gate_survives_16_bit_kernels(data):
+    """The apex is ~1e4 away along a coordinate whose weight is exactly zero in the basis and in the experts'
+    inputs, so kernels that round h - mu and the weights to 16 bits (the Triton interpreter here, tensor cores on a
+    GPU) decide as the float64 score of the rounded rows does, and route as the reference."""
+    f = data[0]
+    gate = fit("linear", data)
+    k = gate.details["apex_coordinate"]
+    assert gate.basis[k, 0] == 0 and gate.mean[k] < -1e3
+    mose = F.fit_mose(f["targets"], torch.randn(len(f["targets"]), D), num_experts=2, epochs=3, ignore_inputs=(k,))
+    assert mose.router_weight[k].abs().max() == 0 and mose.res_in_weight[:, k].abs().max() == 0
+    params = mose.params(gate)
+    H = torch.cat([data[2]["targets"][:40], data[2]["benign"][:40]])
+    for dtype in (torch.float32, torch.bfloat16):
+        x = H.to(dtype)
+        assert finesteer_kernels.select_backend(x) == "triton"
+        ratio = G.energy_ratio(x.double(), gate.basis, gate.mean)
+        clear = (ratio / gate.tau - 1).abs() > 1e-3
+        coef = finesteer_kernels.synthesize(x, params)
+        assert torch.equal((coef.abs().sum(-1) > 0)[clear], (ratio >= gate.tau)[clear])
+        expected = reference.synthesize(x, params)
+        assert torch.allclose(coef, expected, atol=0.05 if dtype == torch.bfloat16 else 1e-4, rtol=0.02)
 
 
 def test_neyman_pearson_threshold_is_the_lowest_with_at_most_that_fpr(data):
