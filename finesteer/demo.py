@@ -11,10 +11,9 @@ import argparse
 import shutil
 import textwrap
 import time
-from typing import Optional
 
 from . import data as datasets
-from .evaluate import (add_fit_arguments, anchor_activations, benign_groups, check_compatible, check_same_split,
+from .workflow import (add_fit_arguments, anchor_activations, benign_groups, check_compatible, check_same_split,
                        encode_batches, exit_on_missing_package, fit_options, fitted_steerer,
                        gate_scores, generate, held_out_prompts)
 from .refusal import is_refusal
@@ -64,7 +63,7 @@ def _steerer_from_file(path: str, model, model_name: str):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_fit_arguments(parser, n_target=200, n_benign=200)
     parser.add_argument("--steerer", default=None,
-                        help="use this safety steerer file (from `finesteer fit`) instead of fitting or the cache")
+                        help="use this safety steerer file (written by finesteer fit) instead of fitting or the cache")
     parser.add_argument("--alpha", type=float, default=1.0, help="steering strength")
     parser.add_argument("--mode", choices=("query", "token"), default="query",
                         help="query: gate and route once per prompt (the paper's); token: every token on its own")
@@ -133,7 +132,8 @@ def _run(args: argparse.Namespace) -> int:
         decision = "STEER" if on[i] else "pass through"
         print("=" * width)
         print(f"[{kinds[i]}] {prompt}")
-        print(f"gate score {float(scores[i]):.3f} vs tau {tau:.3f} -> {decision}")
+        # the linear gate's scores are tiny energy shares (its apex is far away), hence significant digits
+        print(f"gate score {float(scores[i]):.4g} vs tau {tau:.4g} -> {decision}")
         print("-" * width)
         print(side_by_side("UNSTEERED", "STEERED", width))
         print(side_by_side(plain.texts[i], steered.texts[i], width))
@@ -147,15 +147,21 @@ def _run(args: argparse.Namespace) -> int:
 
 def _summary(steerer, options, harmful, benign, on, plain, steered, from_cache, seconds, args) -> str:
     n_h, n_b = len(harmful), len(benign)
-    gate = (steerer.metadata.get("metrics", {}).get("gate") or {}).get("test") or {}
+    gate_fit = steerer.metadata.get("metrics", {}).get("gate") or {}
+    gate = gate_fit.get("test") or {}
     sizes = steerer.metadata.get("data", {})
     fit_sizes = (sizes.get("target", {}).get("sizes", {}), sizes.get("benign", {}).get("sizes", {}))
     refused = (sum(is_refusal(plain.texts[i]) for i in range(n_h)),
                sum(is_refusal(steered.texts[i]) for i in range(n_h)))
     same = sum(plain.tokens[i] == steered.tokens[i] for i in range(n_h, n_h + n_b))
+    loso = (steerer.metadata.get("metrics", {}).get("transfer") or {}).get("macro")
+    transfer = (f"; refitted with one source left out at a time, it fires on {loso['tpr']:.0%} of an unseen "
+                f"harmful source's prompts and {loso['fpr']:.0%} of an unseen benign source's (macro averages)"
+                if loso else "")
     text = (
         f"Summary: FineSteer ({args.mode} mode, alpha={args.alpha:g}) steered layer {steerer.layer} of "
-        f"{steerer.model} with {steerer.params.num_experts} experts and a rank-{steerer.params.r} gate, fitted on "
+        f"{steerer.model} with {steerer.params.num_experts} experts and a {gate_fit.get('kind', 'scs')} gate (rank "
+        f"{steerer.params.r}), fitted on "
         f"{fit_sizes[0].get('fit', '?')} harmful prompts (threshold calibrated on "
         f"{fit_sizes[0].get('calibration', '?')} harmful and {fit_sizes[1].get('calibration', '?')} benign others; "
         f"{'loaded from the cache' if from_cache else 'fitted now'}). On the {n_h} held-out harmful prompts shown the "
@@ -164,7 +170,7 @@ def _summary(steerer, options, harmful, benign, on, plain, steered, from_cache, 
         f"{sum(bool(x) for x in on[n_h:])} times and {same}/{n_b} steered replies are identical to the unsteered "
         f"ones. On the whole held-out test split ({gate.get('n_target', '?')} harmful, {gate.get('n_benign', '?')} "
         f"benign prompts) the gate has TPR {gate.get('tpr', float('nan')):.0%} and FPR "
-        f"{gate.get('fpr', float('nan')):.0%} (ROC AUC {gate.get('auc', float('nan')):.2f}). Took "
+        f"{gate.get('fpr', float('nan')):.0%} (ROC AUC {gate.get('auc', float('nan')):.2f}){transfer}. Took "
         f"{seconds['total']:.0f} s (model {seconds['model']:.0f} s, steerer {seconds['steerer']:.0f} s, gate and "
         f"generation {seconds['generation']:.0f} s). `finesteer eval` compares FineSteer with CAA and CAST over "
         "the whole test split.")

@@ -1,12 +1,8 @@
-"""Fitting steerers from cached activations (no LLM backprop): the SCS gate, the MoSE experts and the CAA / CAST
-baselines, all producing `finesteer_kernels.SteerParams` for the one unified op.
+"""Fitting steerers from cached activations (no LLM backprop): the MoSE experts and the CAA / CAST baselines, all
+producing `finesteer_kernels.SteerParams` for the one unified op.
 
-SCS (*when* to steer), `fit_scs`: ``mu`` = mean of the target activations, ``S`` = their top-``r`` principal
-directions, score ``s(h) = ||S^T(h-mu)||^2 / ||h-mu||^2``. The threshold ``tau`` is calibrated on a calibration
-split disjoint from the fit split: start at the score that keeps ``recall`` (90 %) of the calibration targets, then
-Newton-fit a one-feature, class-balanced, L2-regularised logistic regression ``sigmoid(w z + b)`` on the
-standardised score ``z`` from that start and take its decision boundary ``-b/w`` (mapped back to score units,
-clipped to [0, 1]). If the fit finds no positive slope the start is kept (and the report says so).
+Gates (*when* to steer: the paper's SCS and the contrastive and linear variants) live in `finesteer.gates`; their
+names are re-exported here.
 
 MoSE (*how* to steer), `fit_mose`: a seeded train/validation split of the (anchor, Delta) pairs; K-means on the
 L2-normalised training Deltas with K chosen by the Calinski-Harabasz index; experts = raw-scale cluster means;
@@ -26,164 +22,7 @@ import torch
 
 from finesteer_kernels import SteerParams
 
-# ---- shared helpers -----------------------------------------------------------------------------------------------
-
-
-def _matrix(name: str, value, d: Optional[int] = None, min_rows: int = 1) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
-    if value.dim() != 2 or not value.is_floating_point():
-        raise ValueError(f"{name}: expected a 2-D floating-point (N, d) tensor, got shape {tuple(value.shape)} "
-                         f"dtype {value.dtype}")
-    if d is not None and value.shape[1] != d:
-        raise ValueError(f"{name}: expected {d} columns (the hidden size), got {value.shape[1]}")
-    if value.shape[0] < min_rows:
-        raise ValueError(f"{name}: expected at least {min_rows} rows, got {value.shape[0]}")
-    if not torch.isfinite(value).all():
-        raise ValueError(f"{name}: contains NaN or infinite values")
-    return value.detach().to("cpu", torch.float64)
-
-
-def energy_ratio(H: torch.Tensor, basis: torch.Tensor, mean: Optional[torch.Tensor], eps: float = 1e-12):
-    """The gate score of SPEC section 1 per row, in float64: share of the centred energy inside span(basis)."""
-    X = H.double() - (mean.double() if mean is not None else 0.0)
-    return (X @ basis.double()).square().sum(-1) / X.square().sum(-1).clamp_min(eps)
-
-
-@dataclasses.dataclass
-class GateReport:
-    """How a gate separates targets from benign rows at threshold ``tau``."""
-
-    tpr: float
-    fpr: float
-    auc: float
-    tau: float
-    n_target: int
-    n_benign: int
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def gate_report(scores_target: torch.Tensor, scores_benign: torch.Tensor, tau: float) -> GateReport:
-    """TPR / FPR at ``tau`` (gate on when score >= tau) and the threshold-free ROC AUC."""
-    from sklearn.metrics import roc_auc_score
-
-    st, sb = np.asarray(scores_target, dtype=np.float64), np.asarray(scores_benign, dtype=np.float64)
-    labels = np.r_[np.ones(len(st)), np.zeros(len(sb))]
-    return GateReport(tpr=float((st >= tau).mean()), fpr=float((sb >= tau).mean()),
-                      auc=float(roc_auc_score(labels, np.r_[st, sb])), tau=float(tau), n_target=len(st),
-                      n_benign=len(sb))
-
-
-# ---- SCS ----------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class SCSFit:
-    """A fitted SCS gate. ``basis`` has orthonormal columns; ``tau`` is in [0, 1]."""
-
-    mean: torch.Tensor  # (d,)
-    basis: torch.Tensor  # (d, r)
-    tau: float
-    r: int
-    explained_variance: float  # share of the target variance inside span(basis)
-    tau_start: float  # the recall-quantile start of the calibration
-    logistic: dict  # w, b (standardised score), converged, used
-    calibration: GateReport
-    test: Optional[GateReport] = None
-
-    def scores(self, H: torch.Tensor) -> torch.Tensor:
-        return energy_ratio(H, self.basis, self.mean).float()
-
-    def gate(self, H: torch.Tensor) -> torch.Tensor:
-        return self.scores(H) >= self.tau
-
-    def report(self) -> dict:
-        return {"r": self.r, "tau": self.tau, "tau_start": self.tau_start,
-                "explained_variance": self.explained_variance, "logistic": self.logistic,
-                "calibration": self.calibration.as_dict(),
-                "test": self.test.as_dict() if self.test is not None else None}
-
-
-def _balanced_logistic_boundary(s_target: np.ndarray, s_benign: np.ndarray, start: float, l2: float,
-                                iterations: int = 100) -> tuple:
-    """Newton's method for the class-balanced, L2-regularised (on the slope) logistic regression of the label on
-    the standardised score, started with its boundary at ``start``. Returns (boundary in score units, w, b,
-    converged)."""
-    s = np.r_[s_target, s_benign]
-    y = np.r_[np.ones(len(s_target)), np.zeros(len(s_benign))]
-    weight = np.r_[np.full(len(s_target), 0.5 / len(s_target)), np.full(len(s_benign), 0.5 / len(s_benign))]
-    centre, scale = s.mean(), max(s.std(), 1e-12)
-    z = (s - centre) / scale
-    w, b = 1.0, -(start - centre) / scale  # boundary -b/w == start
-    converged = False
-    for _ in range(iterations):
-        p = 1.0 / (1.0 + np.exp(-(w * z + b)))
-        grad = np.array([np.sum(weight * (p - y) * z) + l2 * w, np.sum(weight * (p - y))])
-        curv = weight * p * (1 - p)
-        hess = np.array([[np.sum(curv * z * z) + l2, np.sum(curv * z)], [np.sum(curv * z), np.sum(curv) + 1e-12]])
-        step = np.linalg.solve(hess, grad)
-        w, b = w - step[0], b - step[1]
-        if np.abs(step).max() < 1e-10:
-            converged = True
-            break
-    boundary = centre - scale * b / w if w > 0 else float("nan")
-    return boundary, float(w), float(b), converged
-
-
-def default_rank(singular_values: torch.Tensor, n_target: int, variance: float, max_r: int) -> int:
-    """The documented default r: the fewest principal directions that explain ``variance`` of the target
-    variance, at most ``max_r`` and at most half the number of fit targets (so held-out targets, not the fit
-    set's own directions, decide the gate)."""
-    energy = singular_values.double().square()
-    cumulative = torch.cumsum(energy, 0) / energy.sum().clamp_min(1e-300)
-    r = int(torch.searchsorted(cumulative, torch.tensor(variance, dtype=cumulative.dtype)).item()) + 1
-    return max(1, min(r, max_r, max(1, n_target // 2), len(singular_values)))
-
-
-def fit_scs(H_target: torch.Tensor, H_target_cal: torch.Tensor, H_benign_cal: torch.Tensor, *,
-            r: Optional[int] = None, variance: float = 0.9, max_r: int = 32, recall: float = 0.9, l2: float = 0.1,
-            test: Optional[Sequence[torch.Tensor]] = None) -> SCSFit:
-    """Fit the SCS gate: mean and top-``r`` basis from ``H_target`` (the fit split), ``tau`` calibrated on
-    ``H_target_cal`` vs ``H_benign_cal`` (a calibration split disjoint from the fit and test splits).
-
-    Args:
-        r: subspace rank; default `default_rank` (explained ``variance``, capped at ``max_r``).
-        recall: share of calibration targets the starting threshold keeps.
-        l2: L2 penalty on the slope of the standardised logistic fit.
-        test: optional ``(H_target_test, H_benign_test)`` for a held-out report.
-    """
-    Ht = _matrix("H_target", H_target, min_rows=2)
-    d = Ht.shape[1]
-    Htc = _matrix("H_target_cal", H_target_cal, d)
-    Hbc = _matrix("H_benign_cal", H_benign_cal, d)
-    if not 0 < recall < 1:
-        raise ValueError(f"recall: expected a share in (0, 1), got {recall}")
-    if not 0 < variance <= 1:
-        raise ValueError(f"variance: expected a share in (0, 1], got {variance}")
-    mean = Ht.mean(0)
-    _, sv, vt = torch.linalg.svd(Ht - mean, full_matrices=False)
-    if r is None:
-        r = default_rank(sv, Ht.shape[0], variance, max_r)
-    if not isinstance(r, int) or not 1 <= r <= len(sv):
-        raise ValueError(f"r: expected an int in [1, {len(sv)}] (at most min(N_target, d)), got {r!r}")
-    basis = vt[:r].T.contiguous()
-    explained = float(sv[:r].square().sum() / sv.square().sum().clamp_min(1e-300))
-
-    st = energy_ratio(Htc, basis, mean).numpy()
-    sb = energy_ratio(Hbc, basis, mean).numpy()
-    start = float(np.quantile(st, 1 - recall))
-    boundary, w, b, converged = _balanced_logistic_boundary(st, sb, start, l2)
-    used = bool(np.isfinite(boundary))
-    tau = float(np.clip(boundary if used else start, 0.0, 1.0))
-    fit = SCSFit(mean=mean.float(), basis=basis.float(), tau=tau, r=r, explained_variance=explained,
-                 tau_start=start, logistic={"w": w, "b": b, "converged": converged, "used": used},
-                 calibration=gate_report(st, sb, tau))
-    if test is not None:
-        Htt = _matrix("test[0]", test[0], d)
-        Hbt = _matrix("test[1]", test[1], d)
-        fit.test = gate_report(energy_ratio(Htt, basis, mean).numpy(), energy_ratio(Hbt, basis, mean).numpy(), tau)
-    return fit
-
+from .gates import GateFit, as_rows, energy_ratio, gate_report
 
 # ---- MoSE ---------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
@@ -226,9 +65,9 @@ class MoSEFit:
     activation: str
     report: MoSEReport
 
-    def params(self, scs: Optional[SCSFit] = None, alpha: float = 1.0) -> SteerParams:
-        """The op's parameters: these experts, gated by ``scs`` (or always on)."""
-        gate = dict(basis=scs.basis, mean=scs.mean, tau=scs.tau) if scs is not None else {}
+    def params(self, gate: Optional[GateFit] = None, alpha: float = 1.0) -> SteerParams:
+        """The op's parameters: these experts, gated by ``gate`` (or always on)."""
+        gate = dict(basis=gate.basis, mean=gate.mean, tau=gate.tau) if gate is not None else {}
         return SteerParams(experts=self.experts, router_weight=self.router_weight, router_bias=self.router_bias,
                            res_in_weight=self.res_in_weight, res_in_bias=self.res_in_bias,
                            res_out_weight=self.res_out_weight, res_out_bias=self.res_out_bias,
@@ -305,7 +144,7 @@ def fit_mose(H_anchor: torch.Tensor, Delta: torch.Tensor, *, num_experts: Option
              k_range: Sequence[int] = range(2, 11), res_rank: int = 8, hidden: int = 32,
              activation: str = "relu", epochs: int = 400, batch_size: int = 64, lr: float = 1e-2,
              weight_decay: float = 1e-2, val_fraction: float = 0.2, patience: int = 40,
-             max_grad_norm: float = 1.0, seed: int = 0) -> MoSEFit:
+             max_grad_norm: float = 1.0, seed: int = 0, ignore_inputs: Sequence[int] = ()) -> MoSEFit:
     """Fit the mixture of steering experts to ``(H_anchor[i], Delta[i])`` pairs.
 
     Args:
@@ -316,9 +155,11 @@ def fit_mose(H_anchor: torch.Tensor, Delta: torch.Tensor, *, num_experts: Option
             before stopping; max_grad_norm: gradient clipping (after ``backward()``).
         val_fraction: share of pairs held out for early stopping and the report.
         seed: seeds the split, K-means, initialisation and batch order; equal seeds give equal tensors.
+        ignore_inputs: anchor dimensions the router and residual MLP must not read (their input weights are exactly
+            zero), e.g. the linear gate's apex coordinate, where ``h - mu`` is huge (`finesteer.gates`).
     """
-    H = _matrix("H_anchor", H_anchor, min_rows=4)
-    D = _matrix("Delta", Delta, H.shape[1])
+    H = as_rows("H_anchor", H_anchor, min_rows=4)
+    D = as_rows("Delta", Delta, H.shape[1])
     if D.shape[0] != H.shape[0]:
         raise ValueError(f"Delta: expected one row per anchor ({H.shape[0]}), got {D.shape[0]}")
     if not 0 < val_fraction < 1:
@@ -367,6 +208,11 @@ def fit_mose(H_anchor: torch.Tensor, Delta: torch.Tensor, *, num_experts: Option
     # huge raw-input weights that turn any deviation at inference into wild logits (and overflow fp16 packing), so
     # they are zeroed in Z and get zero input weights: the router and MLP ignore them.
     in_mean, in_scale, informative = _standardisation(Ht)
+    if len(ignore_inputs):
+        bad = [i for i in ignore_inputs if not 0 <= int(i) < d]
+        if bad:
+            raise ValueError(f"ignore_inputs: indices {bad} outside the hidden size {d}")
+        informative[list(ignore_inputs)] = False
     Zt = torch.where(informative, (Ht - in_mean) / in_scale, 0.0).float()
     Zv = torch.where(informative, (Hv - in_mean) / in_scale, 0.0).float()
     keep = informative.float()
@@ -451,7 +297,7 @@ def remove_group_means(Delta: torch.Tensor, groups: Sequence[int]) -> torch.Tens
     """``Delta - mean(Delta of its group) + mean(Delta)``: removes a per-group offset (e.g. which completion
     template a prompt was paired with) that no function of the anchor can predict, keeping the overall mean and
     the variation within groups."""
-    D = _matrix("Delta", Delta)
+    D = as_rows("Delta", Delta)
     if len(groups) != len(D):
         raise ValueError(f"groups: expected one group id per row of Delta ({len(D)}), got {len(groups)}")
     ids = torch.as_tensor(list(groups), dtype=torch.long)
@@ -472,7 +318,7 @@ class BaselineFit:
 
 def fit_caa(Delta: torch.Tensor, alpha: float = 1.0) -> BaselineFit:
     """CAA / control vector: the mean Delta, no gate, one expert."""
-    D = _matrix("Delta", Delta)
+    D = as_rows("Delta", Delta)
     vector = D.mean(0)
     return BaselineFit(SteerParams(experts=vector[None].float(), alpha=alpha),
                        {"train_mse": float(torch.mean((D - vector) ** 2)), "vector_norm": float(vector.norm()),
@@ -499,11 +345,11 @@ def fit_cast(H_target: torch.Tensor, H_benign: torch.Tensor, Delta: torch.Tensor
     """CAST: condition direction ``u`` = normalised difference of the target and benign means (fit split); the
     condition ``cos(h, u u^T h) = |u.h| / ||h|| >= theta`` is the op's gate with ``mean=None``, ``basis=u`` and
     ``tau = theta^2``; theta is the best-F1 threshold on the calibration split. Behaviour vector: the mean Delta."""
-    Ht = _matrix("H_target", H_target)
+    Ht = as_rows("H_target", H_target)
     d = Ht.shape[1]
-    Hb = _matrix("H_benign", H_benign, d)
-    D = _matrix("Delta", Delta, d)
-    Htc, Hbc = _matrix("H_target_cal", H_target_cal, d), _matrix("H_benign_cal", H_benign_cal, d)
+    Hb = as_rows("H_benign", H_benign, d)
+    D = as_rows("Delta", Delta, d)
+    Htc, Hbc = as_rows("H_target_cal", H_target_cal, d), as_rows("H_benign_cal", H_benign_cal, d)
     direction = Ht.mean(0) - Hb.mean(0)
     if direction.norm() == 0:
         raise ValueError("H_target, H_benign: equal means, no condition direction")
@@ -514,7 +360,7 @@ def fit_cast(H_target: torch.Tensor, H_benign: torch.Tensor, Delta: torch.Tensor
     report = {"theta": math.sqrt(tau), "tau": tau, "calibration_f1": f1,
               "calibration": gate_report(st, sb, tau).as_dict(), "test": None}
     if test is not None:
-        Htt, Hbt = _matrix("test[0]", test[0], d), _matrix("test[1]", test[1], d)
+        Htt, Hbt = as_rows("test[0]", test[0], d), as_rows("test[1]", test[1], d)
         report["test"] = gate_report(energy_ratio(Htt, basis, None).numpy(),
                                      energy_ratio(Hbt, basis, None).numpy(), tau).as_dict()
     params = SteerParams(experts=D.mean(0)[None].float(), basis=basis.float(), tau=tau, alpha=alpha,

@@ -92,13 +92,13 @@ def choices(text: str, known: Sequence[str], required: str, option: str = "--met
 
 
 # ---- the model ---------------------------------------------------------------------------------------------------
-def model_and_layer(model: str, layer: Optional[int]) -> tuple:
+def model_and_layer(model: str, layer) -> tuple:
     """``(decoder layers, hidden size)`` of ``--model`` from its config (no weights loaded), after checking that
     it exists and that ``--layer`` (when given) is one of its layers."""
     from .models import model_dimensions
 
     n_layers, width = model_dimensions(model, "--model")
-    if layer is not None:
+    if layer is not None and layer != "auto":  # auto: the search picks one of the model's layers
         check_layer_index(layer, n_layers, "--layer")
     return n_layers, width
 
@@ -215,9 +215,28 @@ def evaluation(args: argparse.Namespace) -> None:
     _shared_fit_options(args)
 
 
+def transfer(args: argparse.Namespace) -> list:
+    """What `finesteer transfer` checks before loading the model; returns the gate variants."""
+    from .gates import GATES
+
+    gates = [g.strip() for g in args.gates.split(",") if g.strip()]
+    unknown = [g for g in gates if g not in GATES]
+    if unknown or not gates:
+        raise ValueError(f"--gates: expected a comma-separated subset of {','.join(GATES)}, got {args.gates!r}")
+    at_least(args.cap, 1, "--cap")
+    at_least(args.batch_size, 1, "--batch-size")
+    if not 0 <= args.max_fpr < 1:
+        raise ValueError(f"--max-fpr: expected a share in [0, 1), got {args.max_fpr}")
+    writable_folder(args.out, "--out")
+    if args.cache_dir:
+        writable_folder(args.cache_dir, "--cache-dir")
+    model_and_layer(args.model, None)
+    return gates
+
+
 def _shared_fit_options(args: argparse.Namespace) -> None:
     """demo and eval fit (or reuse) steerers with the safety recipe's pools: their sizes, and the cache folder."""
-    from .evaluate import fit_options
+    from .workflow import fit_options
 
     at_least(args.sharegpt, 0, "--sharegpt")
     options = fit_options(args)

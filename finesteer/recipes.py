@@ -11,20 +11,77 @@ produces the held-out report.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import time
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from . import data as datasets
 from .activations import collect_activations, completion_shifts
-from .fit import energy_ratio, fit_caa, fit_cast, fit_mose, fit_scs, remove_group_means
+from .fit import energy_ratio, fit_caa, fit_cast, fit_mose, remove_group_means
+from .gates import GATES, fit_gate
 from .layers import check_layer_index, num_layers
 from .steerer import Steerer
 
 METHODS = ("finesteer", "caa", "cast")
+# The demo's and eval's defaults: the gate and layer that `finesteer transfer` chose for SmolLM2-135M-Instruct by the
+# source-held-out calibration AUC (fit and calibration prompts only; results/transfer.md).
+DEFAULT_GATE = "linear"
+STUDIED_LAYERS = {"SmolLM2-135M-Instruct": 21}
+# The issue's target is at most 3 % of benign prompts steered, so the threshold is set for that on calibration data.
+DEFAULT_MAX_FPR = 0.03
+
+
+def studied_layer(model_identity: str, layer_count: int) -> int:
+    """The demo's and eval's layer: the one `finesteer transfer` chose for this model where it was studied
+    (`STUDIED_LAYERS`, keyed by the model's canonical name), else the middle layer."""
+    return STUDIED_LAYERS.get(model_identity, layer_count // 2)
+
+
+def add_gate_arguments(parser: argparse.ArgumentParser, studied_default: bool) -> None:
+    """``--layer``, ``--gate`` and ``--max-fpr``, shared by `finesteer fit`, `demo` and `eval`. Without ``--layer``
+    fit takes the middle layer; demo and eval (``studied_default``) the layer `studied_layer` gives."""
+    default = ("21 for SmolLM2-135M-Instruct (chosen by finesteer transfer on calibration data, "
+               "results/transfer.md), the middle layer for other models" if studied_default
+               else "the middle layer, num_layers // 2")
+    parser.add_argument("--layer", type=parse_layer, default=None,
+                        help="decoder layer whose output is read and edited, or 'auto': the candidate layer with the "
+                             f"best source-held-out calibration AUC of the gate; the default is {default}")
+    parser.add_argument("--gate", choices=GATES, default=DEFAULT_GATE,
+                        help="gate variant: scs (the paper's: top-r principal subspace of the targets), contrastive "
+                             "(generalised eigenvectors of target vs benign second moments) or linear (a shrinkage-"
+                             "LDA direction in the op's cone form); see docs/fitting.md")
+    parser.add_argument("--max-fpr", type=optional_share, default=DEFAULT_MAX_FPR,
+                        help="Neyman-Pearson threshold: the lowest tau with at most this FPR on the benign "
+                             "calibration prompts; 'none' for the paper's logistic calibration")
+
+
+def optional_share(text: str) -> Optional[float]:
+    """A ``--max-fpr`` value: a share in [0, 1), or ``none``."""
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a share in [0, 1) or 'none', got {text!r}")
+    return value
+
+
+def parse_layer(text: str):
+    """A ``--layer`` value: a decoder layer index or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a decoder layer index or 'auto', got {text!r}") from None
+
+
 RECIPES = ("safety", "truthfulness")
 
 REFUSALS = (
@@ -58,6 +115,8 @@ class FitOptions:
     batch_size: int = 16
     max_prompt_tokens: int = 256
     max_completion_tokens: int = 64
+    gate: str = DEFAULT_GATE
+    max_fpr: Optional[float] = DEFAULT_MAX_FPR  # Neyman-Pearson threshold for this calibration FPR; None: logistic
     r: Optional[int] = None
     num_experts: Optional[int] = None
     res_rank: int = 8
@@ -71,16 +130,29 @@ class FitOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if self.gate not in GATES:
+            raise ValueError(f"gate: expected one of {GATES}, got {self.gate!r}")
+        if self.max_fpr is not None and not (isinstance(self.max_fpr, (int, float)) and 0 <= self.max_fpr < 1):
+            raise ValueError(f"max_fpr: expected a share in [0, 1) or None, got {self.max_fpr!r}")
         if self.n_target < 12 or self.n_benign < 6:
             raise ValueError(f"n_target, n_benign: need at least 12 targets and 6 benign prompts to split into "
                              f"fit / calibration / test, got {self.n_target} and {self.n_benign}")
 
 
-def _layer(model, layer: Optional[int]) -> int:
+def candidate_layers(n_layers: int) -> list:
+    """The layers ``layer="auto"`` searches: every tenth of the depth, first and last layer excluded (for 30
+    layers: 3, 6, ..., 27)."""
+    step = max(1, n_layers // 10)
+    return list(range(step, n_layers - 1, step)) or [n_layers // 2]
+
+
+def _layers_to_collect(model, layer) -> list:
     n = num_layers(model)
     if layer is None:
-        return n // 2
-    return check_layer_index(layer, n, "layer")
+        return [n // 2]
+    if layer == "auto":
+        return candidate_layers(n)
+    return [check_layer_index(layer, n, "layer")]
 
 
 def _assign_templates(n: int, n_templates: int, per_prompt: int, rng: np.random.Generator) -> tuple:
@@ -100,17 +172,43 @@ def _per_source(gate: torch.Tensor, ps: datasets.PromptSet) -> dict:
     return out
 
 
+def _rows_by_source(parts: Sequence[datasets.PromptSet], rows: torch.Tensor) -> tuple:
+    """``({source: rows}, {source: (fit, calibration, test) indices})`` from the fit / calibration / test parts of
+    one side and their rows (in the order of the parts), the layout `finesteer.transfer` works on."""
+    labels = [s for part in parts for s in part.source_of]
+    which = [k for k, part in enumerate(parts) for _ in part.prompts]
+    by_source, splits = {}, {}
+    for source in dict.fromkeys(labels):
+        idx = [i for i, s in enumerate(labels) if s == source]
+        by_source[source] = rows[idx]
+        splits[source] = tuple(np.array([j for j, i in enumerate(idx) if which[i] == k], dtype=np.int64)
+                               for k in range(3))
+    return by_source, splits
+
+
 def fit_recipe(model, tokenizer, *, recipe: str, targets: datasets.PromptSet, benign: datasets.PromptSet,
-               desired: dict, undesired: dict, layer: Optional[int] = None, method: str = "finesteer",
+               desired: dict, undesired: dict, layer: Union[int, str, None] = None, method: str = "finesteer",
                options: Optional[FitOptions] = None, model_name: Optional[str] = None,
-               template_group: Optional[dict] = None, progress: bool = True) -> Steerer:
+               template_group: Optional[dict] = None, activation_cache: Optional[str] = None,
+               progress: bool = True) -> Steerer:
     """The shared body of the recipes. ``desired`` / ``undesired`` map a target prompt to its completion(s);
     ``template_group`` maps it to the id of its completion templates, whose mean offset is removed from Delta
-    (`remove_group_means`): which template a prompt drew is noise the router cannot read from the prompt."""
+    (`remove_group_means`): which template a prompt drew is noise the router cannot read from the prompt.
+
+    ``layer``: a decoder layer index, None (the middle layer) or ``"auto"``: the candidate layer
+    (`candidate_layers`) with the best source-held-out calibration AUC of the gate (`finesteer.transfer`), found
+    from one pass over the fit and calibration prompts. ``activation_cache``: a folder (or ``""`` for the default
+    one) where the anchor rows are cached on disk (`finesteer.activation_cache`); None collects them each time.
+    """
+    from .transfer import by_side, fit_without, held_out_candidates, held_out_rates, macro, select_layer
+
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     opts = options or FitOptions()
-    layer = _layer(model, layer)
+    layers = _layers_to_collect(model, layer)
+    name = model_name or getattr(model.config, "_name_or_path", None)
+    if activation_cache is not None and not name:
+        raise ValueError("model_name: needed to key the activation cache (the model config names no model)")
     timings: dict = {}
     clock = time.perf_counter()
 
@@ -123,45 +221,78 @@ def fit_recipe(model, tokenizer, *, recipe: str, targets: datasets.PromptSet, be
                              (("target", t_splits), ("benign", b_splits)) for name in ("fit", "calibration", "test")},
                             "targets, benign")
 
+    # anchor rows of every split at every layer needed, in one pass (cached on disk when asked)
+    parts = [t_splits.fit, t_splits.calibration, t_splits.test, b_splits.fit, b_splits.calibration, b_splits.test]
+    prompts = [p for part in parts for p in part.prompts]
+    collect = dict(batch_size=opts.batch_size, max_prompt_tokens=opts.max_prompt_tokens, progress=progress)
+    if activation_cache is not None:
+        from .activation_cache import cached_anchor_activations
+
+        acts = {k: v[:, 0] for k, v in cached_anchor_activations(model, tokenizer, prompts, layers, model_name=name,
+                                                                  cache=activation_cache or None,
+                                                                  **collect).items()}
+    else:
+        acts = collect_activations(model, tokenizer, prompts, layers, **collect)
+    n_target = len(t_splits.fit) + len(t_splits.calibration) + len(t_splits.test)
+    by_layer, splits = {}, {}
+    for at, rows in acts.items():
+        harmful, t_idx = _rows_by_source(parts[:3], rows[:n_target])
+        benign_rows, b_idx = _rows_by_source(parts[3:], rows[n_target:])
+        by_layer[at], splits = {**harmful, **benign_rows}, {**t_idx, **b_idx}
+    target_sources = list(dict.fromkeys(s for part in parts[:3] for s in part.source_of))
+    timings["anchor_activations_s"] = time.perf_counter() - clock
+
+    layer_search = None
+    if layer == "auto":
+        clock = time.perf_counter()
+        # CAA and CAST have no gate of their own to rank layers with: they use the linear gate's ranking
+        searched = opts.gate if method == "finesteer" else "linear"
+        layer, criterion = select_layer(searched, by_layer, splits, target_sources, max_fpr=opts.max_fpr)
+        layer_search = {"criterion": "source-held-out calibration AUC", "gate": searched,
+                        "scores": {str(k): v for k, v in criterion.items()}, "chosen": layer}
+        timings["layer_search_s"] = time.perf_counter() - clock
+    else:
+        layer = layers[0]
+    h_tf, h_tc, h_tt, h_bf, h_bc, h_bt = torch.split(acts[layer], [len(part) for part in parts])
+
+    clock = time.perf_counter()
     fit_prompts = t_splits.fit.prompts
     shifts = completion_shifts(model, tokenizer, fit_prompts, [desired[p] for p in fit_prompts],
                                [undesired[p] for p in fit_prompts], layer, batch_size=opts.batch_size,
                                max_prompt_tokens=opts.max_prompt_tokens,
                                max_completion_tokens=opts.max_completion_tokens, progress=progress)
-    delta, h_target_fit = shifts.delta[layer], shifts.anchors[layer]
+    delta, h_anchor_fit = shifts.delta[layer], shifts.anchors[layer]
     if template_group is not None:
         delta = remove_group_means(delta, [template_group[p] for p in fit_prompts])
     timings["completion_shifts_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    parts = [t_splits.calibration, t_splits.test, b_splits.calibration, b_splits.test]
-    if method == "cast":
-        parts.append(b_splits.fit)
-    if method != "caa":
-        prompts = [p for part in parts for p in part.prompts]
-        acts = collect_activations(model, tokenizer, prompts, layer, batch_size=opts.batch_size,
-                                   max_prompt_tokens=opts.max_prompt_tokens, progress=progress)[layer]
-        chunks = list(torch.split(acts, [len(part) for part in parts]))
-        h_tc, h_tt, h_bc, h_bt = chunks[:4]
-    timings["anchor_activations_s"] = time.perf_counter() - clock
-
-    clock = time.perf_counter()
     metrics: dict = {}
     if method == "finesteer":
-        scs = fit_scs(h_target_fit, h_tc, h_bc, r=opts.r, test=(h_tt, h_bt))
-        mose = fit_mose(h_target_fit, delta, num_experts=opts.num_experts, res_rank=opts.res_rank,
-                        hidden=opts.hidden, epochs=opts.epochs, seed=opts.seed)
-        params = mose.params(scs, alpha=opts.alpha)
-        metrics["gate"] = scs.report()
+        gate = fit_gate(opts.gate, h_tf, h_bf, h_tc, h_bc, r=opts.r, max_fpr=opts.max_fpr, test=(h_tt, h_bt))
+        apex = gate.details.get("apex_coordinate")
+        mose = fit_mose(h_anchor_fit, delta, num_experts=opts.num_experts, res_rank=opts.res_rank,
+                        hidden=opts.hidden, epochs=opts.epochs, seed=opts.seed,
+                        ignore_inputs=() if apex is None else (apex,))
+        params = mose.params(gate, alpha=opts.alpha)
+        metrics["gate"] = gate.report()
         metrics["mose"] = mose.report.as_dict()
-        gate_target, gate_benign = scs.gate(h_tt), scs.gate(h_bt)
+        gate_target, gate_benign = gate.gate(h_tt), gate.gate(h_bt)
+        # transfer: the same gate refitted without each source in turn, tested on all of that source's prompts
+        harmful, benign_rows = by_side(by_layer[layer], target_sources)
+        held_out = held_out_candidates(harmful) + held_out_candidates(benign_rows)
+        folds = {source: held_out_rates(fit_without(opts.gate, harmful, benign_rows, splits, [source], r=opts.r,
+                                                    max_fpr=opts.max_fpr), harmful, benign_rows, splits, source)
+                 for source in held_out}
+        sides = {f["side"] for f in folds.values()}
+        metrics["transfer"] = {"per_source": folds, "macro": macro(folds) if sides == {"harmful", "benign"} else None}
     elif method == "caa":
         caa = fit_caa(delta, alpha=opts.alpha)
         params = caa.params
         metrics["caa"] = caa.report
         metrics["gate"] = None
     else:
-        cast = fit_cast(h_target_fit, chunks[4], delta, h_tc, h_bc, test=(h_tt, h_bt), alpha=opts.alpha)
+        cast = fit_cast(h_tf, h_bf, delta, h_tc, h_bc, test=(h_tt, h_bt), alpha=opts.alpha)
         params = cast.params
         metrics["gate"] = cast.report
         gate_target = energy_ratio(h_tt, params.basis, None) >= params.tau
@@ -182,16 +313,16 @@ def fit_recipe(model, tokenizer, *, recipe: str, targets: datasets.PromptSet, be
         "metrics": metrics,
         "options": {**dataclasses.asdict(opts), "fractions": list(opts.fractions), "method": method,
                     "layer": layer},
+        "layer_search": layer_search,
         "timings": timings,
     }
-    return Steerer(params=params, layer=layer, model=model_name or getattr(model.config, "_name_or_path", None),
-                   method=method, metadata=metadata)
+    return Steerer(params=params, layer=layer, model=name, method=method, metadata=metadata)
 
 
 def safety_steerer(model, tokenizer, layer: Optional[int] = None, method: str = "finesteer", *,
                    targets: Optional[datasets.PromptSet] = None, benign: Optional[datasets.PromptSet] = None,
                    options: Optional[FitOptions] = None, model_name: Optional[str] = None,
-                   progress: bool = True) -> Steerer:
+                   activation_cache: Optional[str] = None, progress: bool = True) -> Steerer:
     """Fit a safety steerer: gate on harmful requests, steer towards refusing.
 
     ``targets`` / ``benign`` default to `finesteer.data.harmful_prompts()` / `finesteer.data.benign_prompts()`.
@@ -205,7 +336,8 @@ def safety_steerer(model, tokenizer, layer: Optional[int] = None, method: str = 
                          desired={p: [REFUSALS[j] for j in c] for p, c in zip(targets.prompts, chosen)},
                          undesired={p: [COMPLIANCES[j] for j in c] for p, c in zip(targets.prompts, chosen)},
                          layer=layer, method=method, options=opts, model_name=model_name,
-                         template_group=dict(zip(targets.prompts, first)), progress=progress)
+                         template_group=dict(zip(targets.prompts, first)), activation_cache=activation_cache,
+                         progress=progress)
     steerer.metadata["completions"] = {"desired": list(REFUSALS), "undesired": list(COMPLIANCES),
                                        "pairing": "prompt i uses pairs t_i..t_i+c-1 (cyclic), t_i balanced and "
                                                   "seeded; the per-t_i mean offset is removed from Delta"}
@@ -214,7 +346,8 @@ def safety_steerer(model, tokenizer, layer: Optional[int] = None, method: str = 
 
 def truthfulness_steerer(model, tokenizer, qa_path, layer: Optional[int] = None, method: str = "finesteer", *,
                          benign: Optional[datasets.PromptSet] = None, options: Optional[FitOptions] = None,
-                         model_name: Optional[str] = None, progress: bool = True) -> Steerer:
+                         model_name: Optional[str] = None, activation_cache: Optional[str] = None,
+                         progress: bool = True) -> Steerer:
     """Fit a truthfulness steerer from a question/answer JSONL in the TruthfulQA layout (``question``,
     ``best_answer``/``correct_answers``, ``incorrect_answers``): gate on such questions, steer from the incorrect
     towards the correct answers."""
@@ -230,7 +363,8 @@ def truthfulness_steerer(model, tokenizer, qa_path, layer: Optional[int] = None,
     steerer = fit_recipe(model, tokenizer, recipe="truthfulness", targets=targets, benign=benign,
                          desired={q: it.correct[:n] for q, it in by_question.items()},
                          undesired={q: it.incorrect[:n] for q, it in by_question.items()}, layer=layer,
-                         method=method, options=opts, model_name=model_name, progress=progress)
+                         method=method, options=opts, model_name=model_name, activation_cache=activation_cache,
+                         progress=progress)
     return steerer
 
 

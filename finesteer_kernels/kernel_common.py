@@ -10,7 +10,6 @@ import contextlib
 from typing import NamedTuple
 
 import torch
-import triton
 from triton import knobs
 
 from .params import CentredPack

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import finesteer_kernels as fk
-from finesteer_kernels import SteerBank, bank_reference, ops, reference
+from finesteer_kernels import SteerBank, bank_reference, reference
 from finesteer_kernels.bank import plan_rows
 from finesteer_kernels.perf_model import Config
 from op_cases import REL_TOL, random_params, random_rows, rel_error

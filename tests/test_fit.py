@@ -74,10 +74,10 @@ def test_scs_threshold_starts_from_recall_and_moves_with_logistic_fit():
     benign = torch.cat([cal["benign"][:50], cal["targets"][50:] + 0.5 * torch.randn(50, D)])
     scs = F.fit_scs(data["targets"], cal["targets"][:50], benign, recall=0.9)
     scores = F.energy_ratio(cal["targets"][:50], scs.basis, scs.mean)
-    assert scs.tau_start == pytest.approx(float(torch.quantile(scores, 0.1)), rel=1e-6)
-    assert scs.logistic["converged"] and scs.logistic["used"]
-    assert scs.logistic["w"] > 0
-    assert scs.tau != scs.tau_start  # the logistic fit, not the start, sets tau
+    assert scs.rule["start"] == pytest.approx(float(torch.quantile(scores, 0.1)), rel=1e-6)
+    assert scs.rule["method"] == "logistic" and scs.rule["converged"] and scs.rule["used"]
+    assert scs.rule["w"] > 0
+    assert scs.tau != scs.rule["start"]  # the logistic fit, not the start, sets tau
 
 
 def test_mose_chooses_planted_k_and_beats_caa_on_held_out(fitted):
@@ -302,12 +302,66 @@ def test_layer_index_checks_share_one_helper_and_message():
     with pytest.raises(ValueError, match=rf"layers\[1\]: {out_of_range}"):
         collect_activations(model, CharTokenizer(), ["x"], [0, n], progress=False)
     with pytest.raises(ValueError, match=f"layer: {out_of_range}"):
-        recipes._layer(model, n)
+        recipes._layers_to_collect(model, n)
     with pytest.raises(ControlVectorError, match=f"layer: {out_of_range}"):
         import_cast(torch.ones(d), torch.ones(d), 0.5, n, model=model)
-    assert recipes._layer(model, None) == n // 2
+    assert recipes._layers_to_collect(model, None) == [n // 2]
     layer = check_layer_index(np.int64(n - 1), n)
     assert layer == n - 1 and type(layer) is int
     for bad in (-1, True, 1.0, "1"):
         with pytest.raises(ValueError, match="where: expected a non-negative int"):
             check_layer_index(bad, n, "where")
+
+
+def test_pooled_anchor_rows_and_the_activation_cache(tmp_path):
+    from finesteer.activation_cache import cached_anchor_activations
+    from finesteer.activations import collect_activations, collect_pooled_activations
+    from tiny_models import tiny_model
+
+    model, tok = tiny_model("llama"), CharTokenizer()
+    prompts = ["short", "a considerably longer prompt here", "mid length"]
+    pooled = collect_pooled_activations(model, tok, prompts, [0, 1], (1, 4, 100), batch_size=2, progress=False)
+    for i, p in enumerate(prompts):
+        hidden = _hidden(model, tok(p)["input_ids"], 1)
+        for j, n in enumerate((1, 4, 100)):  # the mean of the last n prompt tokens (all of them when shorter)
+            assert torch.allclose(pooled[1][i, j], hidden[-n:].mean(0), atol=1e-5)
+    assert torch.equal(collect_activations(model, tok, prompts, [0, 1], batch_size=2, progress=False)[1],
+                       pooled[1][:, 0])
+    with pytest.raises(ValueError, match="pools: expected positive token counts"):
+        collect_pooled_activations(model, tok, prompts, 0, (0,), progress=False)
+
+    first = cached_anchor_activations(model, tok, prompts, [1, 0], model_name="tiny", pools=(1, 4), cache=tmp_path,
+                                      progress=False)
+    assert torch.allclose(first[1], pooled[1][:, :2], atol=1e-5)
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and files[0].suffix == ".safetensors"
+    again = cached_anchor_activations(None, None, prompts, [0, 1], model_name="tiny", pools=(1, 4), cache=tmp_path)
+    assert all(torch.equal(first[k], again[k]) for k in (0, 1))  # read back without the model
+    cached_anchor_activations(model, tok, prompts[:2], [0, 1], model_name="tiny", pools=(1, 4), cache=tmp_path,
+                              progress=False)
+    assert len(list(tmp_path.iterdir())) == 2  # other prompts, another key
+
+
+def test_recipe_with_layer_auto_records_the_search_and_the_transfer(tmp_path):
+    from finesteer import data as D
+    from finesteer import recipes
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama", num_hidden_layers=6)
+    src = {s: D.Source(s, "user", "1", "f", "MIT") for s in ("h1", "h2", "b1", "b2")}
+    targets = D.PromptSet("t", [f"how to do harm number {i}" for i in range(24)], ["h1"] * 12 + ["h2"] * 12, src)
+    benign = D.PromptSet("b", [f"a kind question {i}?" for i in range(16)], ["b1"] * 8 + ["b2"] * 8, src)
+    completions = {p: "no" for p in targets.prompts}
+    steerer = recipes.fit_recipe(model, CharTokenizer(), recipe="test", targets=targets, benign=benign,
+                                 desired=completions, undesired={p: "yes" for p in targets.prompts}, layer="auto",
+                                 model_name="tiny", activation_cache=str(tmp_path), progress=False,
+                                 options=recipes.FitOptions(n_target=24, n_benign=16, epochs=3, num_experts=1))
+    search = steerer.metadata["layer_search"]
+    assert recipes.candidate_layers(6) == [1, 2, 3, 4]
+    assert set(search["scores"]) == {"1", "2", "3", "4"} and search["chosen"] == steerer.layer
+    assert search["scores"][str(steerer.layer)] == max(search["scores"].values())
+    metrics = steerer.metadata["metrics"]
+    assert metrics["gate"]["kind"] == recipes.DEFAULT_GATE and metrics["gate"]["rule"]["method"] == "max_fpr"
+    assert set(metrics["transfer"]["per_source"]) == {"h1", "h2", "b1", "b2"}
+    assert {r["side"] for r in metrics["transfer"]["per_source"].values()} == {"harmful", "benign"}
+    assert len(list(tmp_path.iterdir())) == 1  # the anchor rows went to the activation cache
