@@ -127,7 +127,8 @@ def padded(n: int) -> int:
 class Shape:
     """Sizes of one call. ``w_in_cols``: stored W_in columns (r + K (if K > 1) + m, padded to a multiple of 8);
     ``np``: the accumulator width (power of two); ``n_coef``: K + k; ``extra_weight_bytes``: weights read once per
-    row tile besides W_in, mu and W_out (e.g. a norm weight for a fused RMSNorm)."""
+    row tile besides W_in, mu and W_out (e.g. a norm weight for a fused RMSNorm); ``norm_out``: bytes per element
+    of the normalised rows a fused RMSNorm writes (0: no fused norm; see `with_norm`)."""
 
     rows: int
     d: int
@@ -137,6 +138,7 @@ class Shape:
     has_pass1: bool = True
     has_mean: bool = True
     extra_weight_bytes: int = 0
+    norm_out: int = 0
 
     @property
     def np(self) -> int:
@@ -160,12 +162,25 @@ class Shape:
     def w_out_bytes(self) -> int:
         return self.n_coef * self.d * self.elem + self.extra_weight_bytes
 
+    @property
+    def y_bytes(self) -> int:
+        """The normalised rows a fused RMSNorm writes (0 without one)."""
+        return self.rows * self.d * self.norm_out
+
+    def with_norm(self, out_elem: int) -> "Shape":
+        """The same call with a fused RMSNorm (issue 14) writing ``out_elem``-byte rows: pass 1 always runs (the
+        norm needs ``||h||^2``) and also reads W_out (for ``W_out h``); the norm's fp32 multiplier (d floats) and
+        W_out's Gram matrix (NCP^2 floats) are read per row tile."""
+        return dataclasses.replace(self, has_pass1=True, norm_out=out_elem,
+                                   extra_weight_bytes=self.extra_weight_bytes + 4 * (self.d + self.ncp ** 2))
+
     @classmethod
     def of(cls, rows: int, d: int, elem: int, r: int, K: int, m: int = 0, k: int = 0, align: int = 8,
-           **kw) -> "Shape":
+           norm_out: int = 0, **kw) -> "Shape":
         n_in = r + (K if K > 1 else 0) + m
         cols = max(align, -(-n_in // align) * align)
-        return cls(rows, d, elem, cols, K + k, has_pass1=bool(r or K > 1 or m), has_mean=bool(r), **kw)
+        shape = cls(rows, d, elem, cols, K + k, has_pass1=bool(r or K > 1 or m), has_mean=bool(r), **kw)
+        return shape.with_norm(norm_out) if norm_out else shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,8 +220,10 @@ def resources(shape: Shape, config: Config, card: Card, kind: str = "steer") -> 
         regs = 32 + (3 * bt * bd + 2 * bt * shape.ncp) // threads
     else:
         dot_e = 4 if e == 4 else 2  # fp32 runs fp32 dots on fp32 copies
-        pass1 = buffers * (bt * bd * e + bd * shape.np * e + bd * 4) if shape.has_pass1 else 0
-        pass2 = buffers * (bt * bd * e + shape.ncp * bd * e)
+        norm = shape.norm_out > 0  # a fused RMSNorm also stages W_out^T tiles in pass 1 and the norm weight in pass 2
+        pass1 = buffers * (bt * bd * e + bd * shape.np * e + bd * 4 + (bd * shape.ncp * e if norm else 0)) \
+            if shape.has_pass1 else 0
+        pass2 = buffers * (bt * bd * e + shape.ncp * bd * e + (bd * 4 if norm else 0))
         wgmma_a = 2 * bt * bd * dot_e if bt >= 64 else 0  # the centred tile staged for wgmma
         wgmma_a += bt * bd * 4 if e == 4 else 0  # fp32 'ieee' dots stage the centred tile too
         scratch = bt * shape.np * 4 if shape.np > 128 else 0  # epilogue layout conversions of a wide accumulator
@@ -286,8 +303,10 @@ def lag_tiles(concurrent: int, split: int) -> int:
 
 def predict_steer(shape: Shape, config: Config, card: Card, pipelined_pass2: bool = True,
                   store_coef: bool = False, multicast: int = 1, partials_on_chip: bool = False,
-                  tile_on_chip: bool = False, hide_ramp: bool = False) -> Prediction:
-    """Token mode (``store_coef``: `synthesize`, pass 1 and the epilogue only) with ``config``.
+                  tile_on_chip: bool = False, hide_ramp: bool = False, edited: float = 1.0) -> Prediction:
+    """Token mode (``store_coef``: `synthesize`, pass 1 and the epilogue only) with ``config``; with a fused
+    RMSNorm when ``shape.norm_out`` (pass 1 also reads W_out, pass 2 also writes the normalised rows).
+    ``edited``: the share of rows written back (in place, rows whose gate is off are not written).
 
     ``pipelined_pass2=False`` models the v1 kernel (synchronous loads of h in pass 2). Designs Triton cannot express
     today, to show what they would buy: ``multicast`` (W_in/W_out tiles fetched once per cluster of that many SMs,
@@ -297,16 +316,20 @@ def predict_steer(shape: Shape, config: Config, card: Card, pipelined_pass2: boo
     dependent launch allows)."""
     e, T, d = shape.elem, shape.rows, shape.d
     bt, split = config.BLOCK_T, config.SPLIT
+    norm = shape.norm_out > 0
     res = resources(shape, config, card)
     occ = max(res.ctas_per_sm, 1)
     n_tiles = -(-T // bt)
     h = shape.h_bytes
+    written = round(edited * h)
     if split > 1:
         first = min(n_tiles * split, card.sms * occ)
         lag = 0 if store_coef else lag_tiles(first, split)
         grid = min((n_tiles + lag) * split, card.sms * occ)  # persistent: programs loop over the work items
-        partial_bytes = 0 if partials_on_chip else T * split * (shape.w_in_cols + 1) * 4  # fp32 partials
-        coef_bytes = T * (shape.n_coef + 1) * 4 * (1 + split)  # written once, read by each slice's pass 2
+        # fp32 partials: projections and ||xc||^2; with a fused norm also ||h||^2 and W_out h
+        part_cols = shape.w_in_cols + 1 + (1 + shape.n_coef if norm else 0)
+        partial_bytes = 0 if partials_on_chip else T * split * part_cols * 4
+        coef_bytes = T * (shape.n_coef + 1 + norm) * 4 * (1 + split)  # written once, read by each slice's pass 2
     else:
         lag, grid, partial_bytes, coef_bytes = 0, n_tiles, 0, 0
     concurrent = min(grid, card.sms * occ)
@@ -317,20 +340,21 @@ def predict_steer(shape: Shape, config: Config, card: Card, pipelined_pass2: boo
         working_set = (lag + 1) * bt * d * e if split > 1 else concurrent * bt * d * e
         second_l2 = working_set <= card.l2_bytes // 2
     tiles_fetched = -(-n_tiles // multicast)
-    pass1_l2 = (h if shape.has_pass1 else 0) + tiles_fetched * shape.w_in_bytes + partial_bytes * 2
-    pass2_l2 = 0 if store_coef else (1 if tile_on_chip and shape.has_pass1 else 2) * h \
+    w_out_pass1 = shape.n_coef * d * e if norm else 0  # a fused norm's W_out h
+    pass1_l2 = (h if shape.has_pass1 else 0) + tiles_fetched * (shape.w_in_bytes + w_out_pass1) + partial_bytes * 2
+    pass2_l2 = 0 if store_coef else (0 if tile_on_chip and shape.has_pass1 else h) + written + shape.y_bytes \
         + tiles_fetched * shape.w_out_bytes + coef_bytes
     l2 = pass1_l2 + pass2_l2
     weights = shape.w_in_bytes + (0 if store_coef else shape.w_out_bytes)
-    out_bytes = T * shape.n_coef * 4 if store_coef else h
+    out_bytes = T * shape.n_coef * 4 if store_coef else written + shape.y_bytes
     hbm = h + out_bytes + weights + (0 if second_l2 or store_coef else h) + partial_bytes // 2
     ideal = (h if shape.has_pass1 or not store_coef else 0) + out_bytes + weights
     # multiprocessor feed: pass 1 and pass 2 run one after the other in a program
     buffers = max(1, config.num_stages - 1)
     per_sm = concurrent / active
     rows = min(bt, T)  # masked rows load nothing
-    stage1 = rows * config.BLOCK_D * e + config.BLOCK_D * shape.w_in_cols * e
-    stage2 = rows * config.BLOCK_D * e + shape.n_coef * config.BLOCK_D * e
+    stage1 = rows * config.BLOCK_D * e + config.BLOCK_D * shape.w_in_cols * e + config.BLOCK_D * w_out_pass1 // d
+    stage2 = rows * config.BLOCK_D * e + shape.n_coef * config.BLOCK_D * e + (config.BLOCK_D * 4 if norm else 0)
     rate1 = _sm_rate(card, per_sm * buffers * stage1)
     rate2 = _sm_rate(card, per_sm * (buffers if pipelined_pass2 else 1) * stage2)
     waves = grid / (card.sms * occ)
@@ -375,6 +399,35 @@ def predict_apply_delta(rows: int, d: int, elem: int, sequences: int, card: Card
     return Prediction("apply_delta", card.name, None, grid, 0, grid, 0, True, hbm, hbm, hbm,
                       hbm / card.hbm_gbps / 1e3, hbm / card.l2_gbps / 1e3, hbm / (active * rate) / 1e3,
                       hbm / card.hbm_gbps / 1e3, 1, card.launch_us)  # one load per program: sm_us is its latency
+
+
+def predict_rmsnorm(rows: int, d: int, elem: int, card: Card, out_elem: Optional[int] = None,
+                    weight_elem: Optional[int] = None) -> Prediction:
+    """A separate RMSNorm (what the fused ops replace): read h and the weight, write the normalised rows; a row (or
+    a few) per program, the row's loads in flight at once."""
+    out_elem = out_elem or elem
+    hbm = rows * d * (elem + out_elem) + d * (weight_elem or elem)
+    active = min(card.sms, rows)
+    rate = _sm_rate(card, d * elem)
+    return Prediction("rmsnorm", card.name, None, rows, 0, rows, 0, True, hbm, hbm, hbm,
+                      hbm / card.hbm_gbps / 1e3, hbm / card.l2_gbps / 1e3, hbm / (active * rate) / 1e3,
+                      hbm / card.hbm_gbps / 1e3, 1, card.launch_us)
+
+
+def predict_apply_delta_norm(rows: int, d: int, elem: int, sequences: int, card: Card, out_elem: Optional[int] = None,
+                             one_pass_d: int = 8192) -> Prediction:
+    """Query mode fused with the next RMSNorm (`delta_norm_kernel`): read h and one fp32 delta row per sequence,
+    write the edited rows and the normalised rows; rows up to ``one_pass_d`` wide are held in registers between
+    the sum of squares and the writes, wider ones are read a second time (from L2)."""
+    out_elem = out_elem or elem
+    h = rows * d * elem
+    hbm = 2 * h + rows * d * out_elem + sequences * d * 4 + d * 4
+    l2 = hbm + (h if d > one_pass_d else 0)
+    active = min(card.sms, rows)
+    rate = _sm_rate(card, min(d, one_pass_d) * (elem + 4))
+    return Prediction("apply_delta_norm", card.name, None, rows, 0, rows, 0, True, hbm, l2, hbm,
+                      hbm / card.hbm_gbps / 1e3, l2 / card.l2_gbps / 1e3, l2 / (active * rate) / 1e3,
+                      hbm / card.hbm_gbps / 1e3, 1, card.launch_us)
 
 
 def v1_config(rows: int, shape: Shape) -> Config:
