@@ -8,7 +8,8 @@
     finesteer::apply_coef_(h!, coef, row_to_seq, w_out) -> ()                                  the same, in place
     finesteer::apply_delta(h, delta, row_to_seq, rows_per_seq) -> Tensor                      decode: h + delta[seq]
     finesteer::apply_delta_(h!, delta, row_to_seq, rows_per_seq) -> ()                        the same, in place
-    finesteer::steer_rmsnorm(h, ..., keep, norm_scale, gram, norm_eps, weight_in_fp32, y_dtype) -> (out, y)
+    finesteer::steer_rmsnorm(h, ..., keep, norm_scale, norm_consts, out_col, norm_eps, weight_in_fp32,
+                             y_dtype) -> (out, y)   w_in, layout: `norm.NormPack`'s
     finesteer::steer_rmsnorm_(h!, ...) -> y                            token mode fused with the next RMSNorm
     finesteer::apply_delta_rmsnorm(h, delta, row_to_seq, rows_per_seq, norm_scale, norm_eps, weight_in_fp32,
                                    y_dtype) -> (out, y)
@@ -122,33 +123,34 @@ def _apply_delta_inplace_fake(h, delta, row_to_seq, rows_per_seq):
 # ---- fused with the next RMSNorm (issue 14): the steered rows and their norm ``y`` (``y_dtype``, the module's) --
 @torch.library.custom_op("finesteer::steer_rmsnorm", mutates_args=())
 def steer_rmsnorm(h: Tensor, w_in: Tensor, w_out: Tensor, mean: Tensor, consts: Tensor, layout: list[int], tau: float,
-                  eps: float, scale: float, keep: Optional[Tensor], norm_scale: Tensor, gram: Tensor, norm_eps: float,
-                  weight_in_fp32: bool, y_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+                  eps: float, scale: float, keep: Optional[Tensor], norm_scale: Tensor, norm_consts: Tensor,
+                  out_col: int, norm_eps: float, weight_in_fp32: bool, y_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     out, y = torch.empty_like(h), torch.empty(h.shape, dtype=y_dtype, device=h.device)
     launch_steer(h, out, w_in, w_out, mean, consts, Layout(*layout), tau, eps, scale, keep,
-                 norm=NormOperands(y, norm_scale, gram, norm_eps, weight_in_fp32))
+                 norm=NormOperands(y, norm_scale, norm_consts, out_col, norm_eps, weight_in_fp32))
     return out, y
 
 
 @steer_rmsnorm.register_fake
-def _steer_rmsnorm_fake(h, w_in, w_out, mean, consts, layout, tau, eps, scale, keep, norm_scale, gram, norm_eps,
-                        weight_in_fp32, y_dtype):
+def _steer_rmsnorm_fake(h, w_in, w_out, mean, consts, layout, tau, eps, scale, keep, norm_scale, norm_consts,
+                        out_col, norm_eps, weight_in_fp32, y_dtype):
     return torch.empty_like(h), h.new_empty(h.shape, dtype=y_dtype)
 
 
 @torch.library.custom_op("finesteer::steer_rmsnorm_", mutates_args=("h",))
 def steer_rmsnorm_(h: Tensor, w_in: Tensor, w_out: Tensor, mean: Tensor, consts: Tensor, layout: list[int],
-                   tau: float, eps: float, scale: float, keep: Optional[Tensor], norm_scale: Tensor, gram: Tensor,
-                   norm_eps: float, weight_in_fp32: bool, y_dtype: torch.dtype) -> Tensor:
+                   tau: float, eps: float, scale: float, keep: Optional[Tensor], norm_scale: Tensor,
+                   norm_consts: Tensor, out_col: int, norm_eps: float, weight_in_fp32: bool,
+                   y_dtype: torch.dtype) -> Tensor:
     y = torch.empty(h.shape, dtype=y_dtype, device=h.device)
     launch_steer(h, h, w_in, w_out, mean, consts, Layout(*layout), tau, eps, scale, keep,
-                 norm=NormOperands(y, norm_scale, gram, norm_eps, weight_in_fp32))
+                 norm=NormOperands(y, norm_scale, norm_consts, out_col, norm_eps, weight_in_fp32))
     return y
 
 
 @steer_rmsnorm_.register_fake
-def _steer_rmsnorm_inplace_fake(h, w_in, w_out, mean, consts, layout, tau, eps, scale, keep, norm_scale, gram,
-                                norm_eps, weight_in_fp32, y_dtype):
+def _steer_rmsnorm_inplace_fake(h, w_in, w_out, mean, consts, layout, tau, eps, scale, keep, norm_scale,
+                                norm_consts, out_col, norm_eps, weight_in_fp32, y_dtype):
     return h.new_empty(h.shape, dtype=y_dtype)
 
 

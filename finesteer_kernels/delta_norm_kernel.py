@@ -5,7 +5,7 @@ This is the decode step of a steered layer when the next layer's input norm is f
 separate edit and the norm's own pass become one kernel. The row's sum of squares is taken from h' as stored
 (rounded to h's dtype), as the model's own norm would take it. A program owns whole rows: up to
 `ONE_PASS_MAX_D` columns the row stays in registers between its sum of squares and the writes (one read of h);
-wider rows are read twice, the second time from L2. Rows map to sequences as in `delta_kernel` (``row_to_seq``,
+wider rows are read twice (both loops pipelined, cp.async), the second time from L2. Rows map to sequences as in `delta_kernel` (``row_to_seq``,
 -1: no edit, but still normalised; or ``row // rows_per_seq``). Readable equivalent: `reference.apply_delta_rmsnorm`.
 """
 import torch
@@ -65,7 +65,7 @@ def apply_delta_norm_kernel(h_ptr, out_ptr, y_ptr, delta_ptr, seq_ptr, scale_ptr
         _store_normed(y_ptr, scale_ptr, steered, rstd, offs, offs_d, mask, d_mask, WEIGHT_IN_FP32)
     else:
         sq = tl.zeros((BLOCK_T,), tl.float32)
-        for d0 in range(0, d, BLOCK_D):
+        for d0 in tl.range(0, d, BLOCK_D, num_stages=3):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             d_mask = offs_d < d
             mask = row_mask[:, None] & d_mask[None, :]
@@ -73,7 +73,7 @@ def apply_delta_norm_kernel(h_ptr, out_ptr, y_ptr, delta_ptr, seq_ptr, scale_ptr
                           mask, active, in_range, "evict_last").to(tl.float32)
             sq += tl.sum(s32 * s32, axis=1)
         rstd = tl.rsqrt(sq / d + norm_eps)
-        for d0 in range(0, d, BLOCK_D):
+        for d0 in tl.range(0, d, BLOCK_D, num_stages=3):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             d_mask = offs_d < d
             offs = row_base[:, None] + offs_d[None, :]

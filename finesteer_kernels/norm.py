@@ -1,5 +1,5 @@
-"""The RMSNorm that a fused op applies after the steering edit (`RMSNormParams`), and the one constant the fused
-token-mode kernel reads besides the steering pack (`gram_of_w_out`).
+"""The RMSNorm that a fused op applies after the steering edit (`RMSNormParams`), and what the fused token-mode
+kernel reads besides the steering pack (`NormPack`, `NormOperands`).
 
 transformers writes RMSNorm in two ways, both with fp32 statistics, ``n = x32 * rsqrt(mean(x32^2) + eps)``:
 
@@ -75,29 +75,53 @@ class RMSNormParams:
             raise ValueError(f"norm: weight on {self.device} but h on {h.device}")
 
 
-def gram_of_w_out(params: SteerParams, dtype: torch.dtype, device, align: int = 8) -> torch.Tensor:
-    """``G = W_out W_out^T`` as fp32 ``(NCP, NCP)`` (zero past K+k; NCP the kernel's padded coefficient width), with
-    ``W_out`` as rounded to ``dtype`` (the edit the kernel adds): then
-    ``||h + coef @ W_out||^2 = ||h||^2 + 2 coef . (W_out h) + coef^T G coef`` needs no pass over the edited row.
-    Cached on ``params`` beside its packed forms."""
+class NormPack(NamedTuple):
+    """What the fused token-mode kernel reads in place of `CentredPack`'s ``w_in`` (the rest of that pack as is).
+
+    * ``w_in``: the centred ``W_in`` with ``W_out^T`` appended at column ``out_col`` (``d x stride``, columns
+      zero-padded to a multiple of 8), so pass 1's one dot also gives ``W_out xc``. A second dot over W_out itself
+      would save this copy's bytes (``(K+k) x d`` per call, under 0.1 % of a prefill's traffic), but on sm_90a
+      its accumulator in another layout pushed fp32 and the widest layouts past 255 registers.
+    * ``consts`` (fp32): ``[W_out mu (NCP) | G = W_out W_out^T (NCP x NCP, row-major)]``, zero past K+k (NCP the
+      kernel's padded coefficient width), with ``W_out`` as rounded to the activation dtype (the edit the kernel
+      adds). Then ``||h + coef W_out||^2 = ||h||^2 + 2 coef.(W_out xc + W_out mu) + coef^T G coef`` needs no
+      pass over the edited row.
+    """
+
+    w_in: torch.Tensor
+    out_col: int
+    consts: torch.Tensor
+
+
+def pack_steer_norm(params: SteerParams, dtype: torch.dtype, device, align: int = 8) -> NormPack:
+    """The fused pack of ``params`` for activations in ``dtype``, cached on ``params`` beside its other packs."""
     ncp = padded(params.n_coef)
 
-    def build(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        w_out = params.pack_centred(dtype, device, align).w_out.double()
-        gram = torch.zeros(ncp, ncp, dtype=torch.float64, device=device)
-        gram[:params.n_coef, :params.n_coef] = w_out @ w_out.T
-        return gram.float().contiguous()
+    def build(dtype: torch.dtype, device: torch.device) -> NormPack:
+        centred = params.pack_centred(dtype, device, align)
+        out_col, n_coef = centred.w_in.shape[1], params.n_coef
+        stride = -(-(out_col + n_coef) // align) * align
+        w_in = torch.zeros(params.d, stride, dtype=dtype, device=device)
+        w_in[:, :out_col] = centred.w_in
+        w_in[:, out_col:out_col + n_coef] = centred.w_out.T
+        w_out = centred.w_out.double()
+        mu = centred.mean.double() if centred.has_mean else torch.zeros(params.d, dtype=torch.float64, device=device)
+        consts = torch.zeros(ncp + ncp * ncp, dtype=torch.float64, device=device)
+        consts[:n_coef] = w_out @ mu
+        consts[ncp:].view(ncp, ncp)[:n_coef, :n_coef] = w_out @ w_out.T
+        return NormPack(w_in.contiguous(), out_col, consts.float())
 
-    return params._cached_pack(("gram", align), dtype, device, _CAST_BY_PACK_CENTRED, build)
+    return params._cached_pack(("norm", align), dtype, device, _CAST_BY_PACK_CENTRED, build)
 
 
 class NormOperands(NamedTuple):
     """What the fused token-mode launch (`steer_kernel.launch_steer`) takes for the norm: the output rows ``y``
-    (contiguous ``(N, d)``), the fp32 multiplier ``scale`` (`RMSNormParams.scale32`), the Gram matrix of W_out
-    (`gram_of_w_out`), eps and the rounding rule."""
+    (contiguous ``(N, d)``), the fp32 multiplier ``scale`` (`RMSNormParams.scale32`), `NormPack`'s ``consts`` and
+    ``out_col``, eps and the rounding rule."""
 
     y: torch.Tensor
     scale: torch.Tensor
-    gram: torch.Tensor
+    consts: torch.Tensor
+    out_col: int
     eps: float
     weight_in_fp32: bool

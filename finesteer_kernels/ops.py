@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from . import reference
-from .norm import RMSNormParams, gram_of_w_out
+from .norm import RMSNormParams, pack_steer_norm
 from .params import SteerParams
 from .validation import check_coef, check_delta, check_hidden, check_row_mask, check_row_to_seq
 
@@ -213,14 +213,20 @@ def _check_norm(norm: RMSNormParams, h: torch.Tensor) -> None:
 
 
 def _norm_args(h: torch.Tensor, norm: RMSNormParams) -> tuple:
+    """The delta op's norm operands: fp32 multiplier, eps, rounding rule, output dtype."""
     return norm.scale32, norm.eps, norm.weight_in_fp32, norm.out_dtype(h.dtype)
 
 
 def _steer_norm_args(h: torch.Tensor, params: SteerParams, norm: RMSNormParams, keep) -> tuple:
+    """The fused token-mode op's operands after ``h``: the centred pack with the fused ``W_in`` and layout."""
+    from .kernel_common import Layout
+
     packed, layout = _kernel_args(h, params)
-    return (packed.w_in, packed.w_out, packed.mean, packed.consts, layout, params.tau, params.eps,
-            params.alpha * params.gamma, None if keep is None else keep.contiguous(), norm.scale32,
-            gram_of_w_out(params, h.dtype, h.device), norm.eps, norm.weight_in_fp32, norm.out_dtype(h.dtype))
+    fused = pack_steer_norm(params, h.dtype, h.device)
+    layout = list(Layout(*layout)._replace(W_IN_STRIDE=fused.w_in.shape[1]))
+    return (fused.w_in, packed.w_out, packed.mean, packed.consts, layout, params.tau, params.eps,
+            params.alpha * params.gamma, None if keep is None else keep.contiguous(), norm.scale32, fused.consts,
+            fused.out_col, norm.eps, norm.weight_in_fp32, norm.out_dtype(h.dtype))
 
 
 def steer_rmsnorm(h: torch.Tensor, params: SteerParams, norm: RMSNormParams,

@@ -168,17 +168,22 @@ class Shape:
         return self.rows * self.d * self.norm_out
 
     def with_norm(self, out_elem: int) -> "Shape":
-        """The same call with a fused RMSNorm (issue 14) writing ``out_elem``-byte rows: pass 1 always runs (the
-        norm needs ``||h||^2``) and also reads W_out (for ``W_out h``); the norm's fp32 multiplier (d floats) and
-        W_out's Gram matrix (NCP^2 floats) are read per row tile."""
+        """The same call with a fused RMSNorm (issue 14) writing ``out_elem``-byte rows, for a W_in that already
+        carries ``W_out^T`` among its ``w_in_cols`` (`norm.NormPack`; `Shape.of` adds them): pass 1 always runs
+        (the norm needs ``||h||^2``), and the norm's fp32 multiplier (d floats) and constants (``W_out mu`` and the
+        Gram matrix of W_out, NCP + NCP^2 floats) are read per row tile."""
         return dataclasses.replace(self, has_pass1=True, norm_out=out_elem,
-                                   extra_weight_bytes=self.extra_weight_bytes + 4 * (self.d + self.ncp ** 2))
+                                   extra_weight_bytes=self.extra_weight_bytes + 4 * (self.d + self.ncp + self.ncp ** 2))
 
     @classmethod
     def of(cls, rows: int, d: int, elem: int, r: int, K: int, m: int = 0, k: int = 0, align: int = 8,
            norm_out: int = 0, **kw) -> "Shape":
+        """The shape of a steerer with these sizes; ``norm_out``: fused with an RMSNorm writing ``norm_out``-byte
+        rows (W_in then also holds ``W_out^T``)."""
         n_in = r + (K if K > 1 else 0) + m
         cols = max(align, -(-n_in // align) * align)
+        if norm_out:
+            cols = -(-(cols + K + k) // align) * align
         shape = cls(rows, d, elem, cols, K + k, has_pass1=bool(r or K > 1 or m), has_mean=bool(r), **kw)
         return shape.with_norm(norm_out) if norm_out else shape
 
@@ -220,9 +225,8 @@ def resources(shape: Shape, config: Config, card: Card, kind: str = "steer") -> 
         regs = 32 + (3 * bt * bd + 2 * bt * shape.ncp) // threads
     else:
         dot_e = 4 if e == 4 else 2  # fp32 runs fp32 dots on fp32 copies
-        norm = shape.norm_out > 0  # a fused RMSNorm also stages W_out^T tiles in pass 1 and the norm weight in pass 2
-        pass1 = buffers * (bt * bd * e + bd * shape.np * e + bd * 4 + (bd * shape.ncp * e if norm else 0)) \
-            if shape.has_pass1 else 0
+        norm = shape.norm_out > 0  # a fused RMSNorm also stages the norm weight in pass 2
+        pass1 = buffers * (bt * bd * e + bd * shape.np * e + bd * 4) if shape.has_pass1 else 0
         pass2 = buffers * (bt * bd * e + shape.ncp * bd * e + (bd * 4 if norm else 0))
         wgmma_a = 2 * bt * bd * dot_e if bt >= 64 else 0  # the centred tile staged for wgmma
         wgmma_a += bt * bd * 4 if e == 4 else 0  # fp32 'ieee' dots stage the centred tile too
@@ -305,7 +309,7 @@ def predict_steer(shape: Shape, config: Config, card: Card, pipelined_pass2: boo
                   store_coef: bool = False, multicast: int = 1, partials_on_chip: bool = False,
                   tile_on_chip: bool = False, hide_ramp: bool = False, edited: float = 1.0) -> Prediction:
     """Token mode (``store_coef``: `synthesize`, pass 1 and the epilogue only) with ``config``; with a fused
-    RMSNorm when ``shape.norm_out`` (pass 1 also reads W_out, pass 2 also writes the normalised rows).
+    RMSNorm when ``shape.norm_out`` (`Shape.with_norm`: pass 2 also writes the normalised rows).
     ``edited``: the share of rows written back (in place, rows whose gate is off are not written).
 
     ``pipelined_pass2=False`` models the v1 kernel (synchronous loads of h in pass 2). Designs Triton cannot express
@@ -326,8 +330,8 @@ def predict_steer(shape: Shape, config: Config, card: Card, pipelined_pass2: boo
         first = min(n_tiles * split, card.sms * occ)
         lag = 0 if store_coef else lag_tiles(first, split)
         grid = min((n_tiles + lag) * split, card.sms * occ)  # persistent: programs loop over the work items
-        # fp32 partials: projections and ||xc||^2; with a fused norm also ||h||^2 and W_out h
-        part_cols = shape.w_in_cols + 1 + (1 + shape.n_coef if norm else 0)
+        # fp32 partials: projections and ||xc||^2; with a fused norm also ||h||^2
+        part_cols = shape.w_in_cols + 1 + norm
         partial_bytes = 0 if partials_on_chip else T * split * part_cols * 4
         coef_bytes = T * (shape.n_coef + 1 + norm) * 4 * (1 + split)  # written once, read by each slice's pass 2
     else:
@@ -340,8 +344,7 @@ def predict_steer(shape: Shape, config: Config, card: Card, pipelined_pass2: boo
         working_set = (lag + 1) * bt * d * e if split > 1 else concurrent * bt * d * e
         second_l2 = working_set <= card.l2_bytes // 2
     tiles_fetched = -(-n_tiles // multicast)
-    w_out_pass1 = shape.n_coef * d * e if norm else 0  # a fused norm's W_out h
-    pass1_l2 = (h if shape.has_pass1 else 0) + tiles_fetched * (shape.w_in_bytes + w_out_pass1) + partial_bytes * 2
+    pass1_l2 = (h if shape.has_pass1 else 0) + tiles_fetched * shape.w_in_bytes + partial_bytes * 2
     pass2_l2 = 0 if store_coef else (0 if tile_on_chip and shape.has_pass1 else h) + written + shape.y_bytes \
         + tiles_fetched * shape.w_out_bytes + coef_bytes
     l2 = pass1_l2 + pass2_l2
@@ -353,7 +356,7 @@ def predict_steer(shape: Shape, config: Config, card: Card, pipelined_pass2: boo
     buffers = max(1, config.num_stages - 1)
     per_sm = concurrent / active
     rows = min(bt, T)  # masked rows load nothing
-    stage1 = rows * config.BLOCK_D * e + config.BLOCK_D * shape.w_in_cols * e + config.BLOCK_D * w_out_pass1 // d
+    stage1 = rows * config.BLOCK_D * e + config.BLOCK_D * shape.w_in_cols * e
     stage2 = rows * config.BLOCK_D * e + shape.n_coef * config.BLOCK_D * e + (config.BLOCK_D * 4 if norm else 0)
     rate1 = _sm_rate(card, per_sm * buffers * stage1)
     rate2 = _sm_rate(card, per_sm * (buffers if pipelined_pass2 else 1) * stage2)
