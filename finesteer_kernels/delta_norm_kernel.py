@@ -3,9 +3,9 @@
 
 This is the decode step of a steered layer when the next layer's input norm is fused (`finesteer.patching`): the
 separate edit and the norm's own pass become one kernel. The row's sum of squares is taken from h' as stored
-(rounded to h's dtype), as the model's own norm would take it. A program owns whole rows: up to
-`ONE_PASS_MAX_D` columns the row stays in registers between its sum of squares and the writes (one read of h);
-wider rows are read twice (both loops pipelined, cp.async), the second time from L2. Rows map to sequences as in `delta_kernel` (``row_to_seq``,
+(rounded to h's dtype), as the model's own norm would take it. A program owns whole rows (`perf_model.row_blocks`):
+up to `ONE_PASS_MAX_D` columns the row stays in registers between its sum of squares and the writes (one read of
+h); wider rows are read twice (both loops pipelined, cp.async), the second time from L2. Rows map to sequences as in `delta_kernel` (``row_to_seq``,
 -1: no edit, but still normalised; or ``row // rows_per_seq``). Readable equivalent: `reference.apply_delta_rmsnorm`.
 """
 import torch
@@ -13,9 +13,7 @@ import triton
 import triton.language as tl
 
 from .kernel_common import INTERPRETING, device_guard
-
-ONE_PASS_MAX_D = 8192  # a 16-bit row of 8192 is 16 KiB: 16 warps hold it in 16 registers a thread
-WIDE_BLOCK_D = 4096
+from .perf_model import ONE_PASS_MAX_D, WIDE_BLOCK_D, row_blocks
 
 
 @triton.jit
@@ -84,20 +82,6 @@ def apply_delta_norm_kernel(h_ptr, out_ptr, y_ptr, delta_ptr, seq_ptr, scale_ptr
             _store_normed(y_ptr, scale_ptr, steered, rstd, offs, offs_d, mask, d_mask, WEIGHT_IN_FP32)
 
 
-def delta_norm_blocks(d: int, one_pass_max_d: int = ONE_PASS_MAX_D) -> tuple:
-    """(BLOCK_T, BLOCK_D, one pass, warps): whole rows in one tile up to ``one_pass_max_d`` columns, several rows per
-    program for narrow ones (about 2-4K elements a program), 4 to 16 warps as the tile grows."""
-    if d <= one_pass_max_d:
-        block_d = triton.next_power_of_2(max(d, 1))
-        block_t = max(1, min(16, 2048 // block_d))
-        one_pass = True
-    else:
-        block_d, block_t, one_pass = WIDE_BLOCK_D, 1, False
-    elems = block_t * block_d
-    warps = 4 if elems <= 2048 else 8 if elems <= 4096 else 16
-    return block_t, block_d, one_pass, warps
-
-
 def launch_apply_delta_norm(h: torch.Tensor, out: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, row_to_seq,
                             rows_per_seq: int, scale: torch.Tensor, eps: float, weight_in_fp32: bool,
                             one_pass_max_d: int = ONE_PASS_MAX_D) -> None:
@@ -108,7 +92,9 @@ def launch_apply_delta_norm(h: torch.Tensor, out: torch.Tensor, y: torch.Tensor,
     n_rows = h.numel() // d if d else 0
     if n_rows == 0:
         return
-    block_t, block_d, one_pass, warps = delta_norm_blocks(d, one_pass_max_d)
+    block_t, block_d, one_pass, warps = row_blocks(d)
+    if d > one_pass_max_d:  # tests: the wide-row layout at a small d
+        block_t, block_d, one_pass = 1, min(block_d, WIDE_BLOCK_D), False
     launch = {} if INTERPRETING else dict(num_warps=warps)
     with device_guard(h):
         apply_delta_norm_kernel[(triton.cdiv(n_rows, block_t),)](

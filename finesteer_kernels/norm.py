@@ -55,6 +55,10 @@ class RMSNormParams:
         scale = w.detach().float()
         object.__setattr__(self, "scale32", (1.0 + scale if self.unit_offset else scale).contiguous())
 
+    def __repr__(self) -> str:
+        return (f"RMSNormParams(d={self.d}, eps={self.eps:g}, unit_offset={self.unit_offset}, "
+                f"weight_in_fp32={self.weight_in_fp32}, dtype={self.weight.dtype}, device={self.device})")
+
     @property
     def d(self) -> int:
         return self.weight.shape[0]

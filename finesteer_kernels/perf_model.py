@@ -230,7 +230,9 @@ def resources(shape: Shape, config: Config, card: Card, kind: str = "steer") -> 
         pass2 = buffers * (bt * bd * e + shape.ncp * bd * e + (bd * 4 if norm else 0))
         wgmma_a = 2 * bt * bd * dot_e if bt >= 64 else 0  # the centred tile staged for wgmma
         wgmma_a += bt * bd * 4 if e == 4 else 0  # fp32 'ieee' dots stage the centred tile too
-        scratch = bt * shape.np * 4 if shape.np > 128 else 0  # epilogue layout conversions of a wide accumulator
+        # epilogue layout conversions of a wide accumulator (in the fused-norm kernel Triton places them inside the
+        # pipeline buffers: measured on sm_90a, tests/test_kernel_compile.py)
+        scratch = bt * shape.np * 4 if shape.np > 128 and not norm else 0
         smem = max(pass1, pass2) + wgmma_a + scratch + 1 * KiB
         # the epilogue holds the accumulator and ~2 more (BLOCK_T, NP) fp32 temporaries (softmax, gathers); the
         # split-d reduction one more (the partial being added); fp32 tiles cost ~4x the registers of 16-bit ones
@@ -404,33 +406,56 @@ def predict_apply_delta(rows: int, d: int, elem: int, sequences: int, card: Card
                       hbm / card.hbm_gbps / 1e3, 1, card.launch_us)  # one load per program: sm_us is its latency
 
 
+ONE_PASS_MAX_D = 8192  # rows up to this wide stay in registers between their sum of squares and their writes
+WIDE_BLOCK_D = 4096
+
+
+def row_blocks(d: int) -> tuple:
+    """``(BLOCK_T, BLOCK_D, one pass, warps)`` of a kernel that owns whole rows (`delta_norm_kernel`, and the model's
+    separate RMSNorm): up to `ONE_PASS_MAX_D` columns the row is one tile (several rows per program for narrow
+    ones, about 2K elements a program), wider rows are swept twice in `WIDE_BLOCK_D` chunks; 4 to 16 warps as
+    the tile grows."""
+    if d <= ONE_PASS_MAX_D:
+        block_d = 1 << max(0, (d - 1).bit_length())
+        block_t, one_pass = max(1, min(16, 2048 // block_d)), True
+    else:
+        block_d, block_t, one_pass = WIDE_BLOCK_D, 1, False
+    elems = block_t * block_d
+    return block_t, block_d, one_pass, 4 if elems <= 2048 else 8 if elems <= 4096 else 16
+
+
+def _predict_rows(kind: str, rows: int, d: int, hbm: int, l2: int, loaded_per_elem: float, card: Card) -> Prediction:
+    """A one-launch kernel that owns whole rows (`row_blocks`): programs resident per SM as warps allow, each with
+    all of its tile's loads in flight at once (``loaded_per_elem`` bytes per element of the tile: h, and the
+    weight or delta rows read beside it)."""
+    block_t, block_d, _, warps = row_blocks(d)
+    grid = -(-rows // block_t)
+    per_sm = min(card.max_warps_per_sm // warps, card.max_ctas_per_sm, -(-grid // card.sms))
+    active = min(card.sms, grid)
+    rate = _sm_rate(card, per_sm * min(rows, block_t) * min(d, block_d) * loaded_per_elem)
+    return Prediction(kind, card.name, None, grid, per_sm, min(grid, card.sms * per_sm), 0, True, hbm, l2, hbm,
+                      hbm / card.hbm_gbps / 1e3, l2 / card.l2_gbps / 1e3, l2 / (active * rate) / 1e3,
+                      hbm / card.hbm_gbps / 1e3, 1, card.launch_us, latency_us=card.latency_ns / 1e3)
+
+
 def predict_rmsnorm(rows: int, d: int, elem: int, card: Card, out_elem: Optional[int] = None,
                     weight_elem: Optional[int] = None) -> Prediction:
-    """A separate RMSNorm (what the fused ops replace): read h and the weight, write the normalised rows; a row (or
-    a few) per program, the row's loads in flight at once."""
-    out_elem = out_elem or elem
-    hbm = rows * d * (elem + out_elem) + d * (weight_elem or elem)
-    active = min(card.sms, rows)
-    rate = _sm_rate(card, d * elem)
-    return Prediction("rmsnorm", card.name, None, rows, 0, rows, 0, True, hbm, hbm, hbm,
-                      hbm / card.hbm_gbps / 1e3, hbm / card.l2_gbps / 1e3, hbm / (active * rate) / 1e3,
-                      hbm / card.hbm_gbps / 1e3, 1, card.launch_us)
+    """A separate RMSNorm in one launch, the baseline the fused ops are held to (transformers' eager RMSNorm is
+    several launches and moves more): read h and the weight, write the normalised rows."""
+    weight_elem = weight_elem or elem
+    hbm = rows * d * (elem + (out_elem or elem)) + d * weight_elem
+    return _predict_rows("rmsnorm", rows, d, hbm, hbm, elem + weight_elem, card)
 
 
-def predict_apply_delta_norm(rows: int, d: int, elem: int, sequences: int, card: Card, out_elem: Optional[int] = None,
-                             one_pass_d: int = 8192) -> Prediction:
+def predict_apply_delta_norm(rows: int, d: int, elem: int, sequences: int, card: Card,
+                             out_elem: Optional[int] = None) -> Prediction:
     """Query mode fused with the next RMSNorm (`delta_norm_kernel`): read h and one fp32 delta row per sequence,
-    write the edited rows and the normalised rows; rows up to ``one_pass_d`` wide are held in registers between
-    the sum of squares and the writes, wider ones are read a second time (from L2)."""
-    out_elem = out_elem or elem
+    write the edited rows and the normalised rows; rows wider than `ONE_PASS_MAX_D` are read a second time (from
+    L2)."""
     h = rows * d * elem
-    hbm = 2 * h + rows * d * out_elem + sequences * d * 4 + d * 4
-    l2 = hbm + (h if d > one_pass_d else 0)
-    active = min(card.sms, rows)
-    rate = _sm_rate(card, min(d, one_pass_d) * (elem + 4))
-    return Prediction("apply_delta_norm", card.name, None, rows, 0, rows, 0, True, hbm, l2, hbm,
-                      hbm / card.hbm_gbps / 1e3, l2 / card.l2_gbps / 1e3, l2 / (active * rate) / 1e3,
-                      hbm / card.hbm_gbps / 1e3, 1, card.launch_us)
+    hbm = 2 * h + rows * d * (out_elem or elem) + sequences * d * 4 + d * 4
+    l2 = hbm + (0 if row_blocks(d)[2] else h) + (rows - sequences) * d * 4  # delta rows are re-read per row
+    return _predict_rows("apply_delta_norm", rows, d, hbm, l2, elem + 8, card)
 
 
 def v1_config(rows: int, shape: Shape) -> Config:

@@ -88,10 +88,10 @@ def _compile_one(case) -> str:
 
     from finesteer_kernels.apply_kernel import apply_kernel
     from finesteer_kernels.delta_kernel import DELTA_BLOCK_D, apply_delta_kernel, delta_block_t
-    from finesteer_kernels.delta_norm_kernel import apply_delta_norm_kernel, delta_norm_blocks
+    from finesteer_kernels.delta_norm_kernel import apply_delta_norm_kernel
     from finesteer_kernels.kernel_common import INTERPRETING, W_IN_ALIGN, layout_of, native_dot, shape_of
     from finesteer_kernels.norm import pack_steer_norm
-    from finesteer_kernels.perf_model import DEFAULT_CARD, resources
+    from finesteer_kernels.perf_model import DEFAULT_CARD, resources, row_blocks
     from finesteer_kernels.steer_kernel import steer_kernel
     from op_cases import random_params
 
@@ -126,7 +126,7 @@ def _compile_one(case) -> str:
             aligned += ["y_ptr", "norm_scale_ptr", "norm_consts_ptr"]
     elif kernel == "apply_delta_rmsnorm":
         fn = apply_delta_norm_kernel
-        block_t, block_d, one_pass, warps = delta_norm_blocks(d)
+        block_t, block_d, one_pass, warps = row_blocks(d)
         consts.clear()
         consts.update(HAS_MAP=False, IN_PLACE=True, WEIGHT_IN_FP32=False, BLOCK_T=block_t, BLOCK_D=block_d,
                       ONE_PASS=one_pass)

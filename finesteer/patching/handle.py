@@ -273,7 +273,10 @@ class PatchHandle:
         if self.mode == "token":
             return finesteer_kernels.steer_rmsnorm_(hidden, site.params, norm, row_mask=_padding_mask(ctx, hidden))
         found = self._query_delta(site, hidden, ctx)
-        return None if found is None else finesteer_kernels.apply_delta_rmsnorm_(hidden, *found, norm=norm)
+        if found is None:
+            return None
+        delta, row_to_seq = found
+        return finesteer_kernels.apply_delta_rmsnorm_(hidden, delta, norm, row_to_seq)
 
     def _steer_tokens(self, site: Site, hidden: torch.Tensor, ctx: Optional[ForwardContext],
                       in_place: bool) -> torch.Tensor:
