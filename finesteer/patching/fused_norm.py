@@ -181,6 +181,7 @@ class FusedNorm:
         return self._original(armed) if normed is None else normed
 
 
+@torch.no_grad()  # as in generation (the norm's weight requires grad; with autograd on the reference would run)
 def _warm(params: SteerParams, norm: RMSNormParams, dtype: torch.dtype) -> None:
     """Run the fused ops once on a zero row where the layer runs (compiles the kernels at patch time)."""
     device = params.device
