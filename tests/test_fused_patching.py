@@ -201,3 +201,30 @@ def test_fuse_norm_must_be_a_bool():
     model = get_model("llama")
     with pytest.raises(TypeError, match="fuse_norm: expected True or False"):
         patch_model(model, steerers(model), fuse_norm="yes")
+
+
+def test_a_stream_changed_before_the_norm_falls_back_at_patch_time_and_raises_later():
+    """Layer 2 given a copy of layer 1's output: seen at patch time, layer 1 keeps the separate edit (with the
+    warning); appearing only after patching, the fused norm refuses instead of normalising a stream that never got
+    the edit."""
+    model = get_model("llama")
+    ids = random_ids(1, 3)
+    copy_input = lambda mod, args: (args[0].clone(), *args[1:])  # noqa: E731
+    copying = model.model.layers[2].register_forward_pre_hook(copy_input)
+    try:
+        with pytest.warns(UserWarning, match="layer 1: no module reads its output directly"):
+            handle = patch_model(model, steerers(model), fuse_norm=True)
+        with handle, torch.no_grad():
+            assert handle._sites[1].fused is None and handle._sites[2].fused is not None
+            fused = model(ids).logits
+        with patch_model(model, steerers(model)), torch.no_grad():
+            torch.testing.assert_close(fused, model(ids).logits, rtol=1e-5, atol=1e-5)
+    finally:
+        copying.remove()
+    with patch_model(model, steerers(model), fuse_norm=True), torch.no_grad():
+        copying = model.model.layers[2].register_forward_pre_hook(copy_input)
+        try:
+            with pytest.raises(RuntimeError, match="fuse_norm: the norm after this steered layer"):
+                model(ids)
+        finally:
+            copying.remove()

@@ -166,12 +166,14 @@ class FusedNorm:
 
     def __call__(self, *args, **kwargs):
         armed, self._armed = self._armed, None
-        if armed is None or not self.active or len(args) != 1 or kwargs:
+        if armed is None or not self.active:
             return self._original(*args, **kwargs)
-        if args[0] is not armed:
+        given = list(args) + list(kwargs.values())
+        if len(given) != 1 or given[0] is not armed:
+            # the edit cannot be dropped silently: the pattern seen at patch time does not hold in this forward
             raise RuntimeError(
-                f"layer {self.site.layer}: fuse_norm: the norm after this steered layer was called on another "
-                "tensor than the layer's output (the model changed it in between); patch without fuse_norm")
+                f"layer {self.site.layer}: fuse_norm: the norm after this steered layer was called on something "
+                "other than the layer's output (the model changed it in between); patch without fuse_norm")
         guard = self.handle._one_thread
         guard.enter(f"layer {self.site.layer}'s fused norm")
         try:
