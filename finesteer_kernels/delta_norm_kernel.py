@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .delta_kernel import row_sequences
 from .kernel_common import INTERPRETING, device_guard
 from .perf_model import ONE_PASS_MAX_D, WIDE_BLOCK_D, row_blocks
 
@@ -27,7 +28,10 @@ def _edited(h_ptr, delta_ptr, offs, delta_offs, mask, active, in_range, EVICT: t
 
 
 @triton.jit
-def _store_normed(y_ptr, scale_ptr, steered, rstd, offs, offs_d, mask, d_mask, WEIGHT_IN_FP32: tl.constexpr):
+def _store_both(out_ptr, y_ptr, scale_ptr, steered, rstd, offs, offs_d, mask, write, d_mask,
+                WEIGHT_IN_FP32: tl.constexpr):
+    """Store a tile of the edited rows (where ``write``) and of their norm (every row in ``mask``)."""
+    tl.store(out_ptr + offs, steered, mask=write[:, None] & d_mask[None, :])
     normed = steered.to(tl.float32) * rstd[:, None]
     if not WEIGHT_IN_FP32:  # Llama: round the normalised row to h's dtype, then scale
         normed = normed.to(steered.dtype).to(tl.float32)
@@ -39,34 +43,25 @@ def _store_normed(y_ptr, scale_ptr, steered, rstd, offs, offs_d, mask, d_mask, W
 def apply_delta_norm_kernel(h_ptr, out_ptr, y_ptr, delta_ptr, seq_ptr, scale_ptr, n_rows, n_seq, d, rows_per_seq,
                             norm_eps, HAS_MAP: tl.constexpr, IN_PLACE: tl.constexpr, WEIGHT_IN_FP32: tl.constexpr,
                             BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ONE_PASS: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_mask = rows < n_rows
-    if HAS_MAP:
-        seq = tl.load(seq_ptr + rows, mask=row_mask, other=-1)
-    else:
-        seq = rows // rows_per_seq
-    active = row_mask & (seq >= 0)
-    in_range = active & (seq < n_seq)
+    rows, row_mask, seq, active, in_range = row_sequences(seq_ptr, n_rows, n_seq, rows_per_seq, HAS_MAP, BLOCK_T)
     write = active if IN_PLACE else row_mask  # in place, rows without an edit are not stored
     row_base = rows.to(tl.int64) * d
     seq_base = seq.to(tl.int64) * d
-    if ONE_PASS:
+    if ONE_PASS:  # the row in registers between its sum of squares and the stores
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < d
         offs = row_base[:, None] + offs_d[None, :]
         mask = row_mask[:, None] & d_mask[None, :]
         steered = _edited(h_ptr, delta_ptr, offs, seq_base[:, None] + offs_d[None, :], mask, active, in_range,
                           "evict_first")
-        tl.store(out_ptr + offs, steered, mask=write[:, None] & d_mask[None, :])
         s32 = steered.to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(s32 * s32, axis=1) / d + norm_eps)
-        _store_normed(y_ptr, scale_ptr, steered, rstd, offs, offs_d, mask, d_mask, WEIGHT_IN_FP32)
-    else:
+        _store_both(out_ptr, y_ptr, scale_ptr, steered, tl.rsqrt(tl.sum(s32 * s32, axis=1) / d + norm_eps), offs,
+                    offs_d, mask, write, d_mask, WEIGHT_IN_FP32)
+    else:  # wide rows: the sum of squares, then the edit and the norm again from L2
         sq = tl.zeros((BLOCK_T,), tl.float32)
         for d0 in tl.range(0, d, BLOCK_D, num_stages=3):
             offs_d = d0 + tl.arange(0, BLOCK_D)
-            d_mask = offs_d < d
-            mask = row_mask[:, None] & d_mask[None, :]
+            mask = row_mask[:, None] & (offs_d < d)[None, :]
             s32 = _edited(h_ptr, delta_ptr, row_base[:, None] + offs_d[None, :], seq_base[:, None] + offs_d[None, :],
                           mask, active, in_range, "evict_last").to(tl.float32)
             sq += tl.sum(s32 * s32, axis=1)
@@ -78,8 +73,7 @@ def apply_delta_norm_kernel(h_ptr, out_ptr, y_ptr, delta_ptr, seq_ptr, scale_ptr
             mask = row_mask[:, None] & d_mask[None, :]
             steered = _edited(h_ptr, delta_ptr, offs, seq_base[:, None] + offs_d[None, :], mask, active, in_range,
                               "evict_first")
-            tl.store(out_ptr + offs, steered, mask=write[:, None] & d_mask[None, :])
-            _store_normed(y_ptr, scale_ptr, steered, rstd, offs, offs_d, mask, d_mask, WEIGHT_IN_FP32)
+            _store_both(out_ptr, y_ptr, scale_ptr, steered, rstd, offs, offs_d, mask, write, d_mask, WEIGHT_IN_FP32)
 
 
 def launch_apply_delta_norm(h: torch.Tensor, out: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, row_to_seq,
