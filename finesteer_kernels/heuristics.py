@@ -30,8 +30,8 @@ INTERPRETER_APPLY_CONFIG = Config(BLOCK_T=32, BLOCK_D=128, num_warps=4, num_stag
 # would hold a 128 x NP fp32 accumulator. Fused with the next RMSNorm (issue 14, ``shape.norm_out``) the epilogue
 # also holds W_out's columns of the accumulator and pass 2 the normalised tile, and ptxas spilled (or, near a
 # register-count boundary, chose to spill a few bytes) in these layouts, now excluded: 256-column accumulators with
-# d blocks over 64 columns (32 for fp32, 16 with nothing else left), fp32 split over more than 8 programs with d
-# blocks over 32 columns.
+# d blocks over 64 columns (fp32: over 16, the fallback), fp32 split over more than 8 programs with d blocks over 32
+# columns.
 BLOCK_TS = (16, 32, 64)
 BLOCK_DS = (64, 128, 256)
 STAGES = (3,)  # two tiles in flight while one is used: ~40-80 KiB per SM at the picked tiles

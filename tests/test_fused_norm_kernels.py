@@ -223,3 +223,50 @@ def test_norm_variants_are_told_apart_from_the_modules():
     for module in (torch.nn.LayerNorm(24), torch.nn.LayerNorm(24, bias=False), torch.nn.Linear(24, 24)):
         norm, why = rmsnorm_of(module, 24)
         assert norm is None and why, module
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@torch.no_grad()
+def test_fused_call_path_has_no_host_sync(backend, monkeypatch):
+    from test_no_sync import host_sync_forbidden
+
+    monkeypatch.setenv("FINESTEER_BACKEND", backend)
+    p = random_params(48, 4, 3, "relu", seed=21).to(DEVICE)
+    h = random_rows(p, 6, seed=22, dtype=f16).to(DEVICE).reshape(2, 3, 48)
+    norm = recognised(norm_module("gemma2", 48, f16), 48)
+    delta = ops.coef_delta(ops.synthesize(h[:, -1], p), p)
+    row_to_seq = torch.tensor([[0, 0, 0], [-1, 1, 1]], device=DEVICE)
+    fresh = p.replace(alpha=2.0)  # not packed yet: packing the fused form happens on the call path
+    with host_sync_forbidden():
+        ops.steer_rmsnorm(h, p, norm)
+        ops.steer_rmsnorm_(h.clone(), fresh, norm, row_mask=row_to_seq >= 0)
+        ops.apply_delta_rmsnorm(h, delta, norm, row_to_seq)
+        y = ops.apply_delta_rmsnorm_(h.clone(), delta, norm)
+    assert y.shape == h.shape
+
+
+def test_fused_ops_trace_with_torch_compile(monkeypatch):
+    """The fused ops are torch.library custom ops with fake implementations: one graph, the eager results."""
+    monkeypatch.setenv("FINESTEER_BACKEND", "triton")
+    torch._dynamo.reset()
+    p = random_params(40, 4, 3, "relu", seed=31).to(DEVICE)
+    h = random_rows(p, 6, seed=32).to(DEVICE).reshape(2, 3, 40)
+    norm = recognised(norm_module("llama", 40, f32), 40)
+    delta = ops.coef_delta(ops.synthesize(h[:, -1], p), p)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    def layer_then_norm(x):
+        x = x * 2.0
+        return ops.steer_rmsnorm_(x, p, norm) + ops.apply_delta_rmsnorm_(x.clone(), delta, norm)
+
+    try:
+        with torch.no_grad():
+            compiled = torch.compile(layer_then_norm, fullgraph=True, backend=backend)(h)
+            torch.testing.assert_close(compiled, layer_then_norm(h), rtol=0, atol=0)
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1 and "finesteer.steer_rmsnorm_" in graphs[0] and "finesteer.apply_delta_rmsnorm_" in graphs[0]
