@@ -9,7 +9,7 @@ launch), in token mode and in query mode.
 import itertools
 
 from finesteer_kernels.heuristics import best_steer
-from finesteer_kernels.perf_model import (CARDS, Config, Shape, padded, predict_apply_delta, predict_apply_delta_norm,
+from finesteer_kernels.perf_model import (CARDS, Config, Shape, predict_apply_delta, predict_apply_delta_norm,
                                           predict_rmsnorm, predict_steer)
 
 PREFILL = [(T, d) for T in (4096, 8192) for d in (4096, 8192)]  # the kernels-v2 (issue 11) grid
