@@ -1,5 +1,5 @@
 """End to end: greedy generation with SmolLM2-135M-Instruct, unpatched vs patched (query and token mode, one and
-three steered layers), as ratios measured in the same run.
+three steered layers, and three with ``fuse_norm``), as ratios measured in the same run.
 
 Every configuration, the unpatched one included, gets its own deep copy of the model (same weights, and memory
 allocated the same way: a model loaded from a memory-mapped file and a copy of it were seen to differ by ~3 % in
@@ -51,10 +51,14 @@ def steered_layer_sets(num_layers: int) -> dict:
 
 
 def e2e_configs(num_layers: int, modes=("query", "token")) -> list[dict]:
-    configs = [{"config": "unpatched", "mode": None, "layers": []}]
+    """Unpatched; each mode at one and three layers; and three layers with ``fuse_norm`` (issue 14: the edit done
+    by the next RMSNorm, one launch for both)."""
+    configs = [{"config": "unpatched", "mode": None, "layers": [], "fuse_norm": False}]
     for mode in modes:
         for name, layers in steered_layer_sets(num_layers).items():
-            configs.append({"config": f"{mode}, {name}", "mode": mode, "layers": layers})
+            configs.append({"config": f"{mode}, {name}", "mode": mode, "layers": layers, "fuse_norm": False})
+        configs.append({"config": f"{mode}, 3 layers, fused norm", "mode": mode,
+                        "layers": steered_layer_sets(num_layers)["3 layers"], "fuse_norm": True})
     return configs
 
 
@@ -98,8 +102,8 @@ def run_e2e(model, tokenizer, new_tokens: int = 96, modes=("query", "token"), pr
     runs = []
     for config in configs:
         copy_ = copy.deepcopy(model)
-        handle = (patch_model(copy_, {layer: params for layer in config["layers"]}, mode=config["mode"])
-                  if config["layers"] else None)
+        handle = (patch_model(copy_, {layer: params for layer in config["layers"]}, mode=config["mode"],
+                              fuse_norm=config["fuse_norm"]) if config["layers"] else None)
         runs.append({**config, "model": copy_, "handle": handle, "steps": [], "walls": []})
     bar = tqdm(total=len(runs) * (new_tokens + 1), desc="end to end", disable=not progress, leave=False)
     try:
@@ -133,7 +137,8 @@ def run_e2e(model, tokenizer, new_tokens: int = 96, modes=("query", "token"), pr
         steps = stats_of(run["steps"])
         paired = stats_of([t / b for t, b in zip(run["steps"], base["steps"])])
         rows.append({
-            "config": run["config"], "mode": run["mode"], "layers": run["layers"], "new_tokens": len(run["steps"]), "prefill_s": run["prefill_s"], "step_median_s": steps.median,
+            "config": run["config"], "mode": run["mode"], "layers": run["layers"], "fuse_norm": run["fuse_norm"],
+            "new_tokens": len(run["steps"]), "prefill_s": run["prefill_s"], "step_median_s": steps.median,
             "step_p20_s": steps.p20, "step_p80_s": steps.p80,
             "tokens_per_s": len(run["walls"]) / sum(run["walls"]),
             "time_ratio": paired.median, "ratio_p20": paired.p20, "ratio_p80": paired.p80,

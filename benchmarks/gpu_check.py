@@ -25,6 +25,11 @@ failing section is recorded with its error and the rest still run):
    vector, a width that is not a multiple of 16, the split-d path at prefill and decode sizes.
 7. ``bank``: a steerer bank (issue 13): a mixed batch of 4 steerers against the same batch on one steerer, token
    mode, T in {16, 4096}, d = 4096, bf16, in CUDA graphs, beside the bytes model's prediction (a few seconds).
+8. ``fused_norm`` (issue 14): the steering edit fused with the next RMSNorm against the edit followed by the
+   model's own RMSNorm module, token mode (``steer_rmsnorm_``) and query mode (``apply_delta_rmsnorm_``), bf16, at
+   prefill (T in {4096, 8192}, d = 4096, CUDA graph, cold L2) and decode (T = 1, d in {576, 4096}, 100 calls a
+   graph), checked and set beside the bytes model (`benchmarks/fused_norm_bench.py`). The decode section above
+   also steps SmolLM2-shaped models patched with ``fuse_norm=True`` (3 layers, both modes).
 
 The goals the issue holds the run to are printed last (>= 80 % of copy bandwidth at T >= 4096, >= 1.3x
 torch.compile, decode op <= 1.5x an empty kernel, <= 0.5 % decode overhead with 3 steered layers). Exit status 1
@@ -59,7 +64,7 @@ def _early_env(argv) -> None:
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # share of the time budget after which each section starts nothing new (the rest is left to later sections)
-SECTION_DEADLINES = {"prefill": 0.45, "sweep": 0.70, "decode": 0.88}
+SECTION_DEADLINES = {"prefill": 0.45, "sweep": 0.70, "decode": 0.88, "fused_norm": 0.95}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +97,7 @@ class Sizes:
         self.prompt = 6 if dry else 64
         self.replays = 0 if dry else 200
         self.decode_widths = (64,) if dry else (576, 4096)
+        self.fused_norm = [(20, 64), (1, 40)] if dry else [(4096, 4096), (8192, 4096), (1, 576), (1, 4096)]
 
 
 def run_section(results: dict, name: str, out_path: str, fn, *args):
@@ -344,8 +350,8 @@ def decode_section(device, sizes: Sizes) -> dict:
     with torch.inference_mode():
         for config in e2e_configs(n_layers):
             model = _decode_model(sizes, device, dtype)
-            handle = (patch_model(model, {layer: params for layer in config["layers"]}, mode=config["mode"])
-                      if config["layers"] else None)
+            handle = (patch_model(model, {layer: params for layer in config["layers"]}, mode=config["mode"],
+                                  fuse_norm=config["fuse_norm"]) if config["layers"] else None)
             prefill = model(input_ids=prompt, use_cache=True)  # query mode caches its coefficients here
             cache = prefill.cache
             run = {**config, "handle": handle, "model": model}
@@ -497,6 +503,26 @@ def correctness_section(device, sizes: Sizes) -> dict:
     return {"checks": checks, "passed": len(checks)}
 
 
+# ---- 7. the edit fused with the next RMSNorm (issue 14) -------------------------------------------------------------
+def fused_norm_section(device, sizes: Sizes, deadline: float) -> dict:
+    import torch
+
+    from benchmarks.fused_norm_bench import fused_norm_rows
+
+    rows = []
+    for shape in sizes.fused_norm:
+        if time.perf_counter() > deadline:
+            rows.append({"T": shape[0], "d": shape[1], "note": "skipped: time budget"})
+            continue
+        rows += fused_norm_rows(device, [shape], torch.bfloat16, timed=not sizes.dry)
+    bad = [r for r in rows if r.get("ok") is False]
+    if bad:
+        raise AssertionError(f"fused norm: results disagree with the separate edit and norm: {bad}")
+    return {"rows": rows, "note": "separate = the steering op then transformers' LlamaRMSNorm module (eager); model "
+                                  "figures: the steering kernel + a one-launch RMSNorm + a launch gap vs the fused "
+                                  "kernel (predicted)"}
+
+
 # ---- summary ------------------------------------------------------------------------------------------------------
 # ---- 7. steerer bank (issue 13) -------------------------------------------------------------------------------------
 def bank_section(device, sizes: Sizes) -> dict:
@@ -590,6 +616,17 @@ def markdown_lines(results: dict) -> list[str]:
             ratio = r["median_us"] / empty["median_us"] if "median_us" in r and "median_us" in empty else None
             lines.append(f"| {r['op']} | {r['d']} | {fmt(r.get('median_us'), '.2f', r.get('note', '-'))} | "
                          f"{fmt(ratio, '.2f')} |")
+    fused = s.get("fused_norm", {})
+    if fused.get("rows"):
+        lines += ["", "**Fused with the next RMSNorm** (bf16; separate = op + LlamaRMSNorm module; model: H200 "
+                  "predicted)", "", "| mode | T | d | separate us | fused us | separate / fused | model MB sep / fused "
+                  "| model us sep / fused |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in fused["rows"]:
+            m = r.get("model", {}).get("H200")
+            model = (f"{m['separate_mb']:.2f} / {m['fused_mb']:.2f} | {m['separate_us']:.1f} / {m['fused_us']:.1f}"
+                     if m else "- | -")
+            lines.append(f"| {r.get('mode', '-')} | {r['T']} | {r['d']} | {fmt(r.get('separate_us'), '.1f', r.get('note', '-'))}"
+                         f" | {fmt(r.get('fused_us'), '.1f')} | {fmt(r.get('ratio'), '.2f')} | {model} |")
     corr = s.get("correctness", {})
     if corr.get("status") == "ok":
         lines.append(f"\n**Correctness**: {corr['passed']} checks passed (bf16, fp16)")
@@ -655,6 +692,7 @@ def main(argv=None) -> int:
     run_section(results, "decode", out_path, decode_section, device, sizes)
     run_section(results, "correctness", out_path, correctness_section, device, sizes)
     run_section(results, "bank", out_path, bank_section, device, sizes)
+    run_section(results, "fused_norm", out_path, fused_norm_section, device, sizes, deadline["fused_norm"])
     lines = markdown_lines(results)
     results["goals"] = [] if args.dry_run else goals(results)
     results["elapsed_s"] = time.perf_counter() - started

@@ -10,7 +10,8 @@ import argparse
 import os
 
 from finesteer_kernels.heuristics import best_steer, steer_candidates
-from finesteer_kernels.perf_model import CARDS, Shape, predict_apply_delta, predict_steer, predict_v1, v1_config
+from finesteer_kernels.perf_model import (CARDS, Shape, predict_apply_delta, predict_apply_delta_norm, predict_rmsnorm,
+                                          predict_steer, predict_v1, v1_config)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 BEGIN, END = "<!-- model-table:begin -->", "<!-- model-table:end -->"
@@ -85,6 +86,32 @@ def decode_table() -> list[str]:
     return lines
 
 
+def fused_norm_table() -> list[str]:
+    """Issue 14: the steering edit fused with the next RMSNorm against the steering kernel, a one-launch RMSNorm and
+    the launch gap between them (every row steered; query mode: the cached delta, 64 sequences at most)."""
+    lines = ["| card | T | d | token: separate MB / us | token: fused MB / us | fused config | token speed-up | "
+             "query: separate MB / us | query: fused MB / us |", "|" + " --- |" * 9]
+    for card in CARDS.values():
+        for T, d in PREFILL + [(1, 576), (1, 4096), (16, 4096)]:
+            sizes = LAYOUTS["residual m=16 k=8"]
+            norm = predict_rmsnorm(T, d, 2, card)
+            steer = best_steer(Shape.of(T, d, 2, *sizes), card)
+            fused = best_steer(Shape.of(T, d, 2, *sizes, norm_out=2), card)
+            separate_us = steer.time_us + norm.time_us + card.launch_us
+            apply = predict_apply_delta(T, d, 2, min(T, 64), card)
+            query = predict_apply_delta_norm(T, d, 2, min(T, 64), card)
+            # query-mode times at decode sizes only: predict_apply_delta's feed term (one 512-element tile in
+            # flight per SM) is meant for a decode step and is far too slow for a prefill
+            query_us = (f"{apply.time_us + norm.time_us + card.launch_us:.1f}", f"{query.time_us:.1f}") \
+                if T <= 64 else ("-", "-")
+            lines.append(
+                f"| {card.name} | {T} | {d} | {(steer.hbm_bytes + norm.hbm_bytes) / 1e6:.2f} / {separate_us:.1f} | "
+                f"{fused.hbm_bytes / 1e6:.2f} / {fused.time_us:.1f} | {fused.config.short()} | "
+                f"{separate_us / fused.time_us:.2f}x | {(apply.hbm_bytes + norm.hbm_bytes) / 1e6:.2f} / "
+                f"{query_us[0]} | {query.hbm_bytes / 1e6:.2f} / {query_us[1]} |")
+    return lines
+
+
 def cards_table() -> list[str]:
     lines = ["| card | SMs | L2 | HBM data sheet | HBM achievable (copy) | L2 (assumed) | one SM (assumed) | "
              "latency (assumed) |", "|" + " --- |" * 8]
@@ -100,7 +127,10 @@ def tables() -> str:
              "#### Token-mode prefill, bf16, r = 64, K = 8: v1 against v2 (predicted)", "", *prefill_table(), "",
              "#### What each design choice buys (predicted % of copy bandwidth, and the bound)", "", *ladder_table(),
              "", "#### Decode, one row, bf16 (predicted device time; launch overhead not included)", "",
-             *decode_table()]
+             *decode_table(), "",
+             "#### Fused with the next RMSNorm (issue 14), bf16, r = 64, K = 8, m = 16, k = 8, every row steered "
+             "(predicted; separate = the steering kernel + a one-launch RMSNorm + one launch gap)", "",
+             *fused_norm_table()]
     return "\n".join(parts)
 
 

@@ -18,7 +18,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import torch  # noqa: E402
 
-from . import e2e, report, targets, timing  # noqa: E402
+from . import e2e, fused_norm_bench, report, targets, timing  # noqa: E402
 from .cases import DTYPE_NAMES, OPS, default_device, interpreting, parse_dtype  # noqa: E402
 from .implementations import IMPLEMENTATIONS  # noqa: E402
 from .op_bench import OpBenchConfig, op_groups, run_op_bench, speedups  # noqa: E402
@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend ('eager' for dry runs)")
     p.add_argument("--no-ops", dest="op_bench", action="store_false", help="skip the op-level benchmark")
     p.add_argument("--no-e2e", dest="e2e", action="store_false", help="skip the end-to-end generation benchmark")
+    p.add_argument("--no-fused", dest="fused", action="store_false",
+                   help="skip the steering op fused with the next RMSNorm against the op and the norm (issue 14)")
     p.add_argument("--new-tokens", type=int, default=96,
                    help="end to end: greedy decode steps per configuration, interleaved token by token")
     p.add_argument("--out", default=RESULTS_DIR, help=f"folder for JSON and PNG (default {RESULTS_DIR})")
@@ -117,13 +119,18 @@ def main(argv=None) -> int:
         rows += run_op_bench(cfg, progress=args.progress)
     rows.sort(key=lambda r: (r["op"], r["dtype"], r["d"], r["residual"], r["T"], IMPLEMENTATIONS.index(r["impl"])))
 
+    fused_rows = []
+    if args.fused:
+        fused_rows = fused_norm_bench.fused_norm_rows(device, [(T, d) for d in args.d for T in args.T], dtypes[0],
+                                                      budget_s=args.budget, timed=not interpreting())
+
     e2e_result = None
     if args.e2e:
         e2e_result = _run_e2e(device, gpu, args)
 
     payload = {"environment": env, "grid": "full" if full else "quick", "argv": sys.argv[1:] if argv is None else argv,
                "copy_bandwidth": copy, "card_peak_gbps": peak, "ops": rows, "speedups": speedups(rows),
-               "e2e": e2e_result, "elapsed_s": None}
+               "fused_norm": fused_rows, "e2e": e2e_result, "elapsed_s": None}
     os.makedirs(args.out, exist_ok=True)
     tag = "gpu" if gpu else "cpu"
     plot = report.plot_op_times(rows, os.path.join(args.out, f"op_times-{tag}.png"),
@@ -140,6 +147,10 @@ def main(argv=None) -> int:
     if rows:
         print()
         print(report.op_table(rows, gpu))
+    if fused_rows:
+        print(f"\nsteering op fused with the next RMSNorm (issue 14): {'measured' if gpu else 'CPU, torch backend'} "
+              "times; the model's figures are predicted")
+        print(fused_norm_bench.fused_norm_table(fused_rows))
     if e2e_result is not None:
         print()
         if "rows" in e2e_result:
@@ -151,7 +162,7 @@ def main(argv=None) -> int:
             print(f"end to end: skipped: {e2e_result['skipped']}")
     if entries:
         print(targets.format_targets(entries))
-    bad = [r for r in rows if r["ok"] is False]
+    bad = [r for r in rows + fused_rows if r["ok"] is False]
     print(f"\nwrote {json_path}" + (f" and {plot}" if plot else "") + f" in {payload['elapsed_s']:.0f} s")
     if bad:
         print(f"{len(bad)} results disagree with the reference beyond tolerance (column ok = NO)", file=sys.stderr)

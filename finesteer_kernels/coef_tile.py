@@ -16,8 +16,10 @@ import triton.language as tl
 def centred_projections(h_ptr, rows, row_mask, d, w_in_ptr, mean_ptr, d_start, d_stop,
                         HAS_GATE: tl.constexpr, HAS_MEAN: tl.constexpr, W_IN_STRIDE: tl.constexpr,
                         NP: tl.constexpr, NATIVE_DOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                        NUM_STAGES: tl.constexpr):
-    """Pass 1 over ``[d_start, d_stop)``: ``(xc @ W_in, ||xc||^2)`` as fp32 ``(BLOCK_T, NP)`` and ``(BLOCK_T,)``.
+                        NUM_STAGES: tl.constexpr, NORM: tl.constexpr = False):
+    """Pass 1 over ``[d_start, d_stop)``: ``(xc @ W_in, ||xc||^2, ||h||^2)`` as fp32 ``(BLOCK_T, NP)``,
+    ``(BLOCK_T,)`` and ``(BLOCK_T,)``; the uncentred ``||h||^2`` only for a fused RMSNorm (``NORM``, whose W_in
+    also holds ``W_out^T``, `norm.NormPack`), else zeros.
 
     The loop is software-pipelined (``NUM_STAGES`` buffers, cp.async on sm_80+): h tiles are loaded
     ``evict_last`` so that pass 2's second read finds them in L2. W_in's zero padding (columns past W_IN_STRIDE)
@@ -25,6 +27,7 @@ def centred_projections(h_ptr, rows, row_mask, d, w_in_ptr, mean_ptr, d_start, d
     cols = tl.arange(0, NP)
     acc = tl.zeros((BLOCK_T, NP), tl.float32)
     sq = tl.zeros((BLOCK_T,), tl.float32)
+    sq_h = tl.zeros((BLOCK_T,), tl.float32)
     row_base = rows.to(tl.int64) * d
     for d0 in tl.range(d_start, d_stop, BLOCK_D, num_stages=NUM_STAGES):
         offs_d = d0 + tl.arange(0, BLOCK_D)
@@ -42,11 +45,14 @@ def centred_projections(h_ptr, rows, row_mask, d, w_in_ptr, mean_ptr, d_start, d
             xc = x
         if HAS_GATE:
             sq += tl.sum(xc32 * xc32, axis=1)
+        if NORM:
+            x32 = x.to(tl.float32)
+            sq_h += tl.sum(x32 * x32, axis=1)
         if NATIVE_DOT:  # 16-bit tensor-core operands; xc is small next to mu, so its rounding costs little
             acc = tl.dot(xc, w, acc)
         else:
             acc = tl.dot(xc32, w.to(tl.float32), acc, input_precision="ieee")
-    return acc, sq
+    return acc, sq, sq_h
 
 
 @triton.jit
@@ -109,8 +115,8 @@ def tile_coefficients(h_ptr, rows, row_mask, d, w_in_ptr, mean_ptr, consts_ptr, 
     """Pass 1 over all of d, then the epilogue: ``(coef, g)``."""
     # CAA-like steerers (no gate, router or MLP) read nothing in pass 1: an empty range
     d_stop = d if (HAS_GATE or HAS_ROUTER or HAS_RES) else 0
-    acc, sq = centred_projections(h_ptr, rows, row_mask, d, w_in_ptr, mean_ptr, 0, d_stop, HAS_GATE, HAS_MEAN,
-                                  W_IN_STRIDE, NP, NATIVE_DOT, BLOCK_T, BLOCK_D, NUM_STAGES)
+    acc, sq, _ = centred_projections(h_ptr, rows, row_mask, d, w_in_ptr, mean_ptr, 0, d_stop, HAS_GATE, HAS_MEAN,
+                                     W_IN_STRIDE, NP, NATIVE_DOT, BLOCK_T, BLOCK_D, NUM_STAGES)
     return coefficients_from_projections(acc, sq, row_mask, consts_ptr, tau, eps, scale, R, K, M, KR, HAS_GATE,
                                          HAS_ROUTER, HAS_RES, RELU, ROUTER_COL, RES_COL, RB_OFF, B1_OFF, W2_OFF,
                                          B2_OFF, NP, MP, NCP, BLOCK_T)

@@ -8,6 +8,12 @@
     finesteer::apply_coef_(h!, coef, row_to_seq, w_out) -> ()                                  the same, in place
     finesteer::apply_delta(h, delta, row_to_seq, rows_per_seq) -> Tensor                      decode: h + delta[seq]
     finesteer::apply_delta_(h!, delta, row_to_seq, rows_per_seq) -> ()                        the same, in place
+    finesteer::steer_rmsnorm(h, ..., keep, norm_scale, norm_consts, out_col, norm_eps, weight_in_fp32,
+                             y_dtype) -> (out, y)   w_in, layout: `norm.NormPack`'s
+    finesteer::steer_rmsnorm_(h!, ...) -> y                            token mode fused with the next RMSNorm
+    finesteer::apply_delta_rmsnorm(h, delta, row_to_seq, rows_per_seq, norm_scale, norm_eps, weight_in_fp32,
+                                   y_dtype) -> (out, y)
+    finesteer::apply_delta_rmsnorm_(h!, ...) -> y                      query mode (decode) fused with the next RMSNorm
 
 ``h`` is contiguous ``(N, d)`` (the delta ops take any contiguous ``(..., d)``); ``w_in``/``w_out``/``mean``/``consts`` come from `SteerParams.pack_centred`;
 ``layout`` is a `kernel_common.Layout` as a list of ints; ``scale`` is ``alpha * gamma``; ``keep`` is None or a
@@ -25,7 +31,9 @@ from torch import Tensor
 
 from .apply_kernel import launch_apply
 from .delta_kernel import launch_apply_delta
+from .delta_norm_kernel import launch_apply_delta_norm
 from .kernel_common import Layout
+from .norm import NormOperands
 from .steer_kernel import launch_steer
 from .synthesize_kernel import launch_synthesize
 
@@ -160,3 +168,64 @@ def synthesize_bank(h: Tensor, order: Tensor, counts: Tensor, w_in: Tensor, mean
 @synthesize_bank.register_fake
 def _synthesize_bank_fake(h, order, counts, w_in, mean, consts, meta, scalars, layout):
     return h.new_empty(h.shape[0], layout[3], dtype=torch.float32)
+
+
+# ---- fused with the next RMSNorm (issue 14): the steered rows and their norm ``y`` (``y_dtype``, the module's) --
+@torch.library.custom_op("finesteer::steer_rmsnorm", mutates_args=())
+def steer_rmsnorm(h: Tensor, w_in: Tensor, w_out: Tensor, mean: Tensor, consts: Tensor, layout: list[int], tau: float,
+                  eps: float, scale: float, keep: Optional[Tensor], norm_scale: Tensor, norm_consts: Tensor,
+                  out_col: int, norm_eps: float, weight_in_fp32: bool, y_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    out, y = torch.empty_like(h), torch.empty(h.shape, dtype=y_dtype, device=h.device)
+    launch_steer(h, out, w_in, w_out, mean, consts, Layout(*layout), tau, eps, scale, keep,
+                 norm=NormOperands(y, norm_scale, norm_consts, out_col, norm_eps, weight_in_fp32))
+    return out, y
+
+
+@steer_rmsnorm.register_fake
+def _steer_rmsnorm_fake(h, w_in, w_out, mean, consts, layout, tau, eps, scale, keep, norm_scale, norm_consts,
+                        out_col, norm_eps, weight_in_fp32, y_dtype):
+    return torch.empty_like(h), h.new_empty(h.shape, dtype=y_dtype)
+
+
+@torch.library.custom_op("finesteer::steer_rmsnorm_", mutates_args=("h",))
+def steer_rmsnorm_(h: Tensor, w_in: Tensor, w_out: Tensor, mean: Tensor, consts: Tensor, layout: list[int],
+                   tau: float, eps: float, scale: float, keep: Optional[Tensor], norm_scale: Tensor,
+                   norm_consts: Tensor, out_col: int, norm_eps: float, weight_in_fp32: bool,
+                   y_dtype: torch.dtype) -> Tensor:
+    y = torch.empty(h.shape, dtype=y_dtype, device=h.device)
+    launch_steer(h, h, w_in, w_out, mean, consts, Layout(*layout), tau, eps, scale, keep,
+                 norm=NormOperands(y, norm_scale, norm_consts, out_col, norm_eps, weight_in_fp32))
+    return y
+
+
+@steer_rmsnorm_.register_fake
+def _steer_rmsnorm_inplace_fake(h, w_in, w_out, mean, consts, layout, tau, eps, scale, keep, norm_scale,
+                                norm_consts, out_col, norm_eps, weight_in_fp32, y_dtype):
+    return h.new_empty(h.shape, dtype=y_dtype)
+
+
+@torch.library.custom_op("finesteer::apply_delta_rmsnorm", mutates_args=())
+def apply_delta_rmsnorm(h: Tensor, delta: Tensor, row_to_seq: Optional[Tensor], rows_per_seq: int, norm_scale: Tensor,
+                        norm_eps: float, weight_in_fp32: bool, y_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    out, y = torch.empty_like(h), torch.empty(h.shape, dtype=y_dtype, device=h.device)
+    launch_apply_delta_norm(h, out, y, delta, row_to_seq, rows_per_seq, norm_scale, norm_eps, weight_in_fp32)
+    return out, y
+
+
+@apply_delta_rmsnorm.register_fake
+def _apply_delta_rmsnorm_fake(h, delta, row_to_seq, rows_per_seq, norm_scale, norm_eps, weight_in_fp32, y_dtype):
+    return torch.empty_like(h), h.new_empty(h.shape, dtype=y_dtype)
+
+
+@torch.library.custom_op("finesteer::apply_delta_rmsnorm_", mutates_args=("h",))
+def apply_delta_rmsnorm_(h: Tensor, delta: Tensor, row_to_seq: Optional[Tensor], rows_per_seq: int,
+                         norm_scale: Tensor, norm_eps: float, weight_in_fp32: bool, y_dtype: torch.dtype) -> Tensor:
+    y = torch.empty(h.shape, dtype=y_dtype, device=h.device)
+    launch_apply_delta_norm(h, h, y, delta, row_to_seq, rows_per_seq, norm_scale, norm_eps, weight_in_fp32)
+    return y
+
+
+@apply_delta_rmsnorm_.register_fake
+def _apply_delta_rmsnorm_inplace_fake(h, delta, row_to_seq, rows_per_seq, norm_scale, norm_eps, weight_in_fp32,
+                                      y_dtype):
+    return h.new_empty(h.shape, dtype=y_dtype)

@@ -16,9 +16,9 @@ DELTA_BLOCK_D = 512
 
 
 @triton.jit
-def apply_delta_kernel(h_ptr, out_ptr, delta_ptr, seq_ptr, n_rows, n_seq, d, rows_per_seq,
-                       HAS_MAP: tl.constexpr, IN_PLACE: tl.constexpr, BLOCK_T: tl.constexpr,
-                       BLOCK_D: tl.constexpr):
+def row_sequences(seq_ptr, n_rows, n_seq, rows_per_seq, HAS_MAP: tl.constexpr, BLOCK_T: tl.constexpr):
+    """This program's rows and their sequences: ``(rows, row_mask, seq, active, in_range)``; ``active``: the row
+    gets an edit (its sequence index is >= 0), ``in_range``: that index is within ``delta``."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_mask = rows < n_rows
     if HAS_MAP:
@@ -26,7 +26,14 @@ def apply_delta_kernel(h_ptr, out_ptr, delta_ptr, seq_ptr, n_rows, n_seq, d, row
     else:
         seq = rows // rows_per_seq
     active = row_mask & (seq >= 0)
-    in_range = active & (seq < n_seq)
+    return rows, row_mask, seq, active, active & (seq < n_seq)
+
+
+@triton.jit
+def apply_delta_kernel(h_ptr, out_ptr, delta_ptr, seq_ptr, n_rows, n_seq, d, rows_per_seq,
+                       HAS_MAP: tl.constexpr, IN_PLACE: tl.constexpr, BLOCK_T: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+    rows, row_mask, seq, active, in_range = row_sequences(seq_ptr, n_rows, n_seq, rows_per_seq, HAS_MAP, BLOCK_T)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = offs_d < d
     write = active if IN_PLACE else row_mask

@@ -27,7 +27,11 @@ INTERPRETER_APPLY_CONFIG = Config(BLOCK_T=32, BLOCK_D=128, num_warps=4, num_stag
 # the row tile (4 up to 32 rows, 8 from 64 rows, where wgmma takes over, and for 256-column accumulators); fp32
 # (no tensor cores: 'ieee' dots on FMA units) takes 8 warps and <= 32 rows, and with a 256-column accumulator
 # 32-column d blocks and no split; 256-column d blocks only with 16-row tiles; 128-row tiles
-# would hold a 128 x NP fp32 accumulator.
+# would hold a 128 x NP fp32 accumulator. Fused with the next RMSNorm (issue 14, ``shape.norm_out``) the epilogue
+# also holds W_out's columns of the accumulator and pass 2 the normalised tile, and ptxas spilled (or, near a
+# register-count boundary, chose to spill a few bytes) in these layouts, now excluded: 256-column accumulators with
+# d blocks over 64 columns (fp32: over 16, the fallback), fp32 split over more than 8 programs with d blocks over 32
+# columns.
 BLOCK_TS = (16, 32, 64)
 BLOCK_DS = (64, 128, 256)
 STAGES = (3,)  # two tiles in flight while one is used: ~40-80 KiB per SM at the picked tiles
@@ -62,12 +66,16 @@ def steer_candidates(shape: Shape, card: Card, block_ds=BLOCK_DS, splits=SPLITS)
                 continue
             if shape.elem == 4 and shape.np > 128 and bd > 32:  # wide fp32: only the 32-column fallback fits
                 continue
+            if shape.norm_out and shape.np > 128 and bd > (16 if shape.elem == 4 else 64):
+                continue
             for warps in ((8,) if bt >= 64 or shape.np > 128 or shape.elem == 4 else (4,)):
                 for stages in STAGES:
                     for split in splits:
                         if split > 1 and (not shape.has_pass1 or (shape.elem == 4 and shape.np > 128)):
                             continue
                         if not _split_ok(shape.d, bd, split):
+                            continue
+                        if shape.norm_out and shape.elem == 4 and split > 8 and bd > 32:
                             continue
                         config = Config(bt, bd, warps, stages, split)
                         res = resources(shape, config, card)
@@ -88,9 +96,9 @@ def best_steer(shape: Shape, card: Card = DEFAULT_CARD, store_coef: bool = False
     keeps to one program per row tile."""
     scored = []
     splits = SPLITS if allow_split else (1,)
-    # 32-column d blocks only when nothing else fits (wide fp32 layouts)
+    # 32-column (fused norm: 16-column) d blocks only when nothing else fits (wide fp32 layouts)
     candidates = list(steer_candidates(shape, card, splits=splits)) or \
-        list(steer_candidates(shape, card, block_ds=(32,), splits=splits))
+        list(steer_candidates(shape, card, block_ds=(16 if shape.norm_out else 32,), splits=splits))
     for config, res in candidates:
         pred = predict_steer(shape, config, card, store_coef=store_coef)
         persistent_full = config.SPLIT > 1 and pred.grid >= card.sms  # a persistent grid on every SM

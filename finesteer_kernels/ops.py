@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from . import reference
+from .norm import RMSNormParams, pack_steer_norm
 from .params import SteerParams
 from .validation import check_coef, check_delta, check_hidden, check_row_mask, check_row_to_seq
 
@@ -287,3 +288,84 @@ def bank_coef_delta(coef: torch.Tensor, bank, index: torch.Tensor) -> torch.Tens
     wide.scatter_(1, cols, torch.where(live, coef.float(), 0.0))
     delta = wide[:, :total] @ packed.w_out
     return torch.where((groups == len(bank) + 1)[:, None], float("nan"), delta)
+
+
+# ---- fused with the next RMSNorm (issue 14): the edit and the norm that reads it, in one launch ------------------
+def _check_norm(norm: RMSNormParams, h: torch.Tensor) -> None:
+    if not isinstance(norm, RMSNormParams):
+        raise TypeError(f"norm: expected finesteer_kernels.RMSNormParams, got {type(norm).__name__}")
+    norm.check(h)
+
+
+def _norm_args(h: torch.Tensor, norm: RMSNormParams) -> tuple:
+    """The delta op's norm operands: fp32 multiplier, eps, rounding rule, output dtype."""
+    return norm.scale32, norm.eps, norm.weight_in_fp32, norm.out_dtype(h.dtype)
+
+
+def _steer_norm_args(h: torch.Tensor, params: SteerParams, norm: RMSNormParams, keep) -> tuple:
+    """The fused token-mode op's operands after ``h``: the centred pack with the fused ``W_in`` and layout."""
+    from .kernel_common import Layout
+
+    packed, layout = _kernel_args(h, params)
+    fused = pack_steer_norm(params, h.dtype, h.device)
+    layout = list(Layout(*layout)._replace(W_IN_STRIDE=fused.w_in.shape[1]))
+    return (fused.w_in, packed.w_out, packed.mean, packed.consts, layout, params.tau, params.eps,
+            params.alpha * params.gamma, None if keep is None else keep.contiguous(), norm.scale32, fused.consts,
+            fused.out_col, norm.eps, norm.weight_in_fp32, norm.out_dtype(h.dtype))
+
+
+def steer_rmsnorm(h: torch.Tensor, params: SteerParams, norm: RMSNormParams,
+                  row_mask: Optional[torch.Tensor] = None) -> tuple:
+    """Token mode fused with the RMSNorm that reads the steered rows next: ``(steered, normed)``, where
+    ``normed = norm(steered)`` for every row (rows ``row_mask`` leaves unsteered are normalised too)."""
+    check_hidden(h, params)
+    _check_norm(norm, h)
+    keep = check_row_mask(row_mask, h)
+    if select_backend(h, norm.weight) == "torch":
+        return reference.steer_rmsnorm(h, params, norm, row_mask)
+    args = _steer_norm_args(h, params, norm, keep)  # registers the custom ops on first use
+    out, y = torch.ops.finesteer.steer_rmsnorm(h.reshape(-1, params.d).contiguous(), *args)
+    return out.view(h.shape), y.view(h.shape)
+
+
+def steer_rmsnorm_(h: torch.Tensor, params: SteerParams, norm: RMSNormParams,
+                   row_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """In-place `steer_rmsnorm`: steers ``h`` (rows whose gate is off are not written) and returns the normalised
+    rows. In a pre-norm decoder this replaces the next layer's input norm: the residual it later adds to is ``h``
+    itself, edited."""
+    check_hidden(h, params)
+    _check_norm(norm, h)
+    keep = check_row_mask(row_mask, h)
+    if not _writes_in_place(h, norm.weight):
+        steered, y = steer_rmsnorm(h, params, norm, row_mask)
+        h.copy_(steered)
+        return y
+    args = _steer_norm_args(h, params, norm, keep)
+    return torch.ops.finesteer.steer_rmsnorm_(h.view(-1, params.d), *args).view(h.shape)
+
+
+def apply_delta_rmsnorm(h: torch.Tensor, delta: torch.Tensor, norm: RMSNormParams,
+                        row_to_seq: Optional[torch.Tensor] = None) -> tuple:
+    """Query mode fused with the next RMSNorm: ``(h + delta[seq], norm(h + delta[seq]))``; ``delta`` and
+    ``row_to_seq`` as in `apply_delta` (rows mapped to -1 are not edited but are normalised)."""
+    _check_norm(norm, h)
+    if select_backend(h, delta, norm.weight) == "torch":
+        return reference.apply_delta_rmsnorm(h, delta, norm, row_to_seq)
+    seq, per_seq = _delta_operands(h, delta, row_to_seq)
+    return torch.ops.finesteer.apply_delta_rmsnorm(h.contiguous(), delta.contiguous(), seq, per_seq,
+                                                   *_norm_args(h, norm))
+
+
+def apply_delta_rmsnorm_(h: torch.Tensor, delta: torch.Tensor, norm: RMSNormParams,
+                         row_to_seq: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """In-place `apply_delta_rmsnorm`: edits ``h`` and returns the normalised rows. The query-mode decode step of a
+    steered layer whose next norm is fused: one op (the Triton kernel) in place of the edit and the norm."""
+    _check_norm(norm, h)
+    if select_backend(h, delta, norm.weight) == "torch":
+        return reference.apply_delta_rmsnorm_(h, delta, norm, row_to_seq)
+    if not h.is_contiguous():
+        steered, y = apply_delta_rmsnorm(h, delta, norm, row_to_seq)
+        h.copy_(steered)
+        return y
+    seq, per_seq = _delta_operands(h, delta, row_to_seq)
+    return torch.ops.finesteer.apply_delta_rmsnorm_(h, delta.contiguous(), seq, per_seq, *_norm_args(h, norm))

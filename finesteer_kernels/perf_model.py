@@ -127,7 +127,8 @@ def padded(n: int) -> int:
 class Shape:
     """Sizes of one call. ``w_in_cols``: stored W_in columns (r + K (if K > 1) + m, padded to a multiple of 8);
     ``np``: the accumulator width (power of two); ``n_coef``: K + k; ``extra_weight_bytes``: weights read once per
-    row tile besides W_in, mu and W_out (e.g. a norm weight for a fused RMSNorm)."""
+    row tile besides W_in, mu and W_out (e.g. a norm weight for a fused RMSNorm); ``norm_out``: bytes per element
+    of the normalised rows a fused RMSNorm writes (0: no fused norm; see `with_norm`)."""
 
     rows: int
     d: int
@@ -137,6 +138,7 @@ class Shape:
     has_pass1: bool = True
     has_mean: bool = True
     extra_weight_bytes: int = 0
+    norm_out: int = 0
 
     @property
     def np(self) -> int:
@@ -160,12 +162,30 @@ class Shape:
     def w_out_bytes(self) -> int:
         return self.n_coef * self.d * self.elem + self.extra_weight_bytes
 
+    @property
+    def y_bytes(self) -> int:
+        """The normalised rows a fused RMSNorm writes (0 without one)."""
+        return self.rows * self.d * self.norm_out
+
+    def with_norm(self, out_elem: int) -> "Shape":
+        """The same call with a fused RMSNorm (issue 14) writing ``out_elem``-byte rows, for a W_in that already
+        carries ``W_out^T`` among its ``w_in_cols`` (`norm.NormPack`; `Shape.of` adds them): pass 1 always runs
+        (the norm needs ``||h||^2``), and the norm's fp32 multiplier (d floats) and constants (``W_out mu`` and the
+        Gram matrix of W_out, NCP + NCP^2 floats) are read per row tile."""
+        return dataclasses.replace(self, has_pass1=True, norm_out=out_elem,
+                                   extra_weight_bytes=self.extra_weight_bytes + 4 * (self.d + self.ncp + self.ncp ** 2))
+
     @classmethod
     def of(cls, rows: int, d: int, elem: int, r: int, K: int, m: int = 0, k: int = 0, align: int = 8,
-           **kw) -> "Shape":
+           norm_out: int = 0, **kw) -> "Shape":
+        """The shape of a steerer with these sizes; ``norm_out``: fused with an RMSNorm writing ``norm_out``-byte
+        rows (W_in then also holds ``W_out^T``)."""
         n_in = r + (K if K > 1 else 0) + m
         cols = max(align, -(-n_in // align) * align)
-        return cls(rows, d, elem, cols, K + k, has_pass1=bool(r or K > 1 or m), has_mean=bool(r), **kw)
+        if norm_out:
+            cols = -(-(cols + K + k) // align) * align
+        shape = cls(rows, d, elem, cols, K + k, has_pass1=bool(r or K > 1 or m), has_mean=bool(r), **kw)
+        return shape.with_norm(norm_out) if norm_out else shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,11 +225,14 @@ def resources(shape: Shape, config: Config, card: Card, kind: str = "steer") -> 
         regs = 32 + (3 * bt * bd + 2 * bt * shape.ncp) // threads
     else:
         dot_e = 4 if e == 4 else 2  # fp32 runs fp32 dots on fp32 copies
+        norm = shape.norm_out > 0  # a fused RMSNorm also stages the norm weight in pass 2
         pass1 = buffers * (bt * bd * e + bd * shape.np * e + bd * 4) if shape.has_pass1 else 0
-        pass2 = buffers * (bt * bd * e + shape.ncp * bd * e)
+        pass2 = buffers * (bt * bd * e + shape.ncp * bd * e + (bd * 4 if norm else 0))
         wgmma_a = 2 * bt * bd * dot_e if bt >= 64 else 0  # the centred tile staged for wgmma
         wgmma_a += bt * bd * 4 if e == 4 else 0  # fp32 'ieee' dots stage the centred tile too
-        scratch = bt * shape.np * 4 if shape.np > 128 else 0  # epilogue layout conversions of a wide accumulator
+        # epilogue layout conversions of a wide accumulator (in the fused-norm kernel Triton places them inside the
+        # pipeline buffers: measured on sm_90a, tests/test_kernel_compile.py)
+        scratch = bt * shape.np * 4 if shape.np > 128 and not norm else 0
         smem = max(pass1, pass2) + wgmma_a + scratch + 1 * KiB
         # the epilogue holds the accumulator and ~2 more (BLOCK_T, NP) fp32 temporaries (softmax, gathers); the
         # split-d reduction one more (the partial being added); fp32 tiles cost ~4x the registers of 16-bit ones
@@ -286,8 +309,10 @@ def lag_tiles(concurrent: int, split: int) -> int:
 
 def predict_steer(shape: Shape, config: Config, card: Card, pipelined_pass2: bool = True,
                   store_coef: bool = False, multicast: int = 1, partials_on_chip: bool = False,
-                  tile_on_chip: bool = False, hide_ramp: bool = False) -> Prediction:
-    """Token mode (``store_coef``: `synthesize`, pass 1 and the epilogue only) with ``config``.
+                  tile_on_chip: bool = False, hide_ramp: bool = False, edited: float = 1.0) -> Prediction:
+    """Token mode (``store_coef``: `synthesize`, pass 1 and the epilogue only) with ``config``; with a fused
+    RMSNorm when ``shape.norm_out`` (`Shape.with_norm`: pass 2 also writes the normalised rows).
+    ``edited``: the share of rows written back (in place, rows whose gate is off are not written).
 
     ``pipelined_pass2=False`` models the v1 kernel (synchronous loads of h in pass 2). Designs Triton cannot express
     today, to show what they would buy: ``multicast`` (W_in/W_out tiles fetched once per cluster of that many SMs,
@@ -297,16 +322,20 @@ def predict_steer(shape: Shape, config: Config, card: Card, pipelined_pass2: boo
     dependent launch allows)."""
     e, T, d = shape.elem, shape.rows, shape.d
     bt, split = config.BLOCK_T, config.SPLIT
+    norm = shape.norm_out > 0
     res = resources(shape, config, card)
     occ = max(res.ctas_per_sm, 1)
     n_tiles = -(-T // bt)
     h = shape.h_bytes
+    written = round(edited * h)
     if split > 1:
         first = min(n_tiles * split, card.sms * occ)
         lag = 0 if store_coef else lag_tiles(first, split)
         grid = min((n_tiles + lag) * split, card.sms * occ)  # persistent: programs loop over the work items
-        partial_bytes = 0 if partials_on_chip else T * split * (shape.w_in_cols + 1) * 4  # fp32 partials
-        coef_bytes = T * (shape.n_coef + 1) * 4 * (1 + split)  # written once, read by each slice's pass 2
+        # fp32 partials: projections and ||xc||^2; with a fused norm also ||h||^2
+        part_cols = shape.w_in_cols + 1 + norm
+        partial_bytes = 0 if partials_on_chip else T * split * part_cols * 4
+        coef_bytes = T * (shape.n_coef + 1 + norm) * 4 * (1 + split)  # written once, read by each slice's pass 2
     else:
         lag, grid, partial_bytes, coef_bytes = 0, n_tiles, 0, 0
     concurrent = min(grid, card.sms * occ)
@@ -318,11 +347,11 @@ def predict_steer(shape: Shape, config: Config, card: Card, pipelined_pass2: boo
         second_l2 = working_set <= card.l2_bytes // 2
     tiles_fetched = -(-n_tiles // multicast)
     pass1_l2 = (h if shape.has_pass1 else 0) + tiles_fetched * shape.w_in_bytes + partial_bytes * 2
-    pass2_l2 = 0 if store_coef else (1 if tile_on_chip and shape.has_pass1 else 2) * h \
+    pass2_l2 = 0 if store_coef else (0 if tile_on_chip and shape.has_pass1 else h) + written + shape.y_bytes \
         + tiles_fetched * shape.w_out_bytes + coef_bytes
     l2 = pass1_l2 + pass2_l2
     weights = shape.w_in_bytes + (0 if store_coef else shape.w_out_bytes)
-    out_bytes = T * shape.n_coef * 4 if store_coef else h
+    out_bytes = T * shape.n_coef * 4 if store_coef else written + shape.y_bytes
     hbm = h + out_bytes + weights + (0 if second_l2 or store_coef else h) + partial_bytes // 2
     ideal = (h if shape.has_pass1 or not store_coef else 0) + out_bytes + weights
     # multiprocessor feed: pass 1 and pass 2 run one after the other in a program
@@ -330,7 +359,7 @@ def predict_steer(shape: Shape, config: Config, card: Card, pipelined_pass2: boo
     per_sm = concurrent / active
     rows = min(bt, T)  # masked rows load nothing
     stage1 = rows * config.BLOCK_D * e + config.BLOCK_D * shape.w_in_cols * e
-    stage2 = rows * config.BLOCK_D * e + shape.n_coef * config.BLOCK_D * e
+    stage2 = rows * config.BLOCK_D * e + shape.n_coef * config.BLOCK_D * e + (config.BLOCK_D * 4 if norm else 0)
     rate1 = _sm_rate(card, per_sm * buffers * stage1)
     rate2 = _sm_rate(card, per_sm * (buffers if pipelined_pass2 else 1) * stage2)
     waves = grid / (card.sms * occ)
@@ -375,6 +404,58 @@ def predict_apply_delta(rows: int, d: int, elem: int, sequences: int, card: Card
     return Prediction("apply_delta", card.name, None, grid, 0, grid, 0, True, hbm, hbm, hbm,
                       hbm / card.hbm_gbps / 1e3, hbm / card.l2_gbps / 1e3, hbm / (active * rate) / 1e3,
                       hbm / card.hbm_gbps / 1e3, 1, card.launch_us)  # one load per program: sm_us is its latency
+
+
+ONE_PASS_MAX_D = 8192  # rows up to this wide stay in registers between their sum of squares and their writes
+WIDE_BLOCK_D = 4096
+
+
+def row_blocks(d: int) -> tuple:
+    """``(BLOCK_T, BLOCK_D, one pass, warps)`` of a kernel that owns whole rows (`delta_norm_kernel`, and the model's
+    separate RMSNorm): up to `ONE_PASS_MAX_D` columns the row is one tile (several rows per program for narrow
+    ones, about 2K elements a program), wider rows are swept twice in `WIDE_BLOCK_D` chunks; 4 to 16 warps as
+    the tile grows."""
+    if d <= ONE_PASS_MAX_D:
+        block_d = 1 << max(0, (d - 1).bit_length())
+        block_t, one_pass = max(1, min(16, 2048 // block_d)), True
+    else:
+        block_d, block_t, one_pass = WIDE_BLOCK_D, 1, False
+    elems = block_t * block_d
+    return block_t, block_d, one_pass, 4 if elems <= 2048 else 8 if elems <= 4096 else 16
+
+
+def _predict_rows(kind: str, rows: int, d: int, hbm: int, l2: int, loaded_per_elem: float, card: Card) -> Prediction:
+    """A one-launch kernel that owns whole rows (`row_blocks`): programs resident per SM as warps allow, each with
+    all of its tile's loads in flight at once (``loaded_per_elem`` bytes per element of the tile: h, and the
+    weight or delta rows read beside it)."""
+    block_t, block_d, _, warps = row_blocks(d)
+    grid = -(-rows // block_t)
+    per_sm = min(card.max_warps_per_sm // warps, card.max_ctas_per_sm, -(-grid // card.sms))
+    active = min(card.sms, grid)
+    rate = _sm_rate(card, per_sm * min(rows, block_t) * min(d, block_d) * loaded_per_elem)
+    return Prediction(kind, card.name, None, grid, per_sm, min(grid, card.sms * per_sm), 0, True, hbm, l2, hbm,
+                      hbm / card.hbm_gbps / 1e3, l2 / card.l2_gbps / 1e3, l2 / (active * rate) / 1e3,
+                      hbm / card.hbm_gbps / 1e3, 1, card.launch_us, latency_us=card.latency_ns / 1e3)
+
+
+def predict_rmsnorm(rows: int, d: int, elem: int, card: Card, out_elem: Optional[int] = None,
+                    weight_elem: Optional[int] = None) -> Prediction:
+    """A separate RMSNorm in one launch, the baseline the fused ops are held to (transformers' eager RMSNorm is
+    several launches and moves more): read h and the weight, write the normalised rows."""
+    weight_elem = weight_elem or elem
+    hbm = rows * d * (elem + (out_elem or elem)) + d * weight_elem
+    return _predict_rows("rmsnorm", rows, d, hbm, hbm, elem + weight_elem, card)
+
+
+def predict_apply_delta_norm(rows: int, d: int, elem: int, sequences: int, card: Card,
+                             out_elem: Optional[int] = None) -> Prediction:
+    """Query mode fused with the next RMSNorm (`delta_norm_kernel`): read h and one fp32 delta row per sequence,
+    write the edited rows and the normalised rows; rows wider than `ONE_PASS_MAX_D` are read a second time (from
+    L2)."""
+    h = rows * d * elem
+    hbm = 2 * h + rows * d * (out_elem or elem) + sequences * d * 4 + d * 4
+    l2 = hbm + (0 if row_blocks(d)[2] else h) + (rows - sequences) * d * 4  # delta rows are re-read per row
+    return _predict_rows("apply_delta_norm", rows, d, hbm, l2, elem + 8, card)
 
 
 def v1_config(rows: int, shape: Shape) -> Config:

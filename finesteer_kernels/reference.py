@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .norm import RMSNormParams
 from .params import SteerParams
 from .validation import check_coef, check_delta, check_hidden, check_row_mask, check_row_to_seq
 
@@ -131,3 +132,48 @@ def apply_delta_(h: torch.Tensor, delta: torch.Tensor, row_to_seq: torch.Tensor 
         check_delta(delta, h, None)
         return h.add_(_delta_rows(h, delta))  # computed in fp32 (type promotion), stored in h's dtype
     return h.copy_(apply_delta(h, delta, row_to_seq))
+
+
+# ---- fused with the next RMSNorm (issue 14): the edit, then the model's own norm ----------------------------------
+def rms_norm(x: torch.Tensor, norm: RMSNormParams) -> torch.Tensor:
+    """RMSNorm as transformers' modules write it, fp32 statistics: Llama-style rounds the normalised row to x's
+    dtype and scales by the weight in the weight's dtype; ``weight_in_fp32`` (Gemma, OLMo2) scales in fp32 and
+    rounds last; ``unit_offset`` (Gemma) scales by ``1 + weight``."""
+    x32 = x.to(torch.float32)
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.eps)
+    if norm.weight_in_fp32:
+        scale = 1.0 + norm.weight.float() if norm.unit_offset else norm.weight.float()
+        return (normed * scale).to(x.dtype)
+    scale = 1.0 + norm.weight if norm.unit_offset else norm.weight
+    return scale * normed.to(x.dtype)
+
+
+def steer_rmsnorm(h: torch.Tensor, params: SteerParams, norm: RMSNormParams,
+                  row_mask: torch.Tensor | None = None) -> tuple:
+    """Token mode, then the norm of the steered rows: ``(steer(h), rms_norm(steer(h)))``."""
+    norm.check(h)
+    steered = steer(h, params, row_mask)
+    return steered, rms_norm(steered, norm)
+
+
+def steer_rmsnorm_(h: torch.Tensor, params: SteerParams, norm: RMSNormParams,
+                   row_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`steer_` on ``h`` in place, then returns ``rms_norm(h)``."""
+    norm.check(h)
+    return rms_norm(steer_(h, params, row_mask), norm)
+
+
+def apply_delta_rmsnorm(h: torch.Tensor, delta: torch.Tensor, norm: RMSNormParams,
+                        row_to_seq: torch.Tensor | None = None) -> tuple:
+    """Query mode, then the norm: ``(apply_delta(h), rms_norm(apply_delta(h)))``; rows mapped to -1 are not
+    edited but are normalised."""
+    norm.check(h)
+    steered = apply_delta(h, delta, row_to_seq)
+    return steered, rms_norm(steered, norm)
+
+
+def apply_delta_rmsnorm_(h: torch.Tensor, delta: torch.Tensor, norm: RMSNormParams,
+                         row_to_seq: torch.Tensor | None = None) -> torch.Tensor:
+    """`apply_delta_` on ``h`` in place, then returns ``rms_norm(h)``."""
+    norm.check(h)
+    return rms_norm(apply_delta_(h, delta, row_to_seq), norm)

@@ -27,7 +27,9 @@ import triton
 import triton.language as tl
 
 from .coef_tile import centred_projections, coefficients_from_projections, tile_coefficients
+from .norm_tile import add_and_normalise, edited_rstd, w_out_columns
 from .kernel_common import INTERPRETING, Layout, card_for, config_kwargs, device_guard, native_dot, shape_of
+from .norm import NormOperands
 from .heuristics import steer_config
 from .perf_model import lag_tiles, resources
 from .w_out_dot import coef_times_w_out
@@ -91,7 +93,11 @@ def steer_kernel(h_ptr, out_ptr, w_in_ptr, w_out_ptr, mean_ptr, consts_ptr, keep
                  RB_OFF: tl.constexpr, B1_OFF: tl.constexpr, W2_OFF: tl.constexpr, B2_OFF: tl.constexpr,
                  NP: tl.constexpr, MP: tl.constexpr, NC: tl.constexpr, NCP: tl.constexpr, NATIVE_DOT: tl.constexpr,
                  IN_PLACE: tl.constexpr, HAS_KEEP: tl.constexpr, STORE_COEF: tl.constexpr,
-                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr, SPLIT: tl.constexpr):
+                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr, SPLIT: tl.constexpr,
+                 y_ptr=None, norm_scale_ptr=None, norm_consts_ptr=None, norm_eps=0.0, NORM: tl.constexpr = False,
+                 OUT_COL: tl.constexpr = 0, WEIGHT_IN_FP32: tl.constexpr = False):
+    # NORM (issue 14): also write y = RMSNorm(out) for every row (`norm_tile`); W_in's columns from OUT_COL hold
+    # W_out^T. Without NORM the code is exactly the plain kernel's.
     coef_cols = tl.arange(0, NCP)
     if SPLIT == 1:
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -99,24 +105,40 @@ def steer_kernel(h_ptr, out_ptr, w_in_ptr, w_out_ptr, mean_ptr, consts_ptr, keep
         edit = row_mask
         if HAS_KEEP:
             edit = edit & (tl.load(keep_ptr + rows, mask=row_mask, other=0) != 0)
-        coef, g = tile_coefficients(h_ptr, rows, edit, d, w_in_ptr, mean_ptr, consts_ptr, tau, eps, scale,
-                                    R, K, M, KR, HAS_GATE, HAS_MEAN, HAS_ROUTER, HAS_RES, RELU, ROUTER_COL,
-                                    RES_COL, W_IN_STRIDE, RB_OFF, B1_OFF, W2_OFF, B2_OFF, NP, MP, NCP, NATIVE_DOT,
-                                    BLOCK_T, BLOCK_D, NUM_STAGES)
-        if STORE_COEF:
-            tl.store(coef_out_ptr + rows.to(tl.int64)[:, None] * NC + coef_cols[None, :], coef,
-                     mask=row_mask[:, None] & (coef_cols < NC)[None, :])
+        if NORM:  # every row is read (its norm is needed), only rows in `edit` are steered
+            acc, sq, sq_h = centred_projections(h_ptr, rows, row_mask, d, w_in_ptr, mean_ptr, 0, d, HAS_GATE,
+                                                HAS_MEAN, W_IN_STRIDE, NP, NATIVE_DOT, BLOCK_T, BLOCK_D, NUM_STAGES,
+                                                NORM)
+            coef, g = coefficients_from_projections(acc, sq, edit, consts_ptr, tau, eps, scale, R, K, M, KR,
+                                                    HAS_GATE, HAS_ROUTER, HAS_RES, RELU, ROUTER_COL, RES_COL,
+                                                    RB_OFF, B1_OFF, W2_OFF, B2_OFF, NP, MP, NCP, BLOCK_T)
+            rstd = edited_rstd(w_out_columns(acc, OUT_COL, NP, NCP, BLOCK_T), sq_h, coef, norm_consts_ptr, d,
+                               norm_eps, NC, NCP)
+            edit = g != 0.0
+            add_and_normalise(h_ptr, out_ptr, y_ptr, norm_scale_ptr, rows, row_mask, edit,
+                              edit if IN_PLACE else row_mask, d, 0, d, coef, rstd, w_out_ptr, NC, NCP, NATIVE_DOT,
+                              WEIGHT_IN_FP32, BLOCK_D, NUM_STAGES)
         else:
-            write_tile(h_ptr, out_ptr, rows, row_mask, edit, g, d, 0, d, coef, w_out_ptr, HAS_GATE, HAS_KEEP,
-                       IN_PLACE, NC, NCP, NATIVE_DOT, BLOCK_D, NUM_STAGES)
+            coef, g = tile_coefficients(h_ptr, rows, edit, d, w_in_ptr, mean_ptr, consts_ptr, tau, eps, scale,
+                                        R, K, M, KR, HAS_GATE, HAS_MEAN, HAS_ROUTER, HAS_RES, RELU, ROUTER_COL,
+                                        RES_COL, W_IN_STRIDE, RB_OFF, B1_OFF, W2_OFF, B2_OFF, NP, MP, NCP, NATIVE_DOT,
+                                        BLOCK_T, BLOCK_D, NUM_STAGES)
+            if STORE_COEF:
+                tl.store(coef_out_ptr + rows.to(tl.int64)[:, None] * NC + coef_cols[None, :], coef,
+                         mask=row_mask[:, None] & (coef_cols < NC)[None, :])
+            else:
+                write_tile(h_ptr, out_ptr, rows, row_mask, edit, g, d, 0, d, coef, w_out_ptr, HAS_GATE, HAS_KEEP,
+                           IN_PLACE, NC, NCP, NATIVE_DOT, BLOCK_D, NUM_STAGES)
     else:
         # flags (int32): [ticket | arrived[n_tiles] | ready[n_tiles]]; ws (fp32): the partials' ring of `ring`
-        # slots, each SPLIT x BLOCK_T x (NP + 1) (projections, then ||xc||^2), then the coefficients and gates of
-        # every row tile, n_tiles x BLOCK_T x (NCP + 1).
+        # slots, each SPLIT x BLOCK_T x PART_W (projections, then ||xc||^2, with NORM then ||h||^2), then the
+        # coefficients and gates (with NORM then 1/rms) of every row tile, n_tiles x BLOCK_T x COEF_W.
+        PART_W: tl.constexpr = NP + 1 + NORM
+        COEF_W: tl.constexpr = NCP + 1 + NORM
         n_tiles = tl.cdiv(n_rows, BLOCK_T)
         arrived_ptr = flags_ptr + 1
         ready_ptr = flags_ptr + 1 + n_tiles
-        part_size = BLOCK_T * (NP + 1)
+        part_size = BLOCK_T * PART_W
         coef_ws_ptr = ws_ptr + ring.to(tl.int64) * SPLIT * part_size
         # A persistent loop over work items in ticket order: item v is pass 1 of slice v % SPLIT of tile
         # v // SPLIT, then pass 2 of that slice for tile v // SPLIT - lag. An item only ever waits on items with
@@ -140,21 +162,32 @@ def steer_kernel(h_ptr, out_ptr, w_in_ptr, w_out_ptr, mean_ptr, consts_ptr, keep
                 slot = tile % ring
                 if tile >= ring:  # the slot's previous tile must have summed its partials
                     wait_until_set(ready_ptr + tile - ring)
-                acc, sq = centred_projections(h_ptr, rows, edit, d, w_in_ptr, mean_ptr, d_start, d_stop, HAS_GATE,
-                                              HAS_MEAN, W_IN_STRIDE, NP, NATIVE_DOT, BLOCK_T, BLOCK_D, NUM_STAGES)
+                acc, sq, sq_h = centred_projections(h_ptr, rows, row_mask if NORM else edit, d, w_in_ptr, mean_ptr,
+                                                    d_start, d_stop, HAS_GATE, HAS_MEAN, W_IN_STRIDE, NP, NATIVE_DOT,
+                                                    BLOCK_T, BLOCK_D, NUM_STAGES, NORM)
                 part_ptr = ws_ptr + (slot * SPLIT).to(tl.int64) * part_size
                 live = edit[:, None] & (cols < W_IN_STRIDE)[None, :]
-                tl.store(part_ptr + s * part_size + lanes[:, None] * (NP + 1) + cols[None, :], acc, mask=live)
-                tl.store(part_ptr + s * part_size + lanes * (NP + 1) + NP, sq, mask=edit)
+                tl.store(part_ptr + s * part_size + lanes[:, None] * PART_W + cols[None, :], acc, mask=live)
+                tl.store(part_ptr + s * part_size + lanes * PART_W + NP, sq, mask=edit)
+                if NORM:
+                    tl.store(part_ptr + s * part_size + lanes * PART_W + NP + 1, sq_h, mask=row_mask)
                 tl.debug_barrier()  # every thread's partials are stored before the release below
                 if tl.atomic_add(arrived_ptr + tile, 1, sem="acq_rel") == SPLIT - 1:
                     acc = tl.zeros((BLOCK_T, NP), tl.float32)
                     sq = tl.zeros((BLOCK_T,), tl.float32)
+                    sq_h = tl.zeros((BLOCK_T,), tl.float32)
+                    w_out_xc = tl.zeros((BLOCK_T, NCP), tl.float32)
                     for j in range(SPLIT):  # slice order, whichever slice finishes: deterministic sums
-                        acc += tl.load(part_ptr + j * part_size + lanes[:, None] * (NP + 1) + cols[None, :],
+                        acc += tl.load(part_ptr + j * part_size + lanes[:, None] * PART_W + cols[None, :],
                                        mask=live, other=0.0, cache_modifier=".cg")
-                        sq += tl.load(part_ptr + j * part_size + lanes * (NP + 1) + NP, mask=edit, other=0.0,
+                        sq += tl.load(part_ptr + j * part_size + lanes * PART_W + NP, mask=edit, other=0.0,
                                       cache_modifier=".cg")
+                        if NORM:  # ||h||^2, and W_out xc as narrow loads (no gather from the wide accumulator)
+                            sq_h += tl.load(part_ptr + j * part_size + lanes * PART_W + NP + 1, mask=row_mask,
+                                            other=0.0, cache_modifier=".cg")
+                            w_out_xc += tl.load(part_ptr + j * part_size + lanes[:, None] * PART_W + OUT_COL
+                                                + coef_cols[None, :], mask=edit[:, None] & (coef_cols < NC)[None, :],
+                                                other=0.0, cache_modifier=".cg")
                     coef, g = coefficients_from_projections(acc, sq, edit, consts_ptr, tau, eps, scale, R, K, M, KR,
                                                             HAS_GATE, HAS_ROUTER, HAS_RES, RELU, ROUTER_COL, RES_COL,
                                                             RB_OFF, B1_OFF, W2_OFF, B2_OFF, NP, MP, NCP, BLOCK_T)
@@ -162,9 +195,12 @@ def steer_kernel(h_ptr, out_ptr, w_in_ptr, w_out_ptr, mean_ptr, consts_ptr, keep
                         tl.store(coef_out_ptr + rows.to(tl.int64)[:, None] * NC + coef_cols[None, :], coef,
                                  mask=row_mask[:, None] & (coef_cols < NC)[None, :])
                     else:
-                        tile_ptr = coef_ws_ptr + tile.to(tl.int64) * BLOCK_T * (NCP + 1)
-                        tl.store(tile_ptr + lanes[:, None] * (NCP + 1) + coef_cols[None, :], coef)
-                        tl.store(tile_ptr + lanes * (NCP + 1) + NCP, g)
+                        tile_ptr = coef_ws_ptr + tile.to(tl.int64) * BLOCK_T * COEF_W
+                        tl.store(tile_ptr + lanes[:, None] * COEF_W + coef_cols[None, :], coef)
+                        tl.store(tile_ptr + lanes * COEF_W + NCP, g)
+                        if NORM:
+                            rstd = edited_rstd(w_out_xc, sq_h, coef, norm_consts_ptr, d, norm_eps, NC, NCP)
+                            tl.store(tile_ptr + lanes * COEF_W + NCP + 1, rstd)
                     tl.debug_barrier()
                     tl.atomic_xchg(ready_ptr + tile, 1, sem="release")
             if not STORE_COEF:
@@ -173,19 +209,27 @@ def steer_kernel(h_ptr, out_ptr, w_in_ptr, w_out_ptr, mean_ptr, consts_ptr, keep
                     wait_until_set(ready_ptr + done)
                     rows = done * BLOCK_T + lanes
                     row_mask = rows < n_rows
-                    tile_ptr = coef_ws_ptr + done.to(tl.int64) * BLOCK_T * (NCP + 1)
-                    coef = tl.load(tile_ptr + lanes[:, None] * (NCP + 1) + coef_cols[None, :], cache_modifier=".cg")
-                    g = tl.load(tile_ptr + lanes * (NCP + 1) + NCP, cache_modifier=".cg")
+                    tile_ptr = coef_ws_ptr + done.to(tl.int64) * BLOCK_T * COEF_W
+                    coef = tl.load(tile_ptr + lanes[:, None] * COEF_W + coef_cols[None, :], cache_modifier=".cg")
+                    g = tl.load(tile_ptr + lanes * COEF_W + NCP, cache_modifier=".cg")
                     edit = g != 0.0  # g is 0 where keep said no, the gate is off, or past the last row
-                    write_tile(h_ptr, out_ptr, rows, row_mask, edit, g, d, d_start, d_stop, coef, w_out_ptr, HAS_GATE,
-                               HAS_KEEP, IN_PLACE, NC, NCP, NATIVE_DOT, BLOCK_D, NUM_STAGES)
+                    if NORM:
+                        rstd = tl.load(tile_ptr + lanes * COEF_W + NCP + 1, cache_modifier=".cg")
+                        add_and_normalise(h_ptr, out_ptr, y_ptr, norm_scale_ptr, rows, row_mask, edit,
+                                          edit if IN_PLACE else row_mask, d, d_start, d_stop, coef, rstd, w_out_ptr,
+                                          NC, NCP, NATIVE_DOT, WEIGHT_IN_FP32, BLOCK_D, NUM_STAGES)
+                    else:
+                        write_tile(h_ptr, out_ptr, rows, row_mask, edit, g, d, d_start, d_stop, coef, w_out_ptr,
+                                   HAS_GATE, HAS_KEEP, IN_PLACE, NC, NCP, NATIVE_DOT, BLOCK_D, NUM_STAGES)
             v = tl.atomic_add(flags_ptr, 1)
 
 
-def _split_plan(n_rows: int, d: int, config, layout: Layout, elem: int, card, store_coef: bool, lag=None):
+def _split_plan(n_rows: int, d: int, config, layout: Layout, elem: int, card, store_coef: bool, lag=None,
+                norm_out: int = 0):
     """(grid, lag, ring) of a split-d launch: a persistent grid of at most the programs that fit at once."""
     n_tiles = triton.cdiv(n_rows, config.BLOCK_T)
-    occupancy = max(1, resources(shape_of(n_rows, d, layout, elem), config, card).ctas_per_sm)
+    shape = shape_of(n_rows, d, layout, elem)
+    occupancy = max(1, resources(shape.with_norm(norm_out) if norm_out else shape, config, card).ctas_per_sm)
     concurrent = min(n_tiles * config.SPLIT, card.sms * occupancy)
     if lag is None:
         lag = 0 if store_coef else lag_tiles(concurrent, config.SPLIT)
@@ -197,27 +241,36 @@ def _split_plan(n_rows: int, d: int, config, layout: Layout, elem: int, card, st
 def launch_steer(h2d: torch.Tensor, out2d, w_in: torch.Tensor, w_out: torch.Tensor, mean: torch.Tensor,
                  consts: torch.Tensor, layout: Layout, tau: float, eps: float, scale: float,
                  keep: torch.Tensor | None = None, config=None, coef_out: torch.Tensor | None = None,
-                 lag: int | None = None) -> None:
+                 lag: int | None = None, norm: NormOperands | None = None) -> None:
     """Run the kernel on contiguous ``(N, d)`` rows; ``out2d`` may be ``h2d`` itself (in place). ``keep``: optional
     contiguous ``(N,)`` bool, False for rows to leave unchanged. ``coef_out`` (fp32 ``(N, K+k)``): store the
-    coefficients instead of writing rows (`synthesize`; ``out2d`` is then ignored). ``config``/``lag`` override
-    the model's choice (tests)."""
+    coefficients instead of writing rows (`synthesize`; ``out2d`` is then ignored). ``norm``: also write the
+    edited rows' RMSNorm into ``norm.y`` (every row, steered or not); ``w_in`` and ``layout`` are then the fused
+    pack's (`norm.NormPack`). ``config``/``lag`` override the model's choice (tests)."""
     n_rows, d = h2d.shape
     if n_rows == 0:
         return
     store_coef = coef_out is not None
     card = card_for(h2d)
-    config = config or steer_config(shape_of(n_rows, d, layout, h2d.element_size()), card, INTERPRETING, store_coef)
+    shape = shape_of(n_rows, d, layout, h2d.element_size())
+    norm_kw = {}
+    if norm is not None:
+        shape = shape.with_norm(norm.y.element_size())
+        norm_kw = dict(y_ptr=norm.y, norm_scale_ptr=norm.scale, norm_consts_ptr=norm.consts, norm_eps=norm.eps,
+                       NORM=True, OUT_COL=norm.out_col, WEIGHT_IN_FP32=norm.weight_in_fp32)
+    config = config or steer_config(shape, card, INTERPRETING, store_coef)
     with device_guard(h2d):
         if config.SPLIT == 1:
             grid, lag, ring = triton.cdiv(n_rows, config.BLOCK_T), 0, 1
             ws = flags = consts  # never read
         else:
-            grid, lag, ring = _split_plan(n_rows, d, config, layout, h2d.element_size(), card, store_coef, lag)
+            grid, lag, ring = _split_plan(n_rows, d, config, layout, h2d.element_size(), card, store_coef, lag,
+                                          shape.norm_out)
             n_tiles = triton.cdiv(n_rows, config.BLOCK_T)
             np_, ncp = layout.constexprs()["NP"], layout.constexprs()["NCP"]
+            part_w, coef_w = (np_ + 2, ncp + 2) if norm is not None else (np_ + 1, ncp + 1)
             flags = torch.zeros(1 + 2 * n_tiles, dtype=torch.int32, device=h2d.device)
-            ws = torch.empty(ring * config.SPLIT * config.BLOCK_T * (np_ + 1) + n_tiles * config.BLOCK_T * (ncp + 1),
+            ws = torch.empty(ring * config.SPLIT * config.BLOCK_T * part_w + n_tiles * config.BLOCK_T * coef_w,
                              dtype=torch.float32, device=h2d.device)
         keep_ptr = consts if keep is None else keep.view(torch.uint8)  # never read without HAS_KEEP
         out_ptr = h2d if store_coef else out2d
@@ -225,5 +278,5 @@ def launch_steer(h2d: torch.Tensor, out2d, w_in: torch.Tensor, w_out: torch.Tens
                               coef_out if store_coef else consts, ws, flags, n_rows, d, tau, eps, scale, lag, ring,
                               **layout.constexprs(), NATIVE_DOT=native_dot(h2d.dtype),
                               IN_PLACE=out_ptr.data_ptr() == h2d.data_ptr() and not store_coef,
-                              HAS_KEEP=keep is not None, STORE_COEF=store_coef, **config_kwargs(config))
+                              HAS_KEEP=keep is not None, STORE_COEF=store_coef, **config_kwargs(config), **norm_kw)
 

@@ -14,43 +14,17 @@ import time
 import pytest
 import torch
 
-from finesteer import SteererBank, patch_model, unpatch_model
+from finesteer import SteererBank, patch_model
 from finesteer.layers import hidden_size
 from finesteer_kernels import SteerBank
 from op_cases import random_params
-from tiny_models import random_ids, tiny_model
+from patching_fixtures import get_model, no_patch_left_behind, one_thread, torch_backend  # noqa: F401
+from tiny_models import random_ids
 
 ARCHS = ("llama", "qwen2", "gpt2", "gpt_neox")
 NEW_TOKENS = 4
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def torch_backend(monkeypatch):
-    monkeypatch.setenv("FINESTEER_BACKEND", "torch")
-
-
-_MODELS: dict = {}
-
-
-def get_model(arch: str):
-    if arch not in _MODELS:
-        _MODELS[arch] = tiny_model(arch)
-    return _MODELS[arch]
-
-
-@pytest.fixture(autouse=True)
-def no_patch_left_behind():
-    yield
-    for arch, model in _MODELS.items():
-        assert unpatch_model(model) == 0, f"{arch}: a test left a FineSteer patch behind"
+pytestmark = pytest.mark.usefixtures("torch_backend")  # the exact reference; some tests override it
 
 
 def steerers_for(model, scale: float = 1.5) -> dict:
@@ -176,6 +150,8 @@ def test_clear_errors():
         SteererBank({"x": 3})
     with pytest.raises(IndexError, match="steerers: index 7 out of range"):
         patch_model(model, SteererBank({"far": {7: steerers["caa"][1]}}))
+    with pytest.raises(NotImplementedError, match="fuse_norm: not available with a SteererBank"):
+        patch_model(model, SteererBank(steerers), fuse_norm=True)
     with patch_model(model, SteererBank(steerers)) as handle, torch.no_grad():
         with pytest.raises(KeyError, match="'nobody' is not in the bank"):
             handle.assign(["caa", "nobody"])

@@ -55,9 +55,9 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     assert gpu_check.main(["--dry-run", "--out", str(out), "--no-progress"]) == 0
     result = json.loads(out.read_text())
     sections = result["sections"]
-    assert {n: s["status"] for n, s in sections.items()} == {n: "ok" for n in (
-        "bandwidth", "empty_kernel", "prefill", "sweep", "decode", "correctness", "bank")}
-    assert list(sections) == ["bandwidth", "empty_kernel", "prefill", "sweep", "decode", "correctness", "bank"]
+    names = ["bandwidth", "empty_kernel", "prefill", "sweep", "decode", "correctness", "bank", "fused_norm"]
+    assert {n: s["status"] for n, s in sections.items()} == {n: "ok" for n in names}
+    assert list(sections) == names
     assert sections["bandwidth"]["l2"]["ok"]  # the L2 probe kernel ran (interpreted, untimed)
     checks = sections["correctness"]["checks"]
     assert {c["dtype"] for c in checks} == {"fp16", "bf16"}
@@ -72,11 +72,18 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     sweep = sections["sweep"]["rows"]
     assert len(sweep) >= 2 and sweep[0]["picked"] and all(r["ok"] for r in sweep)
     decode = sections["decode"]
-    assert [r["config"] for r in decode["rows"]][0] == "unpatched" and len(decode["rows"]) == 5
+    assert [r["config"] for r in decode["rows"]][0] == "unpatched" and len(decode["rows"]) == 7
+    assert [r["config"] for r in decode["rows"] if r["config"].endswith("fused norm")] == [
+        "query, 3 layers, fused norm", "token, 3 layers, fused norm"]
     assert all(r["differs_from_unpatched"] for r in decode["rows"][1:])
     assert {r["op"] for r in decode["ops"]} == {"query: apply_delta_", "token: steer_ (split-d)"}
+    fused = sections["fused_norm"]["rows"]  # both modes at both shapes, checked, untimed, the model beside them
+    assert {(r["mode"], r["T"]) for r in fused} == {(m, t) for m in ("token", "query") for t in (20, 1)}
+    assert all(r["ok"] and r["backend"] == "triton" and "fused_us" not in r for r in fused)
+    assert all(r["model"]["H200"]["fused_mb"] > 0 for r in fused)
     markdown = (tmp_path / "check.md").read_text()
     assert "**Prefill**" in markdown and "**Config sweep**" in markdown and "**Decode step**" in markdown
+    assert "**Fused with the next RMSNorm**" in markdown
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-1].startswith("wrote ") and any("token, 3 layers" in line for line in printed)
 
@@ -100,6 +107,9 @@ def test_run_op_table_tiny(tmp_path, capsys):
     rows = payload["ops"]
     assert len(rows) == 2 * 2 * 4 - 2  # (steer, apply) x T x impls; apply has no compiled variant in --quick
     assert all(r["ok"] for r in rows)
+    fused = payload["fused_norm"]  # the fused op against the op and the norm module, both modes, checked
+    assert {(r["mode"], r["T"]) for r in fused} == {(m, t) for m in ("token", "query") for t in (1, 3)}
+    assert all(r["ok"] for r in fused)
     steer_bytes = {r["T"]: r["bytes"] for r in rows if r["op"] == "steer"}
     assert steer_bytes[3] - steer_bytes[1] == 2 * 2 * 32 * 4  # read + write of two more fp32 rows of width 32
     assert (tmp_path / "op_times-cpu.png").stat().st_size > 1000
@@ -112,8 +122,10 @@ def test_e2e_loop_on_tiny_model(monkeypatch):
     model = tiny_model("llama", num_hidden_layers=4)
     result = run_e2e(model, None, new_tokens=4, progress=False)
     rows = {r["config"]: r for r in result["rows"]}
-    assert list(rows) == ["unpatched", "query, 1 layer", "query, 3 layers", "token, 1 layer", "token, 3 layers"]
-    assert rows["query, 3 layers"]["layers"] == [1, 2, 3]
+    assert list(rows) == ["unpatched", "query, 1 layer", "query, 3 layers", "query, 3 layers, fused norm",
+                          "token, 1 layer", "token, 3 layers", "token, 3 layers, fused norm"]
+    assert rows["query, 3 layers"]["layers"] == rows["query, 3 layers, fused norm"]["layers"] == [1, 2, 3]
+    assert rows["token, 3 layers, fused norm"]["fuse_norm"] and not rows["token, 3 layers"]["fuse_norm"]
     assert rows["unpatched"]["time_ratio"] == 1.0
     assert all(r["new_tokens"] == 4 and r["tokens_per_s"] > 0 and r["ratio_p20"] <= r["ratio_p80"]
                for r in rows.values())

@@ -61,3 +61,24 @@ def test_query_decode_step_adds_at_most_two_ops_per_steered_layer(backend, layer
     if backend == "triton":
         assert patched.count("finesteer::apply_delta_") == len(layers) and extra == len(layers)
     assert not torch.allclose(plain_logits, patched_logits)  # the step really was steered
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("layers", [(1,), (0, 1, 2)], ids=["1 layer", "3 layers"])
+def test_fused_norm_decode_step_adds_no_more_ops_than_the_separate_edit(backend, layers, monkeypatch):
+    """fuse_norm (issue 14): on the Triton backend each steered layer's decode step is one op,
+    ``finesteer::apply_delta_rmsnorm_``, in place of the next norm's own ops, so the patched step has fewer
+    top-level ops than the unpatched one; on the torch backend the same count as the separate edit."""
+    monkeypatch.setenv("FINESTEER_BACKEND", backend)
+    model = tiny_model("llama")
+    params = random_params(64, 4, 3, "relu", seed=2).replace(tau=0.0)
+    steerers = {layer: params for layer in layers}
+    plain, separate, _, separate_logits = decode_step_ops(
+        model, lambda m: patch_model(m, steerers, mode="query"), with_mask=True)
+    _, fused, _, fused_logits = decode_step_ops(
+        model, lambda m: patch_model(m, steerers, mode="query", fuse_norm=True), with_mask=True)
+    print(f"{backend} {len(layers)} layer(s): {len(plain)} ops unpatched, {len(separate)} separate, {len(fused)} fused")
+    assert len(fused) <= len(separate)
+    if backend == "triton":
+        assert fused.count("finesteer::apply_delta_rmsnorm_") == len(layers) and len(fused) < len(plain)
+    torch.testing.assert_close(fused_logits, separate_logits, rtol=1e-5, atol=1e-5)

@@ -11,6 +11,7 @@ import torch
 
 import finesteer
 from finesteer import fit as F
+from finesteer import gates as G
 from finesteer_kernels import reference
 
 D, R, K_PLANTED = 48, 3, 4
@@ -39,7 +40,7 @@ def planted(n: int, seed: int) -> dict:
 @pytest.fixture(scope="module")
 def fitted():
     fit_data, cal, test = planted(300, 1), planted(100, 2), planted(200, 3)
-    scs = F.fit_scs(fit_data["targets"], cal["targets"], cal["benign"], test=(test["targets"], test["benign"]))
+    scs = G.fit_scs(fit_data["targets"], cal["targets"], cal["benign"], test=(test["targets"], test["benign"]))
     mose = F.fit_mose(fit_data["targets"], fit_data["delta"], seed=0)
     return dict(scs=scs, mose=mose, fit=fit_data, test=test)
 
@@ -72,7 +73,7 @@ def test_scs_threshold_starts_from_recall_and_moves_with_logistic_fit():
     cal = planted(100, 6)
     # noisy calibration: half the benign rows sit inside the subspace, so the classes overlap
     benign = torch.cat([cal["benign"][:50], cal["targets"][50:] + 0.5 * torch.randn(50, D)])
-    scs = F.fit_scs(data["targets"], cal["targets"][:50], benign, recall=0.9)
+    scs = G.fit_scs(data["targets"], cal["targets"][:50], benign, recall=0.9)
     scores = F.energy_ratio(cal["targets"][:50], scs.basis, scs.mean)
     assert scs.rule["start"] == pytest.approx(float(torch.quantile(scores, 0.1)), rel=1e-6)
     assert scs.rule["method"] == "logistic" and scs.rule["converged"] and scs.rule["used"]
@@ -164,9 +165,9 @@ def test_caa_is_the_mean_delta_without_gate():
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: F.fit_scs(torch.randn(10, 8), torch.randn(5, 7), torch.randn(5, 8)), "H_target_cal"),
-    (lambda: F.fit_scs(torch.randn(10, 8), torch.randn(5, 8), torch.randn(5, 8), r=20), "r:"),
-    (lambda: F.fit_scs(torch.randn(10, 8), torch.randn(5, 8), torch.randn(5, 8), recall=1.5), "recall"),
+    (lambda: G.fit_scs(torch.randn(10, 8), torch.randn(5, 7), torch.randn(5, 8)), "H_target_cal"),
+    (lambda: G.fit_scs(torch.randn(10, 8), torch.randn(5, 8), torch.randn(5, 8), r=20), "r:"),
+    (lambda: G.fit_scs(torch.randn(10, 8), torch.randn(5, 8), torch.randn(5, 8), recall=1.5), "recall"),
     (lambda: F.fit_mose(torch.randn(10, 8), torch.randn(9, 8)), "Delta"),
     (lambda: F.fit_mose(torch.randn(10, 8), torch.full((10, 8), float("nan"))), "NaN"),
     (lambda: F.fit_mose(torch.randn(10, 8), torch.randn(10, 8), activation="tanh"), "activation"),

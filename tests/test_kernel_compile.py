@@ -1,8 +1,9 @@
 """The kernels compile for Hopper (sm_90a) without a GPU, in the configurations the bytes-and-occupancy model picks
 for the issue's grid (T in {1, 16, 512, 4096, 8192, 65536}, d in {576, 2048, 4096, 8192}, r = 64, K = 8, with and
 without the residual MLP, H100 SXM and H200) in bf16, fp16 and fp32, plus the widest layout (r = 128, K = 32,
-m = 40, k = 16) and the decode-size synthesize, apply_coef and apply_delta launches. Each distinct configuration is
-compiled once. Checked from ptxas and the TTGIR:
+m = 40, k = 16) and the decode-size synthesize, apply_coef and apply_delta launches; the same for the token-mode kernel
+fused with the next RMSNorm (``steer_rmsnorm``, issue 14) and the query-mode ``apply_delta_rmsnorm`` (one-pass and
+wide rows). Each distinct configuration is compiled once. Checked from ptxas and the TTGIR:
 
 * no register spills (ptxas of the Triton wheel, sm_90a);
 * every hot-loop load of h is asynchronous: the loads of h are the only ones with an eviction hint (evict_last in
@@ -14,6 +15,7 @@ compiled once. Checked from ptxas and the TTGIR:
 The kernels must be real JIT functions, not the interpreter's, so compiling runs in a subprocess without
 TRITON_INTERPRET. ``python tests/test_kernel_compile.py --table`` prints the markdown table of docs/kernels.md.
 """
+import inspect
 import json
 import os
 import re
@@ -36,19 +38,22 @@ def planned_cases():
     seen, cases = set(), []
 
     def add(kernel, dtype, d, sizes, rows, config, variant="out of place"):
-        key = (kernel, dtype, config, Shape.of(rows, d, DTYPES[dtype], *sizes).np, variant)
+        key = (kernel, dtype, config, Shape.of(rows, d, DTYPES[dtype], *sizes).np, variant,
+               d if config is None else None)  # apply_delta_rmsnorm: its blocks follow d
         if key not in seen:
             seen.add(key)
             cases.append((kernel, dtype, d, sizes, rows, config, variant))
 
     for dtype, elem in DTYPES.items():
-        for card in CARDS.values():
-            for residual, sizes in TYPICAL.items():
-                for d in D_GRID:
-                    for rows in T_GRID:
-                        add("steer", dtype, d, sizes, rows, steer_config(Shape.of(rows, d, elem, *sizes), card))
-        for rows in (1, 8192):
-            add("steer", dtype, 4096, WIDEST, rows, steer_config(Shape.of(rows, 4096, elem, *WIDEST)))
+        for kernel, norm in (("steer", 0), ("steer_rmsnorm", elem)):
+            for card in CARDS.values():
+                for residual, sizes in TYPICAL.items():
+                    for d in D_GRID:
+                        for rows in T_GRID:
+                            add(kernel, dtype, d, sizes, rows,
+                                steer_config(Shape.of(rows, d, elem, *sizes, norm_out=norm), card))
+            for rows in (1, 8192):
+                add(kernel, dtype, 4096, WIDEST, rows, steer_config(Shape.of(rows, 4096, elem, *WIDEST, norm_out=norm)))
         for rows in (1, 16):
             add("synthesize", dtype, 4096, TYPICAL[True], rows,
                 steer_config(Shape.of(rows, 4096, elem, *TYPICAL[True]), store_coef=True))
@@ -60,6 +65,9 @@ def planned_cases():
         add("apply", "bf16", 4096, TYPICAL[True], rows,
             apply_config(Shape(rows, 4096, 2, 8, 16, has_pass1=False), min(rows, 64)))
     add("apply_delta", "bf16", 4096, TYPICAL[True], 1, None)
+    add("steer_rmsnorm", "bf16", 4096, TYPICAL[True], 8192, steer_config(shape.with_norm(2)), "in place + row_mask")
+    for d in (4096, 16384):  # one pass (the row in registers) and wide rows (two pipelined passes)
+        add("apply_delta_rmsnorm", "bf16", d, TYPICAL[True], 1, None)
     return cases
 
 
@@ -80,8 +88,10 @@ def _compile_one(case) -> str:
 
     from finesteer_kernels.apply_kernel import apply_kernel
     from finesteer_kernels.delta_kernel import DELTA_BLOCK_D, apply_delta_kernel, delta_block_t
+    from finesteer_kernels.delta_norm_kernel import apply_delta_norm_kernel
     from finesteer_kernels.kernel_common import INTERPRETING, W_IN_ALIGN, layout_of, native_dot, shape_of
-    from finesteer_kernels.perf_model import DEFAULT_CARD, resources
+    from finesteer_kernels.norm import pack_steer_norm
+    from finesteer_kernels.perf_model import DEFAULT_CARD, resources, row_blocks
     from finesteer_kernels.steer_kernel import steer_kernel
     from op_cases import random_params
 
@@ -96,7 +106,8 @@ def _compile_one(case) -> str:
     layout = layout_of(packed, "relu")
     consts = dict(NATIVE_DOT=native_dot(torch_dtypes[dtype]))
     in_place = variant.startswith("in place")
-    if kernel in ("steer", "synthesize"):
+    norm = kernel == "steer_rmsnorm"
+    if kernel in ("steer", "synthesize", "steer_rmsnorm"):
         fn = steer_kernel
         consts.update(layout.constexprs(), IN_PLACE=in_place, HAS_KEEP="row_mask" in variant,
                       STORE_COEF=kernel == "synthesize", BLOCK_T=config.BLOCK_T, BLOCK_D=config.BLOCK_D,
@@ -105,24 +116,49 @@ def _compile_one(case) -> str:
                    mean_ptr="*fp32", consts_ptr="*fp32", keep_ptr="*u8" if consts["HAS_KEEP"] else "*fp32",
                    coef_out_ptr="*fp32", ws_ptr="*fp32", flags_ptr="*i32", n_rows="i32", d="i32", tau="fp32",
                    eps="fp32", scale="fp32", lag="i32", ring="i32")
-        aligned = list(range(10)) + [11]
+        aligned = ["h_ptr", "out_ptr", "w_in_ptr", "w_out_ptr", "mean_ptr", "consts_ptr", "keep_ptr",
+                   "coef_out_ptr", "ws_ptr", "flags_ptr", "d"]
+        if norm:  # the fused pack: W_out^T appended to W_in
+            fused = pack_steer_norm(params, torch_dtypes[dtype], "cpu", W_IN_ALIGN)
+            layout = layout._replace(W_IN_STRIDE=fused.w_in.shape[1])
+            consts.update(layout.constexprs(), NORM=True, OUT_COL=fused.out_col, WEIGHT_IN_FP32=False)
+            sig.update(y_ptr=f"*{dtype}", norm_scale_ptr="*fp32", norm_consts_ptr="*fp32", norm_eps="fp32")
+            aligned += ["y_ptr", "norm_scale_ptr", "norm_consts_ptr"]
+    elif kernel == "apply_delta_rmsnorm":
+        fn = apply_delta_norm_kernel
+        block_t, block_d, one_pass, warps = row_blocks(d)
+        consts.clear()
+        consts.update(HAS_MAP=False, IN_PLACE=True, WEIGHT_IN_FP32=False, BLOCK_T=block_t, BLOCK_D=block_d,
+                      ONE_PASS=one_pass)
+        sig = dict(h_ptr=f"*{dtype}", out_ptr=f"*{dtype}", y_ptr=f"*{dtype}", delta_ptr="*fp32", seq_ptr="*fp32",
+                   scale_ptr="*fp32", n_rows="i32", n_seq="i32", d="i32", rows_per_seq="i32", norm_eps="fp32")
+        aligned = ["h_ptr", "out_ptr", "y_ptr", "delta_ptr", "seq_ptr", "scale_ptr", "d"]
     elif kernel == "apply":
         fn = apply_kernel
         consts.update(NC=layout.n_coef, NCP=layout.constexprs()["NCP"], IN_PLACE=in_place,
                       BLOCK_T=config.BLOCK_T, BLOCK_D=config.BLOCK_D)
         sig = dict(h_ptr=f"*{dtype}", out_ptr=f"*{dtype}", coef_ptr="*fp32", seq_ptr="*i64",
                    w_out_ptr=f"*{dtype}", n_rows="i32", n_seq="i32", d="i32")
-        aligned = [0, 1, 2, 3, 4, 7]
+        aligned = ["h_ptr", "out_ptr", "coef_ptr", "seq_ptr", "w_out_ptr", "d"]
     else:
         fn = apply_delta_kernel
         consts.clear()
         consts.update(HAS_MAP=False, IN_PLACE=True, BLOCK_T=delta_block_t(rows), BLOCK_D=DELTA_BLOCK_D)
         sig = dict(h_ptr=f"*{dtype}", out_ptr=f"*{dtype}", delta_ptr="*fp32", seq_ptr="*fp32", n_rows="i32",
                    n_seq="i32", d="i32", rows_per_seq="i32")
-        aligned = [0, 1, 2, 3, 6]
+        aligned = ["h_ptr", "out_ptr", "delta_ptr", "seq_ptr", "d"]
+    names = list(inspect.signature(fn.fn).parameters)
+    for name, param in inspect.signature(fn.fn).parameters.items():  # defaulted arguments left out: their defaults
+        if name not in sig and name not in consts:
+            consts[name] = param.default
     sig.update({c: "constexpr" for c in consts})
-    src = ASTSource(fn, sig, consts, attrs={(i,): divisible for i in aligned})  # the JIT's 16-byte alignment
-    options = dict(num_warps=config.num_warps, num_stages=config.num_stages) if config else dict(num_warps=4)
+    sig = {name: sig[name] for name in names}
+    # the JIT's 16-byte alignment specialisation of pointers (and of d)
+    src = ASTSource(fn, sig, consts, attrs={(names.index(n),): divisible for n in aligned})
+    if config:
+        options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    else:
+        options = dict(num_warps=warps if kernel == "apply_delta_rmsnorm" else 4)
     compiled = triton.compile(src, target=target, options=options)
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")
@@ -134,8 +170,9 @@ def _compile_one(case) -> str:
     ttgir = compiled.asm["ttgir"].splitlines()
     hinted = [line for line in ttgir if "evict_last" in line or "evict_first" in line]
     model = None
-    if kernel in ("steer", "synthesize"):
-        est = resources(shape_of(rows, d, layout, DTYPES[dtype]), config, DEFAULT_CARD)
+    if kernel in ("steer", "synthesize", "steer_rmsnorm"):
+        shape = shape_of(rows, d, layout, DTYPES[dtype])  # with NORM, the fused layout has the W_out^T columns
+        est = resources(shape.with_norm(DTYPES[dtype]) if norm else shape, config, DEFAULT_CARD)
         model = dict(smem=est.smem, regs=est.regs, ctas=est.ctas_per_sm)
     return json.dumps(dict(
         kernel=kernel, dtype=dtype, d=d, sizes=[r, K, m, k], rows=rows, variant=variant,
@@ -189,14 +226,14 @@ def test_kernels_compile_for_hopper_without_spills_and_with_async_loads_of_h():
     print("\n" + markdown_table(results))
     for res in results:
         assert res["spill_bytes"] == 0, res
-        if res["kernel"] in ("apply", "apply_delta"):  # one tile per program: no hot loop to pipeline
+        one_tile = res["kernel"] in ("apply", "apply_delta") or (res["kernel"] == "apply_delta_rmsnorm"
+                                                                 and res["d"] <= 8192)
+        if one_tile:  # one tile per program: no hot loop to pipeline
             assert not res["has_loop"], res
         else:
             assert res["h_loads_sync"] == 0, f"a load of h is synchronous: {res}"
-        if res["kernel"] in ("steer", "synthesize"):
-            assert res["h_async_pass1"] > 0, res
-            if res["kernel"] == "steer":
-                assert res["h_async_pass2"] > 0, res
+            assert res["h_async_pass1"] > 0 and (res["kernel"] == "synthesize" or res["h_async_pass2"] > 0), res
+        if res["kernel"] in ("steer", "synthesize", "steer_rmsnorm"):
             model = res["model"]
             assert abs(model["smem"] - res["shared_bytes"]) <= 0.25 * res["shared_bytes"], res
             assert model["ctas"] <= resident_ctas(res), f"the model promises more occupancy than ptxas: {res}"

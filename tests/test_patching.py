@@ -14,44 +14,14 @@ from finesteer import Steerer, patch_model, unpatch_model
 from finesteer.layers import hidden_size
 from finesteer_kernels import SteerParams, reference
 from op_cases import random_params
+from patching_fixtures import get_model, no_patch_left_behind, one_thread, torch_backend  # noqa: F401
 from tiny_models import random_ids, tiny_model
 
 ARCHS = ("llama", "qwen2", "mistral", "gemma2", "gpt2", "gpt_neox", "falcon", "bloom")
 LAYER = 1  # a middle layer: hidden_states[LAYER + 1] is its raw output (the last layer's is normed)
 NEW_TOKENS = 4
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are all thread overhead: on the shared 2-core machine one thread runs them several times
-    faster. Restored for the tests after this file."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def torch_backend(monkeypatch):
-    """The exact torch reference, and fast under TRITON_INTERPRET; one test below runs the default backend."""
-    monkeypatch.setenv("FINESTEER_BACKEND", "torch")
-
-
-_MODELS: dict = {}
-
-
-def get_model(arch: str) -> torch.nn.Module:
-    """One tiny model per architecture for the whole file (tests leave them unpatched, checked below)."""
-    if arch not in _MODELS:
-        _MODELS[arch] = tiny_model(arch)
-    return _MODELS[arch]
-
-
-@pytest.fixture(autouse=True)
-def no_patch_left_behind():
-    yield
-    for arch, model in _MODELS.items():
-        assert unpatch_model(model) == 0, f"{arch}: a test left a FineSteer patch behind"
+pytestmark = pytest.mark.usefixtures("torch_backend")  # the exact reference; some tests override it
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ CONFIGS = {
     "gemma2": {**_DECODER, "head_dim": 16},
     "gemma3_text": {**_DECODER, "head_dim": 16},
     "phi3": _DECODER,
+    "olmo2": _DECODER,  # post-norm: its layers start with attention, not a norm
     "gpt2": dict(n_embd=64, n_layer=3, n_head=4, n_positions=256),
     "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                      max_position_embeddings=256),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import weakref
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -18,6 +18,9 @@ from finesteer_kernels.validation import HIDDEN_DTYPES
 from ..threads import OneThreadAtATime
 from .forward_context import (ArgReader, ForwardContext, as_mask, generate_call, new_token_count, reported_length,
                               rows_for)
+
+if TYPE_CHECKING:
+    from .fused_norm import FusedNorm
 
 MODES = ("query", "token")
 
@@ -32,6 +35,12 @@ def _editable_in_place(hidden: torch.Tensor, layer_input) -> bool:
             layer_input.untyped_storage().data_ptr() == hidden.untyped_storage().data_ptr():
         return False
     return True
+
+
+def _padding_mask(ctx: Optional[ForwardContext], hidden: torch.Tensor) -> Optional[torch.Tensor]:
+    """Token mode: the (B, T) real-token mask (padding positions stay as they are; the kernels skip rows it marks
+    False), or None when the forward has no mask."""
+    return None if ctx is None or ctx.mask is None else rows_for(ctx, hidden).valid
 
 
 def _share_within_beams(coef: torch.Tensor, num_beams: int) -> torch.Tensor:
@@ -104,6 +113,7 @@ class Site:
     coef_memory: Optional[torch.Tensor] = None  # where prefills write coef; kept by reset(), see _store_coef
     delta: Optional[torch.Tensor] = None  # (B, d) fp32 = coef @ W_out: a decode step only adds it
     delta_memory: Optional[torch.Tensor] = None  # where prefills write delta (as coef_memory)
+    fused: Optional[FusedNorm] = None  # fuse_norm: the next norm that takes this layer's edit (fused_norm.py)
 
 
 class PatchHandle:
@@ -172,6 +182,9 @@ class PatchHandle:
         self.reset()
         for site in self._sites.values():
             site.coef_memory = site.delta_memory = None
+            if site.fused is not None:
+                site.fused.uninstall()
+                site.fused = None
         self.active = False
 
     def __enter__(self) -> "PatchHandle":
@@ -222,11 +235,18 @@ class PatchHandle:
                              "model with a fresh cache (or after cache.reset() and handle.reset()), or pass a 2-D "
                              "attention_mask of shape (batch, past + new)")
         self._context = ForwardContext(mask, past, call, key_start)
+        self._disarm_fused_norms()
 
     def _end_forward(self) -> None:
         if self._one_thread.held_here():  # not in a thread whose _begin_forward was refused
             self._context = None
+            self._disarm_fused_norms()  # a forward that raised between a layer and its norm leaves none armed
             self._one_thread.exit()
+
+    def _disarm_fused_norms(self) -> None:
+        for site in self._sites.values():
+            if site.fused is not None:
+                site.fused.disarm()
 
     def _steer_output(self, site: Site, output, layer_input):
         hidden = output[0] if isinstance(output, tuple) else output
@@ -244,26 +264,48 @@ class PatchHandle:
                             "float32, float16 and bfloat16")
         ctx = self._context
         in_place = _editable_in_place(hidden, layer_input)
+        if site.fused is not None and ctx is not None and in_place:
+            site.fused.arm(hidden)  # fuse_norm: the next norm edits ``hidden`` in place (fused_norm.py)
+            return output
         if self.mode == "token":
             steered = self._steer_tokens(site, hidden, ctx, in_place)
         else:
             steered = self._steer_query(site, hidden, ctx, in_place)
         return (steered, *output[1:]) if isinstance(output, tuple) else steered
 
+    def _steer_into_norm(self, site: Site, hidden: torch.Tensor, norm) -> Optional[torch.Tensor]:
+        """fuse_norm: steer ``hidden`` (the layer's output, unedited) in place and return its norm in one op, or
+        None when nothing is to be added yet (a chunked prefill before the anchor)."""
+        ctx = self._context
+        if self.mode == "token":
+            return finesteer_kernels.steer_rmsnorm_(hidden, site.params, norm, row_mask=_padding_mask(ctx, hidden))
+        found = self._query_delta(site, hidden, ctx)
+        if found is None:
+            return None
+        delta, row_to_seq = found
+        return finesteer_kernels.apply_delta_rmsnorm_(hidden, delta, norm, row_to_seq)
+
     def _steer_tokens(self, site: Site, hidden: torch.Tensor, ctx: Optional[ForwardContext],
                       in_place: bool) -> torch.Tensor:
         steer = finesteer_kernels.steer_ if in_place else finesteer_kernels.steer
-        if ctx is None or ctx.mask is None:
-            return steer(hidden, site.params)
-        # With a mask, padding positions stay as they are: the kernel skips rows the mask marks False.
-        return steer(hidden, site.params, row_mask=rows_for(ctx, hidden).valid)
+        return steer(hidden, site.params, row_mask=_padding_mask(ctx, hidden))
 
     def _steer_query(self, site: Site, hidden: torch.Tensor, ctx: Optional[ForwardContext],
                      in_place: bool) -> torch.Tensor:
+        found = self._query_delta(site, hidden, ctx)
+        if found is None:
+            return hidden
+        apply = finesteer_kernels.apply_delta_ if in_place else finesteer_kernels.apply_delta
+        return apply(hidden, *found)
+
+    def _query_delta(self, site: Site, hidden: torch.Tensor, ctx: Optional[ForwardContext]) -> Optional[tuple]:
+        """``(delta, row_to_seq)`` to add to ``hidden``: at decode the delta cached at prefill (``row_to_seq``
+        None: row b gets delta[b]), at prefill a new one (synthesised at the anchors and cached); None while the
+        anchor has not come (a chunked prefill's early chunks)."""
         rows = rows_for(ctx, hidden)
         batch = hidden.shape[0]
         if rows.pending:
-            return hidden
+            return None
         if rows.decode:
             # The fast path: one op on the per-sequence delta cached at prefill (every decode token is a real token:
             # padding only ever sits in the prompt).
@@ -280,8 +322,7 @@ class PatchHandle:
                 raise RuntimeError(f"layer {site.layer}: batch size changed between prefill ({site.delta.shape[0]} "
                                    f"rows) and decode ({batch} rows); query mode keeps one coefficient row per "
                                    "sequence and cannot follow rows that were added, dropped or regrouped")
-            apply = finesteer_kernels.apply_delta_ if in_place else finesteer_kernels.apply_delta
-            return apply(hidden, site.delta)
+            return site.delta, None
         anchors = hidden[rows.batch_index, rows.anchor]  # (B, d)
         coef = finesteer_kernels.synthesize(anchors, site.params)
         coef = torch.where(rows.anchor_found, coef, 0.0)  # a row with no real prompt token gets no edit
@@ -290,8 +331,7 @@ class PatchHandle:
         delta = finesteer_kernels.coef_delta(coef, site.params)
         site.delta = site.delta_memory = _store_coef(site.delta_memory, delta)
         self._coef_thread = self._one_thread.ident()
-        apply = finesteer_kernels.apply_delta_ if in_place else finesteer_kernels.apply_delta
-        return apply(hidden, site.delta, rows.row_to_seq)
+        return site.delta, rows.row_to_seq
 
     # ---- generate -------------------------------------------------------------------------------------------
     def _install_generate_wrapper(self) -> None:

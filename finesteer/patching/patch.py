@@ -14,6 +14,7 @@ from finesteer_kernels.validation import HIDDEN_DTYPES
 from ..layers import DecoderLayers, check_layer_index, find_decoder_layers, hidden_size
 from ..steerer import Steerer
 from .bank import SteererBank, patch_bank
+from .fused_norm import install_fused_norms, plan_fused_norms
 from .handle import MODES, LayerHook, PatchHandle, Site
 
 SteererLike = Union[Steerer, SteerParams]
@@ -92,7 +93,7 @@ def _prepare(params: SteerParams, device: torch.device, dtype: torch.dtype, alph
 
 def patch_model(model: torch.nn.Module, steerer_or_dict: Union[Steerer, Mapping[int, SteererLike], SteererBank],
                 mode: str = "query", alpha: Optional[float] = None,
-                decoder_layers: DecoderLayers = None) -> PatchHandle:
+                decoder_layers: DecoderLayers = None, fuse_norm: bool = False) -> PatchHandle:
     """Steer ``model`` at the output of decoder layers; returns a `PatchHandle` (a context manager).
 
     Args:
@@ -106,17 +107,25 @@ def patch_model(model: torch.nn.Module, steerer_or_dict: Union[Steerer, Mapping[
         decoder_layers: where the decoder layers are, for a model where `find_decoder_layers` cannot find them:
             a dotted path inside ``model`` (e.g. ``"transformer.h"``) or the ``ModuleList`` itself. Its parent
             module must be the one whose forward receives the attention mask and cache.
+        fuse_norm: apply each layer's edit inside the RMSNorm that reads the layer's output next (the next layer's
+            input norm, or the final norm), one launch for both, where the model is pre-norm with RMSNorm; other
+            layers keep the separate edit, with one warning (`fused_norm`; docs/patching.md). Same results.
     """
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module (a transformers model), got {type(model).__name__}")
+    if not isinstance(fuse_norm, bool):
+        raise TypeError(f"fuse_norm: expected True or False, got {fuse_norm!r}")
     if isinstance(steerer_or_dict, SteererBank):
+        if fuse_norm:
+            raise NotImplementedError("fuse_norm: not available with a SteererBank yet (the fused kernels take one "
+                                      "steerer); patch the bank with fuse_norm=False")
         return patch_bank(model, steerer_or_dict, mode, alpha, decoder_layers)
     wanted = _normalise_steerers(steerer_or_dict)
     layer_modules = find_decoder_layers(model, decoder_layers)
     width = hidden_size(model)
-    sites = {}
+    sites, dtypes = {}, {}
     for index, params in sorted(wanted.items()):
         check_layer_index(index, len(layer_modules), name="steerer_or_dict", error=IndexError)
         if params.d != width:
@@ -125,9 +134,12 @@ def patch_model(model: torch.nn.Module, steerer_or_dict: Union[Steerer, Mapping[
         if _already_patched(layer_modules[index]):
             raise RuntimeError(f"model: layer {index} is already patched by FineSteer; remove that patch (handle."
                                "remove() or finesteer.unpatch_model(model)) first")
-        device, dtype = _placement(layer_modules[index], index)
-        sites[index] = Site(index, _prepare(params, device, dtype, alpha))
-    return PatchHandle(model, sites, mode, _owner_of(model, layer_modules), layer_modules)
+        device, dtypes[index] = _placement(layer_modules[index], index)
+        sites[index] = Site(index, _prepare(params, device, dtypes[index], alpha))
+    plans = plan_fused_norms(model, layer_modules, sites, dtypes) if fuse_norm else {}
+    handle = PatchHandle(model, sites, mode, _owner_of(model, layer_modules), layer_modules)
+    install_fused_norms(handle, plans)
+    return handle
 
 
 def unpatch_model(model: torch.nn.Module) -> int:
