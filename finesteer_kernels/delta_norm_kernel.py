@@ -39,7 +39,7 @@ def _store_both(out_ptr, y_ptr, scale_ptr, steered, rstd, offs, offs_d, mask, wr
     tl.store(y_ptr + offs, (normed * scale[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "n_seq", "rows_per_seq"])  # a decode step's 1s spilled the wide-row loop
 def apply_delta_norm_kernel(h_ptr, out_ptr, y_ptr, delta_ptr, seq_ptr, scale_ptr, n_rows, n_seq, d, rows_per_seq,
                             norm_eps, HAS_MAP: tl.constexpr, IN_PLACE: tl.constexpr, WEIGHT_IN_FP32: tl.constexpr,
                             BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ONE_PASS: tl.constexpr):

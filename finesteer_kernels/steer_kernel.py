@@ -84,7 +84,11 @@ def wait_until_set(flag_ptr):
         flag = tl.atomic_add(flag_ptr, 0, sem="acquire")
 
 
-@triton.jit
+# The JIT makes an int argument equal to 1 a constexpr. ``ring`` is 1 whenever a launch has one row tile (decode,
+# synthesize) and ``ring.to(...)`` below needs a tensor; ``n_rows`` and ``lag`` of 1 at decode changed the code
+# enough to spill (tests/test_kernel_compile.py compiles what the JIT really gets). None of the three is worth a
+# specialised copy.
+@triton.jit(do_not_specialize=["n_rows", "lag", "ring"])
 def steer_kernel(h_ptr, out_ptr, w_in_ptr, w_out_ptr, mean_ptr, consts_ptr, keep_ptr, coef_out_ptr, ws_ptr,
                  flags_ptr, n_rows, d, tau, eps, scale, lag, ring,
                  R: tl.constexpr, K: tl.constexpr, M: tl.constexpr, KR: tl.constexpr,

@@ -151,6 +151,13 @@ def _compile_one(case) -> str:
     for name, param in inspect.signature(fn.fn).parameters.items():  # defaulted arguments left out: their defaults
         if name not in sig and name not in consts:
             consts[name] = param.default
+    # The JIT turns an int argument equal to 1 into a constexpr unless the kernel says not to: compile what a
+    # launch of this case really gets (a kernel that treats such an argument as a tensor fails only on a GPU).
+    keep_int = {p.name for p in fn.params if p.do_not_specialize}
+    for name, value in launch_ints(kernel, rows, d, config, layout, dtype).items():
+        if value == 1 and name not in keep_int:
+            sig[name] = "constexpr"
+            consts[name] = 1
     sig.update({c: "constexpr" for c in consts})
     sig = {name: sig[name] for name in names}
     # the JIT's 16-byte alignment specialisation of pointers (and of d)
@@ -184,6 +191,23 @@ def _compile_one(case) -> str:
         h_async_pass1=sum("async_copy_global_to_local" in line and "evict_last" in line for line in hinted),
         h_async_pass2=sum("async_copy_global_to_local" in line and "evict_first" in line for line in hinted),
         has_loop=any("scf.for" in line for line in ttgir)))
+
+
+def launch_ints(kernel: str, rows: int, d: int, config, layout, dtype: str) -> dict:
+    """The integer arguments a launch of this case passes (those the JIT may specialise)."""
+    if kernel in ("steer", "synthesize", "steer_rmsnorm"):
+        from finesteer_kernels.perf_model import DEFAULT_CARD
+        from finesteer_kernels.steer_kernel import _split_plan
+
+        lag, ring = 0, 1
+        if config.SPLIT > 1:
+            norm_out = DTYPES[dtype] if kernel == "steer_rmsnorm" else 0
+            _, lag, ring = _split_plan(rows, d, config, layout, DTYPES[dtype], DEFAULT_CARD,
+                                       kernel == "synthesize", norm_out=norm_out)
+        return dict(n_rows=rows, d=d, lag=lag, ring=ring)
+    if kernel == "apply":
+        return dict(n_rows=rows, n_seq=min(rows, 64), d=d)
+    return dict(n_rows=rows, n_seq=rows, d=d, rows_per_seq=1)  # apply_delta, apply_delta_rmsnorm: one row a sequence
 
 
 def resident_ctas(res: dict) -> int:
