@@ -4,8 +4,9 @@ Forwarding every prompt of every source through the model is the expensive part 
 prompt through SmolLM2's 30 layers on two CPU cores); fitting a gate on cached rows takes milliseconds. So
 `cached_anchor_activations` collects the pooled anchor rows (`collect_pooled_activations`) of a prompt list at
 every requested layer in one pass and keeps them in a safetensors file under ``<finesteer cache>/activations/``,
-keyed on the model, the prompts, the layers, the poolings, the prompt cut and the collecting code. Any change to
-one of those makes a new key, so a stale file is never read.
+keyed on the model (its name and `finesteer.models.fingerprint`: config, dtypes and a sample of the weights), the
+prompts, the layers, the poolings, the prompt cut and the collecting code. Any change to one of those makes a new
+key, so a stale file is never read.
 """
 from __future__ import annotations
 
@@ -28,12 +29,13 @@ def activation_cache_dir(path: Optional[str | os.PathLike] = None) -> Path:
     return folder
 
 
-def activations_key(model_name: str, prompts: Sequence[str], layers: Sequence[int], pools: Sequence[int],
-                    max_prompt_tokens: int) -> str:
+def activations_key(model_name: str, model_fingerprint: str, prompts: Sequence[str], layers: Sequence[int],
+                    pools: Sequence[int], max_prompt_tokens: int) -> str:
     here = Path(__file__).parent
     code = hashlib.sha256(b"".join((here / name).read_bytes() for name in _CODE)).hexdigest()
-    blob = json.dumps({"model": model_name, "prompts": list(prompts), "layers": list(layers), "pools": list(pools),
-                       "max_prompt_tokens": max_prompt_tokens, "code": code})
+    blob = json.dumps({"model": model_name, "fingerprint": model_fingerprint, "prompts": list(prompts),
+                       "layers": list(layers), "pools": list(pools), "max_prompt_tokens": max_prompt_tokens,
+                       "code": code})
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -43,9 +45,10 @@ def cached_anchor_activations(model, tokenizer, prompts: Sequence[str], layers: 
     """``layer -> (len(prompts), len(pools), d)`` fp32 tensors, read from the cache or collected and cached
     (written to a temporary file and renamed, so an interrupted run leaves nothing behind)."""
     from .activations import collect_pooled_activations
+    from .models import fingerprint
 
     layers, pools = sorted(set(layers)), list(pools)
-    key = activations_key(model_name, prompts, layers, pools, max_prompt_tokens)
+    key = activations_key(model_name, fingerprint(model), prompts, layers, pools, max_prompt_tokens)
     path = activation_cache_dir(cache) / f"anchors-{key}.safetensors"
     if path.is_file():
         stored = load_file(path)

@@ -1,4 +1,4 @@
-"""The ``finesteer`` command line: ``demo``, ``eval`` and ``fit``.
+"""The ``finesteer`` command line: ``demo``, ``eval``, ``fit`` and ``transfer``.
 
 Options are checked before anything expensive runs (`finesteer.preflight`). An expected error (a bad option, a
 missing file, a steerer for another model, ...) prints one line, ``finesteer: ...``, on stderr and exits with status
@@ -64,7 +64,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from . import evaluate, preflight
 
-    preflight.evaluation(args)
+    preflight.evaluation(args, evaluate.METHODS)
     return evaluate.run(args)
 
 
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     from . import demo as demo_module, evaluate as evaluate_module, transfer as transfer_module
-    from .recipes import add_gate_arguments
+    from .options import add_gate_arguments
 
     demo = sub.add_parser("demo", help="fit (or load) a safety steerer on the real model and show it at work",
                           formatter_class=_PlainTextFormatter, description=DEMO_DESCRIPTION)

@@ -13,10 +13,10 @@ import textwrap
 import time
 
 from . import data as datasets
-from .workflow import (add_fit_arguments, anchor_activations, benign_groups, check_compatible, check_same_split,
-                       encode_batches, exit_on_missing_package, fit_options, fitted_steerer,
-                       gate_scores, generate, held_out_prompts)
 from .refusal import is_refusal
+from .workflow import (DEMO_SIZES, add_fit_arguments, anchor_activations, benign_groups, check_compatible,
+                       check_same_split, encode_batches, exit_on_missing_package, fit_options, fitted_steerer,
+                       gate_scores, generate, held_out_prompts)
 from .steerer import Steerer
 
 MAX_SHOWN_CHARS = 160  # prompts shown are picked among the short ones, so the side-by-side view stays readable
@@ -61,7 +61,7 @@ def _steerer_from_file(path: str, model, model_name: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_fit_arguments(parser, n_target=200, n_benign=200)
+    add_fit_arguments(parser, *DEMO_SIZES)
     parser.add_argument("--steerer", default=None,
                         help="use this safety steerer file (written by finesteer fit) instead of fitting or the cache")
     parser.add_argument("--alpha", type=float, default=1.0, help="steering strength")

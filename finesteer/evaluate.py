@@ -42,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .refusal import is_refusal
-from .workflow import (add_fit_arguments, anchor_activations, benign_groups, check_same_split, encode_batches,
+from .workflow import (EVAL_SIZES, add_fit_arguments, anchor_activations, benign_groups, check_same_split, encode_batches,
                        exit_on_missing_package, fit_options, fitted_steerer, gate_scores, generate, held_out_prompts,
                        kl_divergence, model_identity)
 
@@ -307,7 +307,7 @@ def write_outputs(results: dict, out_dir: str | os.PathLike) -> dict:
 
 # ---- command line -------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_fit_arguments(parser, n_target=400, n_benign=400)
+    add_fit_arguments(parser, *EVAL_SIZES)
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated subset of {','.join(METHODS)} ('none' is always needed)")
     parser.add_argument("--alphas", default=",".join(f"{a:g}" for a in DEFAULT_ALPHAS),

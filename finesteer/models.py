@@ -28,6 +28,24 @@ SMOLLM2_ALIASES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct", SMOLLM2_N
 _CONVERTED_MARKER = "finesteer_converted.json"
 
 
+def fingerprint(model: torch.nn.Module) -> str:
+    """A short hash telling models apart for the on-disk caches (activations, fitted steerers): the config, every
+    parameter's name, shape and dtype, and the first 64 values of each. Weights retrained in place, another model
+    in a folder of the same name, or another dtype give another fingerprint. Reads a few hundred bytes per
+    parameter (not meant for the hot path)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    digest.update((config.to_json_string(use_diff=False) if config is not None else type(model).__name__).encode())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
+            head = param.detach().reshape(-1)[:64].to("cpu", torch.float64)
+            digest.update(head.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def cache_dir() -> Path:
     """The user cache folder: ``$FINESTEER_CACHE`` if set, else ``~/.cache/finesteer`` (created on demand)."""
     root = os.environ.get("FINESTEER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "finesteer")

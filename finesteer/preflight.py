@@ -201,11 +201,9 @@ def demo(args: argparse.Namespace) -> None:
     _shared_fit_options(args)
 
 
-def evaluation(args: argparse.Namespace) -> None:
-    """What `finesteer eval` checks before loading the model."""
-    from .evaluate import METHODS
-
-    choices(args.methods, METHODS, "none")
+def evaluation(args: argparse.Namespace, methods: Sequence[str]) -> None:
+    """What `finesteer eval` checks before loading the model; ``methods``: the names ``--methods`` may list."""
+    choices(args.methods, methods, "none")
     strengths(args.alphas)
     for option, value in (("--limit", args.limit), ("--max-new-tokens", args.max_new_tokens),
                           ("--gen-batch-size", args.gen_batch_size)):

@@ -11,7 +11,6 @@ produces the held-out report.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 from typing import Optional, Sequence, Union
@@ -30,7 +29,7 @@ METHODS = ("finesteer", "caa", "cast")
 # The demo's and eval's defaults: the gate and layer that `finesteer transfer` chose for SmolLM2-135M-Instruct by the
 # source-held-out calibration AUC (fit and calibration prompts only; results/transfer.md).
 DEFAULT_GATE = "linear"
-STUDIED_LAYERS = {"SmolLM2-135M-Instruct": 21}
+STUDIED_LAYERS = {"SmolLM2-135M-Instruct": 27}
 # The issue's target is at most 3 % of benign prompts steered, so the threshold is set for that on calibration data.
 DEFAULT_MAX_FPR = 0.03
 
@@ -39,47 +38,6 @@ def studied_layer(model_identity: str, layer_count: int) -> int:
     """The demo's and eval's layer: the one `finesteer transfer` chose for this model where it was studied
     (`STUDIED_LAYERS`, keyed by the model's canonical name), else the middle layer."""
     return STUDIED_LAYERS.get(model_identity, layer_count // 2)
-
-
-def add_gate_arguments(parser: argparse.ArgumentParser, studied_default: bool) -> None:
-    """``--layer``, ``--gate`` and ``--max-fpr``, shared by `finesteer fit`, `demo` and `eval`. Without ``--layer``
-    fit takes the middle layer; demo and eval (``studied_default``) the layer `studied_layer` gives."""
-    default = ("21 for SmolLM2-135M-Instruct (chosen by finesteer transfer on calibration data, "
-               "results/transfer.md), the middle layer for other models" if studied_default
-               else "the middle layer, num_layers // 2")
-    parser.add_argument("--layer", type=parse_layer, default=None,
-                        help="decoder layer whose output is read and edited, or 'auto': the candidate layer with the "
-                             f"best source-held-out calibration AUC of the gate; the default is {default}")
-    parser.add_argument("--gate", choices=GATES, default=DEFAULT_GATE,
-                        help="gate variant: scs (the paper's: top-r principal subspace of the targets), contrastive "
-                             "(generalised eigenvectors of target vs benign second moments) or linear (a shrinkage-"
-                             "LDA direction in the op's cone form); see docs/fitting.md")
-    parser.add_argument("--max-fpr", type=optional_share, default=DEFAULT_MAX_FPR,
-                        help="Neyman-Pearson threshold: the lowest tau with at most this FPR on the benign "
-                             "calibration prompts; 'none' for the paper's logistic calibration")
-
-
-def optional_share(text: str) -> Optional[float]:
-    """A ``--max-fpr`` value: a share in [0, 1), or ``none``."""
-    if text.lower() == "none":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a share in [0, 1) or 'none', got {text!r}")
-    return value
-
-
-def parse_layer(text: str):
-    """A ``--layer`` value: a decoder layer index or ``auto``."""
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a decoder layer index or 'auto', got {text!r}") from None
 
 
 RECIPES = ("safety", "truthfulness")
@@ -139,18 +97,13 @@ class FitOptions:
                              f"fit / calibration / test, got {self.n_target} and {self.n_benign}")
 
 
-def candidate_layers(n_layers: int) -> list:
-    """The layers ``layer="auto"`` searches: every tenth of the depth, first and last layer excluded (for 30
-    layers: 3, 6, ..., 27)."""
-    step = max(1, n_layers // 10)
-    return list(range(step, n_layers - 1, step)) or [n_layers // 2]
-
-
 def _layers_to_collect(model, layer) -> list:
     n = num_layers(model)
     if layer is None:
         return [n // 2]
     if layer == "auto":
+        from .transfer import candidate_layers
+
         return candidate_layers(n)
     return [check_layer_index(layer, n, "layer")]
 
@@ -196,7 +149,7 @@ def fit_recipe(model, tokenizer, *, recipe: str, targets: datasets.PromptSet, be
     (`remove_group_means`): which template a prompt drew is noise the router cannot read from the prompt.
 
     ``layer``: a decoder layer index, None (the middle layer) or ``"auto"``: the candidate layer
-    (`candidate_layers`) with the best source-held-out calibration AUC of the gate (`finesteer.transfer`), found
+    (`transfer.candidate_layers`) with the best source-held-out calibration AUC of the gate (`finesteer.transfer`), found
     from one pass over the fit and calibration prompts. ``activation_cache``: a folder (or ``""`` for the default
     one) where the anchor rows are cached on disk (`finesteer.activation_cache`); None collects them each time.
     """

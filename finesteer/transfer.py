@@ -35,21 +35,23 @@ from .gates import GATES, fit_gate, roc_auc
 
 SOURCE_CAP = 250  # prompts per source at most (seeded, stratified draw): bounds the one pass over the model
 POOLS = (1, 4, 8, 16)  # anchor poolings collected: the last prompt token, and means of the last n prompt tokens
-CANDIDATE_LAYERS = tuple(range(3, 28, 3))  # searched by `select_layer`
 FPR_TARGETS = (0.01, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5)  # Neyman-Pearson targets of the trade-off curve
 
 
-def source_pools(sharegpt: int = SOURCE_CAP, cap: Optional[int] = SOURCE_CAP, seed: int = 0) -> tuple:
+def source_pools(sharegpt: int = SOURCE_CAP, cap: Optional[int] = SOURCE_CAP, seed: int = 0,
+                 exclude: Sequence[str] = ()) -> tuple:
     """``({harmful source: PromptSet}, {benign source: PromptSet})``: every harmful and benign source of the
-    safety recipe, each drawn down to ``cap`` prompts, disjoint across sources (a prompt in two sources is kept
-    in the first)."""
+    safety recipe without the prompts of ``exclude`` (compared after `finesteer.data.normalize`), each drawn down to
+    ``cap`` prompts, disjoint across sources (a prompt in two sources is kept in the first)."""
     harmful = datasets.harmful_prompts()
     benign = datasets.benign_prompts(sharegpt, exclude=[harmful])
+    banned = {datasets.normalize(p) for p in exclude}
     sides = []
     for pool in (harmful, benign):
         by_source = {}
         for label in pool.sources:
-            ps = pool.select([i for i, s in enumerate(pool.source_of) if s == label], label)
+            ps = pool.select([i for i, (s, p) in enumerate(zip(pool.source_of, pool.prompts))
+                              if s == label and datasets.normalize(p) not in banned], label)
             if len(ps):
                 by_source[label] = datasets.subsample(ps, cap, seed) if cap else ps
         sides.append(by_source)
@@ -106,6 +108,13 @@ def by_side(rows: dict, harmful_sources: Sequence[str]) -> tuple:
             {s: r for s, r in rows.items() if s not in harmful_sources})
 
 
+def candidate_layers(n_layers: int) -> list:
+    """The layers ``layer="auto"`` searches: every tenth of the depth, first and last layer excluded (for 30
+    layers: 3, 6, ..., 27)."""
+    step = max(1, n_layers // 10)
+    return list(range(step, n_layers - 1, step)) or [n_layers // 2]
+
+
 def select_layer(kind: str, rows_by_layer: dict, splits: dict, harmful_sources: Sequence[str],
                  without: Sequence[str] = (), **gate_options) -> tuple:
     """``(best layer, {layer: criterion})``: `source_held_out_auc` per layer of ``rows_by_layer`` (layer ->
@@ -153,7 +162,7 @@ def _rows_by_layer(acts: dict, sizes: list, pool: int) -> dict:
 
 
 def study(acts: dict, sizes: list, harmful_sources: Sequence[str], *, gates: Sequence[str] = GATES,
-          candidate_layers: Sequence[int] = CANDIDATE_LAYERS, fixed_layer: int = 15, max_fpr: float = 0.03,
+          candidate_layers: Sequence[int], fixed_layer: int = 15, max_fpr: float = 0.03,
           seed: int = 0, progress: bool = True) -> dict:
     """LOSO for every gate variant, each with its layer chosen per fold by `select_layer` (and at the fixed
     ``fixed_layer`` for reference), with the logistic and the Neyman-Pearson (``max_fpr``) thresholds; the layer
@@ -204,7 +213,7 @@ def study(acts: dict, sizes: list, harmful_sources: Sequence[str], *, gates: Seq
                      "by": "source-held-out calibration AUC (fit and calibration rows only)"}
     fold_layers = {s: f["layer"] for s, f in out["gates"][chosen]["folds"].items()}
     out["tradeoff"] = tradeoff(chosen, by_layer, splits, harmful_sources, fold_layers)
-    out["pooling"] = pooling(chosen, acts, sizes, splits, harmful_sources, out["chosen"]["layer"])
+    out["pooling"] = pooling(chosen, acts, sizes, splits, harmful_sources, fold_layers)
     return out
 
 
@@ -223,14 +232,17 @@ def tradeoff(kind: str, by_layer: dict, splits: dict, harmful_sources, layers: d
     return points
 
 
-def pooling(kind: str, acts: dict, sizes: list, splits: dict, harmful_sources, layer: int) -> dict:
-    """Macro LOSO AUC of ``kind`` at ``layer`` for each anchor pooling (mean of the last n prompt tokens)."""
+def pooling(kind: str, acts: dict, sizes: list, splits: dict, harmful_sources, layers: dict) -> dict:
+    """Macro LOSO AUC of ``kind`` for each anchor pooling (mean of the last n prompt tokens), each fold at its own
+    layer (``layers``: held-out source -> layer, chosen without that source)."""
     out = {}
     for index, n in enumerate(POOLS):
-        rows = _rows_by_layer({layer: acts[layer]}, sizes, index)[layer]
-        harmful, benign = by_side(rows, harmful_sources)
-        folds = {s: held_out_rates(fit_without(kind, harmful, benign, splits, [s]), harmful, benign, splits, s)
-                 for s in rows}
+        by_layer = _rows_by_layer({layer: acts[layer] for layer in set(layers.values())}, sizes, index)
+        folds = {}
+        for held_out, layer in layers.items():
+            harmful, benign = by_side(by_layer[layer], harmful_sources)
+            gate = fit_without(kind, harmful, benign, splits, [held_out])
+            folds[held_out] = held_out_rates(gate, harmful, benign, splits, held_out)
         out[str(n)] = macro(folds)
     return out
 
@@ -263,7 +275,8 @@ def markdown_table(results: dict) -> str:
               "held-out sources):", "", "| calibration FPR target | macro TPR (held-out harmful) | "
               "macro FPR (held-out benign) |", "|--:|--:|--:|"]
     lines += [f"| {p['max_fpr']:g} | {_pct(p['tpr'])} | {_pct(p['fpr'])} |" for p in results["tradeoff"]]
-    lines += ["", "Anchor pooling (chosen gate and layer, logistic threshold; mean of the last n prompt tokens):", "",
+    lines += ["", "Anchor pooling (chosen gate at each fold's own layer, logistic threshold; mean of the last n prompt "
+              "tokens):", "",
               "| n | macro TPR | macro FPR | macro AUC |", "|--:|--:|--:|--:|"]
     lines += [f"| {n} | {_pct(m['tpr'])} | {_pct(m['fpr'])} | {m['auc']:.3f} |" for n, m in results["pooling"].items()]
     return "\n".join(lines) + "\n"
@@ -341,12 +354,13 @@ def run(args: argparse.Namespace) -> int:
     from .activation_cache import cached_anchor_activations
     from .layers import num_layers
     from .models import load_model
-    from .workflow import exit_on_missing_package, model_identity
+    from .workflow import exit_on_missing_package, model_identity, scored_prompts
 
     gates = [g.strip() for g in args.gates.split(",") if g.strip()]  # checked by `finesteer.preflight.transfer`
     started = time.perf_counter()
     try:
-        harmful, benign = source_pools(sharegpt=args.cap, cap=args.cap, seed=args.seed)
+        # the study picks demo's and eval's default gate and layer: it never sees the prompts they score
+        harmful, benign = source_pools(sharegpt=args.cap, cap=args.cap, seed=args.seed, exclude=scored_prompts())
         model, tokenizer = load_model(args.model, progress=not args.quiet)
     except FileNotFoundError as e:
         raise exit_on_missing_package("transfer", e) from None
@@ -357,13 +371,12 @@ def run(args: argparse.Namespace) -> int:
     acts = cached_anchor_activations(model, tokenizer, prompts, range(depth), model_name=name, pools=POOLS,
                                      batch_size=args.batch_size, cache=args.cache_dir, progress=not args.quiet)
     collected = time.perf_counter()
-    from .recipes import candidate_layers
-
-    results = study(acts, sizes, list(harmful), gates=gates, candidate_layers=candidate_layers(depth),
+    searched = candidate_layers(depth)
+    results = study(acts, sizes, list(harmful), gates=gates, candidate_layers=searched,
                     fixed_layer=depth // 2, max_fpr=args.max_fpr, seed=args.seed, progress=not args.quiet)
     results.update(model=name, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    command="finesteer transfer " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
-                                                            vars(args).items() if k not in ("func", "command", "quiet")
+                                                            vars(args).items() if k not in ("func", "command", "quiet", "debug")
                                                             and v is not None),
                    provenance={s: ps.provenance() for side in (harmful, benign) for s, ps in side.items()},
                    timings_s={"activations": collected - started, "study": time.perf_counter() - collected})

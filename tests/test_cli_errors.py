@@ -122,7 +122,7 @@ def test_debug_flag_and_environment_show_the_traceback(tmp_path, monkeypatch):
 def test_unexpected_errors_say_so_and_point_at_debug(monkeypatch, capsys):
     from finesteer import preflight
 
-    monkeypatch.setattr(preflight, "evaluation", lambda args: {}["a bug"])
+    monkeypatch.setattr(preflight, "evaluation", lambda args, methods: {}["a bug"])
     line = one_line_error(["eval"], capsys)
     assert line == ("finesteer: unexpected KeyError: 'a bug' (run with --debug or FINESTEER_DEBUG=1 for the "
                     "traceback)")

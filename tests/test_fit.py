@@ -336,16 +336,23 @@ def test_pooled_anchor_rows_and_the_activation_cache(tmp_path):
     assert torch.allclose(first[1], pooled[1][:, :2], atol=1e-5)
     files = list(tmp_path.iterdir())
     assert len(files) == 1 and files[0].suffix == ".safetensors"
-    again = cached_anchor_activations(None, None, prompts, [0, 1], model_name="tiny", pools=(1, 4), cache=tmp_path)
-    assert all(torch.equal(first[k], again[k]) for k in (0, 1))  # read back without the model
+    again = cached_anchor_activations(model, None, prompts, [0, 1], model_name="tiny", pools=(1, 4), cache=tmp_path)
+    assert all(torch.equal(first[k], again[k]) for k in (0, 1))  # read back without running the model
     cached_anchor_activations(model, tok, prompts[:2], [0, 1], model_name="tiny", pools=(1, 4), cache=tmp_path,
                               progress=False)
     assert len(list(tmp_path.iterdir())) == 2  # other prompts, another key
+    other = tiny_model("llama", seed=1)  # the same name and config, other weights: another key, not a stale read
+    moved = cached_anchor_activations(other, tok, prompts, [0, 1], model_name="tiny", pools=(1, 4), cache=tmp_path,
+                                      progress=False)
+    assert len(list(tmp_path.iterdir())) == 3 and not torch.allclose(moved[1], first[1])
+    cached_anchor_activations(model.to(torch.float64), tok, prompts, [0, 1], model_name="tiny", pools=(1, 4),
+                              cache=tmp_path, progress=False)
+    assert len(list(tmp_path.iterdir())) == 4  # another dtype, another key
 
 
 def test_recipe_with_layer_auto_records_the_search_and_the_transfer(tmp_path):
     from finesteer import data as D
-    from finesteer import recipes
+    from finesteer import recipes, transfer
     from tiny_models import tiny_model
 
     model = tiny_model("llama", num_hidden_layers=6)
@@ -358,7 +365,7 @@ def test_recipe_with_layer_auto_records_the_search_and_the_transfer(tmp_path):
                                  model_name="tiny", activation_cache=str(tmp_path), progress=False,
                                  options=recipes.FitOptions(n_target=24, n_benign=16, epochs=3, num_experts=1))
     search = steerer.metadata["layer_search"]
-    assert recipes.candidate_layers(6) == [1, 2, 3, 4]
+    assert transfer.candidate_layers(6) == [1, 2, 3, 4]
     assert set(search["scores"]) == {"1", "2", "3", "4"} and search["chosen"] == steerer.layer
     assert search["scores"][str(steerer.layer)] == max(search["scores"].values())
     metrics = steerer.metadata["metrics"]

@@ -223,3 +223,20 @@ def test_transfer_study_tables_and_plot(tmp_path):
     assert table.count("| scs |") == 3 and table.count("| linear |") == 3
     assert "**linear** at layer 7" in table
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_transfer_study_never_sees_the_prompts_demo_and_eval_score():
+    """`finesteer transfer` picks demo's and eval's default gate and layer, so its pools leave out their test
+    splits (the real prompt sets from the data wheels)."""
+    from finesteer import data as D
+    from finesteer.transfer import source_pools
+    from finesteer.workflow import scored_prompts
+
+    scored = scored_prompts()
+    harmful, benign = source_pools(exclude=scored)
+    pooled = {D.normalize(p) for side in (harmful, benign) for ps in side.values() for p in ps.prompts}
+    assert len(scored) > 250 and len(pooled) > 1000
+    assert not pooled & {D.normalize(p) for p in scored}
+    unfiltered = source_pools()
+    assert any(D.normalize(p) in {D.normalize(q) for q in scored}
+               for side in unfiltered for ps in side.values() for p in ps.prompts)  # the exclusion does something
