@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import inspect
 import statistics
 import time
 from typing import Optional
@@ -41,6 +42,18 @@ def missing_parts() -> Optional[str]:
         if importlib.util.find_spec(module) is None:
             return f"{module} is not in this tree yet; the end-to-end benchmark needs it"
     return None
+
+
+def cache_kwarg(model) -> str:
+    """The keyword a causal LM's forward takes the KV cache by: ``cache`` in transformers 5.24, ``past_key_values``
+    in earlier 5.x (5.17, on the lent GPU machines, knows only that; 5.24 still accepts it, with a warning)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def cache_of(output):
+    """The KV cache a forward returned: ``output.cache`` (5.24) or ``output.past_key_values`` (earlier 5.x)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 def steered_layer_sets(num_layers: int) -> dict:
@@ -98,6 +111,7 @@ def run_e2e(model, tokenizer, new_tokens: int = 96, modes=("query", "token"), pr
     params = make_params(hidden_size(model), residual=True, device=device).replace(tau=0.0, alpha=0.1)
     configs = e2e_configs(len(find_decoder_layers(model)), modes)
     prompt = prompt_ids(model, tokenizer, device)
+    kw = cache_kwarg(model)
     clock = _Clock(device)
     runs = []
     for config in configs:
@@ -112,14 +126,14 @@ def run_e2e(model, tokenizer, new_tokens: int = 96, modes=("query", "token"), pr
                 start = clock.now()
                 out = run["model"](input_ids=prompt, use_cache=True)
                 run["prefill_s"] = clock.elapsed(start)[1]
-                run["cache"], run["token"] = out.cache, out.logits[:, -1:].argmax(-1)
+                run["cache"], run["token"] = cache_of(out), out.logits[:, -1:].argmax(-1)
                 run["generated"] = [run["token"]]
                 bar.update()
             for step in range(new_tokens):
                 shift = step % len(runs)
                 for run in runs[shift:] + runs[:shift]:
                     start = clock.now()
-                    out = run["model"](input_ids=run["token"], cache=run["cache"], use_cache=True)
+                    out = run["model"](input_ids=run["token"], use_cache=True, **{kw: run["cache"]})
                     run["token"] = out.logits[:, -1:].argmax(-1)
                     wall, spent = clock.elapsed(start)
                     run["steps"].append(spent)
@@ -149,3 +163,79 @@ def run_e2e(model, tokenizer, new_tokens: int = 96, modes=("query", "token"), pr
     return {"model": type(model).__name__, "prompt_tokens": int(prompt.shape[1]), "new_tokens": new_tokens,
             "dtype": str(dtype).replace("torch.", ""), "clock": "wall" if clock.gpu else "process CPU time",
             "backend": finesteer_kernels.select_backend(probe), "steerer": repr(params), "rows": rows}
+
+
+# ---- one decode step captured in a CUDA graph (benchmarks/gpu_check.py's decode section) ------------------------
+def random_llama(model_config: dict, device, dtype):
+    """A LlamaForCausalLM of ``model_config``'s sizes with random weights (seeded: every call gets the same)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(max_position_embeddings=4096, **model_config)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return LlamaForCausalLM(config).to(dtype=dtype).eval()
+
+
+def capture_decode_step(config: dict, model_config: dict, device, dtype, params, prompt: torch.Tensor,
+                        token: torch.Tensor) -> dict:
+    """One `e2e_configs` configuration: its own model, patched, prefilled with ``prompt`` (query mode caches its
+    coefficients there), and the decode step of ``token`` captured in a CUDA graph after three warm-up steps on a
+    side stream; on a CPU the step runs once, eagerly. Returns the configuration with ``handle`` (remove it when
+    done), ``logits`` and, on a GPU, ``graph``.
+
+    The cache is transformers' DynamicCache: its length is a Python int, so the patch's hooks know a decode step
+    without reading the device (a StaticCache keeps its length in a device tensor, which query mode cannot read
+    outside ``generate`` without a sync). The cache tensors the captured step reads are kept alive, so every replay
+    recomputes the same step at a fixed context length."""
+    from finesteer.patching import patch_model
+
+    model = random_llama(model_config, device, dtype)
+    handle = (patch_model(model, {layer: params for layer in config["layers"]}, mode=config["mode"],
+                          fuse_norm=config["fuse_norm"]) if config["layers"] else None)
+    run = {**config, "handle": handle, "model": model}
+    try:
+        cache = cache_of(model(input_ids=prompt, use_cache=True))
+        kw = cache_kwarg(model)
+
+        def step():
+            position = torch.full((1, 1), cache.get_seq_length(), device=device)
+            return model(input_ids=token, position_ids=position, use_cache=True, **{kw: cache}).logits
+
+        if device.type != "cuda":
+            run["logits"] = step()
+            return run
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        run["keep_alive"] = [(layer.keys, layer.values) for layer in cache.layers]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = step()
+        graph.replay()
+        torch.cuda.synchronize(device)
+        run.update(graph=graph, logits=logits)
+        return run
+    except Exception:
+        if handle is not None:
+            handle.remove()
+        raise
+
+
+def replay_rounds(runs: list, replays: int) -> dict:
+    """Seconds per replay of each run's graph, in 10 interleaved rounds of ``replays // 10`` replays (a slow spell
+    hits every configuration alike), as in `run_e2e`: ``{config: [seconds, ...]}``."""
+    samples = {r["config"]: [] for r in runs}
+    per_sample = max(1, replays // 10)
+    for _ in range(10):
+        for r in runs:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(per_sample):
+                r["graph"].replay()
+            end.record()
+            end.synchronize()
+            samples[r["config"]].append(start.elapsed_time(end) * 1e-3 / per_sample)
+    return samples

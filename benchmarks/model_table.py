@@ -55,7 +55,7 @@ def ladder_table() -> list[str]:
         ("not in Triton 3.6: + W_in multicast over 2-SM clusters", lambda s, c: _best(s, c, multicast=2)),
         ("not in Triton 3.6: + partial sums in distributed shared memory", lambda s, c: _best(
             s, c, multicast=2, partials_on_chip=True)),
-        ("not in Triton 3.6: + launch ramp overlapped (PDL)", lambda s, c: _best(
+        ("in Triton 3.6, not done yet: + launch ramp overlapped (PDL)", lambda s, c: _best(
             s, c, multicast=2, partials_on_chip=True, hide_ramp=True)),
         ("alternative: row tile kept on chip + ramp overlapped", lambda s, c: _best(
             s, c, tile_on_chip=True, hide_ramp=True)),

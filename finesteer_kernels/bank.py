@@ -3,8 +3,9 @@ of buffers, so that one launch steers a batch whose rows belong to different ste
 
 Packing is by **offsets**, not padding: the steerers' centred packs (`SteerParams.pack_centred`) are concatenated,
 
-* ``w_in``: ``(d, sum_s cols_s)`` in the activation dtype, steerer ``s`` in columns ``[col_off_s, col_off_s + cols_s)``
-  (``cols_s = max(8, ceil8(r_s + K_s [K_s > 1] + m_s))``, so every offset is a multiple of 8: 16-byte rows);
+* ``w_in``: ``(d, W_IN_STRIDE)`` in the activation dtype, steerer ``s`` in columns ``[col_off_s, col_off_s + cols_s)``
+  (``cols_s = max(8, ceil8(r_s + K_s [K_s > 1] + m_s))``, so every offset is a multiple of 8: 16-byte rows), then
+  up to 8 zero columns so that the row stride ``W_IN_STRIDE`` is a multiple of 16 (see `BankLayout`);
 * ``w_out``: ``(sum_s (K_s + k_s), d)``, steerer ``s`` in rows ``[out_off_s, out_off_s + K_s + k_s)``;
 * ``mean``: fp32, one ``d``-vector per steerer whose gate has a mean;
 * ``consts``: fp32, each steerer's epilogue constants one after the other;
@@ -13,9 +14,11 @@ Packing is by **offsets**, not padding: the steerers' centred packs (`SteerParam
 
 Memory of a bank in an activation dtype of ``e`` bytes (`SteerBank.memory_bytes`)::
 
-    sum_s [ d * cols_s * e  +  (K_s + k_s) * d * e  +  4 * d * [s has a mean]  +  4 * |consts_s| ]  +  4 * S * (META_FIELDS + 3)
+    sum_s [ d * cols_s * e  +  (K_s + k_s) * d * e  +  4 * d * [s has a mean]  +  4 * |consts_s| ]
+        +  d * (W_IN_STRIDE - sum_s cols_s) * e  +  4 * S * (META_FIELDS + 3)
 
-i.e. exactly the sum of the steerers' own packs plus 92 bytes of metadata per steerer; padding every steerer to the
+i.e. the sum of the steerers' own packs, at most 8 zero columns and 92 bytes of metadata per steerer; padding every
+steerer to the
 widest would cost ``S * d * (max_s cols_s + max_s (K_s + k_s)) * e`` instead. The kernels read only the columns and
 rows of the steerer a row tile belongs to, so a tile never pays for the other steerers' weights; the price of mixing
 is in registers (the accumulator is as wide as the bank's widest steerer) and in one partial row tile per steerer.
@@ -31,9 +34,10 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .params import SteerParams
+from .params import SteerParams, check_not_capturing
+from .perf_model import W_IN_ALIGN, padded, stored_w_in_cols
 
-W_IN_ALIGN = 8  # as kernel_common.W_IN_ALIGN (not imported: that module imports triton)
+W_IN_STRIDE_ALIGN = 16  # the bank's W_in row stride: a multiple of 16 elements (the JIT's alignment specialisation)
 
 # columns of the int32 metadata table, one row per steerer (consts offsets are absolute in the bank's consts)
 META_NAMES = ("COL_OFF", "COLS", "R", "K", "M", "KR", "HAS_GATE", "HAS_MEAN", "HAS_ROUTER", "RELU", "ROUTER_COL",
@@ -44,14 +48,17 @@ SCALAR_FIELDS = 3  # tau, eps, alpha * gamma
 
 
 class BankLayout(NamedTuple):
-    """The bank-wide sizes that become tl.constexprs of the bank kernel (one compiled kernel per bank shape)."""
+    """The bank-wide sizes the bank kernel takes. Only the padded widths and the parts present are compile-time
+    constants (NP, MP, NCP, ANY_* and G padded to a power of two); the group count, the coefficient width and W_in's
+    stride are run-time arguments, so a bank re-packed with one more steerer no wider than the widest (in powers of
+    two), with no part that no steerer had and S + 2 under the same power of two reuses the compiled kernel."""
 
-    G: int  # groups: S steerers + "unsteered" (-1) + "invalid index"
+    G: int  # groups: S steerers + "unsteered" (-1) + "invalid index" (run time)
     NP: int  # accumulator width: the widest steerer's W_in columns, padded to a power of two (>= 16)
     MP: int  # widest residual MLP (m), padded
-    NC: int  # widest coefficient row (K + k): the stride of synthesize's output
+    NC: int  # widest coefficient row (K + k): the stride of synthesize's output (run time)
     NCP: int  # NC padded
-    W_IN_STRIDE: int  # W_in's row stride: all steerers' columns
+    W_IN_STRIDE: int  # W_in's row stride: all steerers' columns, rounded up to a multiple of 16 (run time)
     ANY_GATE: int
     ANY_ROUTER: int
     ANY_RES: int
@@ -79,13 +86,11 @@ class BankPlan(NamedTuple):
     counts: torch.Tensor
 
 
-def _pow2(n: int) -> int:
-    return max(16, 1 << max(0, (n - 1).bit_length()))
-
-
-def stored_cols(p: SteerParams, align: int = W_IN_ALIGN) -> int:
-    n_in = p.r + (p.num_experts if p.num_experts > 1 else 0) + p.m
-    return max(align, -(-n_in // align) * align)
+def w_in_stride(params) -> int:
+    """The bank's W_in row stride: every steerer's stored columns (`SteerParams.pack_centred`), rounded up to a
+    multiple of `W_IN_STRIDE_ALIGN`."""
+    cols = sum(stored_w_in_cols(p.r, p.num_experts, p.m, W_IN_ALIGN) for p in params)
+    return -(-cols // W_IN_STRIDE_ALIGN) * W_IN_STRIDE_ALIGN
 
 
 class SteerBank:
@@ -157,11 +162,9 @@ class SteerBank:
     def memory_bytes(self, dtype: torch.dtype = torch.float32) -> int:
         """Bytes of the packed bank in ``dtype`` (the formula of the module docstring)."""
         e = torch.finfo(dtype).bits // 8
-        total = 4 * len(self) * (META_FIELDS + SCALAR_FIELDS)
+        total = 4 * len(self) * (META_FIELDS + SCALAR_FIELDS) + self.d * w_in_stride(self.params) * e
         for p in self.params:
-            consts = self._consts_len(p)
-            total += self.d * stored_cols(p) * e + p.n_coef * self.d * e + (4 * self.d if p.mean is not None else 0) \
-                + 4 * consts
+            total += p.n_coef * self.d * e + (4 * self.d if p.mean is not None else 0) + 4 * self._consts_len(p)
         return total
 
     @staticmethod
@@ -189,6 +192,7 @@ class SteerBank:
         device = torch.device(device) if device is not None else self.device
         key = (dtype, device)
         if key not in self._pack_cache:
+            check_not_capturing(repr(self), dtype, device)
             self._pack_cache[key] = self._build(dtype, device)
         return self._pack_cache[key]
 
@@ -214,15 +218,17 @@ class SteerBank:
             out_off += p.n_coef
             const_off += pk.consts.numel()
         widest_cols = max(pk.w_in.shape[1] for pk in packs)
+        stride = w_in_stride(self.params)
         layout = BankLayout(
-            G=len(self) + 2, NP=_pow2(widest_cols), MP=_pow2(max(p.m for p in self.params)), NC=self.n_coef,
-            NCP=_pow2(self.n_coef), W_IN_STRIDE=col_off,
+            G=len(self) + 2, NP=padded(widest_cols), MP=padded(max(p.m for p in self.params)), NC=self.n_coef,
+            NCP=padded(self.n_coef), W_IN_STRIDE=stride,
             ANY_GATE=int(any(p.has_gate for p in self.params)),
             ANY_ROUTER=int(any(p.num_experts > 1 for p in self.params)),
             ANY_RES=int(any(p.has_residual for p in self.params)))
         f32 = dict(dtype=torch.float32, device=device)
         return PackedBank(
-            w_in=torch.cat([pk.w_in for pk in packs], dim=1).contiguous(),
+            w_in=torch.cat([pk.w_in for pk in packs] + [packs[0].w_in.new_zeros(self.d, stride - col_off)],
+                           dim=1).contiguous(),
             w_out=torch.cat([pk.w_out for pk in packs], dim=0).contiguous(),
             mean=torch.cat(means) if means else torch.zeros(1, **f32),
             consts=torch.cat([pk.consts for pk in packs]).contiguous(),
@@ -254,7 +260,7 @@ def check_bank_rows(h: torch.Tensor, bank: SteerBank, index: torch.Tensor, name:
                     ndim: Optional[int] = None) -> torch.Tensor:
     """Metadata checks of a bank call (no host sync); returns ``index`` flat. ``index`` has ``h``'s leading shape
     (or is its flattening) and a signed integer dtype; its values are not read."""
-    from .validation import SIGNED_INT_DTYPES, check_hidden
+    from .validation import SIGNED_INT_DTYPES, check_hidden, check_row_shape
 
     if not isinstance(bank, SteerBank):
         raise TypeError(f"bank: expected finesteer_kernels.SteerBank, got {type(bank).__name__}")
@@ -263,12 +269,7 @@ def check_bank_rows(h: torch.Tensor, bank: SteerBank, index: torch.Tensor, name:
         got = index.dtype if isinstance(index, torch.Tensor) else type(index).__name__
         raise TypeError("index: expected an integer tensor of a signed dtype (a bank index per row, -1 = no "
                         f"steering), got {got}")
-    rows = h.numel() // h.shape[-1] if h.shape[-1] else 0
-    if tuple(index.shape) not in (tuple(h.shape[:-1]), (rows,)):
-        raise ValueError(f"index: expected shape {tuple(h.shape[:-1])} or ({rows},) to match {name} "
-                         f"{tuple(h.shape)}, got {tuple(index.shape)}")
-    if index.device != h.device:
-        raise ValueError(f"index: on {index.device}, expected {h.device}")
+    check_row_shape("index", index, h, name)
     return index.reshape(-1)
 
 

@@ -13,10 +13,11 @@ cannot raise without a host read).
 Per tile of steerer s: pass 1 over d accumulates ``(h - mu_s) @ W_in_s`` and ``||h - mu_s||^2`` (the accumulator is
 as wide as the bank's widest steerer; columns past ``cols_s`` are masked, never fetched), the epilogue (gate,
 router softmax, MLP middle: `bank_coefficients`, the run-time-size twin of `coef_tile.coefficients_from_projections`)
-gives the coefficients, and pass 2 writes ``h + coef @ W_out_s`` (the product is `w_out_dot.coef_times_w_out`). In
-place, rows whose gate is off are not written. ``STORE_COEF``: store the coefficient rows instead (query mode's
-`synthesize_bank`; rows of width ``NC``, each steerer's K + k then zeros). No split of d: one program per row tile
-(docs/serving.md says what that costs at decode sizes). Readable equivalent: `bank_reference`.
+gives the coefficients, and pass 2 writes ``h + coef @ W_out_s`` (`steer_kernel.add_coef_times_w_out` on the
+steerer's rows of W_out). In place, rows whose gate is off are not written. ``STORE_COEF``: store the coefficient
+rows instead (query mode's `synthesize_bank`; rows of width ``NC``, each steerer's K + k then zeros). No split of d:
+one program per row tile (docs/serving.md says what that costs at decode sizes). Readable equivalent:
+`bank_reference`.
 """
 import functools
 
@@ -28,7 +29,7 @@ from .bank import META, META_FIELDS, BankLayout, PackedBank
 from .heuristics import INTERPRETER_CONFIG
 from .kernel_common import INTERPRETING, card_for, config_kwargs, device_guard, native_dot
 from .perf_model import Card, Config, Shape, predict_steer
-from .w_out_dot import coef_times_w_out
+from .steer_kernel import add_coef_times_w_out
 
 
 # columns of the bank's metadata table (`bank.META_NAMES`), as constexprs the kernel can index with
@@ -55,10 +56,11 @@ META_HAS_PASS1 = tl.constexpr(META["HAS_PASS1"])
 
 
 @triton.jit
-def bank_projections(h_ptr, rows, edit, d, d_stop, w_in_ptr, col_off, cols_s, mean_ptr, mean_off, has_mean,
-                     W_IN_STRIDE: tl.constexpr, NP: tl.constexpr, NATIVE_DOT: tl.constexpr, BLOCK_T: tl.constexpr,
+def bank_projections(h_ptr, rows, edit, d, d_stop, w_in_ptr, w_in_stride, col_off, cols_s, mean_ptr, mean_off,
+                     has_mean, NP: tl.constexpr, NATIVE_DOT: tl.constexpr, BLOCK_T: tl.constexpr,
                      BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """Pass 1 for one steerer's tile: ``((h - mu) @ W_in[:, col_off:col_off + cols_s], ||h - mu||^2)`` in fp32."""
+    """Pass 1 for one steerer's tile: ``((h - mu) @ W_in[:, col_off:col_off + cols_s], ||h - mu||^2)`` in fp32.
+    W_in offsets are 64-bit: ``d x w_in_stride`` (every steerer's columns) may pass 2^31 elements."""
     cols = tl.arange(0, NP)
     col_mask = cols < cols_s
     acc = tl.zeros((BLOCK_T, NP), tl.float32)
@@ -70,7 +72,7 @@ def bank_projections(h_ptr, rows, edit, d, d_stop, w_in_ptr, col_off, cols_s, me
         d_mask = offs_d < d
         x = tl.load(h_ptr + row_base[:, None] + offs_d[None, :], mask=edit[:, None] & d_mask[None, :], other=0.0,
                     eviction_policy="evict_last")
-        w = tl.load(w_in_ptr + offs_d[:, None] * W_IN_STRIDE + col_off + cols[None, :],
+        w = tl.load(w_in_ptr + offs_d.to(tl.int64)[:, None] * w_in_stride + col_off + cols[None, :],
                     mask=d_mask[:, None] & col_mask[None, :], other=0.0)
         mu = tl.load(mean_ptr + mean_off + offs_d, mask=offs_d < mean_stop, other=0.0)
         xc32 = x.to(tl.float32) - mu[None, :]
@@ -136,21 +138,24 @@ def fill_rows(h_ptr, out_ptr, rows, live, d, NAN: tl.constexpr, BLOCK_D: tl.cons
         tl.store(out_ptr + row_base[:, None] + offs_d[None, :], x, mask=mask)
 
 
-@triton.jit
+# The group count, the coefficient width and W_in's stride are run-time arguments (`bank.BankLayout`): a bank
+# re-packed with another steerer keeps its compiled kernel. The first two are never specialised (a count or width
+# that happens to be 1 or a multiple of 16 would compile another copy); the stride is always a multiple of 16, which
+# the JIT's alignment specialisation then knows (16-byte loads of W_in).
+@triton.jit(do_not_specialize=["n_groups", "NC"])
 def bank_kernel(h_ptr, out_ptr, order_ptr, counts_ptr, meta_ptr, scalars_ptr, w_in_ptr, w_out_ptr, mean_ptr,
-                consts_ptr, coef_out_ptr, n_rows, d,
-                G: tl.constexpr, GP: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr, NC: tl.constexpr,
-                NCP: tl.constexpr, W_IN_STRIDE: tl.constexpr, ANY_GATE: tl.constexpr, ANY_ROUTER: tl.constexpr,
-                ANY_RES: tl.constexpr, MF: tl.constexpr, NATIVE_DOT: tl.constexpr, IN_PLACE: tl.constexpr,
-                STORE_COEF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                consts_ptr, coef_out_ptr, n_rows, d, n_groups, NC, w_in_stride,
+                GP: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr, NCP: tl.constexpr, ANY_GATE: tl.constexpr,
+                ANY_ROUTER: tl.constexpr, ANY_RES: tl.constexpr, MF: tl.constexpr, NATIVE_DOT: tl.constexpr,
+                IN_PLACE: tl.constexpr, STORE_COEF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                 NUM_STAGES: tl.constexpr):
     pid = tl.program_id(0)
     groups = tl.arange(0, GP)
-    counts = tl.load(counts_ptr + groups, mask=groups < G, other=0)
+    counts = tl.load(counts_ptr + groups, mask=groups < n_groups, other=0)
     tiles = (counts + BLOCK_T - 1) // BLOCK_T
     ends = tl.cumsum(tiles, axis=0)
     group = tl.sum((ends <= pid).to(tl.int32), axis=0)  # the group whose tiles hold tile `pid`
-    if group < G:
+    if group < n_groups:
         first_tile = tl.sum(tl.where(groups == group, ends - tiles, 0), axis=0)
         row_start = tl.sum(tl.where(groups < group, counts, 0), axis=0)
         count = tl.sum(tl.where(groups == group, counts, 0), axis=0)
@@ -161,8 +166,8 @@ def bank_kernel(h_ptr, out_ptr, order_ptr, counts_ptr, meta_ptr, scalars_ptr, w_
         coef_cols = tl.arange(0, NCP)
         coef_mask = live[:, None] & (coef_cols < NC)[None, :]
         coef_ptrs = coef_out_ptr + rows.to(tl.int64)[:, None] * NC + coef_cols[None, :]
-        if (group == 0) | (group == G - 1):  # unsteered rows, or indices outside the bank (NaN)
-            invalid = group == G - 1
+        if (group == 0) | (group == n_groups - 1):  # unsteered rows, or indices outside the bank (NaN)
+            invalid = group == n_groups - 1
             if STORE_COEF:
                 tl.store(coef_ptrs, tl.where(invalid, float("nan"), tl.zeros((BLOCK_T, NCP), tl.float32)),
                          mask=coef_mask)
@@ -179,9 +184,9 @@ def bank_kernel(h_ptr, out_ptr, order_ptr, counts_ptr, meta_ptr, scalars_ptr, w_
             sc = scalars_ptr + (group - 1) * 3
             tau, eps, scale = tl.load(sc), tl.load(sc + 1), tl.load(sc + 2)
             d_stop = tl.where(tl.load(meta + META_HAS_PASS1) != 0, d, 0)  # CAA-like: nothing to read in pass 1
-            acc, sq = bank_projections(h_ptr, rows, live, d, d_stop, w_in_ptr, col_off, tl.load(meta + META_COLS),
-                                       mean_ptr, tl.load(meta + META_MEAN_OFF), tl.load(meta + META_HAS_MEAN),
-                                       W_IN_STRIDE, NP, NATIVE_DOT, BLOCK_T, BLOCK_D, NUM_STAGES)
+            acc, sq = bank_projections(h_ptr, rows, live, d, d_stop, w_in_ptr, w_in_stride, col_off,
+                                       tl.load(meta + META_COLS), mean_ptr, tl.load(meta + META_MEAN_OFF),
+                                       tl.load(meta + META_HAS_MEAN), NP, NATIVE_DOT, BLOCK_T, BLOCK_D, NUM_STAGES)
             coef, g = bank_coefficients(acc, sq, live, consts_ptr, tau, eps, scale, tl.load(meta + META_R),
                                         tl.load(meta + META_K), tl.load(meta + META_M), tl.load(meta + META_KR),
                                         has_gate, tl.load(meta + META_HAS_ROUTER), tl.load(meta + META_RELU),
@@ -192,21 +197,12 @@ def bank_kernel(h_ptr, out_ptr, order_ptr, counts_ptr, meta_ptr, scalars_ptr, w_
             if STORE_COEF:
                 tl.store(coef_ptrs, coef, mask=coef_mask)
             else:
-                edit = (g != 0.0) if IN_PLACE else live  # in place: rows whose gate is off are not written
-                if tl.max(edit.to(tl.int32), axis=0) > 0:
-                    row_base = rows.to(tl.int64) * d
-                    out_rows = out_off + coef_cols
-                    for d0 in tl.range(0, d, BLOCK_D, num_stages=NUM_STAGES):
-                        offs_d = d0 + tl.arange(0, BLOCK_D)
-                        d_mask = offs_d < d
-                        mask = edit[:, None] & d_mask[None, :]
-                        x = tl.load(h_ptr + row_base[:, None] + offs_d[None, :], mask=mask, other=0.0,
-                                    eviction_policy="evict_first")
-                        w = tl.load(w_out_ptr + out_rows.to(tl.int64)[:, None] * d + offs_d[None, :],
-                                    mask=(coef_cols < nc)[:, None] & d_mask[None, :], other=0.0)
-                        delta = coef_times_w_out(coef, w, NATIVE_DOT)
-                        out = tl.where((g != 0.0)[:, None], (x.to(tl.float32) + delta).to(x.dtype), x)
-                        tl.store(out_ptr + row_base[:, None] + offs_d[None, :], out, mask=mask)
+                edit = g != 0.0
+                write = edit if IN_PLACE else live  # in place: rows whose gate is off are not written
+                if tl.max(write.to(tl.int32), axis=0) > 0:  # pass 2 over this steerer's rows of W_out
+                    add_coef_times_w_out(h_ptr, out_ptr, rows, write, edit, d, 0, d, coef,
+                                         w_out_ptr + out_off.to(tl.int64) * d, nc, NCP, NATIVE_DOT, BLOCK_D,
+                                         NUM_STAGES)
 
 
 # Launch configurations the bank kernel may take: compiled for sm_90a without spills (tests/test_bank_kernels.py);
@@ -218,8 +214,9 @@ BANK_CONFIGS = {2: (Config(16, 64, 4, 3), Config(16, 128, 4, 3), Config(32, 128,
 
 def bank_shape(n_rows: int, d: int, layout: BankLayout, elem: int) -> Shape:
     """The model's view of a bank launch with every row on the widest steerer (configurations are chosen on the
-    host, which does not know the counts)."""
-    return Shape(n_rows, d, elem, layout.NP, layout.NC, has_pass1=True, has_mean=bool(layout.ANY_GATE))
+    host, which does not know the counts), in the padded widths: the choice, like the compiled kernel, changes only
+    when the bank's compile-time constants do."""
+    return Shape(n_rows, d, elem, layout.NP, layout.NCP, has_pass1=True, has_mean=bool(layout.ANY_GATE))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -251,6 +248,13 @@ def launch_bank(h2d: torch.Tensor, out2d, packed: PackedBank, order: torch.Tenso
     with device_guard(h2d):
         bank_kernel[(grid,)](h2d, out, order, counts, packed.meta, packed.scalars, packed.w_in, packed.w_out,
                              packed.mean, packed.consts, coef_out if store_coef else packed.scalars, n_rows, d,
-                             **layout._asdict(), GP=max(2, triton.next_power_of_2(layout.G)), MF=META_FIELDS,
+                             layout.G, layout.NC, layout.W_IN_STRIDE, **bank_constexprs(layout),
                              NATIVE_DOT=native_dot(h2d.dtype), IN_PLACE=out.data_ptr() == h2d.data_ptr(),
                              STORE_COEF=store_coef, **{k: v for k, v in config_kwargs(config).items() if k != "SPLIT"})
+
+
+def bank_constexprs(layout: BankLayout) -> dict:
+    """The layout's compile-time constants (the rest of `BankLayout` goes in as run-time arguments): a bank of
+    S steerers compiles for the power of two above S + 2 groups, the widths padded."""
+    return dict(GP=max(2, triton.next_power_of_2(layout.G)), NP=layout.NP, MP=layout.MP, NCP=layout.NCP,
+                ANY_GATE=layout.ANY_GATE, ANY_ROUTER=layout.ANY_ROUTER, ANY_RES=layout.ANY_RES, MF=META_FIELDS)

@@ -8,11 +8,11 @@
     finesteer::apply_coef_(h!, coef, row_to_seq, w_out) -> ()                                  the same, in place
     finesteer::apply_delta(h, delta, row_to_seq, rows_per_seq) -> Tensor                      decode: h + delta[seq]
     finesteer::apply_delta_(h!, delta, row_to_seq, rows_per_seq) -> ()                        the same, in place
-    finesteer::steer_rmsnorm(h, ..., keep, norm_scale, norm_consts, out_col, norm_eps, weight_in_fp32,
-                             y_dtype) -> (out, y)   w_in, layout: `norm.NormPack`'s
+    finesteer::steer_rmsnorm(h, ..., keep, norm_weight, norm_consts, out_col, norm_eps, unit_offset,
+                             weight_in_fp32, y_dtype) -> (out, y)   w_in, layout: `norm.NormPack`'s
     finesteer::steer_rmsnorm_(h!, ...) -> y                            token mode fused with the next RMSNorm
-    finesteer::apply_delta_rmsnorm(h, delta, row_to_seq, rows_per_seq, norm_scale, norm_eps, weight_in_fp32,
-                                   y_dtype) -> (out, y)
+    finesteer::apply_delta_rmsnorm(h, delta, row_to_seq, rows_per_seq, norm_weight, norm_eps, unit_offset,
+                                   weight_in_fp32, y_dtype) -> (out, y)
     finesteer::apply_delta_rmsnorm_(h!, ...) -> y                      query mode (decode) fused with the next RMSNorm
 
 ``h`` is contiguous ``(N, d)`` (the delta ops take any contiguous ``(..., d)``); ``w_in``/``w_out``/``mean``/``consts`` come from `SteerParams.pack_centred`;
@@ -133,6 +133,12 @@ def _launch_bank(h, out, order, counts, w_in, w_out, mean, consts, meta, scalars
     launch_bank(h, out, packed, order, counts, coef_out=coef_out)
 
 
+def _bank_n_coef(layout: list[int]) -> int:
+    from .bank import BankLayout
+
+    return BankLayout(*layout).NC
+
+
 @torch.library.custom_op("finesteer::steer_bank", mutates_args=())
 def steer_bank(h: Tensor, order: Tensor, counts: Tensor, w_in: Tensor, w_out: Tensor, mean: Tensor, consts: Tensor,
                meta: Tensor, scalars: Tensor, layout: list[int]) -> Tensor:
@@ -160,72 +166,79 @@ def _steer_bank_inplace_fake(h, order, counts, w_in, w_out, mean, consts, meta, 
 @torch.library.custom_op("finesteer::synthesize_bank", mutates_args=())
 def synthesize_bank(h: Tensor, order: Tensor, counts: Tensor, w_in: Tensor, mean: Tensor, consts: Tensor,
                     meta: Tensor, scalars: Tensor, layout: list[int]) -> Tensor:
-    coef = torch.empty(h.shape[0], layout[3], dtype=torch.float32, device=h.device)  # layout[3] = NC
+    coef = torch.empty(h.shape[0], _bank_n_coef(layout), dtype=torch.float32, device=h.device)
     _launch_bank(h, None, order, counts, w_in, w_in, mean, consts, meta, scalars, layout, coef_out=coef)
     return coef
 
 
 @synthesize_bank.register_fake
 def _synthesize_bank_fake(h, order, counts, w_in, mean, consts, meta, scalars, layout):
-    return h.new_empty(h.shape[0], layout[3], dtype=torch.float32)
+    return h.new_empty(h.shape[0], _bank_n_coef(layout), dtype=torch.float32)
 
 
 # ---- fused with the next RMSNorm (issue 14): the steered rows and their norm ``y`` (``y_dtype``, the module's) --
+# ``norm_weight``: the norm module's own weight, contiguous (d,), any float dtype (see `norm.NormOperands`).
 @torch.library.custom_op("finesteer::steer_rmsnorm", mutates_args=())
 def steer_rmsnorm(h: Tensor, w_in: Tensor, w_out: Tensor, mean: Tensor, consts: Tensor, layout: list[int], tau: float,
-                  eps: float, scale: float, keep: Optional[Tensor], norm_scale: Tensor, norm_consts: Tensor,
-                  out_col: int, norm_eps: float, weight_in_fp32: bool, y_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+                  eps: float, scale: float, keep: Optional[Tensor], norm_weight: Tensor, norm_consts: Tensor,
+                  out_col: int, norm_eps: float, unit_offset: bool, weight_in_fp32: bool,
+                  y_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     out, y = torch.empty_like(h), torch.empty(h.shape, dtype=y_dtype, device=h.device)
     launch_steer(h, out, w_in, w_out, mean, consts, Layout(*layout), tau, eps, scale, keep,
-                 norm=NormOperands(y, norm_scale, norm_consts, out_col, norm_eps, weight_in_fp32))
+                 norm=NormOperands(y, norm_weight, norm_consts, out_col, norm_eps, unit_offset, weight_in_fp32))
     return out, y
 
 
 @steer_rmsnorm.register_fake
-def _steer_rmsnorm_fake(h, w_in, w_out, mean, consts, layout, tau, eps, scale, keep, norm_scale, norm_consts,
-                        out_col, norm_eps, weight_in_fp32, y_dtype):
+def _steer_rmsnorm_fake(h, w_in, w_out, mean, consts, layout, tau, eps, scale, keep, norm_weight, norm_consts,
+                        out_col, norm_eps, unit_offset, weight_in_fp32, y_dtype):
     return torch.empty_like(h), h.new_empty(h.shape, dtype=y_dtype)
 
 
 @torch.library.custom_op("finesteer::steer_rmsnorm_", mutates_args=("h",))
 def steer_rmsnorm_(h: Tensor, w_in: Tensor, w_out: Tensor, mean: Tensor, consts: Tensor, layout: list[int],
-                   tau: float, eps: float, scale: float, keep: Optional[Tensor], norm_scale: Tensor,
-                   norm_consts: Tensor, out_col: int, norm_eps: float, weight_in_fp32: bool,
+                   tau: float, eps: float, scale: float, keep: Optional[Tensor], norm_weight: Tensor,
+                   norm_consts: Tensor, out_col: int, norm_eps: float, unit_offset: bool, weight_in_fp32: bool,
                    y_dtype: torch.dtype) -> Tensor:
     y = torch.empty(h.shape, dtype=y_dtype, device=h.device)
     launch_steer(h, h, w_in, w_out, mean, consts, Layout(*layout), tau, eps, scale, keep,
-                 norm=NormOperands(y, norm_scale, norm_consts, out_col, norm_eps, weight_in_fp32))
+                 norm=NormOperands(y, norm_weight, norm_consts, out_col, norm_eps, unit_offset, weight_in_fp32))
     return y
 
 
 @steer_rmsnorm_.register_fake
-def _steer_rmsnorm_inplace_fake(h, w_in, w_out, mean, consts, layout, tau, eps, scale, keep, norm_scale,
-                                norm_consts, out_col, norm_eps, weight_in_fp32, y_dtype):
+def _steer_rmsnorm_inplace_fake(h, w_in, w_out, mean, consts, layout, tau, eps, scale, keep, norm_weight,
+                                norm_consts, out_col, norm_eps, unit_offset, weight_in_fp32, y_dtype):
     return h.new_empty(h.shape, dtype=y_dtype)
 
 
 @torch.library.custom_op("finesteer::apply_delta_rmsnorm", mutates_args=())
-def apply_delta_rmsnorm(h: Tensor, delta: Tensor, row_to_seq: Optional[Tensor], rows_per_seq: int, norm_scale: Tensor,
-                        norm_eps: float, weight_in_fp32: bool, y_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def apply_delta_rmsnorm(h: Tensor, delta: Tensor, row_to_seq: Optional[Tensor], rows_per_seq: int,
+                        norm_weight: Tensor, norm_eps: float, unit_offset: bool, weight_in_fp32: bool,
+                        y_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     out, y = torch.empty_like(h), torch.empty(h.shape, dtype=y_dtype, device=h.device)
-    launch_apply_delta_norm(h, out, y, delta, row_to_seq, rows_per_seq, norm_scale, norm_eps, weight_in_fp32)
+    launch_apply_delta_norm(h, out, y, delta, row_to_seq, rows_per_seq, norm_weight, norm_eps, unit_offset,
+                            weight_in_fp32)
     return out, y
 
 
 @apply_delta_rmsnorm.register_fake
-def _apply_delta_rmsnorm_fake(h, delta, row_to_seq, rows_per_seq, norm_scale, norm_eps, weight_in_fp32, y_dtype):
+def _apply_delta_rmsnorm_fake(h, delta, row_to_seq, rows_per_seq, norm_weight, norm_eps, unit_offset, weight_in_fp32,
+                              y_dtype):
     return torch.empty_like(h), h.new_empty(h.shape, dtype=y_dtype)
 
 
 @torch.library.custom_op("finesteer::apply_delta_rmsnorm_", mutates_args=("h",))
 def apply_delta_rmsnorm_(h: Tensor, delta: Tensor, row_to_seq: Optional[Tensor], rows_per_seq: int,
-                         norm_scale: Tensor, norm_eps: float, weight_in_fp32: bool, y_dtype: torch.dtype) -> Tensor:
+                         norm_weight: Tensor, norm_eps: float, unit_offset: bool, weight_in_fp32: bool,
+                         y_dtype: torch.dtype) -> Tensor:
     y = torch.empty(h.shape, dtype=y_dtype, device=h.device)
-    launch_apply_delta_norm(h, h, y, delta, row_to_seq, rows_per_seq, norm_scale, norm_eps, weight_in_fp32)
+    launch_apply_delta_norm(h, h, y, delta, row_to_seq, rows_per_seq, norm_weight, norm_eps, unit_offset,
+                            weight_in_fp32)
     return y
 
 
 @apply_delta_rmsnorm_.register_fake
-def _apply_delta_rmsnorm_inplace_fake(h, delta, row_to_seq, rows_per_seq, norm_scale, norm_eps, weight_in_fp32,
-                                      y_dtype):
+def _apply_delta_rmsnorm_inplace_fake(h, delta, row_to_seq, rows_per_seq, norm_weight, norm_eps, unit_offset,
+                                      weight_in_fp32, y_dtype):
     return h.new_empty(h.shape, dtype=y_dtype)

@@ -19,8 +19,6 @@ from .perf_model import DEFAULT_CARD, Card, Shape, card_for_device, padded
 # records which kind they are.
 INTERPRETING = bool(knobs.runtime.interpret)
 
-W_IN_ALIGN = 8  # W_in columns padded to 8 elements: 16-byte rows in 16-bit dtypes
-
 
 class Layout(NamedTuple):
     """The packed form's sizes and offsets; every field becomes a tl.constexpr of the kernels."""

@@ -51,9 +51,9 @@ class RMSNormParams:
                 or self.eps < 0:
             raise ValueError(f"eps: expected a finite number >= 0, got {self.eps!r}")
         object.__setattr__(self, "eps", float(self.eps))
-        # What the kernels multiply by, in fp32: computed once here, never on the call path.
-        scale = w.detach().float()
-        object.__setattr__(self, "scale32", (1.0 + scale if self.unit_offset else scale).contiguous())
+        # Nothing is derived from the weight here: the kernels read the module's tensor itself at every call, so a
+        # model moved to another device, an edit of the weights or a CUDA graph replay always sees the weights as
+        # they are (a copy made here would go stale, and built inside a graph capture would never be written).
 
     def __repr__(self) -> str:
         return (f"RMSNormParams(d={self.d}, eps={self.eps:g}, unit_offset={self.unit_offset}, "
@@ -120,12 +120,14 @@ def pack_steer_norm(params: SteerParams, dtype: torch.dtype, device, align: int 
 
 class NormOperands(NamedTuple):
     """What the fused token-mode launch (`steer_kernel.launch_steer`) takes for the norm: the output rows ``y``
-    (contiguous ``(N, d)``), the fp32 multiplier ``scale`` (`RMSNormParams.scale32`), `NormPack`'s ``consts`` and
-    ``out_col``, eps and the rounding rule."""
+    (contiguous ``(N, d)``), the norm's ``weight`` (contiguous ``(d,)``, any float dtype; the kernel scales by it,
+    or by ``1 + weight`` with ``unit_offset``), `NormPack`'s ``consts`` and ``out_col``, eps and the rounding
+    rule."""
 
     y: torch.Tensor
-    scale: torch.Tensor
+    weight: torch.Tensor
     consts: torch.Tensor
     out_col: int
     eps: float
+    unit_offset: bool
     weight_in_fp32: bool

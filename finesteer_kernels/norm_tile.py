@@ -39,13 +39,27 @@ def edited_rstd(w_out_xc, sq_h, coef, norm_consts_ptr, d, norm_eps, NC: tl.const
 
 
 @triton.jit
-def add_and_normalise(x_ptr, out_ptr, y_ptr, scale_ptr, rows, row_mask, edit, write, d, d_start, d_stop, coef,
+def norm_scale(weight_ptr, offs_d, d_mask, UNIT_OFFSET: tl.constexpr, WEIGHT_IN_FP32: tl.constexpr):
+    """The norm's multiplier for columns ``offs_d`` in fp32, read from the module's weight itself: ``w``, or
+    ``1 + w`` (Gemma), which Llama-style rounding (not ``WEIGHT_IN_FP32``) forms in the weight's dtype, as
+    `reference.rms_norm` does."""
+    w = tl.load(weight_ptr + offs_d, mask=d_mask, other=0.0)
+    scale = w.to(tl.float32)
+    if UNIT_OFFSET:
+        scale = scale + 1.0
+        if not WEIGHT_IN_FP32:
+            scale = scale.to(w.dtype).to(tl.float32)
+    return scale
+
+
+@triton.jit
+def add_and_normalise(x_ptr, out_ptr, y_ptr, weight_ptr, rows, row_mask, edit, write, d, d_start, d_stop, coef,
                       rstd, w_out_ptr, NC: tl.constexpr, NCP: tl.constexpr, NATIVE_DOT: tl.constexpr,
-                      WEIGHT_IN_FP32: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr):
+                      UNIT_OFFSET: tl.constexpr, WEIGHT_IN_FP32: tl.constexpr, BLOCK_D: tl.constexpr,
+                      NUM_STAGES: tl.constexpr):
     """Pass 2 over ``[d_start, d_stop)``: ``h' = h + coef @ W_out`` where ``edit`` (stored where ``write``) and
     ``y = norm(h')`` for every row in ``row_mask``, from h' as stored (rounded to h's dtype), as the model's own
-    norm would see it. ``scale``: the norm's fp32 multiplier (``w`` or ``1 + w``). Pipelined; h read
-    ``evict_first`` (its last use)."""
+    norm would see it (`norm_scale`). Pipelined; h read ``evict_first`` (its last use)."""
     coef_rows = tl.arange(0, NCP)
     row_base = rows.to(tl.int64) * d
     for d0 in tl.range(d_start, d_stop, BLOCK_D, num_stages=NUM_STAGES):
@@ -55,7 +69,7 @@ def add_and_normalise(x_ptr, out_ptr, y_ptr, scale_ptr, rows, row_mask, edit, wr
                     other=0.0, eviction_policy="evict_first")
         w = tl.load(w_out_ptr + coef_rows[:, None] * d + offs_d[None, :],
                     mask=(coef_rows < NC)[:, None] & d_mask[None, :], other=0.0)
-        scale = tl.load(scale_ptr + offs_d, mask=d_mask, other=0.0)
+        scale = norm_scale(weight_ptr, offs_d, d_mask, UNIT_OFFSET, WEIGHT_IN_FP32)
         delta = coef_times_w_out(coef, w, NATIVE_DOT)
         steered = tl.where(edit[:, None], (x.to(tl.float32) + delta).to(x.dtype), x)
         normed = steered.to(tl.float32) * rstd[:, None]

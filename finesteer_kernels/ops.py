@@ -84,7 +84,8 @@ def _writes_in_place(h: torch.Tensor, *inputs: Optional[torch.Tensor]) -> bool:
 def _kernel_args(h: torch.Tensor, params: SteerParams):
     """The custom ops' packed operands for ``h``'s dtype and device (packing is cached on ``params``)."""
     from . import custom_ops  # noqa: F401  (registers the torch.ops.finesteer ops)
-    from .kernel_common import W_IN_ALIGN, layout_of
+    from .kernel_common import layout_of
+    from .perf_model import W_IN_ALIGN
 
     packed = params.pack_centred(h.dtype, h.device, W_IN_ALIGN)
     return packed, list(layout_of(packed, params.activation))
@@ -186,7 +187,7 @@ def _delta_operands(h: torch.Tensor, delta: torch.Tensor, row_to_seq: Optional[t
 def apply_delta(h: torch.Tensor, delta: torch.Tensor, row_to_seq: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Query mode at decode: ``h + delta[seq]`` (``delta`` from `coef_delta`). ``row_to_seq`` None: ``h`` is
     ``(B, ..., d)`` and every row of ``h[b]`` gets ``delta[b]``; else per row as in `apply_coef` (-1: unchanged;
-    on the Triton backend an index >= B gives a NaN row)."""
+    on both backends an index >= B gives a NaN row)."""
     if select_backend(h, delta) == "torch":
         return reference.apply_delta(h, delta, row_to_seq)
     seq, per_seq = _delta_operands(h, delta, row_to_seq)
@@ -298,8 +299,9 @@ def _check_norm(norm: RMSNormParams, h: torch.Tensor) -> None:
 
 
 def _norm_args(h: torch.Tensor, norm: RMSNormParams) -> tuple:
-    """The delta op's norm operands: fp32 multiplier, eps, rounding rule, output dtype."""
-    return norm.scale32, norm.eps, norm.weight_in_fp32, norm.out_dtype(h.dtype)
+    """The fused ops' norm operands: the module's weight itself (read by the kernel at every call, so it follows the
+    module across devices and edits), eps, the offset and rounding rules, the output dtype."""
+    return norm.weight.contiguous(), norm.eps, norm.unit_offset, norm.weight_in_fp32, norm.out_dtype(h.dtype)
 
 
 def _steer_norm_args(h: torch.Tensor, params: SteerParams, norm: RMSNormParams, keep) -> tuple:
@@ -309,9 +311,10 @@ def _steer_norm_args(h: torch.Tensor, params: SteerParams, norm: RMSNormParams, 
     packed, layout = _kernel_args(h, params)
     fused = pack_steer_norm(params, h.dtype, h.device)
     layout = list(Layout(*layout)._replace(W_IN_STRIDE=fused.w_in.shape[1]))
+    weight, eps, unit_offset, weight_in_fp32, y_dtype = _norm_args(h, norm)
     return (fused.w_in, packed.w_out, packed.mean, packed.consts, layout, params.tau, params.eps,
-            params.alpha * params.gamma, None if keep is None else keep.contiguous(), norm.scale32, fused.consts,
-            fused.out_col, norm.eps, norm.weight_in_fp32, norm.out_dtype(h.dtype))
+            params.alpha * params.gamma, None if keep is None else keep.contiguous(), weight, fused.consts,
+            fused.out_col, eps, unit_offset, weight_in_fp32, y_dtype)
 
 
 def steer_rmsnorm(h: torch.Tensor, params: SteerParams, norm: RMSNormParams,

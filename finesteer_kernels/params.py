@@ -22,6 +22,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .perf_model import stored_w_in_cols
+
 ACTIVATIONS = ("relu", "identity")
 STORABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 FP32_MAX = torch.finfo(torch.float32).max
@@ -109,6 +111,21 @@ class CentredPack(NamedTuple):
     res_in_bias_off: int
     res_out_weight_off: int
     res_out_bias_off: int
+
+
+def cuda_graph_capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (False without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def check_not_capturing(what: str, dtype: torch.dtype, device: torch.device) -> None:
+    """Packed weights are built on first use and cached. Built inside a CUDA graph capture, the copies would only be
+    recorded, not run: the cache would hold unwritten memory until the first replay. Refuse that, clearly."""
+    if cuda_graph_capturing():
+        raise RuntimeError(f"{what}: the packed weights for {dtype} on {device} do not exist yet, and building them "
+                           "inside a CUDA graph capture would cache memory that is only written when the graph "
+                           "replays; call the op once on this dtype and device before capturing (patch_model does "
+                           "so for every steered layer)")
 
 
 def _check_fits(name: str, amax: float, dtype: torch.dtype, what: str) -> None:
@@ -404,6 +421,7 @@ class SteerParams:
         key = (dtype, device, *key_extra)
         packed = self._pack_cache.get(key)
         if packed is None:
+            check_not_capturing(repr(self), dtype, device)
             self._check_cast(cast_fields, dtype)
             packed = self._pack_cache[key] = build(dtype, device)
         return packed
@@ -484,7 +502,7 @@ class SteerParams:
             consts += [f64.get("res_in_bias", zeros(m)) + f64["res_in_weight"] @ mu,
                        f64["res_out_weight"].reshape(-1), f64.get("res_out_bias", zeros(k))]
         n_in = r + (K if has_router else 0) + m
-        padded_cols = max(align, -(-n_in // align) * align)
+        padded_cols = stored_w_in_cols(r, K, m, align)
         w_in = torch.cat(cols + [zeros((d, padded_cols - n_in))], dim=1)
         rows = [f64["experts"]] + ([f64["res_basis"]] if self.has_residual else [])
         router_bias_off = 0

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 KiB = 1024
 MiB = 1024 * 1024
@@ -116,11 +116,19 @@ def card_for_device(device) -> Card:
 
 # ---- what is moved --------------------------------------------------------------------------------------------
 MIN_DOT = 16  # smallest M, N, K that tl.dot accepts on the GPU
+W_IN_ALIGN = 8  # W_in columns padded to 8 elements: 16-byte rows in 16-bit dtypes
 
 
 def padded(n: int) -> int:
     """Width of a tl.dot operand holding ``n`` columns: a power of two, at least 16."""
     return max(MIN_DOT, 1 << max(0, (n - 1).bit_length()))
+
+
+def stored_w_in_cols(r: int, K: int, m: int, align: int = W_IN_ALIGN) -> int:
+    """Columns of a steerer's centred W_in as stored (`SteerParams.pack_centred`): ``r + K (when K > 1) + m``,
+    zero-padded to a multiple of ``align``, at least ``align``."""
+    n_in = r + (K if K > 1 else 0) + m
+    return max(align, -(-n_in // align) * align)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,21 +175,21 @@ class Shape:
         """The normalised rows a fused RMSNorm writes (0 without one)."""
         return self.rows * self.d * self.norm_out
 
-    def with_norm(self, out_elem: int) -> "Shape":
+    def with_norm(self, out_elem: int, weight_elem: Optional[int] = None) -> "Shape":
         """The same call with a fused RMSNorm (issue 14) writing ``out_elem``-byte rows, for a W_in that already
         carries ``W_out^T`` among its ``w_in_cols`` (`norm.NormPack`; `Shape.of` adds them): pass 1 always runs
-        (the norm needs ``||h||^2``), and the norm's fp32 multiplier (d floats) and constants (``W_out mu`` and the
-        Gram matrix of W_out, NCP + NCP^2 floats) are read per row tile."""
+        (the norm needs ``||h||^2``), and per row tile the norm's weight (d elements of ``weight_elem`` bytes,
+        default h's) and its constants (``W_out mu`` and the Gram matrix of W_out, NCP + NCP^2 floats) are read."""
+        weight = (weight_elem or self.elem) * self.d + 4 * (self.ncp + self.ncp ** 2)
         return dataclasses.replace(self, has_pass1=True, norm_out=out_elem,
-                                   extra_weight_bytes=self.extra_weight_bytes + 4 * (self.d + self.ncp + self.ncp ** 2))
+                                   extra_weight_bytes=self.extra_weight_bytes + weight)
 
     @classmethod
-    def of(cls, rows: int, d: int, elem: int, r: int, K: int, m: int = 0, k: int = 0, align: int = 8,
+    def of(cls, rows: int, d: int, elem: int, r: int, K: int, m: int = 0, k: int = 0, align: int = W_IN_ALIGN,
            norm_out: int = 0, **kw) -> "Shape":
         """The shape of a steerer with these sizes; ``norm_out``: fused with an RMSNorm writing ``norm_out``-byte
         rows (W_in then also holds ``W_out^T``)."""
-        n_in = r + (K if K > 1 else 0) + m
-        cols = max(align, -(-n_in // align) * align)
+        cols = stored_w_in_cols(r, K, m, align)
         if norm_out:
             cols = -(-(cols + K + k) // align) * align
         shape = cls(rows, d, elem, cols, K + k, has_pass1=bool(r or K > 1 or m), has_mean=bool(r), **kw)
@@ -225,9 +233,9 @@ def resources(shape: Shape, config: Config, card: Card, kind: str = "steer") -> 
         regs = 32 + (3 * bt * bd + 2 * bt * shape.ncp) // threads
     else:
         dot_e = 4 if e == 4 else 2  # fp32 runs fp32 dots on fp32 copies
-        norm = shape.norm_out > 0  # a fused RMSNorm also stages the norm weight in pass 2
+        norm = shape.norm_out > 0  # a fused RMSNorm also stages the norm weight (h's dtype) in pass 2
         pass1 = buffers * (bt * bd * e + bd * shape.np * e + bd * 4) if shape.has_pass1 else 0
-        pass2 = buffers * (bt * bd * e + shape.ncp * bd * e + (bd * 4 if norm else 0))
+        pass2 = buffers * (bt * bd * e + shape.ncp * bd * e + (bd * e if norm else 0))
         wgmma_a = 2 * bt * bd * dot_e if bt >= 64 else 0  # the centred tile staged for wgmma
         wgmma_a += bt * bd * 4 if e == 4 else 0  # fp32 'ieee' dots stage the centred tile too
         # epilogue layout conversions of a wide accumulator (in the fused-norm kernel Triton places them inside the
@@ -307,6 +315,43 @@ def lag_tiles(concurrent: int, split: int) -> int:
     return -(-concurrent // split) + 1
 
 
+class SplitPlan(NamedTuple):
+    """How a split-d launch (`steer_kernel`, ``SPLIT > 1``) runs, as the kernel launches it and the model counts it.
+
+    ``grid``: persistent programs (at most those resident at once); ``lag``: row tiles between a tile's pass 1 and
+    its pass 2 (0 for `synthesize`, else 1 .. n_tiles); ``ring``: slots of partial sums, reused round robin;
+    ``part_w`` / ``coef_w``: fp32 words per row of a slice's partial sums (NP projections and ``||xc||^2``, with a
+    fused norm also ``||h||^2``) and of a tile's published coefficients (NCP, the gate, with a fused norm also
+    ``1 / rms``); ``workspace``: fp32 words of the launch's workspace (the ring, then every tile's coefficients)."""
+
+    grid: int
+    lag: int
+    ring: int
+    n_tiles: int
+    part_w: int
+    coef_w: int
+    workspace: int
+
+
+def split_plan(shape: Shape, config: Config, card: Card, store_coef: bool = False,
+               lag: Optional[int] = None) -> SplitPlan:
+    """The split-d plan of ``shape`` (with ``shape.norm_out`` for the fused norm) under ``config``; ``lag``
+    overrides the model's distance (tests), clamped as the kernel needs it."""
+    split, bt = config.SPLIT, config.BLOCK_T
+    n_tiles = -(-shape.rows // bt)
+    slots = card.sms * max(1, resources(shape, config, card).ctas_per_sm)
+    concurrent = min(n_tiles * split, slots)
+    if store_coef:
+        lag = 0
+    else:
+        lag = max(1, min(lag_tiles(concurrent, split) if lag is None else lag, n_tiles))
+    ring = max(1, min(n_tiles, -(-concurrent // split) + lag + 2))
+    norm = int(shape.norm_out > 0)
+    part_w, coef_w = shape.np + 1 + norm, shape.ncp + 1 + norm
+    return SplitPlan(min((n_tiles + lag) * split, slots), lag, ring, n_tiles, part_w, coef_w,
+                     ring * split * bt * part_w + n_tiles * bt * coef_w)
+
+
 def predict_steer(shape: Shape, config: Config, card: Card, pipelined_pass2: bool = True,
                   store_coef: bool = False, multicast: int = 1, partials_on_chip: bool = False,
                   tile_on_chip: bool = False, hide_ramp: bool = False, edited: float = 1.0) -> Prediction:
@@ -314,12 +359,13 @@ def predict_steer(shape: Shape, config: Config, card: Card, pipelined_pass2: boo
     RMSNorm when ``shape.norm_out`` (`Shape.with_norm`: pass 2 also writes the normalised rows).
     ``edited``: the share of rows written back (in place, rows whose gate is off are not written).
 
-    ``pipelined_pass2=False`` models the v1 kernel (synchronous loads of h in pass 2). Designs Triton cannot express
-    today, to show what they would buy: ``multicast`` (W_in/W_out tiles fetched once per cluster of that many SMs,
-    TMA multicast), ``partials_on_chip`` (split-d partial sums exchanged in distributed shared memory instead of
-    L2), ``tile_on_chip`` (the row tile kept in shared memory between the passes: no second read of h at all),
-    ``hide_ramp`` (the launch's first dependent round trips overlapped with the previous kernel, as programmatic
-    dependent launch allows)."""
+    ``pipelined_pass2=False`` models the v1 kernel (synchronous loads of h in pass 2). Designs the kernels do not
+    implement, to show what they would buy: ``multicast`` (W_in/W_out tiles fetched once per cluster of that many
+    SMs, TMA multicast), ``partials_on_chip`` (split-d partial sums exchanged in distributed shared memory instead
+    of L2), ``tile_on_chip`` (the row tile kept in shared memory between the passes: no second read of h at all),
+    none of them expressible in Triton 3.6's ``tl``; ``hide_ramp`` (the launch's first dependent round trips
+    overlapped with the previous kernel, as programmatic dependent launch allows: expressible in Triton 3.6,
+    ``launch_pdl=True`` and ``tl.extra.cuda.gdc_wait``, not done yet)."""
     e, T, d = shape.elem, shape.rows, shape.d
     bt, split = config.BLOCK_T, config.SPLIT
     norm = shape.norm_out > 0
@@ -329,15 +375,17 @@ def predict_steer(shape: Shape, config: Config, card: Card, pipelined_pass2: boo
     h = shape.h_bytes
     written = round(edited * h)
     if split > 1:
-        first = min(n_tiles * split, card.sms * occ)
-        lag = 0 if store_coef else lag_tiles(first, split)
-        grid = min((n_tiles + lag) * split, card.sms * occ)  # persistent: programs loop over the work items
-        # fp32 partials: projections and ||xc||^2; with a fused norm also ||h||^2
+        plan = split_plan(shape, config, card, store_coef)
+        lag, grid = plan.lag, plan.grid  # persistent: programs loop over the work items
+        # fp32 partials per row and slice, as the kernel stores them: the stored W_in columns (not the padding) and
+        # ||xc||^2, with a fused norm also ||h||^2; read back once, a fused norm's W_out xc columns a second time
         part_cols = shape.w_in_cols + 1 + norm
         partial_bytes = 0 if partials_on_chip else T * split * part_cols * 4
-        coef_bytes = T * (shape.n_coef + 1 + norm) * 4 * (1 + split)  # written once, read by each slice's pass 2
+        partial_reads = 0 if partials_on_chip else partial_bytes + T * split * norm * shape.n_coef * 4
+        # a tile's coefficients as published: BLOCK_T rows of coef_w words, written once, read by every slice
+        coef_bytes = n_tiles * bt * plan.coef_w * 4 * (1 + split)
     else:
-        lag, grid, partial_bytes, coef_bytes = 0, n_tiles, 0, 0
+        lag, grid, partial_bytes, partial_reads, coef_bytes = 0, n_tiles, 0, 0, 0
     concurrent = min(grid, card.sms * occ)
     active = min(card.sms, grid)
     if store_coef or not shape.has_pass1 or tile_on_chip:
@@ -346,7 +394,7 @@ def predict_steer(shape: Shape, config: Config, card: Card, pipelined_pass2: boo
         working_set = (lag + 1) * bt * d * e if split > 1 else concurrent * bt * d * e
         second_l2 = working_set <= card.l2_bytes // 2
     tiles_fetched = -(-n_tiles // multicast)
-    pass1_l2 = (h if shape.has_pass1 else 0) + tiles_fetched * shape.w_in_bytes + partial_bytes * 2
+    pass1_l2 = (h if shape.has_pass1 else 0) + tiles_fetched * shape.w_in_bytes + partial_bytes + partial_reads
     pass2_l2 = 0 if store_coef else (0 if tile_on_chip and shape.has_pass1 else h) + written + shape.y_bytes \
         + tiles_fetched * shape.w_out_bytes + coef_bytes
     l2 = pass1_l2 + pass2_l2
@@ -359,7 +407,7 @@ def predict_steer(shape: Shape, config: Config, card: Card, pipelined_pass2: boo
     per_sm = concurrent / active
     rows = min(bt, T)  # masked rows load nothing
     stage1 = rows * config.BLOCK_D * e + config.BLOCK_D * shape.w_in_cols * e
-    stage2 = rows * config.BLOCK_D * e + shape.n_coef * config.BLOCK_D * e + (config.BLOCK_D * 4 if norm else 0)
+    stage2 = rows * config.BLOCK_D * e + shape.n_coef * config.BLOCK_D * e + (config.BLOCK_D * e if norm else 0)
     rate1 = _sm_rate(card, per_sm * buffers * stage1)
     rate2 = _sm_rate(card, per_sm * (buffers if pipelined_pass2 else 1) * stage2)
     waves = grid / (card.sms * occ)
@@ -448,14 +496,15 @@ def predict_rmsnorm(rows: int, d: int, elem: int, card: Card, out_elem: Optional
 
 
 def predict_apply_delta_norm(rows: int, d: int, elem: int, sequences: int, card: Card,
-                             out_elem: Optional[int] = None) -> Prediction:
-    """Query mode fused with the next RMSNorm (`delta_norm_kernel`): read h and one fp32 delta row per sequence,
-    write the edited rows and the normalised rows; rows wider than `ONE_PASS_MAX_D` are read a second time (from
-    L2)."""
+                             out_elem: Optional[int] = None, weight_elem: Optional[int] = None) -> Prediction:
+    """Query mode fused with the next RMSNorm (`delta_norm_kernel`): read h, one fp32 delta row per sequence and
+    the norm's weight (``weight_elem`` bytes an element, default h's), write the edited rows and the normalised
+    rows; rows wider than `ONE_PASS_MAX_D` are read a second time (from L2)."""
+    weight_elem = weight_elem or elem
     h = rows * d * elem
-    hbm = 2 * h + rows * d * (out_elem or elem) + sequences * d * 4 + d * 4
+    hbm = 2 * h + rows * d * (out_elem or elem) + sequences * d * 4 + d * weight_elem
     l2 = hbm + (0 if row_blocks(d)[2] else h) + (rows - sequences) * d * 4  # delta rows are re-read per row
-    return _predict_rows("apply_delta_norm", rows, d, hbm, l2, elem + 8, card)
+    return _predict_rows("apply_delta_norm", rows, d, hbm, l2, elem + 4 + weight_elem, card)
 
 
 def v1_config(rows: int, shape: Shape) -> Config:

@@ -88,15 +88,20 @@ def apply_coef(h: torch.Tensor, coef: torch.Tensor, params: SteerParams,
     check_coef(coef, params, h.device)
     seq = check_row_to_seq(row_to_seq, h).reshape(-1)
     h32 = h.reshape(-1, params.d).float()
-    batch, n = coef.shape
-    # after the B coefficient rows: a zero row (index B) for skipped rows, even when B == 0, and a NaN row
-    # (index B + 1) for indices past the end
-    table = torch.cat([coef.float(), coef.new_zeros(1, n, dtype=torch.float32),
-                       coef.new_full((1, n), float("nan"), dtype=torch.float32)])
-    index = torch.where(seq < 0, batch, torch.where(seq >= batch, batch + 1, seq))
-    out = h32 + table[index] @ output_basis(params)
+    out = h32 + _per_row(coef, seq) @ output_basis(params)
     out = torch.where((seq >= 0)[:, None], out.to(h.dtype), h.reshape(-1, params.d))
     return out.reshape(h.shape)
+
+
+def _per_row(table: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+    """fp32 ``table[seq]`` (``table`` ``(B, n)``, one row per sequence) with the kernels' rule for the indices that
+    pick no row: zeros for a negative index (a row left alone), NaN for one >= B (outside the table: it cannot
+    raise without a host read)."""
+    batch, n = table.shape
+    # after the B rows: a zero row (index B), even when B == 0, and a NaN row (index B + 1)
+    extended = torch.cat([table.float(), table.new_zeros(1, n, dtype=torch.float32),
+                          table.new_full((1, n), float("nan"), dtype=torch.float32)])
+    return extended[torch.where(seq < 0, batch, torch.where(seq >= batch, batch + 1, seq))]
 
 
 def coef_delta(coef: torch.Tensor, params: SteerParams) -> torch.Tensor:
@@ -115,14 +120,13 @@ def apply_delta(h: torch.Tensor, delta: torch.Tensor, row_to_seq: torch.Tensor |
     """Query mode at decode: ``h + delta[seq]`` in fp32, returned in h's dtype.
 
     ``row_to_seq`` None: ``h`` is ``(B, ..., d)`` and every row of ``h[b]`` gets ``delta[b]``; else as in
-    `apply_coef` (per row, the index of its sequence, -1 to leave the row alone)."""
+    `apply_coef` (per row, the index of its sequence, -1 to leave the row alone, an index >= B gives a NaN row)."""
     check_delta(delta, h, row_to_seq)
     if row_to_seq is None:
         return (h.float() + _delta_rows(h, delta.float())).to(h.dtype)
     seq = check_row_to_seq(row_to_seq, h).reshape(-1)
     rows = h.reshape(-1, h.shape[-1])
-    table = torch.cat([delta.float(), delta.new_zeros(1, delta.shape[1], dtype=torch.float32)])
-    out = (rows.float() + table[seq.clamp_min(-1)]).to(h.dtype)
+    out = (rows.float() + _per_row(delta, seq)).to(h.dtype)
     return torch.where((seq >= 0)[:, None], out, rows).reshape(h.shape)
 
 

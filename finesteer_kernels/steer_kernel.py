@@ -31,16 +31,17 @@ from .norm_tile import add_and_normalise, edited_rstd, w_out_columns
 from .kernel_common import INTERPRETING, Layout, card_for, config_kwargs, device_guard, native_dot, shape_of
 from .norm import NormOperands
 from .heuristics import steer_config
-from .perf_model import lag_tiles, resources
+from .perf_model import split_plan
 from .w_out_dot import coef_times_w_out
 
 
 @triton.jit
-def add_coef_times_w_out(x_ptr, out_ptr, rows, write, edit, d, d_start, d_stop, coef, w_out_ptr,
-                         NC: tl.constexpr, NCP: tl.constexpr, NATIVE_DOT: tl.constexpr, BLOCK_D: tl.constexpr,
+def add_coef_times_w_out(x_ptr, out_ptr, rows, write, edit, d, d_start, d_stop, coef, w_out_ptr, NC,
+                         NCP: tl.constexpr, NATIVE_DOT: tl.constexpr, BLOCK_D: tl.constexpr,
                          NUM_STAGES: tl.constexpr):
     """Pass 2 over ``[d_start, d_stop)``: for the rows in ``write``, ``out = x + coef @ W_out`` where ``edit``,
-    else ``x``. Pipelined; h is read ``evict_first`` (its last use)."""
+    else ``x``; W_out's first ``NC`` rows are read (a constant here, a steerer's run-time width in the bank
+    kernel). Pipelined; h is read ``evict_first`` (its last use)."""
     coef_rows = tl.arange(0, NCP)
     row_base = rows.to(tl.int64) * d
     for d0 in tl.range(d_start, d_stop, BLOCK_D, num_stages=NUM_STAGES):
@@ -98,8 +99,8 @@ def steer_kernel(h_ptr, out_ptr, w_in_ptr, w_out_ptr, mean_ptr, consts_ptr, keep
                  NP: tl.constexpr, MP: tl.constexpr, NC: tl.constexpr, NCP: tl.constexpr, NATIVE_DOT: tl.constexpr,
                  IN_PLACE: tl.constexpr, HAS_KEEP: tl.constexpr, STORE_COEF: tl.constexpr,
                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr, SPLIT: tl.constexpr,
-                 y_ptr=None, norm_scale_ptr=None, norm_consts_ptr=None, norm_eps=0.0, NORM: tl.constexpr = False,
-                 OUT_COL: tl.constexpr = 0, WEIGHT_IN_FP32: tl.constexpr = False):
+                 y_ptr=None, norm_weight_ptr=None, norm_consts_ptr=None, norm_eps=0.0, NORM: tl.constexpr = False,
+                 OUT_COL: tl.constexpr = 0, UNIT_OFFSET: tl.constexpr = False, WEIGHT_IN_FP32: tl.constexpr = False):
     # NORM (issue 14): also write y = RMSNorm(out) for every row (`norm_tile`); W_in's columns from OUT_COL hold
     # W_out^T. Without NORM the code is exactly the plain kernel's.
     coef_cols = tl.arange(0, NCP)
@@ -119,9 +120,9 @@ def steer_kernel(h_ptr, out_ptr, w_in_ptr, w_out_ptr, mean_ptr, consts_ptr, keep
             rstd = edited_rstd(w_out_columns(acc, OUT_COL, NP, NCP, BLOCK_T), sq_h, coef, norm_consts_ptr, d,
                                norm_eps, NC, NCP)
             edit = g != 0.0
-            add_and_normalise(h_ptr, out_ptr, y_ptr, norm_scale_ptr, rows, row_mask, edit,
+            add_and_normalise(h_ptr, out_ptr, y_ptr, norm_weight_ptr, rows, row_mask, edit,
                               edit if IN_PLACE else row_mask, d, 0, d, coef, rstd, w_out_ptr, NC, NCP, NATIVE_DOT,
-                              WEIGHT_IN_FP32, BLOCK_D, NUM_STAGES)
+                              UNIT_OFFSET, WEIGHT_IN_FP32, BLOCK_D, NUM_STAGES)
         else:
             coef, g = tile_coefficients(h_ptr, rows, edit, d, w_in_ptr, mean_ptr, consts_ptr, tau, eps, scale,
                                         R, K, M, KR, HAS_GATE, HAS_MEAN, HAS_ROUTER, HAS_RES, RELU, ROUTER_COL,
@@ -136,7 +137,8 @@ def steer_kernel(h_ptr, out_ptr, w_in_ptr, w_out_ptr, mean_ptr, consts_ptr, keep
     else:
         # flags (int32): [ticket | arrived[n_tiles] | ready[n_tiles]]; ws (fp32): the partials' ring of `ring`
         # slots, each SPLIT x BLOCK_T x PART_W (projections, then ||xc||^2, with NORM then ||h||^2), then the
-        # coefficients and gates (with NORM then 1/rms) of every row tile, n_tiles x BLOCK_T x COEF_W.
+        # coefficients and gates (with NORM then 1/rms) of every row tile, n_tiles x BLOCK_T x COEF_W
+        # (`perf_model.split_plan` sizes it).
         PART_W: tl.constexpr = NP + 1 + NORM
         COEF_W: tl.constexpr = NCP + 1 + NORM
         n_tiles = tl.cdiv(n_rows, BLOCK_T)
@@ -219,27 +221,13 @@ def steer_kernel(h_ptr, out_ptr, w_in_ptr, w_out_ptr, mean_ptr, consts_ptr, keep
                     edit = g != 0.0  # g is 0 where keep said no, the gate is off, or past the last row
                     if NORM:
                         rstd = tl.load(tile_ptr + lanes * COEF_W + NCP + 1, cache_modifier=".cg")
-                        add_and_normalise(h_ptr, out_ptr, y_ptr, norm_scale_ptr, rows, row_mask, edit,
+                        add_and_normalise(h_ptr, out_ptr, y_ptr, norm_weight_ptr, rows, row_mask, edit,
                                           edit if IN_PLACE else row_mask, d, d_start, d_stop, coef, rstd, w_out_ptr,
-                                          NC, NCP, NATIVE_DOT, WEIGHT_IN_FP32, BLOCK_D, NUM_STAGES)
+                                          NC, NCP, NATIVE_DOT, UNIT_OFFSET, WEIGHT_IN_FP32, BLOCK_D, NUM_STAGES)
                     else:
                         write_tile(h_ptr, out_ptr, rows, row_mask, edit, g, d, d_start, d_stop, coef, w_out_ptr,
                                    HAS_GATE, HAS_KEEP, IN_PLACE, NC, NCP, NATIVE_DOT, BLOCK_D, NUM_STAGES)
             v = tl.atomic_add(flags_ptr, 1)
-
-
-def _split_plan(n_rows: int, d: int, config, layout: Layout, elem: int, card, store_coef: bool, lag=None,
-                norm_out: int = 0):
-    """(grid, lag, ring) of a split-d launch: a persistent grid of at most the programs that fit at once."""
-    n_tiles = triton.cdiv(n_rows, config.BLOCK_T)
-    shape = shape_of(n_rows, d, layout, elem)
-    occupancy = max(1, resources(shape.with_norm(norm_out) if norm_out else shape, config, card).ctas_per_sm)
-    concurrent = min(n_tiles * config.SPLIT, card.sms * occupancy)
-    if lag is None:
-        lag = 0 if store_coef else lag_tiles(concurrent, config.SPLIT)
-    lag = 0 if store_coef else max(1, min(lag, n_tiles))
-    ring = max(1, min(n_tiles, triton.cdiv(concurrent, config.SPLIT) + lag + 2))
-    return min((n_tiles + lag) * config.SPLIT, card.sms * occupancy), lag, ring
 
 
 def launch_steer(h2d: torch.Tensor, out2d, w_in: torch.Tensor, w_out: torch.Tensor, mean: torch.Tensor,
@@ -250,7 +238,8 @@ def launch_steer(h2d: torch.Tensor, out2d, w_in: torch.Tensor, w_out: torch.Tens
     contiguous ``(N,)`` bool, False for rows to leave unchanged. ``coef_out`` (fp32 ``(N, K+k)``): store the
     coefficients instead of writing rows (`synthesize`; ``out2d`` is then ignored). ``norm``: also write the
     edited rows' RMSNorm into ``norm.y`` (every row, steered or not); ``w_in`` and ``layout`` are then the fused
-    pack's (`norm.NormPack`). ``config``/``lag`` override the model's choice (tests)."""
+    pack's (`norm.NormPack`). ``config``/``lag`` override the model's choice (tests). A split-d launch runs as
+    `perf_model.split_plan` says, the plan the model predicts with."""
     n_rows, d = h2d.shape
     if n_rows == 0:
         return
@@ -259,23 +248,20 @@ def launch_steer(h2d: torch.Tensor, out2d, w_in: torch.Tensor, w_out: torch.Tens
     shape = shape_of(n_rows, d, layout, h2d.element_size())
     norm_kw = {}
     if norm is not None:
-        shape = shape.with_norm(norm.y.element_size())
-        norm_kw = dict(y_ptr=norm.y, norm_scale_ptr=norm.scale, norm_consts_ptr=norm.consts, norm_eps=norm.eps,
-                       NORM=True, OUT_COL=norm.out_col, WEIGHT_IN_FP32=norm.weight_in_fp32)
+        shape = shape.with_norm(norm.y.element_size(), norm.weight.element_size())
+        norm_kw = dict(y_ptr=norm.y, norm_weight_ptr=norm.weight, norm_consts_ptr=norm.consts, norm_eps=norm.eps,
+                       NORM=True, OUT_COL=norm.out_col, UNIT_OFFSET=norm.unit_offset,
+                       WEIGHT_IN_FP32=norm.weight_in_fp32)
     config = config or steer_config(shape, card, INTERPRETING, store_coef)
     with device_guard(h2d):
         if config.SPLIT == 1:
             grid, lag, ring = triton.cdiv(n_rows, config.BLOCK_T), 0, 1
             ws = flags = consts  # never read
         else:
-            grid, lag, ring = _split_plan(n_rows, d, config, layout, h2d.element_size(), card, store_coef, lag,
-                                          shape.norm_out)
-            n_tiles = triton.cdiv(n_rows, config.BLOCK_T)
-            np_, ncp = layout.constexprs()["NP"], layout.constexprs()["NCP"]
-            part_w, coef_w = (np_ + 2, ncp + 2) if norm is not None else (np_ + 1, ncp + 1)
-            flags = torch.zeros(1 + 2 * n_tiles, dtype=torch.int32, device=h2d.device)
-            ws = torch.empty(ring * config.SPLIT * config.BLOCK_T * part_w + n_tiles * config.BLOCK_T * coef_w,
-                             dtype=torch.float32, device=h2d.device)
+            plan = split_plan(shape, config, card, store_coef, lag)
+            grid, lag, ring = plan.grid, plan.lag, plan.ring
+            flags = torch.zeros(1 + 2 * plan.n_tiles, dtype=torch.int32, device=h2d.device)
+            ws = torch.empty(plan.workspace, dtype=torch.float32, device=h2d.device)
         keep_ptr = consts if keep is None else keep.view(torch.uint8)  # never read without HAS_KEEP
         out_ptr = h2d if store_coef else out2d
         steer_kernel[(grid,)](h2d, out_ptr, w_in, w_out, mean, consts, keep_ptr,
@@ -283,4 +269,3 @@ def launch_steer(h2d: torch.Tensor, out2d, w_in: torch.Tensor, w_out: torch.Tens
                               **layout.constexprs(), NATIVE_DOT=native_dot(h2d.dtype),
                               IN_PLACE=out_ptr.data_ptr() == h2d.data_ptr() and not store_coef,
                               HAS_KEEP=keep is not None, STORE_COEF=store_coef, **config_kwargs(config), **norm_kw)
-

@@ -36,10 +36,12 @@ def check_coef(coef: torch.Tensor, params, device: torch.device) -> None:
         raise ValueError(f"coef: on {coef.device}, expected {device}")
 
 
-def _check_row_shape(name: str, t: torch.Tensor, h: torch.Tensor) -> None:
+def check_row_shape(name: str, t: torch.Tensor, h: torch.Tensor, h_name: str = "h") -> None:
+    """A per-row tensor ``t`` (a map or a mask) against the rows of ``h``: shape ``h.shape[:-1]`` or the row
+    count, and ``h``'s device."""
     rows = h.numel() // h.shape[-1] if h.shape[-1] else 0
     if tuple(t.shape) not in (tuple(h.shape[:-1]), (rows,)):
-        raise ValueError(f"{name}: expected shape {tuple(h.shape[:-1])} or ({rows},) to match h "
+        raise ValueError(f"{name}: expected shape {tuple(h.shape[:-1])} or ({rows},) to match {h_name} "
                          f"{tuple(h.shape)}, got {tuple(t.shape)}")
     if t.device != h.device:
         raise ValueError(f"{name}: on {t.device}, expected {h.device}")
@@ -52,7 +54,7 @@ def check_row_to_seq(row_to_seq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         got = row_to_seq.dtype if isinstance(row_to_seq, torch.Tensor) else type(row_to_seq).__name__
         raise TypeError("row_to_seq: expected an integer tensor of a signed dtype (int8/16/32/64; sequence index "
                         f"per row, -1 to skip), got {got}")
-    _check_row_shape("row_to_seq", row_to_seq, h)
+    check_row_shape("row_to_seq", row_to_seq, h)
     return row_to_seq.long()
 
 
@@ -63,7 +65,7 @@ def check_row_mask(row_mask, h: torch.Tensor):
     if not isinstance(row_mask, torch.Tensor) or row_mask.dtype != torch.bool:
         got = row_mask.dtype if isinstance(row_mask, torch.Tensor) else type(row_mask).__name__
         raise TypeError(f"row_mask: expected a bool tensor (True = steer the row, False = leave it), got {got}")
-    _check_row_shape("row_mask", row_mask, h)
+    check_row_shape("row_mask", row_mask, h)
     return row_mask.reshape(-1)
 
 

@@ -101,7 +101,7 @@ def spread_rows(p: SteerParams, n: int, seed: int = 1, dtype=torch.float32, radi
 def loop_coefficients(h: torch.Tensor, p: SteerParams) -> torch.Tensor:
     """float64 ``(N, K+k)`` coefficients, one row and one expert at a time."""
     f = lambda t: None if t is None else t.double()  # noqa: E731
-    S, mu, A, c, V = f(p.basis), f(p.mean), f(p.router_weight), f(p.router_bias), f(p.experts)
+    S, mu, A, c = f(p.basis), f(p.mean), f(p.router_weight), f(p.router_bias)
     W1, b1, W2, b2 = f(p.res_in_weight), f(p.res_in_bias), f(p.res_out_weight), f(p.res_out_bias)
     K, k, m = p.num_experts, p.k, p.m
     out = torch.zeros(h.shape[0], K + k, dtype=torch.float64)

@@ -135,15 +135,53 @@ def test_query_mode_synthesize_delta_and_apply(monkeypatch, backend):
 
 
 def test_memory_is_the_sum_of_the_steerers_own_packs():
+    for bank in (awkward_bank(), SteerBank(list(awkward_bank().params) + [random_params(D, 4, 3, seed=5)])):
+        for dtype in (torch.float32, torch.bfloat16):
+            packed = bank.pack(dtype)
+            stored = sum(t.numel() * t.element_size() for t in (packed.w_in, packed.w_out, packed.mean, packed.consts,
+                                                               packed.meta, packed.scalars))
+            assert bank.memory_bytes(dtype) == stored
+            own = sum(sum(t.numel() * t.element_size() for t in p.pack_centred(dtype)[:4]) for p in bank.params)
+            own -= sum(4 for p in bank.params if p.mean is None)  # a pack without a mean keeps a one-element stub
+            cols = sum(p.pack_centred(dtype).w_in.shape[1] for p in bank.params)  # 112, then 120
+            stride = packed.layout.W_IN_STRIDE
+            assert stride == packed.w_in.shape[1] and stride % 16 == 0 and 0 <= stride - cols < 16
+            assert bank.memory_bytes(dtype) == own + D * (stride - cols) * dtype.itemsize + 4 * len(bank) * 23
+
+
+def _specialisation(monkeypatch, bank, h, index) -> dict:
+    """What the JIT compiles a bank launch for: the constexpr arguments, and for each integer argument it may
+    specialise, whether it is 1 and whether it is a multiple of 16 (`do_not_specialize` ones excepted)."""
+    from finesteer_kernels import bank_kernel as module
+
+    real, seen = module.bank_kernel, {}
+    names, dont = real.arg_names, real.kwargs["do_not_specialize"]
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                ints = {n: v for n, v in zip(names, args) if type(v) is int and n not in dont}
+                seen.update(kwargs, **{n: (v == 1, v % 16 == 0) for n, v in ints.items()})
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(module, "bank_kernel", Recorder())
+    out = fk.steer_bank(h, bank, index)
+    torch.testing.assert_close(out, bank_reference.steer_bank(h, bank, index), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(module, "bank_kernel", real)
+    return seen
+
+
+def test_one_more_steerer_reuses_the_compiled_kernel(monkeypatch):
+    """Re-packing a bank with one more steerer (no wider than the widest, no part that none had) launches the same
+    specialisation (docs/serving.md: adding a steerer at run time re-packs without recompiling). The group count,
+    the coefficient width and W_in's stride are run-time arguments; the stride is padded to a multiple of 16."""
     bank = awkward_bank()
-    for dtype in (torch.float32, torch.bfloat16):
-        packed = bank.pack(dtype)
-        stored = sum(t.numel() * t.element_size() for t in (packed.w_in, packed.w_out, packed.mean, packed.consts,
-                                                           packed.meta, packed.scalars))
-        assert bank.memory_bytes(dtype) == stored
-        own = sum(sum(t.numel() * t.element_size() for t in p.pack_centred(dtype)[:4]) for p in bank.params)
-        own -= sum(4 for p in bank.params if p.mean is None)  # a pack without a mean keeps a one-element stub
-        assert bank.memory_bytes(dtype) == own + 4 * len(bank) * 23
+    bigger = SteerBank({**dict(zip(bank.names, bank.params)), "extra": random_params(D, 4, 3, seed=5)})
+    h, index = mixed_rows(bank, 20, seed=8)
+    before, after = (_specialisation(monkeypatch, b, h, index) for b in (bank, bigger))
+    assert bank.pack(torch.float32).layout.W_IN_STRIDE != bigger.pack(torch.float32).layout.W_IN_STRIDE
+    assert before == after
 
 
 def test_no_host_sync_and_compiled(monkeypatch):
@@ -201,8 +239,7 @@ def _compile_bank_configs() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from finesteer_kernels.bank import META_FIELDS
-    from finesteer_kernels.bank_kernel import BANK_CONFIGS, bank_kernel
+    from finesteer_kernels.bank_kernel import BANK_CONFIGS, bank_constexprs, bank_kernel
 
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     bank = awkward_bank(4096)
@@ -211,14 +248,17 @@ def _compile_bank_configs() -> None:
         layout = bank.pack(torch_dtype).layout
         for config in BANK_CONFIGS[elem]:
             for store_coef in (False, True):
-                consts = dict(layout._asdict(), GP=8, MF=META_FIELDS, NATIVE_DOT=dtype != "fp32", IN_PLACE=False,
+                consts = dict(bank_constexprs(layout), NATIVE_DOT=dtype != "fp32", IN_PLACE=False,
                               STORE_COEF=store_coef, BLOCK_T=config.BLOCK_T, BLOCK_D=config.BLOCK_D,
                               NUM_STAGES=config.num_stages)
                 sig = dict(h_ptr=f"*{dtype}", out_ptr=f"*{dtype}", order_ptr="*i32", counts_ptr="*i32",
                            meta_ptr="*i32", scalars_ptr="*fp32", w_in_ptr=f"*{dtype}", w_out_ptr=f"*{dtype}",
-                           mean_ptr="*fp32", consts_ptr="*fp32", coef_out_ptr="*fp32", n_rows="i32", d="i32")
+                           mean_ptr="*fp32", consts_ptr="*fp32", coef_out_ptr="*fp32", n_rows="i32", d="i32",
+                           n_groups="i32", NC="i32", w_in_stride="i32")
                 sig.update({c: "constexpr" for c in consts})
-                src = ASTSource(bank_kernel, sig, consts, attrs={(i,): [["tt.divisibility", 16]] for i in range(11)})
+                # the JIT's specialisation: pointers, d and W_in's stride (a multiple of 16 by construction) aligned
+                aligned = list(range(11)) + [list(sig).index("d"), list(sig).index("w_in_stride")]
+                src = ASTSource(bank_kernel, sig, consts, attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
                 compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                           options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
                 with tempfile.TemporaryDirectory() as tmp:
@@ -228,8 +268,12 @@ def _compile_bank_configs() -> None:
                                             os.path.join(tmp, "k.ptx"), "-o", os.path.join(tmp, "k.cubin")],
                                            capture_output=True, text=True, check=True)
                 report = ptxas.stderr + ptxas.stdout
+                # the integer types added to BLOCK_D x 1 pointer tensors, in order: the first is W_in's row offset
+                # (offs_d x the stride), which must be 64-bit (d x all steerers' columns may pass 2^31 elements)
+                w_in_offsets = re.findall(rf"tt\.addptr [^\n]*: tensor<{config.BLOCK_D}x1x!tt\.ptr<\w+>>, "
+                                          rf"tensor<{config.BLOCK_D}x1x(i\d+)>", compiled.asm["ttir"])
                 print(json.dumps(dict(
-                    dtype=dtype, config=config.short(), store_coef=store_coef,
+                    dtype=dtype, config=config.short(), store_coef=store_coef, w_in_offsets=w_in_offsets,
                     registers=int(re.search(r"Used (\d+) registers", report).group(1)),
                     spill_bytes=sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)),
                     shared_bytes=compiled.metadata.shared)), flush=True)
@@ -247,6 +291,7 @@ def test_bank_kernel_compiles_for_hopper_without_spills():
     for res in results:
         print(res)
         assert res["spill_bytes"] == 0, res
+        assert res["w_in_offsets"][:1] == ["i64"], res  # in int32, d x W_in's stride overflowed past 2^31
 
 
 if __name__ == "__main__":

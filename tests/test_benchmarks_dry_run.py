@@ -4,13 +4,16 @@ byte-frugal eager baseline agrees with the reference (a wrong baseline would mak
 import json
 import os
 import sys
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from benchmarks import gpu_check, run  # noqa: E402
+from benchmarks import gpu_check, report, run  # noqa: E402
 from benchmarks.e2e import run_e2e  # noqa: E402
 from benchmarks.implementations import frugal_apply, frugal_steer  # noqa: E402
 from benchmarks.timing import count_launches, stats_of  # noqa: E402
@@ -55,13 +58,18 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     assert gpu_check.main(["--dry-run", "--out", str(out), "--no-progress"]) == 0
     result = json.loads(out.read_text())
     sections = result["sections"]
-    names = ["bandwidth", "empty_kernel", "prefill", "sweep", "decode", "correctness", "bank", "fused_norm"]
+    names = ["bandwidth", "split_d_smoke", "empty_kernel", "prefill", "sweep", "decode", "correctness", "bank",
+             "fused_norm"]
+    assert [name for name, _ in gpu_check.SECTIONS] == names  # every section has a deadline, in run order
     assert {n: s["status"] for n, s in sections.items()} == {n: "ok" for n in names}
-    assert list(sections) == names
+    assert list(sections) == names and not any("in_progress" in s for s in sections.values())
     assert sections["bandwidth"]["l2"]["ok"]  # the L2 probe kernel ran (interpreted, untimed)
-    checks = sections["correctness"]["checks"]
-    assert {c["dtype"] for c in checks} == {"fp16", "bf16"}
-    assert {c["op"] for c in checks} >= {"steer", "steer_", "synthesize", "apply_coef", "apply_coef_"}
+    smoke = sections["split_d_smoke"]["rows"]  # right after bandwidth: split-d at both shapes, in and out of place
+    assert {(r["T"], r["variant"]) for r in smoke} == {(t, v) for t in (40, 1) for v in ("out of place", "in place")}
+    assert all(r["ok"] and "split" in r["config"] and "note" not in r for r in smoke)
+    checks = sections["correctness"]["rows"]
+    assert {c["dtype"] for c in checks} == {"fp16", "bf16"} and {c["rows"] for c in checks} == {1, 5}
+    assert {c["op"] for c in checks} >= {"steer", "steer_", "synthesize", "apply_coef", "apply_coef_", "gate mix"}
     assert all(c["ok"] for c in checks)
     prefill = sections["prefill"]["rows"]
     assert {r["impl"] for r in prefill} == {"reference", "frugal", "compiled", "triton"}
@@ -77,15 +85,73 @@ def test_gpu_check_dry_run(tmp_path, capsys):
         "query, 3 layers, fused norm", "token, 3 layers, fused norm"]
     assert all(r["differs_from_unpatched"] for r in decode["rows"][1:])
     assert {r["op"] for r in decode["ops"]} == {"query: apply_delta_", "token: steer_ (split-d)"}
+    assert all(r["mixed_ok"] and r["uniform_ok"] for r in sections["bank"]["rows"])
     fused = sections["fused_norm"]["rows"]  # both modes at both shapes, checked, untimed, the model beside them
     assert {(r["mode"], r["T"]) for r in fused} == {(m, t) for m in ("token", "query") for t in (20, 1)}
     assert all(r["ok"] and r["backend"] == "triton" and "fused_us" not in r for r in fused)
     assert all(r["model"]["H200"]["fused_mb"] > 0 for r in fused)
     markdown = (tmp_path / "check.md").read_text()
-    assert "**Prefill**" in markdown and "**Config sweep**" in markdown and "**Decode step**" in markdown
-    assert "**Fused with the next RMSNorm**" in markdown
+    for table in ("**Split-d smoke**", "**Prefill**", "**Config sweep**", "**Decode step**", "**Correctness**",
+                  "**Bank**", "**Fused with the next RMSNorm**"):
+        assert table in markdown
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-1].startswith("wrote ") and any("token, 3 layers" in line for line in printed)
+
+
+def test_gpu_check_writes_under_out_and_skips_what_the_budget_leaves_no_time_for(tmp_path, monkeypatch):
+    """On a lent machine only $OUT comes back: without --out the results go there. A section whose deadline has
+    passed is recorded as skipped (not failed: exit status 0), and the file is complete."""
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert gpu_check.default_out(False) == str(tmp_path / "gpu_check.json")
+    assert gpu_check.default_out(True).endswith(os.path.join("benchmarks", "results", "gpu_check-dry-run.json"))
+    out = tmp_path / "skipped.json"
+    assert gpu_check.main(["--dry-run", "--out", str(out), "--time-budget", "0"]) == 0
+    sections = json.loads(out.read_text())["sections"]
+    assert [n for n, _ in gpu_check.SECTIONS] == list(sections)
+    assert all(s["status"] == "skipped" for s in sections.values())
+
+
+class Llama517(LlamaForCausalLM):
+    """LlamaForCausalLM as transformers 5.17 (the lent GPU image) defines its forward: the KV cache comes in as
+    ``past_key_values`` and goes out as ``output.past_key_values``; there is no ``cache`` argument (5.17 would pass
+    one on, unused, in ``**kwargs``) and no ``output.cache``."""
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None,
+                **kwargs):
+        if "cache" in kwargs:
+            raise TypeError("transformers 5.17's LlamaForCausalLM.forward has no 'cache' argument")
+        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              cache=past_key_values, use_cache=use_cache, **kwargs)
+        return SimpleNamespace(logits=out.logits, past_key_values=out.cache)
+
+
+def test_decode_section_on_transformers_5_17_keeps_every_other_configuration(tmp_path, monkeypatch):
+    """gpu_check's decode step calls the model as 5.17 defines it, and one configuration that fails leaves the
+    others' rows (each is captured in its own try); the section is then recorded as failed, naming it."""
+    import transformers
+
+    import finesteer.patching
+
+    real_patch = finesteer.patching.patch_model
+
+    def patch_failing_once(model, steerers, mode, fuse_norm):
+        if mode == "token" and fuse_norm:
+            raise RuntimeError("injected failure")
+        return real_patch(model, steerers, mode=mode, fuse_norm=fuse_norm)
+
+    monkeypatch.setattr(transformers, "LlamaForCausalLM", Llama517)
+    monkeypatch.setattr(finesteer.patching, "patch_model", patch_failing_once)
+    results = {"sections": {}}
+    run = report.Run(str(tmp_path / "decode.json"), results, time.perf_counter(), 1e9)
+    run.section("decode", 1.0, gpu_check.decode_section, torch.device("cpu"), gpu_check.Sizes(dry=True))
+    decode = json.loads((tmp_path / "decode.json").read_text())["sections"]["decode"]
+    assert decode["status"] == "failed" and "token, 3 layers, fused norm" in decode["error"]
+    rows = {r["config"]: r for r in decode["rows"]}
+    assert list(rows)[0] == "unpatched" and len(rows) == 7
+    assert "injected failure" in rows.pop("token, 3 layers, fused norm")["error"]
+    assert all(r["finite"] and "error" not in r for r in rows.values())
+    assert all(r["differs_from_unpatched"] for name, r in rows.items() if name != "unpatched")
+    assert len(decode["ops"]) == 2
 
 
 def test_sweep_starts_with_the_pick_and_keeps_the_models_best():
@@ -115,6 +181,15 @@ def test_run_op_table_tiny(tmp_path, capsys):
     assert (tmp_path / "op_times-cpu.png").stat().st_size > 1000
     table = capsys.readouterr().out
     assert "no GPU" in table and "kernel ops (CPU)" in table
+
+
+def test_e2e_loop_on_transformers_5_17(monkeypatch):
+    """The end-to-end loop passes the cache as the model's forward names it (5.17: ``past_key_values``)."""
+    monkeypatch.setenv("FINESTEER_BACKEND", "torch")
+    model = tiny_model("llama", num_hidden_layers=4)
+    model.__class__ = Llama517
+    result = run_e2e(model, None, new_tokens=2, modes=("query",), progress=False)
+    assert [r["new_tokens"] for r in result["rows"]] == [2, 2, 2, 2]
 
 
 def test_e2e_loop_on_tiny_model(monkeypatch):

@@ -91,8 +91,8 @@ def test_steer_rmsnorm_matches_the_edit_then_the_models_norm(case):
     layout = Layout(*layout)._replace(W_IN_STRIDE=fused.w_in.shape[1])
     out, y = poisoned(*h.shape, dtype=dtype), poisoned(*h.shape, dtype=norm.out_dtype(dtype))
     args = (fused.w_in, packed.w_out, packed.mean, packed.consts, layout, p.tau, p.eps, p.alpha * p.gamma)
-    operands = lambda y: NormOperands(y, norm.scale32, fused.consts, fused.out_col, norm.eps,  # noqa: E731
-                                      norm.weight_in_fp32)
+    operands = lambda y: NormOperands(y, norm.weight, fused.consts, fused.out_col, norm.eps,  # noqa: E731
+                                      norm.unit_offset, norm.weight_in_fp32)
     launch_steer(h, out, *args, config=config, norm=operands(y))
     assert rel_error(out, steered) < tol
     assert y.dtype == normed.dtype and rel_error(y, normed) < Y_TOL[dtype]
@@ -172,15 +172,15 @@ def test_apply_delta_rmsnorm_kernel_into_poisoned_outputs(dtype, one_pass_max_d)
         with torch.no_grad():
             want_y = module(want)
         out, y = poisoned(rows, d, dtype=dtype), poisoned(rows, d, dtype=want_y.dtype)
-        launch_apply_delta_norm(h, out, y, delta, seq, 1, norm.scale32, norm.eps, norm.weight_in_fp32,
-                                one_pass_max_d=one_pass_max_d)
+        launch_apply_delta_norm(h, out, y, delta, seq, 1, norm.weight, norm.eps, norm.unit_offset,
+                                norm.weight_in_fp32, one_pass_max_d=one_pass_max_d)
         assert rel_error(out, want) < tol and rel_error(y, want_y) < y_tol
         work = h.clone()
         work[:, 0] = -0.0
         before = work.clone()
         y = poisoned(rows, d, dtype=want_y.dtype)
-        launch_apply_delta_norm(work, work, y, delta, seq, 1, norm.scale32, norm.eps, norm.weight_in_fp32,
-                                one_pass_max_d=one_pass_max_d)
+        launch_apply_delta_norm(work, work, y, delta, seq, 1, norm.weight, norm.eps, norm.unit_offset,
+                                norm.weight_in_fp32, one_pass_max_d=one_pass_max_d)
         assert torch.equal(work[seq < 0], before[seq < 0])  # not stored: -0.0 kept
         with torch.no_grad():
             assert rel_error(y, module(reference.apply_delta(before, delta, seq))) < y_tol
@@ -270,3 +270,24 @@ def test_fused_ops_trace_with_torch_compile(monkeypatch):
     finally:
         torch._dynamo.reset()
     assert len(graphs) == 1 and "finesteer.steer_rmsnorm_" in graphs[0] and "finesteer.apply_delta_rmsnorm_" in graphs[0]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", sorted(NORMS))
+def test_fused_ops_read_the_norm_weight_as_it_is_now(kind):
+    """`RMSNormParams` keeps the module's own weight and the kernels read it at every call: an edit of the weights
+    in place, or new data for the parameter (as ``model.to(device)`` gives it), is what the next call normalises
+    with. (A multiplier derived once at construction went stale and stayed on the old device.)"""
+    d = 40
+    p = random_params(d, 4, 3, "relu", seed=11).to(DEVICE)
+    module = norm_module(kind, d, f32, seed=12)
+    norm = recognised(module, d)
+    h = rows_with_both_gates(p, 5, f32, seed=13)
+    delta = ops.coef_delta(ops.synthesize(h[:2], p), p)
+    seq = torch.tensor([0, 1, -1, 1, 0], device=DEVICE)
+    for edit in (lambda w: w.mul_(-1.5), lambda w: setattr(w, "data", torch.randn(d, device=DEVICE))):
+        edit(module.weight)
+        steered, y = ops.steer_rmsnorm(h, p, norm)
+        assert rel_error(y, module(reference.steer(h, p))) < REL_TOL[f32]
+        edited, y = ops.apply_delta_rmsnorm(h, delta, norm, seq)
+        assert rel_error(y, module(reference.apply_delta(h, delta, seq))) < REL_TOL[f32]

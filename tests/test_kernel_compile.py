@@ -89,9 +89,9 @@ def _compile_one(case) -> str:
     from finesteer_kernels.apply_kernel import apply_kernel
     from finesteer_kernels.delta_kernel import DELTA_BLOCK_D, apply_delta_kernel, delta_block_t
     from finesteer_kernels.delta_norm_kernel import apply_delta_norm_kernel
-    from finesteer_kernels.kernel_common import INTERPRETING, W_IN_ALIGN, layout_of, native_dot, shape_of
+    from finesteer_kernels.kernel_common import INTERPRETING, layout_of, native_dot, shape_of
     from finesteer_kernels.norm import pack_steer_norm
-    from finesteer_kernels.perf_model import DEFAULT_CARD, resources, row_blocks
+    from finesteer_kernels.perf_model import DEFAULT_CARD, W_IN_ALIGN, resources, row_blocks
     from finesteer_kernels.steer_kernel import steer_kernel
     from op_cases import random_params
 
@@ -122,17 +122,17 @@ def _compile_one(case) -> str:
             fused = pack_steer_norm(params, torch_dtypes[dtype], "cpu", W_IN_ALIGN)
             layout = layout._replace(W_IN_STRIDE=fused.w_in.shape[1])
             consts.update(layout.constexprs(), NORM=True, OUT_COL=fused.out_col, WEIGHT_IN_FP32=False)
-            sig.update(y_ptr=f"*{dtype}", norm_scale_ptr="*fp32", norm_consts_ptr="*fp32", norm_eps="fp32")
-            aligned += ["y_ptr", "norm_scale_ptr", "norm_consts_ptr"]
+            sig.update(y_ptr=f"*{dtype}", norm_weight_ptr=f"*{dtype}", norm_consts_ptr="*fp32", norm_eps="fp32")
+            aligned += ["y_ptr", "norm_weight_ptr", "norm_consts_ptr"]
     elif kernel == "apply_delta_rmsnorm":
         fn = apply_delta_norm_kernel
         block_t, block_d, one_pass, warps = row_blocks(d)
         consts.clear()
-        consts.update(HAS_MAP=False, IN_PLACE=True, WEIGHT_IN_FP32=False, BLOCK_T=block_t, BLOCK_D=block_d,
-                      ONE_PASS=one_pass)
+        consts.update(HAS_MAP=False, IN_PLACE=True, UNIT_OFFSET=False, WEIGHT_IN_FP32=False, BLOCK_T=block_t,
+                      BLOCK_D=block_d, ONE_PASS=one_pass)
         sig = dict(h_ptr=f"*{dtype}", out_ptr=f"*{dtype}", y_ptr=f"*{dtype}", delta_ptr="*fp32", seq_ptr="*fp32",
-                   scale_ptr="*fp32", n_rows="i32", n_seq="i32", d="i32", rows_per_seq="i32", norm_eps="fp32")
-        aligned = ["h_ptr", "out_ptr", "y_ptr", "delta_ptr", "seq_ptr", "scale_ptr", "d"]
+                   weight_ptr=f"*{dtype}", n_rows="i32", n_seq="i32", d="i32", rows_per_seq="i32", norm_eps="fp32")
+        aligned = ["h_ptr", "out_ptr", "y_ptr", "delta_ptr", "seq_ptr", "weight_ptr", "d"]
     elif kernel == "apply":
         fn = apply_kernel
         consts.update(NC=layout.n_coef, NCP=layout.constexprs()["NCP"], IN_PLACE=in_place,
@@ -196,14 +196,16 @@ def _compile_one(case) -> str:
 def launch_ints(kernel: str, rows: int, d: int, config, layout, dtype: str) -> dict:
     """The integer arguments a launch of this case passes (those the JIT may specialise)."""
     if kernel in ("steer", "synthesize", "steer_rmsnorm"):
-        from finesteer_kernels.perf_model import DEFAULT_CARD
-        from finesteer_kernels.steer_kernel import _split_plan
+        from finesteer_kernels.kernel_common import shape_of
+        from finesteer_kernels.perf_model import DEFAULT_CARD, split_plan
 
         lag, ring = 0, 1
         if config.SPLIT > 1:
-            norm_out = DTYPES[dtype] if kernel == "steer_rmsnorm" else 0
-            _, lag, ring = _split_plan(rows, d, config, layout, DTYPES[dtype], DEFAULT_CARD,
-                                       kernel == "synthesize", norm_out=norm_out)
+            shape = shape_of(rows, d, layout, DTYPES[dtype])
+            if kernel == "steer_rmsnorm":
+                shape = shape.with_norm(DTYPES[dtype])
+            plan = split_plan(shape, config, DEFAULT_CARD, kernel == "synthesize")
+            lag, ring = plan.lag, plan.ring
         return dict(n_rows=rows, d=d, lag=lag, ring=ring)
     if kernel == "apply":
         return dict(n_rows=rows, n_seq=min(rows, 64), d=d)

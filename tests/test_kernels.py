@@ -237,7 +237,8 @@ def test_split_d_persistent_programs_loop_over_many_items(monkeypatch):
     import dataclasses
 
     from finesteer_kernels import steer_kernel
-    from finesteer_kernels.perf_model import DEFAULT_CARD
+    from finesteer_kernels.kernel_common import shape_of
+    from finesteer_kernels.perf_model import DEFAULT_CARD, split_plan
 
     tiny = dataclasses.replace(DEFAULT_CARD, sms=2, max_ctas_per_sm=1)
     monkeypatch.setattr(steer_kernel, "card_for", lambda t: tiny)
@@ -245,8 +246,8 @@ def test_split_d_persistent_programs_loop_over_many_items(monkeypatch):
     h = random_rows(p, 100, seed=45, dtype=f16).to(DEVICE)  # 7 row tiles
     packed, layout = kernel_operands(h, p)
     config = Config(16, 32, 4, 2, SPLIT=4)
-    grid, lag, ring = steer_kernel._split_plan(100, 150, config, layout, 2, tiny, False)
-    assert grid == 2 and ring < 7  # 2 programs for (7 + lag) x 4 items; the partials' ring is reused
+    plan = split_plan(shape_of(100, 150, layout, 2), config, tiny)
+    assert plan.grid == 2 and plan.ring < 7  # 2 programs for (7 + lag) x 4 items; the partials' ring is reused
     out = poisoned(*h.shape, dtype=f16)
     launch_steer(h, out, packed.w_in, packed.w_out, packed.mean, packed.consts, layout, p.tau, p.eps,
                  p.alpha * p.gamma, config=config)
@@ -423,3 +424,62 @@ def test_package_imports_and_runs_without_triton():
 def test_relative_tolerances_are_the_issue_ones():
     assert REL_TOL[f32] == 1e-5 and REL_TOL[f16] == REL_TOL[bf16] == 1e-2
     assert math.isinf(rel_error(torch.tensor([float("nan")]), torch.tensor([1.0])))
+
+
+def test_split_d_launch_runs_the_plan_the_model_predicts_with(monkeypatch):
+    """One split plan (`perf_model.split_plan`) for the kernel and the model: the grid, lag and workspace the launch
+    uses are the model's; at decode (one row tile) the lag is clamped to the tile count in both (the model once
+    counted an unclamped lag: a grid of 3 x SPLIT programs where the kernel launches 2 x SPLIT)."""
+    from finesteer_kernels import perf_model, steer_kernel
+
+    launched = {}
+    real = steer_kernel.steer_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.update(grid=grid[0], lag=args[15], ring=args[16], ws=args[8].numel())
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(steer_kernel, "steer_kernel", Recorder())
+    p = random_params(150, 12, 4, "relu", seed=46).to(DEVICE)
+    h = random_rows(p, 1, seed=47, dtype=f16).to(DEVICE)
+    packed, layout = kernel_operands(h, p)
+    config = Config(16, 32, 4, 2, SPLIT=4)
+    out = poisoned(*h.shape, dtype=f16)
+    launch_steer(h, out, packed.w_in, packed.w_out, packed.mean, packed.consts, layout, p.tau, p.eps,
+                 p.alpha * p.gamma, config=config)
+    assert rel_error(out, reference.steer(h, p)) < REL_TOL[f16]
+    shape = shape_of(1, 150, layout, 2)
+    card = kernel_common.card_for(h)
+    plan = perf_model.split_plan(shape, config, card)
+    pred = perf_model.predict_steer(shape, config, card)
+    assert plan.lag == 1 and launched == dict(grid=plan.grid, lag=1, ring=plan.ring, ws=plan.workspace)
+    assert pred.grid == plan.grid == 2 * 4  # pass 1 and pass 2 items of the one tile's 4 slices
+    # the workspace holds the kernel's rows: NP + 1 partial words, NCP + 1 coefficient words (fused norm: + 1 each)
+    np_, ncp = layout.constexprs()["NP"], layout.constexprs()["NCP"]
+    assert (plan.part_w, plan.coef_w) == (np_ + 1, ncp + 1)
+    norm_plan = perf_model.split_plan(shape.with_norm(2), config, card)
+    assert (norm_plan.part_w, norm_plan.coef_w) == (np_ + 2, ncp + 2)
+
+
+def test_packs_are_not_built_inside_a_cuda_graph_capture(monkeypatch):
+    """A pack built on first use inside torch.cuda.graph(...) would only be recorded, never run before the first
+    replay: the first use on a new dtype/device inside a capture raises, naming the cure; built packs are reused."""
+    from finesteer_kernels import params as params_module
+    from finesteer_kernels import RMSNormParams, SteerBank
+    from finesteer_kernels.norm import pack_steer_norm
+
+    p = random_params(40, 4, 3, "relu", seed=48)
+    h = random_rows(p, 3, seed=49, dtype=f32)
+    ops.steer(h, p)  # packs for fp32 on this device, before any capture
+    bank = SteerBank([p, random_params(40, 0, 1, seed=50)])
+    for q in bank.params:
+        q.pack_centred(f32, h.device, 8)  # the bank's own pack is what is missing below, not its steerers'
+    monkeypatch.setattr(params_module, "cuda_graph_capturing", lambda: True)
+    assert rel_error(ops.steer(h, p), reference.steer(h, p)) < REL_TOL[f32]  # cached: fine while capturing
+    for build in (lambda: ops.steer(h.half(), p), lambda: p.pack(f16), lambda: pack_steer_norm(p, f32, h.device),
+                  lambda: ops.steer_rmsnorm(h, p, RMSNormParams(torch.ones(40), 1e-6)), lambda: bank.pack(f32)):
+        with pytest.raises(RuntimeError, match="inside a CUDA graph capture.*call the op once"):
+            build()

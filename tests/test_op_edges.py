@@ -155,3 +155,30 @@ def test_hot_path_errors_name_the_argument_on_both_backends(backend):
         ops.apply_coef_(h, [[0.5, 0.5]], p, torch.zeros(3, dtype=torch.long))
     with pytest.raises(TypeError, match="params: expected finesteer_kernels.SteerParams, got dict"):
         ops.steer(h, {"experts": p.experts})
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_delta_ops_give_nan_rows_past_the_end_on_both_backends(backend, in_place):
+    """`apply_delta` (and `apply_delta_rmsnorm`, which adds the same edit) follow `apply_coef`'s rule on both
+    backends: an index >= B makes its row NaN (B itself included), negative ones leave the row unedited. (The
+    reference once left the row at index B unchanged and raised IndexError past it, where the kernel gave NaN.)"""
+    from finesteer_kernels import RMSNormParams
+
+    d = 32
+    g = torch.Generator().manual_seed(15)
+    h, delta = torch.randn(6, d, generator=g), torch.randn(2, d, generator=g)
+    norm = RMSNormParams(torch.rand(d, generator=g) + 0.5, 1e-6)
+    row_to_seq = torch.tensor([0, 2, -1, 1, 3, -2])
+    if in_place:
+        out, fused = h.clone(), h.clone()
+        ops.apply_delta_(out, delta, row_to_seq)
+        y = ops.apply_delta_rmsnorm_(fused, delta, norm, row_to_seq)
+    else:
+        out = ops.apply_delta(h, delta, row_to_seq)
+        fused, y = ops.apply_delta_rmsnorm(h, delta, norm, row_to_seq)
+    for edited in (out, fused):
+        assert edited[[1, 4]].isnan().all()
+        assert torch.equal(edited[[2, 5]], h[[2, 5]])
+        torch.testing.assert_close(edited[[0, 3]], h[[0, 3]] + delta, rtol=1e-6, atol=1e-6)
+    assert y[[1, 4]].isnan().all() and not y[[0, 2, 3, 5]].isnan().any()
+    torch.testing.assert_close(y[[0, 2, 3, 5]], reference.rms_norm(fused[[0, 2, 3, 5]], norm), rtol=1e-5, atol=1e-5)

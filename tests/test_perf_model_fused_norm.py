@@ -30,10 +30,10 @@ def fused_pick(T, d, sizes, card, edited=1.0):
 def test_fused_moves_the_norm_plus_the_steered_rows_plus_its_own_fixed_bytes():
     for card, sizes, T, d, edited in cases(PREFILL + DECODE):
         shape, fused = fused_pick(T, d, sizes, card, edited)
-        norm = predict_rmsnorm(T, d, 2, card, weight_elem=4)  # the fused op reads the norm weight in fp32
+        norm = predict_rmsnorm(T, d, 2, card)  # the fused op reads the norm's own (16-bit) weight, as the norm does
         h = T * d * 2
         steered_rows = round(edited * h)
-        own = shape.w_in_bytes + shape.w_out_bytes - d * 4  # W_in (with W_out^T), mu, W_out, norm constants
+        own = shape.w_in_bytes + shape.w_out_bytes - d * 2  # W_in (with W_out^T), mu, W_out, norm constants
         config = fused.config
         if config.SPLIT > 1:
             own += T * config.SPLIT * (shape.w_in_cols + 2) * 4 // 2  # partials, half counted as written back
@@ -51,7 +51,7 @@ def test_fused_saves_one_read_of_the_stream_and_a_launch():
         shape, fused = fused_pick(T, d, sizes, card, edited)
         h = T * d * 2
         # what the fused op moves beyond "separate steer + norm - one read of h", term by term: W_out^T's copy in
-        # W_in and the norm's fp32 constants (beside the norm's own 16-bit weight), and the split-d partials of
+        # W_in and the norm's fp32 constants (its 16-bit weight is the norm's own), and the split-d partials of
         # both picks (the fused ones are K + k + 1 floats wider per row and slice)
         partials = lambda p, s: T * p.config.SPLIT * (s.w_in_cols + 1 + (s.norm_out > 0)) * 4 // 2 \
             if p.config.SPLIT > 1 else 0  # noqa: E731
@@ -68,7 +68,7 @@ def test_fused_saves_one_read_of_the_stream_and_a_launch():
         sequences = min(T, 64)
         query = predict_apply_delta_norm(T, d, 2, sequences, card)
         query_separate = predict_apply_delta(T, d, 2, sequences, card)
-        assert query.hbm_bytes == query_separate.hbm_bytes + norm.hbm_bytes - h + d * 4 - d * 2
+        assert query.hbm_bytes == query_separate.hbm_bytes + norm.hbm_bytes - h  # the weight read as the norm does
         assert query.launches == 1 and query_separate.launches + norm.launches == 2
 
 
@@ -89,7 +89,7 @@ def test_norm_shape_adds_w_out_columns_and_constants():
     plain, fused = Shape.of(8, 4096, 2, 64, 8, 16, 8), Shape.of(8, 4096, 2, 64, 8, 16, 8, norm_out=2)
     assert (plain.w_in_cols, fused.w_in_cols, fused.np) == (88, 104, 128)  # + K + k = 16 columns, same NP
     assert fused.has_pass1 and fused.norm_out == 2
-    assert fused.extra_weight_bytes == 4 * (4096 + 16 + 16 * 16)
+    assert fused.extra_weight_bytes == 2 * 4096 + 4 * (16 + 16 * 16)  # the norm's weight (h's dtype), W_out mu, G
     caa = Shape.of(8, 4096, 2, 0, 1, norm_out=2)  # no pass 1 of its own: the norm needs one (||h||^2, W_out h)
     assert caa.has_pass1 and caa.w_in_cols == 16  # 8 zero columns, then W_out^T
 
@@ -101,8 +101,10 @@ def test_fused_bytes_by_hand():
     pred = predict_steer(shape, Config(64, 128, 8, 3, SPLIT=4), card, edited=0.5)
     h = 4096 * 4096 * 2
     w_in = 4096 * 80 * 2 + 4096 * 4  # 72 columns + 8 of W_out^T, fp32 mu
-    w_out = 8 * 4096 * 2 + 4 * (4096 + 16 + 256)  # W_out, the norm's fp32 multiplier, W_out mu and G
+    w_out = 8 * 4096 * 2 + 4096 * 2 + 4 * (16 + 256)  # W_out, the norm's weight, W_out mu and G
     partials = 4096 * 4 * 82 * 4  # 80 columns + ||xc||^2 + ||h||^2
-    coef = 4096 * 10 * 4 * 5  # 8 coefficients, the gate and 1/rms, written once, read by each slice
+    w_out_xc = 4096 * 4 * 8 * 4  # the W_out xc columns of the partials read a second time (narrow loads)
+    coef = 64 * 64 * 18 * 4 * 5  # 16 coefficient slots (8 padded), the gate and 1/rms per row of each of the 64 tiles,
+    # written once, read by each slice
     assert pred.hbm_bytes == h + h // 2 + h + w_in + w_out + partials // 2  # read, steered half, y
-    assert pred.l2_bytes == h + h + h // 2 + h + 64 * (w_in + w_out) + 2 * partials + coef
+    assert pred.l2_bytes == h + h + h // 2 + h + 64 * (w_in + w_out) + 2 * partials + w_out_xc + coef
