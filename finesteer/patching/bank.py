@@ -26,7 +26,7 @@ from finesteer_kernels import SteerBank
 
 from ..layers import find_decoder_layers, hidden_size
 from .continuous import ContinuousSteering
-from .forward_context import ForwardContext, rows_for
+from .forward_context import ForwardContext
 from .handle import PatchHandle, Site, _padding_mask, _share_within_beams
 from .placement import check_free_layer, normalise_steerers, owner_of, placement, prepare
 
@@ -165,22 +165,19 @@ class BankHandle(PatchHandle):
         packed = self.continuous.batch_of(ctx)
         if packed is not None:
             return self.continuous.steer_query(site, hidden, packed, in_place)
-        rows = rows_for(ctx, hidden)
-        batch = hidden.shape[0]
-        apply = finesteer_kernels.apply_delta_ if in_place else finesteer_kernels.apply_delta
-        if rows.pending:
-            return hidden
-        if rows.decode:
-            self._check_decode(site, batch)
-            return apply(hidden, site.delta, site.decode_map.expand(batch, hidden.shape[1]))
-        seq_index = site.local(self._sequence_steerers(batch, ctx, hidden.device))
+        return super()._steer_query(site, hidden, ctx, in_place)
+
+    def _decode_rows(self, site: BankSite, hidden) -> torch.Tensor:
+        return site.decode_map.expand(hidden.shape[0], hidden.shape[1])
+
+    def _prefill(self, site: BankSite, hidden, ctx, rows) -> torch.Tensor:
+        seq_index = site.local(self._sequence_steerers(hidden.shape[0], ctx, hidden.device))
         seq_index = torch.where(rows.anchor_found[:, 0], seq_index, -1)  # a row with no real prompt token: none
         anchors = hidden[rows.batch_index, rows.anchor]
         coef = _share_within_beams(finesteer_kernels.synthesize_bank(anchors, site.bank, seq_index), rows.num_beams)
         self._cache_prefill(site, coef, finesteer_kernels.bank_coef_delta(coef, site.bank, seq_index))
         site.decode_map = torch.where(seq_index >= 0, rows.batch_index, -1)[:, None]
-        row_to_seq = torch.where(site.decode_map >= 0, rows.row_to_seq, -1)
-        return apply(hidden, site.delta, row_to_seq)
+        return torch.where(site.decode_map >= 0, rows.row_to_seq, -1)
 
     def _begin_forward(self, reader, args: tuple, kwargs: dict) -> None:
         if self.continuous.begin_forward(reader, args, kwargs):

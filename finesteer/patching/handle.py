@@ -324,20 +324,28 @@ class PatchHandle:
         None: row b gets delta[b]), at prefill a new one (synthesised at the anchors and cached); None while the
         anchor has not come (a chunked prefill's early chunks)."""
         rows = rows_for(ctx, hidden)
-        batch = hidden.shape[0]
         if rows.pending:
             return None
         if rows.decode:
             # The fast path: one op on the per-sequence delta cached at prefill (every decode token is a real token:
             # padding only ever sits in the prompt).
-            self._check_decode(site, batch)
-            return site.delta, None
+            self._check_decode(site, hidden.shape[0])
+            return site.delta, self._decode_rows(site, hidden)
+        row_to_seq = self._prefill(site, hidden, ctx, rows)  # sets site.delta
+        return site.delta, row_to_seq
+
+    def _decode_rows(self, site: Site, hidden: torch.Tensor) -> Optional[torch.Tensor]:
+        """A decode step's ``row_to_seq``: None, row b gets delta[b]."""
+        return None
+
+    def _prefill(self, site: Site, hidden: torch.Tensor, ctx: Optional[ForwardContext], rows) -> torch.Tensor:
+        """Synthesise at the anchors, cache coefficients and delta; -> the prefill's ``row_to_seq``."""
         anchors = hidden[rows.batch_index, rows.anchor]  # (B, d)
         coef = finesteer_kernels.synthesize(anchors, site.params)
         coef = torch.where(rows.anchor_found, coef, 0.0)  # a row with no real prompt token gets no edit
         coef = _share_within_beams(coef, rows.num_beams)
         self._cache_prefill(site, coef, finesteer_kernels.coef_delta(coef, site.params))
-        return site.delta, rows.row_to_seq
+        return rows.row_to_seq
 
     def _check_decode(self, site: Site, batch: int) -> None:
         """A query-mode decode step may use the coefficients cached at prefill: there are some, this thread made
