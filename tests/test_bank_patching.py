@@ -9,12 +9,13 @@ would make every token take seconds), except one test on the default backend.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
 import torch
 
-from finesteer import SteererBank, patch_model
+from finesteer import SteererBank, patch_model, unpatch_model
 from finesteer.layers import hidden_size
 from finesteer_kernels import SteerBank
 from op_cases import random_params
@@ -23,6 +24,7 @@ from tiny_models import random_ids
 
 ARCHS = ("llama", "qwen2", "gpt2", "gpt_neox")
 NEW_TOKENS = 4
+CHILD = "__child#"  # transformers names a request's forks f"{parent}__child#{i}"
 
 pytestmark = pytest.mark.usefixtures("torch_backend")  # the exact reference; some tests override it
 
@@ -161,6 +163,48 @@ def test_clear_errors():
     assert isinstance(handle.params(1), SteerBank) and handle.params(1).names == ("caa", "mose")
 
 
+def test_token_mode_decodes_on_a_static_cache_filled_before_patching():
+    """A static cache keeps its length on the device and this patch never saw it filled: token mode needs no
+    length (every row gates on itself), so a one-token step without a mask is steered as the plain patch steers it."""
+    from transformers import StaticCache
+
+    model = get_model("llama")
+    steerers = steerers_for(model)
+    ids = random_ids(1, 5, seed=41)
+    steps = {}
+    for kind in ("plain", "bank"):
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        with torch.no_grad():
+            token = model(ids, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            with patch_model(model, steerers["mose"] if kind == "plain" else SteererBank(steerers, default="mose"),
+                             mode="token"):
+                steps[kind] = model(token, cache=cache, use_cache=True).logits
+    torch.testing.assert_close(steps["bank"], steps["plain"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("order", ["first in, first out", "last in, first out"])
+def test_two_banks_removed_in_either_order_leave_nothing_behind(order):
+    """Each bank wraps generate, generate_batch and init_continuous_batching on the instance; removing the one
+    below first must neither drop the other's wrappers nor leave its own behind."""
+    model = get_model("llama")
+    steerers = steerers_for(model)
+    ids = random_ids(2, 4, seed=42)
+    wrapped = ("forward", "generate", "generate_batch", "init_continuous_batching")
+    owner = model.model
+    with torch.no_grad(), patch_model(model, steerers["caa"]), patch_model(model, steerers["late"]):
+        both = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+    below = patch_model(model, SteererBank({"x": steerers["caa"]}, default="x"))
+    above = patch_model(model, SteererBank({"y": steerers["late"]}, default="y"))
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False), both)
+        for handle in (below, above) if order == "first in, first out" else (above, below):
+            handle.remove()
+            assert callable(model.init_continuous_batching) and callable(model.generate_batch)
+        assert [name for name in wrapped if name in vars(model) or name in vars(owner)] == []
+        assert unpatch_model(model) == 0
+        assert not torch.equal(model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False), both)
+
+
 # ---- continuous batching ---------------------------------------------------------------------------------------
 def cb_config():
     from transformers import ContinuousBatchingConfig
@@ -239,3 +283,165 @@ def test_a_plain_patch_refuses_query_mode_in_packed_batches():
         results = model.generate_batch(prompts_of(2), generation_config=greedy_config(2), warmup=False,
                                        continuous_batching_config=cb_config())
     assert all(out.error is not None and "SteererBank" in out.error for out in results.values())
+
+
+@pytest.mark.parametrize("mode", ["query", "token"])
+def test_a_request_scheduled_before_add_request_returns_is_steered(mode):
+    """The manager's thread may schedule (here: finish) a request before add_request / add_requests return: the
+    steerer must be recorded before the request is queued. The queue's put is made to wait for the result."""
+    model = get_model("llama")
+    steerers = steerers_for(model)
+    prompts = prompts_of(3)
+    names = ["mose", "late", "two-layer"]
+    results = {}
+    with torch.no_grad(), patch_model(model, SteererBank(steerers), mode=mode):
+        with model.continuous_batching_context_manager(generation_config=greedy_config(), warmup=False,
+                                                       continuous_batching_config=cb_config()) as manager:
+            put = manager.input_queue.put
+
+            def put_and_wait_until_generated(state, *args, **kwargs):
+                put(state, *args, **kwargs)
+                while state.request_id not in results:
+                    out = manager.get_result(timeout=60)
+                    assert out is not None, "continuous batching stalled"
+                    if out.is_finished():
+                        results[out.request_id] = out
+
+            manager.input_queue.put = put_and_wait_until_generated
+            manager.add_request(prompts[0], request_id="alone", steerer=names[0])
+            batch_ids = manager.add_requests(prompts[1:], steerers=names[1:])
+    for request_id, name, prompt in zip(["alone", *batch_ids], names, prompts):
+        expected = alone(model, steerers, name, prompt, mode, do_sample=False)[0, -NEW_TOKENS:].tolist()
+        assert results[request_id].generated_tokens == expected, (request_id, name)
+
+
+def tight_cache():
+    """So little KV cache that requests are soft reset (their cache dropped, the request queued again with its
+    generated tokens as prompt) and forks do not fit (a child then waits to be prefilled from scratch)."""
+    from transformers import ContinuousBatchingConfig
+
+    return ContinuousBatchingConfig(max_batch_tokens=48, num_blocks=4, page_size=8, max_requests_per_batch=8)
+
+
+@pytest.mark.parametrize("mode", ["query", "token"])
+def test_soft_reset_requests_keep_their_steerer_and_delta(mode, monkeypatch):
+    from transformers.generation.continuous_batching.requests import RequestState
+
+    soft_resets = []
+    reset = RequestState.create_equivalent_initial_request
+    monkeypatch.setattr(RequestState, "create_equivalent_initial_request",
+                        lambda state: soft_resets.append(state.request_id) or reset(state))
+    model = get_model("llama")
+    steerers = steerers_for(model)
+    prompts, names, tokens = prompts_of(3), ["mose", "caa", "late"], 12
+    with torch.no_grad(), patch_model(model, SteererBank(steerers), mode=mode):
+        results = model.generate_batch(prompts, generation_config=greedy_config(tokens), steerers=names,
+                                       warmup=False, continuous_batching_config=tight_cache())
+    assert soft_resets, "the cache was large enough: no request was soft reset"
+    for (request_id, out), name, prompt in zip(results.items(), names, prompts):
+        with torch.no_grad(), patch_model(model, steerers[name], mode=mode):
+            expected = model.generate(torch.tensor([prompt]), max_new_tokens=tokens, do_sample=False)
+        assert out.generated_tokens == expected[0, -tokens:].tolist(), (request_id, name)
+
+
+@pytest.mark.parametrize("mode", ["query", "token"])
+def test_forked_requests_take_their_parents_steerer(mode, monkeypatch):
+    """num_return_sequences: transformers prefills all but the prompt's last token, forks the request, and queues
+    the children that do not fit in the cache to be prefilled from scratch (here after their parent has finished:
+    one new token each). Every child generates what its parent does; query mode steers from the anchor on, as
+    generate does with the prompt split before its last token."""
+    from transformers.generation.continuous_batching.scheduler import Scheduler
+
+    requeued = []
+    add_waiting = Scheduler.add_waiting_request
+    monkeypatch.setattr(Scheduler, "add_waiting_request",
+                        lambda self, state: requeued.append(state.request_id) or add_waiting(self, state))
+    model = get_model("llama")
+    steerers = steerers_for(model)
+    prompts, names = [list(range(5, 17)), list(range(9, 22))], ["mose", "late"]
+    config = greedy_config(1)
+    config.num_return_sequences = 3
+    with torch.no_grad(), patch_model(model, SteererBank(steerers), mode=mode):
+        results = model.generate_batch(prompts, generation_config=config, steerers=names, warmup=False,
+                                       continuous_batching_config=tight_cache())
+    assert any(CHILD in request_id for request_id in requeued), "every child fitted: none was prefilled anew"
+    assert len(results) == 6
+    assert any(out.lifespan[0] > results[request_id.split(CHILD)[0]].lifespan[1]
+               for request_id, out in results.items() if CHILD in request_id), "no child started after its parent"
+    for request_id, out in results.items():
+        k = int(request_id.split(CHILD)[0][len("req_"):])
+        expected = alone(model, steerers, names[k], prompts[k], mode, do_sample=False,
+                         prefill_chunk_size=len(prompts[k]) - 1)[0, -NEW_TOKENS]
+        assert out.generated_tokens == [expected.item()], (request_id, names[k])
+
+
+@contextlib.contextmanager
+def stepped_manager(model, tokens: int):
+    """A continuous-batching manager whose generation loop the test steps itself, in its own thread, so that the
+    order of events is fixed: ``step()`` is one turn of the loop (take new requests and cancellations, schedule,
+    forward, update)."""
+    manager = model.init_continuous_batching(generation_config=greedy_config(tokens),
+                                             continuous_batching_config=cb_config())
+    processor = manager.batch_processor = manager._create_batch_processor()
+    manager.current_batch = 0
+    try:
+        yield manager, lambda: manager._generation_loop_body(processor, bootstrapping=False)
+    finally:
+        manager.destroy()
+        if manager._original_attn_impl is not None:  # stop() would restore it, but this manager never started
+            model.set_attn_implementation(manager._original_attn_impl)
+
+
+@pytest.mark.parametrize("mode", ["query", "token"])
+def test_finished_and_cancelled_requests_are_forgotten(mode):
+    """A cancelled request never finishes: its steerer and query-mode slot must go when the scheduler drops it,
+    like a finished one's, and new requests reuse the slots."""
+    model = get_model("llama")
+    steerers = steerers_for(model)
+    prompts = prompts_of(4)
+    with torch.no_grad(), patch_model(model, SteererBank(steerers), mode=mode) as handle, \
+            stepped_manager(model, tokens=30) as (manager, step):
+        manager.add_request(prompts[0], request_id="cancelled", steerer="caa")
+        manager.add_request(prompts[1], request_id="finished", steerer="mose", max_new_tokens=2)
+        step()  # both prefilled
+        step()  # "finished" has its two tokens
+        manager.cancel_request("cancelled")
+        manager.add_request(prompts[2], request_id="new0", steerer="late", max_new_tokens=NEW_TOKENS)
+        manager.add_request(prompts[3], request_id="new1", steerer="two-layer", max_new_tokens=NEW_TOKENS)
+        step()
+        assert handle.continuous.capacity == (2 if mode == "query" else 0)  # the two freed slots taken again
+        assert set(handle.continuous.requests) == {"new0", "new1"}
+        while manager.batch_processor.has_pending_requests():
+            step()
+        results = {}
+        while (out := manager.get_result(timeout=0)) is not None:
+            results[out.request_id] = out
+    assert "cancelled" not in results
+    for request_id, name, prompt in (("new0", "late", prompts[2]), ("new1", "two-layer", prompts[3])):
+        expected = alone(model, steerers, name, prompt, mode, do_sample=False)[0, -NEW_TOKENS:].tolist()
+        assert results[request_id].generated_tokens == expected, request_id
+
+
+def test_request_bookkeeping_keeps_parents_for_children_and_early_chunks_unsteered():
+    """The bookkeeping itself, for what a CPU run does not reach reliably: a finished parent stays while a child
+    still waits for its delta, and a soft-reset re-prefill leaves unsteered the positions its first prefill left
+    unsteered (the chunks before the one holding the anchor)."""
+    from types import SimpleNamespace
+
+    from finesteer.patching.continuous import Request, Segment
+
+    model = get_model("llama")
+    with patch_model(model, SteererBank(steerers_for(model)), mode="query") as handle:
+        steering = handle.continuous
+        steering.requests = {"p": Request(steerer=1, children=2, admitted=True, slot=0, steer_from=6),
+                             f"p{CHILD}0": Request(steerer=1, admitted=True, slot=1, steer_from=6)}
+        steering.capacity = 2
+        waiting = SimpleNamespace(active_requests={}, waiting_requests={f"p{CHILD}1": None})
+        steering._forget(waiting)  # the parent is done, child 0 too (and had its delta), child 1 waits
+        assert set(steering.requests) == {"p"} and steering.free == [1]
+        io = SimpleNamespace(input_ids=torch.zeros(1))
+        packed = steering._pack([Segment(f"p{CHILD}1", past=0, length=7, ends_prompt=True)], io)
+        assert packed.copies == [(0, 1)] and packed.anchor_rows.numel() == 0  # the parent's delta, not a new one
+        assert packed.row_slot.tolist() == [-1] * 6 + [1]
+        steering._forget(SimpleNamespace(active_requests={f"p{CHILD}1": None}, waiting_requests={}))
+        assert set(steering.requests) == {f"p{CHILD}1"} and steering.free == [0]

@@ -1,8 +1,8 @@
 """``patch_model(..., fuse_norm=True)`` on tiny random-weight models: the same logits and tokens as the separate edit
 (fp32, 1e-5) on the pre-norm RMSNorm architectures, in forward and in ``generate`` with a KV cache and left padding,
-both modes, with the fused kernels really running (the Triton interpreter on CPU); the fallback, with its warning,
-on OLMo2 (post-norm), GPT-2 and GPT-NeoX (LayerNorm); recorded hidden states; the cases that must stay unfused at
-run time; and removal restoring the norm modules exactly."""
+both modes, with the fused kernels really running (the Triton interpreter on CPU), also with a gate that closes for
+some rows; the fallback, with its warning, on OLMo2 (post-norm), GPT-2 and GPT-NeoX (LayerNorm); recorded hidden
+states; the cases that must stay unfused at run time; and removal restoring the norm modules exactly."""
 from __future__ import annotations
 
 import contextlib
@@ -205,3 +205,58 @@ def test_a_stream_changed_before_the_norm_falls_back_at_patch_time_and_raises_la
                 model(ids)
         finally:
             copying.remove()
+
+
+def gate_ratio(h: torch.Tensor, p) -> torch.Tensor:
+    """The gate's score per row (`reference.gate` compares it with tau): energy of the centred row inside span(S)."""
+    centred = h.float() - p.mean
+    return (centred @ p.basis).square().sum(-1) / centred.square().sum(-1)
+
+
+def split_between(scores: torch.Tensor) -> float:
+    """A tau in the widest gap between the middle scores: some rows open, some closed, none near the threshold."""
+    s = scores.sort().values
+    lo, hi = len(s) // 4, max(len(s) - len(s) // 4, len(s) // 4 + 2)
+    gaps = s[lo + 1:hi] - s[lo:hi - 1]
+    i = lo + int(gaps.argmax())
+    assert gaps.max() > 1e-3, "scores too close to keep the rows away from the threshold"
+    return float(s[i] + s[i + 1]) / 2
+
+
+@pytest.mark.parametrize("mode", ["query", "token"])
+def test_fused_with_a_closed_gate_and_padding(mode, fused_calls):
+    """A tau between the rows' gate scores (token mode: all real positions; query mode: the anchors), so some rows
+    are steered and some not, with left padding: the fused norm gives what the separate edit gives, and it leaves
+    the closed and padded rows of the first steered layer as they were."""
+    model = get_model("llama")
+    ids = random_ids(4, 6, seed=4)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = mask[2, :1] = 0
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    open_gate = steerers(model)
+    chosen = {}
+    for layer, p in open_gate.items():
+        h = plain[layer + 1]  # the layer's output
+        rows = h[:, -1] if mode == "query" else h[mask.bool()]  # left padding: the anchor is the last position
+        chosen[layer] = p.replace(tau=split_between(gate_ratio(rows, p)))
+    results = {}
+    for fuse in (False, True):
+        with torch.no_grad(), patch_model(model, chosen, mode=mode, fuse_norm=fuse):
+            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            gen = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True)
+        results[fuse] = out, gen
+    assert fused_calls["steer_rmsnorm_" if mode == "token" else "apply_delta_rmsnorm_"] > 0
+    (out, gen), (fused_out, fused_gen) = results[False], results[True]
+    first = LAYERS[0]  # its input is unsteered, so its gate decisions are those computed above
+    edited = (fused_out.hidden_states[first + 1] != plain[first + 1]).any(-1)
+    assert not edited[~mask.bool()].any(), "padding stays as it is"
+    real = edited[mask.bool()]
+    assert real.any() and not real.all(), "tau leaves some real rows unsteered and steers others"
+    for fused_h, h in zip(fused_out.hidden_states, out.hidden_states):
+        torch.testing.assert_close(fused_h, h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused_out.logits, out.logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(fused_gen.sequences, gen.sequences)
+    for fused_step, step in zip(fused_gen.logits, gen.logits):
+        torch.testing.assert_close(fused_step, step, rtol=1e-5, atol=1e-5)

@@ -638,19 +638,73 @@ def test_a_second_thread_is_refused_while_one_is_running():
         assert torch.equal(greedy(model, ids), expected)  # free again once the first thread is done
 
 
-def test_a_decode_step_in_another_thread_than_its_prefill_is_refused():
+@pytest.mark.parametrize("kind", ["plain", "bank"])
+def test_a_decode_step_in_another_thread_than_its_prefill_is_refused(kind):
     """Interleaved manual loops in two threads would decode with each other's coefficients: a decode step must
-    run in the thread whose prefill made the cached ones."""
+    run in the thread whose prefill made the cached ones (a SteererBank's patch too)."""
     model = get_model("llama")
     ids, step = random_ids(1, 4, seed=34), random_ids(1, 1, seed=35)
+    steerer = {LAYER: mose(64, 1.0)}
     caches = {}
-    with torch.no_grad(), patch_model(model, {LAYER: mose(64, 1.0)}):
+    with torch.no_grad(), patch_model(model, steerer if kind == "plain" else
+                                      finesteer.SteererBank({"s": steerer}, default="s")):
         worker = threading.Thread(target=lambda: caches.update(other=model(ids, use_cache=True).cache))
         worker.start()
         worker.join(60)
         with pytest.raises(RuntimeError, match="decode step in another thread than the prefill"):
             model(step, cache=caches["other"])
         model(step, cache=model(ids, use_cache=True).cache)  # prefill and decode in this thread
+
+
+@pytest.mark.parametrize("mode", ["query", "token"])
+def test_a_keyboard_interrupt_in_a_forward_releases_the_patch(mode):
+    """torch runs the owner's always_call hook only for an Exception: a KeyboardInterrupt inside a forward must
+    still end the forward (guard released, context cleared), so that another thread can use the model afterwards;
+    an Exception is released once, not twice (a level held around the forward, as generate holds one, stays)."""
+    model = get_model("llama")
+    ids = random_ids(2, 5, seed=36)
+    layer = finesteer.find_decoder_layers(model)[2]
+    with torch.no_grad(), patch_model(model, {LAYER: mose(64, 1.0)}, mode=mode) as handle:
+        want = model(ids).logits
+        guard = handle._one_thread
+        for error in (KeyboardInterrupt, ValueError):
+            raising = layer.register_forward_hook(lambda *_, e=error: (_ for _ in ()).throw(e()))
+            try:
+                for outer_levels in (0, 1):
+                    for _ in range(outer_levels):
+                        guard.enter("outer call")
+                    with pytest.raises(error):
+                        model(ids)
+                    assert guard._depth == outer_levels and handle._context is None, (error, outer_levels)
+                    for _ in range(outer_levels):
+                        guard.exit()
+                    assert not guard._lock.locked(), error
+            finally:
+                raising.remove()
+        results = {}
+        worker = threading.Thread(target=lambda: results.update(logits=model(ids).logits))
+        worker.start()
+        worker.join(60)
+        assert torch.equal(results["logits"], want)
+
+
+@pytest.mark.parametrize("kind", ["plain", "bank"])
+def test_an_inference_mode_prefill_then_a_no_grad_one(kind):
+    """Query mode writes each prefill's coefficients into the last one's memory (CUDA graphs read it): memory made
+    under torch.inference_mode() is updated there, not refused, when the next prefill runs under no_grad; and the
+    other way round."""
+    model = get_model("llama")
+    ids = random_ids(2, 5, seed=37)
+    steerer = {LAYER: mose(64, hidden_scale(model, ids), seed=3)}
+    patch = lambda: patch_model(model, steerer if kind == "plain" else  # noqa: E731
+                                finesteer.SteererBank({"s": steerer}, default="s"))
+    with torch.no_grad(), patch():
+        want = greedy(model, ids)
+    with patch():
+        for modes in ((torch.inference_mode, torch.no_grad), (torch.no_grad, torch.inference_mode)):
+            for grad_mode in modes:
+                with grad_mode():
+                    assert torch.equal(greedy(model, ids), want), grad_mode
 
 
 @pytest.mark.parametrize("arch", ["falcon", "bloom"])

@@ -1,7 +1,8 @@
 """Models spread over devices: transformers tensor parallelism (``tp_plan="auto"`` under torchrun, 2 processes,
 gloo on the CPU) and ``device_map`` placements give the single-process steered tokens and logits with a
 `SteererBank` in both modes. Several GPUs are not available here: a device_map that spreads layers over GPUs is
-documented in docs/serving.md, and the placement logic (each layer's bank on that layer's device) is checked."""
+documented in docs/serving.md, and the placement logic (each layer's bank on that layer's device) is checked with
+stubbed devices."""
 import os
 import socket
 import subprocess
@@ -95,3 +96,38 @@ def test_device_map_placement(saved, monkeypatch):
     assert spread["layers"] == {1: torch.device("cpu"), 2: torch.device("cpu")}
     for mode in ("query", "token"):
         assert torch.equal(spread[f"{mode}_tokens"], single[f"{mode}_tokens"]), mode
+
+
+def test_each_layer_bank_is_packed_for_its_own_layers_device(saved, monkeypatch):
+    """The CPU is the only device here, so the placement is stubbed: layer 1 'on' the CPU, layer 2 on the meta device
+    (tensors there have shapes and a device but no data). Each layer's steerers must be prepared, indexed and warmed
+    on the device its own layer module reports, which a bank packed once for the whole model, or with another layer's
+    placement, would not be."""
+    from finesteer.patching import bank as bank_module
+
+    folder, files = saved
+    steerers = SteererBank({os.path.basename(p).split(".")[0]: Steerer.load(p) for p in files})
+    model = tiny_model("llama")
+    layer_modules = bank_module.find_decoder_layers(model)
+    devices = {1: torch.device("cpu"), 2: torch.device("meta")}
+    asked, prepared, warmed = [], [], []
+
+    def stub_placement(layer, index):
+        asked.append((layer, index))
+        return devices[index], torch.float32
+
+    def spy_prepare(params, device, dtype, alpha):  # records the device, prepares on the CPU (meta has no data)
+        prepared.append((params, device))
+        return real_prepare(params, torch.device("cpu"), dtype, alpha)
+
+    real_prepare = bank_module.prepare
+    monkeypatch.setattr(bank_module, "prepare", spy_prepare)
+    monkeypatch.setattr(bank_module, "_warm", lambda bank, device, dtype: warmed.append((bank, device)))
+    sites = bank_module._layer_banks(steerers, layer_modules, 64, None, stub_placement)
+    assert asked == [(layer_modules[i], i) for i in (1, 2)]
+    for layer, site in sites.items():
+        wanted = {id(params) for params in (steerers.sites[name].get(layer) for name in steerers.names)
+                  if params is not None}
+        assert {id(params) for params, device in prepared if device == devices[layer]} == wanted, layer
+        assert site.local_of.device == devices[layer]
+        assert [device for bank, device in warmed if bank is site.bank] == [devices[layer]]

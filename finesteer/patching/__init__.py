@@ -23,8 +23,10 @@ its own hidden state. See docs/patching.md.
 The hooks only look at shapes, never at tensor values, so they do not synchronise with the device.
 
 Modules: `patch` (`patch_model`, `unpatch_model`), `handle` (`PatchHandle`: the hooks and the query-mode state),
-`forward_context` (what a forward looks like: mask, cache length, prefill or decode, anchors), `bank` (`SteererBank`,
-`BankHandle`: a steerer per row or request), `continuous` (a bank inside transformers' continuous batching).
+`forward_context` (what a forward looks like: mask, cache length, prefill or decode, anchors), `placement` (steerers
+checked and moved to their layer's device), `fused_norm` (``fuse_norm=True``: the edit inside the next RMSNorm),
+`bank` (`SteererBank`, `BankHandle`: a steerer per row or request), `continuous` (a bank inside transformers'
+continuous batching), `wrappers` (instance methods wrapped so that they come off in any order).
 """
 from ..layers import find_decoder_layers
 from .bank import BankHandle, SteererBank

@@ -22,12 +22,13 @@ from typing import Optional
 import torch
 
 import finesteer_kernels
-from finesteer_kernels import SteerBank, SteerParams
+from finesteer_kernels import SteerBank
 
-from ..layers import check_layer_index, find_decoder_layers, hidden_size
-from ..steerer import Steerer
-from .forward_context import ForwardContext, rows_for
-from .handle import PatchHandle, Site, _share_within_beams, _store_coef
+from ..layers import find_decoder_layers, hidden_size
+from .continuous import ContinuousSteering
+from .forward_context import ForwardContext
+from .handle import PatchHandle, Site, _padding_mask, _share_within_beams
+from .placement import check_free_layer, normalise_steerers, owner_of, placement, prepare
 
 
 class SteererBank:
@@ -45,26 +46,7 @@ class SteererBank:
         for name, item in steerers.items():
             if not isinstance(name, str):
                 raise TypeError(f"steerers: names are strings, got {name!r}")
-            if isinstance(item, Steerer):
-                self.sites[name] = {item.layer: item.params}
-            elif isinstance(item, Mapping) and item:
-                layers = {}
-                for layer, part in item.items():
-                    if not isinstance(layer, int) or isinstance(layer, bool):
-                        raise TypeError(f"steerers[{name!r}]: keys are decoder layer indices (int), got {layer!r}")
-                    if isinstance(part, Steerer):
-                        if part.layer != layer:
-                            raise ValueError(f"steerers[{name!r}]: key {layer} holds a steerer fitted at layer "
-                                             f"{part.layer}")
-                        part = part.params
-                    if not isinstance(part, SteerParams):
-                        raise TypeError(f"steerers[{name!r}][{layer}]: expected a Steerer or SteerParams, got "
-                                        f"{type(part).__name__}")
-                    layers[layer] = part
-                self.sites[name] = layers
-            else:
-                raise TypeError(f"steerers[{name!r}]: expected a Steerer or a dict {{layer: Steerer or SteerParams}}, "
-                                f"got {type(item).__name__}")
+            self.sites[name] = normalise_steerers(item, name=f"steerers[{name!r}]")
         self.names = tuple(self.sites)
         if default is not None and default not in self.sites:
             raise KeyError(f"default: {default!r} is not one of the bank's names {list(self.names)}")
@@ -101,7 +83,6 @@ class BankSite(Site):
     bank: Optional[SteerBank] = None
     local_of: Optional[torch.Tensor] = None  # (S_global + 1,) int64: local index of global g at [g + 1]; [0] = -1
     local_key: tuple = ()  # the same map as a tuple (a cache key: layers with equal maps share plans)
-    seq_index: Optional[torch.Tensor] = None  # query mode: (B,) local index per sequence of the last prefill
     decode_map: Optional[torch.Tensor] = None  # query mode: (B,) row -> its delta row, -1 for unsteered sequences
     slot_delta: Optional[torch.Tensor] = None  # continuous batching: (capacity, d) fp32 delta per request slot
 
@@ -121,8 +102,6 @@ class BankHandle(PatchHandle):
         self._assignment: Optional[list] = None
         self._assignment_tensors: dict = {}
         super().__init__(model, sites, mode, owner, layer_modules)
-        from .continuous import ContinuousSteering
-
         self.continuous = ContinuousSteering(self)
 
     # ---- public ---------------------------------------------------------------------------------------------
@@ -164,11 +143,11 @@ class BankHandle(PatchHandle):
         packed = self.continuous.batch_of(ctx)
         if packed is not None:
             return self.continuous.steer_tokens(site, hidden, packed, in_place)
-        rows = rows_for(ctx, hidden)
         index = site.local(self._sequence_steerers(hidden.shape[0], ctx, hidden.device))[:, None]
         index = index.expand(hidden.shape[0], hidden.shape[1])
-        if rows.valid is not None:
-            index = torch.where(rows.valid, index, -1)  # padding stays as it is
+        valid = _padding_mask(ctx, hidden)
+        if valid is not None:
+            index = torch.where(valid, index, -1)  # padding stays as it is
         plan = self._plan(site, ctx, index)
         steer = finesteer_kernels.steer_bank_ if in_place else finesteer_kernels.steer_bank
         return steer(hidden, site.bank, index, plan=plan)
@@ -186,30 +165,19 @@ class BankHandle(PatchHandle):
         packed = self.continuous.batch_of(ctx)
         if packed is not None:
             return self.continuous.steer_query(site, hidden, packed, in_place)
-        rows = rows_for(ctx, hidden)
-        batch = hidden.shape[0]
-        apply = finesteer_kernels.apply_delta_ if in_place else finesteer_kernels.apply_delta
-        if rows.pending:
-            return hidden
-        if rows.decode:
-            if site.delta is None:
-                raise RuntimeError(f"layer {site.layer}: a decode step but no prefill was seen since patching (or "
-                                   "since reset()); run the prompt through the patched model first")
-            if site.delta.shape[0] != batch:
-                raise RuntimeError(f"layer {site.layer}: batch size changed between prefill ({site.delta.shape[0]} "
-                                   f"rows) and decode ({batch} rows)")
-            return apply(hidden, site.delta, site.decode_map.expand(batch, hidden.shape[1]))
-        seq_index = site.local(self._sequence_steerers(batch, ctx, hidden.device))
+        return super()._steer_query(site, hidden, ctx, in_place)
+
+    def _decode_rows(self, site: BankSite, hidden) -> torch.Tensor:
+        return site.decode_map.expand(hidden.shape[0], hidden.shape[1])
+
+    def _prefill(self, site: BankSite, hidden, ctx, rows) -> torch.Tensor:
+        seq_index = site.local(self._sequence_steerers(hidden.shape[0], ctx, hidden.device))
         seq_index = torch.where(rows.anchor_found[:, 0], seq_index, -1)  # a row with no real prompt token: none
         anchors = hidden[rows.batch_index, rows.anchor]
         coef = _share_within_beams(finesteer_kernels.synthesize_bank(anchors, site.bank, seq_index), rows.num_beams)
-        site.coef = site.coef_memory = _store_coef(site.coef_memory, coef)
-        delta = finesteer_kernels.bank_coef_delta(coef, site.bank, seq_index)
-        site.delta = site.delta_memory = _store_coef(site.delta_memory, delta)
-        site.seq_index = seq_index
+        self._cache_prefill(site, coef, finesteer_kernels.bank_coef_delta(coef, site.bank, seq_index))
         site.decode_map = torch.where(seq_index >= 0, rows.batch_index, -1)[:, None]
-        row_to_seq = torch.where(site.decode_map >= 0, rows.row_to_seq, -1)
-        return apply(hidden, site.delta, row_to_seq)
+        return torch.where(site.decode_map >= 0, rows.row_to_seq, -1)
 
     def _begin_forward(self, reader, args: tuple, kwargs: dict) -> None:
         if self.continuous.begin_forward(reader, args, kwargs):
@@ -218,15 +186,11 @@ class BankHandle(PatchHandle):
 
 
 def _layer_banks(steerers: SteererBank, layer_modules, width: int, alpha, placement) -> dict:
-    """{layer: BankSite} with each layer's steerers packed on that layer's device."""
-    from .patch import _already_patched, _prepare
-
+    """{layer: BankSite} with each layer's steerers packed on that layer's device and dtype (``placement(layer
+    module, index) -> (device, dtype)``)."""
     sites = {}
     for layer in steerers.layers:
-        check_layer_index(layer, len(layer_modules), name="steerers", error=IndexError)
-        if _already_patched(layer_modules[layer]):
-            raise RuntimeError(f"model: layer {layer} is already patched by FineSteer; remove that patch first")
-        device, dtype = placement(layer_modules[layer], layer)
+        device, dtype = placement(check_free_layer(layer_modules, layer, "steerers"), layer)
         here = {}
         for name in steerers.names:
             params = steerers.sites[name].get(layer)
@@ -235,7 +199,7 @@ def _layer_banks(steerers: SteererBank, layer_modules, width: int, alpha, placem
             if params.d != width:
                 raise ValueError(f"steerers[{name!r}]: the steerer for layer {layer} has hidden size {params.d}, but "
                                  f"the model has hidden size {width}")
-            here[name] = _prepare(params, device, dtype, alpha)
+            here[name] = prepare(params, device, dtype, alpha)
         bank = SteerBank(here)
         local = [-1] + [bank.names.index(n) if n in here else -1 for n in steerers.names]
         site = BankSite(layer, bank.params[0], bank=bank, local_key=tuple(local),
@@ -246,7 +210,7 @@ def _layer_banks(steerers: SteererBank, layer_modules, width: int, alpha, placem
 
 
 def _warm(bank: SteerBank, device, dtype) -> None:
-    """Run the bank ops once on the layer's device (packing, kernel compilation), as `patch._prepare` does for a
+    """Run the bank ops once on the layer's device (packing, kernel compilation), as `placement.prepare` does for a
     single steerer, so a problem shows at patch time and nothing compiles during a CUDA-graph capture."""
     probe = torch.zeros(2, bank.d, device=device, dtype=dtype)
     index = torch.tensor([0, -1], device=device)
@@ -257,8 +221,6 @@ def _warm(bank: SteerBank, device, dtype) -> None:
 
 def patch_bank(model: torch.nn.Module, steerers: SteererBank, mode: str, alpha, decoder_layers) -> BankHandle:
     """`patch_model` for a `SteererBank` (it has checked ``mode`` and ``model``)."""
-    from .patch import _owner_of, _placement
-
     layer_modules = find_decoder_layers(model, decoder_layers)
-    sites = _layer_banks(steerers, layer_modules, hidden_size(model), alpha, _placement)
-    return BankHandle(model, sites, mode, _owner_of(model, layer_modules), layer_modules, steerers)
+    sites = _layer_banks(steerers, layer_modules, hidden_size(model), alpha, placement)
+    return BankHandle(model, sites, mode, owner_of(model, layer_modules), layer_modules, steerers)

@@ -17,12 +17,13 @@ Where that fails (post-norm OLMo2, whose layers start with attention; LayerNorm 
 a last layer without a final norm; a norm on another device) the layer keeps the separate edit, and
 `patch_model` says so once with a warning. At run time the layer's hook hands the edit to the norm (`FusedNorm.arm`)
 only inside the model's forward and when the output may be edited in place (no autograd graph needs it); else it
-edits as without fusion. The norm module is not replaced: its instance ``forward`` is wrapped, and removing the patch
-puts the original back, so the model's modules, parameters and state dict never change.
+edits as without fusion. The norm module is not replaced: its instance ``forward`` is wrapped (`wrappers`), and
+removing the patch puts the original back, so the model's modules, parameters and state dict never change.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from typing import Optional
 
@@ -30,6 +31,8 @@ import torch
 
 import finesteer_kernels
 from finesteer_kernels import RMSNormParams, SteerParams, reference
+
+from .wrappers import Wrapped, unwrap, wrap
 
 EPS_NAMES = ("variance_epsilon", "eps")
 PROBE_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -139,23 +142,18 @@ class FusedNorm:
     def __init__(self, handle, site, module: torch.nn.Module, norm: RMSNormParams):
         self.handle, self.site, self.module, self.norm = handle, site, module, norm
         self._armed: Optional[torch.Tensor] = None
-        self._had_instance_forward = "forward" in vars(module)
-        self._original = module.forward  # bound method, or a wrapper already on the instance (e.g. accelerate's)
-        self.active = False
+        self._wrapper: Optional[Wrapped] = None
 
     def install(self) -> None:
-        self.module.forward = self
-        self.active = True
+        # on the instance: the module's own forward, or a wrapper already there (e.g. accelerate's), is kept below
+        self._wrapper = wrap(self.module, "forward", lambda original: functools.partial(self._forward, original))
 
     def uninstall(self) -> None:
-        """Put the module's own forward back (or, if something wrapped ours since, leave ours as a pass-through)."""
-        self.active = False
+        """Put the module's forward back (`wrappers.unwrap`: not over a wrapper that something put on it since)."""
         self._armed = None
-        if vars(self.module).get("forward") is self:
-            if self._had_instance_forward:
-                self.module.forward = self._original
-            else:
-                del self.module.forward
+        if self._wrapper is not None:
+            unwrap(self._wrapper)
+            self._wrapper = None
 
     def arm(self, hidden: torch.Tensor) -> None:
         """The layer's hook left ``hidden`` unedited: the next call of this norm on it applies the edit."""
@@ -164,10 +162,10 @@ class FusedNorm:
     def disarm(self) -> None:
         self._armed = None
 
-    def __call__(self, *args, **kwargs):
+    def _forward(self, original, *args, **kwargs):
         armed, self._armed = self._armed, None
-        if armed is None or not self.active:
-            return self._original(*args, **kwargs)
+        if armed is None:
+            return original(*args, **kwargs)
         given = list(args) + list(kwargs.values())
         if len(given) != 1 or given[0] is not armed:
             # the edit cannot be dropped silently: the pattern seen at patch time does not hold in this forward
@@ -180,7 +178,7 @@ class FusedNorm:
             normed = self.handle._steer_into_norm(self.site, armed, self.norm)
         finally:
             guard.exit()
-        return self._original(armed) if normed is None else normed
+        return original(armed) if normed is None else normed
 
 
 @torch.no_grad()  # as in generation (the norm's weight requires grad; with autograd on the reference would run)

@@ -5,7 +5,6 @@ beam count.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import weakref
 from typing import TYPE_CHECKING, Optional
 
@@ -18,6 +17,7 @@ from finesteer_kernels.validation import HIDDEN_DTYPES
 from ..threads import OneThreadAtATime
 from .forward_context import (ArgReader, ForwardContext, as_mask, generate_call, new_token_count, reported_length,
                               rows_for)
+from .wrappers import unwrap, wrap
 
 if TYPE_CHECKING:
     from .fused_norm import FusedNorm
@@ -58,11 +58,14 @@ def _store_coef(cached: Optional[torch.Tensor], coef: torch.Tensor) -> torch.Ten
     """The new prefill's coefficients, written into the cached tensor when it fits: a decode step captured in a
     CUDA graph reads that memory on every replay, so the next prompt's prefill must update it in place (also after
     `PatchHandle.reset`). Not when autograd tracks either one (an in-place copy would chain the graphs of
-    successive prefills)."""
+    successive prefills). A tensor made under ``torch.inference_mode()`` is updated inside it, the only place torch
+    allows that, when this prefill runs outside it."""
     if cached is None or cached.shape != coef.shape or cached.requires_grad or coef.requires_grad:
         return coef
+    if cached.is_inference() and not torch.is_inference_mode_enabled():
+        with torch.inference_mode():
+            return cached.copy_(coef)
     return cached.copy_(coef)
-
 
 
 class LayerHook:
@@ -94,13 +97,30 @@ class _OwnerPreHook:
 
 
 class _OwnerPostHook:
-    """Forward hook on the same module (run even when the forward raises): the forward's context ends with it."""
+    """Forward hook on the same module (run even when the forward raises an Exception): the forward's context ends
+    with it."""
 
     def __init__(self, handle: "PatchHandle"):
         self.handle = handle
 
     def __call__(self, module, args, output):
         self.handle._end_forward()
+
+
+def _end_on_interrupt(handle: "PatchHandle"):
+    """The owner's forward, wrapped: torch runs ``always_call`` hooks only for an ``Exception``, so a
+    KeyboardInterrupt (or another BaseException) inside the forward ends the forward's context here instead; an
+    Exception is left to `_OwnerPostHook` (one release either way)."""
+    def make(forward):
+        def guarded(*args, **kwargs):
+            try:
+                return forward(*args, **kwargs)
+            except BaseException as e:
+                if not isinstance(e, Exception):
+                    handle._end_forward()
+                raise
+        return guarded
+    return make
 
 
 @dataclasses.dataclass
@@ -145,11 +165,10 @@ class PatchHandle:
             # prepend: run before transformers' own recording hooks so output_hidden_states shows the edit
             self._hooks.append(layer_modules[index].register_forward_hook(
                 LayerHook(self, site), with_kwargs=True, prepend=True))
-        self._generate_wrapper = None
-        self._wrapped_generate = None
+        self._wrappers = [wrap(owner, "forward", _end_on_interrupt(self))]
         self.active = True
         if callable(getattr(model, "generate", None)):
-            self._install_generate_wrapper()
+            self._wrappers.append(wrap(model, "generate", self._generate_wrapper))
 
     # ---- public ---------------------------------------------------------------------------------------------
     @property
@@ -178,7 +197,9 @@ class PatchHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        self._restore_generate()
+        for record in reversed(self._wrappers):
+            unwrap(record)
+        self._wrappers = []
         self.reset()
         for site in self._sites.values():
             site.coef_memory = site.delta_memory = None
@@ -303,48 +324,60 @@ class PatchHandle:
         None: row b gets delta[b]), at prefill a new one (synthesised at the anchors and cached); None while the
         anchor has not come (a chunked prefill's early chunks)."""
         rows = rows_for(ctx, hidden)
-        batch = hidden.shape[0]
         if rows.pending:
             return None
         if rows.decode:
             # The fast path: one op on the per-sequence delta cached at prefill (every decode token is a real token:
             # padding only ever sits in the prompt).
-            if site.delta is None:
-                raise RuntimeError(f"layer {site.layer}: a decode step (tokens after a non-empty cache) but no "
-                                   "prefill was seen since patching (or since reset()); run the prompt through the "
-                                   "patched model first")
-            here = self._one_thread.ident()
-            if None not in (here, self._coef_thread) and here != self._coef_thread:
-                raise RuntimeError(f"layer {site.layer}: a query-mode decode step in another thread than the "
-                                   "prefill that made the cached coefficients; one patch serves one thread at a "
-                                   "time: patch a separate copy of the model per thread")
-            if site.delta.shape[0] != batch:
-                raise RuntimeError(f"layer {site.layer}: batch size changed between prefill ({site.delta.shape[0]} "
-                                   f"rows) and decode ({batch} rows); query mode keeps one coefficient row per "
-                                   "sequence and cannot follow rows that were added, dropped or regrouped")
-            return site.delta, None
+            self._check_decode(site, hidden.shape[0])
+            return site.delta, self._decode_rows(site, hidden)
+        row_to_seq = self._prefill(site, hidden, ctx, rows)  # sets site.delta
+        return site.delta, row_to_seq
+
+    def _decode_rows(self, site: Site, hidden: torch.Tensor) -> Optional[torch.Tensor]:
+        """A decode step's ``row_to_seq``: None, row b gets delta[b]."""
+        return None
+
+    def _prefill(self, site: Site, hidden: torch.Tensor, ctx: Optional[ForwardContext], rows) -> torch.Tensor:
+        """Synthesise at the anchors, cache coefficients and delta; -> the prefill's ``row_to_seq``."""
         anchors = hidden[rows.batch_index, rows.anchor]  # (B, d)
         coef = finesteer_kernels.synthesize(anchors, site.params)
         coef = torch.where(rows.anchor_found, coef, 0.0)  # a row with no real prompt token gets no edit
         coef = _share_within_beams(coef, rows.num_beams)
+        self._cache_prefill(site, coef, finesteer_kernels.coef_delta(coef, site.params))
+        return rows.row_to_seq
+
+    def _check_decode(self, site: Site, batch: int) -> None:
+        """A query-mode decode step may use the coefficients cached at prefill: there are some, this thread made
+        them, and they have one row per sequence of this batch."""
+        if site.delta is None:
+            raise RuntimeError(f"layer {site.layer}: a decode step (tokens after a non-empty cache) but no "
+                               "prefill was seen since patching (or since reset()); run the prompt through the "
+                               "patched model first")
+        here = self._one_thread.ident()
+        if None not in (here, self._coef_thread) and here != self._coef_thread:
+            raise RuntimeError(f"layer {site.layer}: a query-mode decode step in another thread than the "
+                               "prefill that made the cached coefficients; one patch serves one thread at a "
+                               "time: patch a separate copy of the model per thread")
+        if site.delta.shape[0] != batch:
+            raise RuntimeError(f"layer {site.layer}: batch size changed between prefill ({site.delta.shape[0]} "
+                               f"rows) and decode ({batch} rows); query mode keeps one coefficient row per "
+                               "sequence and cannot follow rows that were added, dropped or regrouped")
+
+    def _cache_prefill(self, site: Site, coef: torch.Tensor, delta: torch.Tensor) -> None:
+        """Keep a prefill's per-sequence coefficients and delta for its decode steps (in place, see `_store_coef`)."""
         site.coef = site.coef_memory = _store_coef(site.coef_memory, coef)
-        delta = finesteer_kernels.coef_delta(coef, site.params)
         site.delta = site.delta_memory = _store_coef(site.delta_memory, delta)
         self._coef_thread = self._one_thread.ident()
-        return site.delta, rows.row_to_seq
 
     # ---- generate -------------------------------------------------------------------------------------------
-    def _install_generate_wrapper(self) -> None:
-        """Wrap ``model.generate`` on this instance so forwards know the prompt length and beam count."""
+    def _generate_wrapper(self, original):
+        """``model.generate``, wrapped on this instance so forwards know the prompt length and beam count."""
         model = self.model
-        original = model.generate
         reader = ArgReader(original)
         handle = self
 
-        @functools.wraps(original)
         def generate(*args, **kwargs):
-            if not handle.active:  # removed while another wrapper sat on top of this one
-                return original(*args, **kwargs)
             handle._one_thread.enter("model.generate")
             try:
                 return _run(*args, **kwargs)
@@ -363,27 +396,4 @@ class PatchHandle:
             finally:
                 handle._generate_stack.pop()
 
-        generate._finesteer_handle = self
-        self._had_instance_generate = "generate" in vars(model)
-        self._wrapped_generate = original  # kept after removal: a wrapper above ours may still call it
-        self._generate_wrapper = generate
-        model.generate = generate
-
-    def _restore_generate(self) -> None:
-        if self._generate_wrapper is None:
-            return
-        # Undo our wrapper only while it is on top; if something wrapped it since, ours stays as an inactive
-        # pass-through, and is unwrapped later when the wrappers above it are gone.
-        self.active = False
-        model = self.model
-        while True:
-            top = vars(model).get("generate")
-            owner = getattr(top, "_finesteer_handle", None)
-            if owner is None or owner.active:
-                break
-            if owner._had_instance_generate:
-                model.generate = owner._wrapped_generate
-            else:
-                del model.generate
-        self._generate_wrapper = None
-
+        return generate
