@@ -1,4 +1,4 @@
-"""The ``finesteer`` command line: ``demo``, ``eval``, ``fit`` and ``transfer``.
+"""The ``finesteer`` command line: ``demo``, ``eval``, ``fit``, ``transfer`` and ``layers``.
 
 Options are checked before anything expensive runs (`finesteer.preflight`). An expected error (a bad option, a
 missing file, a steerer for another model, ...) prints one line, ``finesteer: ...``, on stderr and exits with status
@@ -54,6 +54,14 @@ transfer.png (macro TPR/FPR per variant and the chosen gate's trade-off curve) t
 Method: docs/fitting.md."""
 
 
+LAYERS_DESCRIPTION = """\
+Which layer to steer: fits the safety recipe's FineSteer steerer at each of --layers (cached
+under the same key as finesteer eval's) and measures, on the recipe's calibration split
+(never its test split), the gate's TPR / FPR and the refusal rate of steered greedy replies
+to the harmful prompts (query mode, --alpha). The layer with the highest steered refusal
+is the choice. Writes layers.json, layers.md and layers.png to --out. Method: docs/eval.md."""
+
+
 def _demo(args: argparse.Namespace) -> int:
     from . import demo, preflight
 
@@ -66,6 +74,12 @@ def _eval(args: argparse.Namespace) -> int:
 
     preflight.evaluation(args, evaluate.METHODS)
     return evaluate.run(args)
+
+
+def _layers(args: argparse.Namespace) -> int:
+    from . import preflight, steer_layers
+
+    return steer_layers.run(args, preflight.layers(args))
 
 
 def _transfer(args: argparse.Namespace) -> int:
@@ -146,11 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="finesteer", formatter_class=_PlainTextFormatter,
         description="FineSteer: fine-grained inference-time steering of LLMs.\n"
-                    "Commands: demo, eval, fit, transfer.\n"
+                    "Commands: demo, eval, fit, transfer, layers.\n"
                     f"An error prints one line; --debug (or {DEBUG_ENV}=1) shows the traceback.")
     parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
-    from . import demo as demo_module, evaluate as evaluate_module, transfer as transfer_module
+    from . import demo as demo_module, evaluate as evaluate_module, steer_layers as layers_module
+    from . import transfer as transfer_module
     from .options import add_gate_arguments
 
     demo = sub.add_parser("demo", help="fit (or load) a safety steerer on the real model and show it at work",
@@ -165,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=_PlainTextFormatter, description=TRANSFER_DESCRIPTION)
     transfer_module.add_arguments(transfer)
     transfer.set_defaults(func=_transfer)
+    layers = sub.add_parser("layers", help="which layer to steer: gate and steered refusal per layer (calibration)",
+                            formatter_class=_PlainTextFormatter, description=LAYERS_DESCRIPTION)
+    layers_module.add_arguments(layers)
+    layers.set_defaults(func=_layers)
 
     fit = sub.add_parser(
         "fit", help="fit a steerer on a model and save it as a safetensors file", formatter_class=_HelpFormatter,
@@ -221,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="model weights dtype (keep float32 on CPUs, where bfloat16 is emulated)")
     fit.add_argument("--quiet", action="store_true", help="no progress bars")
     fit.set_defaults(func=_fit)
-    for command in (demo, evaluation, transfer, fit):  # accepted after the command too; SUPPRESS keeps the top-level value
+    for command in (demo, evaluation, transfer, layers, fit):  # accepted after the command too; SUPPRESS keeps the top-level value
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
     return parser
 

@@ -9,15 +9,16 @@ from .gates import GATES
 from .recipes import DEFAULT_GATE, DEFAULT_MAX_FPR, STUDIED_LAYERS
 
 
-def add_gate_arguments(parser: argparse.ArgumentParser, studied_default: bool) -> None:
+def add_gate_arguments(parser: argparse.ArgumentParser, studied_default: bool, layer_flag: bool = True) -> None:
     """``--layer``, ``--gate`` and ``--max-fpr``, shared by `finesteer fit`, `demo` and `eval`. Without ``--layer``
     fit takes the middle layer; demo and eval (``studied_default``) the layer `recipes.studied_layer` gives."""
     studied = ", ".join(f"{layer} for {model}" for model, layer in STUDIED_LAYERS.items())
-    default = (f"{studied} (chosen by finesteer transfer on fit and calibration data, results/transfer.md), the "
+    default = (f"{studied} (chosen by finesteer layers on calibration data, results/layers.md), the "
                "middle layer for other models" if studied_default else "the middle layer, num_layers // 2")
-    parser.add_argument("--layer", type=parse_layer, default=None,
-                        help="decoder layer whose output is read and edited, or 'auto': the candidate layer with the "
-                             f"best source-held-out calibration AUC of the gate; the default is {default}")
+    if layer_flag:
+        parser.add_argument("--layer", type=parse_layer, default=None,
+                            help="decoder layer whose output is read and edited, or 'auto': the candidate layer "
+                                 f"with the best source-held-out calibration AUC of the gate; the default is {default}")
     parser.add_argument("--gate", choices=GATES, default=DEFAULT_GATE,
                         help="gate variant: scs (the paper's: top-r principal subspace of the targets), contrastive "
                              "(generalised eigenvectors of target vs benign second moments) or linear (a shrinkage-"

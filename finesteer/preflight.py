@@ -213,6 +213,30 @@ def evaluation(args: argparse.Namespace, methods: Sequence[str]) -> None:
     _shared_fit_options(args)
 
 
+def layers(args: argparse.Namespace) -> list:
+    """What `finesteer layers` checks before loading the model; returns the layers to compare."""
+    from .layers import check_layer_index
+    from .steer_layers import default_layers
+
+    finite(args.alpha, "--alpha")
+    if args.alpha <= 0:
+        raise ValueError(f"--alpha: expected a positive strength, got {args.alpha}")
+    for option, value in (("--max-new-tokens", args.max_new_tokens), ("--gen-batch-size", args.gen_batch_size)):
+        at_least(value, 1, option)
+    writable_folder(args.out, "--out")
+    n_layers, _ = model_and_layer(args.model, None)
+    _shared_fit_options(args)
+    if args.layers is None:
+        return default_layers(n_layers)
+    try:
+        chosen = [int(x) for x in args.layers.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--layers: expected comma-separated decoder layer indices, got {args.layers!r}") from None
+    if not chosen or len(set(chosen)) != len(chosen):
+        raise ValueError(f"--layers: expected distinct decoder layer indices, got {args.layers!r}")
+    return [check_layer_index(layer, n_layers, "--layers") for layer in chosen]
+
+
 def transfer(args: argparse.Namespace) -> list:
     """What `finesteer transfer` checks before loading the model; returns the gate variants."""
     from .gates import GATES

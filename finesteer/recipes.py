@@ -26,16 +26,18 @@ from .layers import check_layer_index, num_layers
 from .steerer import Steerer
 
 METHODS = ("finesteer", "caa", "cast")
-# The demo's and eval's defaults: the gate and layer that `finesteer transfer` chose for SmolLM2-135M-Instruct by the
-# source-held-out calibration AUC (fit and calibration prompts only; results/transfer.md).
+# The demo's and eval's defaults, chosen on fit and calibration prompts only: the gate variant `finesteer transfer`
+# ranked first by the source-held-out calibration AUC (results/transfer.md), and the layer where `finesteer layers`
+# measured the most steered refusals on the calibration split (results/layers.md; the gate criterion is nearly flat
+# over layers 15-27, steering is not).
 DEFAULT_GATE = "linear"
-STUDIED_LAYERS = {"SmolLM2-135M-Instruct": 27}
+STUDIED_LAYERS = {"SmolLM2-135M-Instruct": 15}
 # The issue's target is at most 3 % of benign prompts steered, so the threshold is set for that on calibration data.
 DEFAULT_MAX_FPR = 0.03
 
 
 def studied_layer(model_identity: str, layer_count: int) -> int:
-    """The demo's and eval's layer: the one `finesteer transfer` chose for this model where it was studied
+    """The demo's and eval's layer: the one `finesteer layers` chose for this model where it was studied
     (`STUDIED_LAYERS`, keyed by the model's canonical name), else the middle layer."""
     return STUDIED_LAYERS.get(model_identity, layer_count // 2)
 

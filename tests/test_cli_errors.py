@@ -77,6 +77,12 @@ EVAL_DEMO_CASES = [  # {out}: an eval output folder, {file}: a plain file, {stee
     (["transfer", "--cap", "0"], "--cap: expected an integer >= 1, got 0"),
     (["transfer", "--max-fpr", "1.5"], r"--max-fpr: expected a share in \[0, 1\), got 1.5"),
     (["transfer", "--out", "{file}"], "--out: .* is a file; give a folder"),
+    (["layers", "--layers", "1,3"], r"--layers: index 3 out of range for a model with 3 decoder layers"),
+    (["layers", "--layers", "1,1"], "--layers: expected distinct decoder layer indices"),
+    (["layers", "--layers", "1,x"], "--layers: expected comma-separated decoder layer indices"),
+    (["layers", "--alpha", "0"], "--alpha: expected a positive strength, got 0.0"),
+    (["layers", "--max-new-tokens", "0"], "--max-new-tokens: expected an integer >= 1, got 0"),
+    (["layers", "--out", "{file}"], "--out: .* is a file; give a folder"),
 ]
 
 
@@ -103,7 +109,7 @@ def test_eval_and_demo_errors_are_one_line_and_come_before_the_model_loads(argv,
                                                                           capsys):
     (tmp_path / "file").write_text("x")
     argv = [a.format(file=tmp_path / "file", steerers=steerers) for a in argv]
-    extra = ["--out", str(tmp_path / "results")] if argv[0] in ("eval", "transfer") and "--out" not in argv else []
+    extra = ["--out", str(tmp_path / "results")] if argv[0] in ("eval", "transfer", "layers") and "--out" not in argv else []
     line = one_line_error([*argv, "--model", tiny, *extra], capsys)
     assert re.search(expected, line), line
     assert not (tmp_path / "results").exists()
@@ -141,7 +147,7 @@ def test_a_real_process_prints_one_line_and_exits_non_zero(tmp_path):
     assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
 
 
-@pytest.mark.parametrize("command", [[], ["demo"], ["eval"], ["fit"], ["transfer"]])
+@pytest.mark.parametrize("command", [[], ["demo"], ["eval"], ["fit"], ["transfer"], ["layers"]])
 def test_help_is_plain_text(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main([*command, "--help"])
