@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 from tqdm.auto import tqdm
 
 from .refusal import is_refusal
+from .transfer import candidate_layers
 from .workflow import (EVAL_SIZES, add_fit_arguments, anchor_activations, encode_batches, exit_on_missing_package,
                        fit_options, fitted_steerer, gate_scores, generate, held_out_prompts, model_identity)
 
@@ -37,8 +38,6 @@ DEFAULT_ALPHA = 2.0
 
 def default_layers(n_layers: int) -> list:
     """The gate study's candidate layers (`transfer.candidate_layers`) in the second half of the network."""
-    from .transfer import candidate_layers
-
     return [layer for layer in candidate_layers(n_layers) if layer >= n_layers // 2]
 
 
