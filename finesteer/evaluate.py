@@ -42,6 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .refusal import is_refusal
+from .report_files import pyplot, write_report
 from .workflow import (EVAL_SIZES, add_fit_arguments, anchor_activations, benign_groups, check_same_split, encode_batches,
                        exit_on_missing_package, fit_options, fitted_steerer, gate_scores, generate, held_out_prompts,
                        kl_divergence, model_identity)
@@ -257,10 +258,7 @@ def transfer_lines(fit_info: dict) -> list:
 
 def plot(results: dict, path: str | os.PathLike) -> None:
     """Refusal rate on harmful prompts vs benign preservation, one curve per method over alpha."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=110)
     by_method: dict = {}
@@ -292,14 +290,9 @@ def plot(results: dict, path: str | os.PathLike) -> None:
 
 def write_outputs(results: dict, out_dir: str | os.PathLike) -> dict:
     """Write ``eval.json``, ``eval.md``, ``eval.png`` and ``eval_generations.json``; returns their paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "eval.json", "table": out / "eval.md", "plot": out / "eval.png",
-             "generations": out / "eval_generations.json"}
     summary = {k: v for k, v in results.items() if k not in ("prompts", "replies")}
-    paths["json"].write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    paths["table"].write_text(markdown_table(results), encoding="utf-8")
-    plot(results, paths["plot"])
+    paths = write_report(out_dir, "eval", summary, markdown_table(results), lambda path: plot(results, path))
+    paths["generations"] = Path(out_dir) / "eval_generations.json"
     paths["generations"].write_text(json.dumps({"prompts": results["prompts"], "replies": results["replies"]},
                                                ensure_ascii=False) + "\n", encoding="utf-8")
     return paths

@@ -20,15 +20,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import time
-from pathlib import Path
 from typing import Optional, Sequence
 
 from tqdm.auto import tqdm
 
 from .refusal import is_refusal
+from .report_files import pyplot, write_report
 from .transfer import candidate_layers
 from .workflow import (EVAL_SIZES, add_fit_arguments, anchor_activations, encode_batches, exit_on_missing_package,
                        fit_options, fitted_steerer, gate_scores, generate, held_out_prompts, model_identity)
@@ -95,10 +94,7 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     layers = [r["layer"] for r in results["rows"]]
     fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -117,13 +113,7 @@ def plot(results: dict, path) -> None:
 
 
 def write_outputs(results: dict, out_dir) -> dict:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "layers.json", "md": out / "layers.md", "png": out / "layers.png"}
-    paths["json"].write_text(json.dumps(results, indent=1))
-    paths["md"].write_text(markdown(results))
-    plot(results, paths["png"])
-    return paths
+    return write_report(out_dir, "layers", results, markdown(results), lambda path: plot(results, path))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

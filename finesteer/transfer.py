@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import time
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -32,6 +30,7 @@ from tqdm.auto import tqdm
 
 from . import data as datasets
 from .gates import GATES, fit_gate, roc_auc
+from .report_files import pyplot, write_report
 
 SOURCE_CAP = 250  # prompts per source at most (seeded, stratified draw): bounds the one pass over the model
 POOLS = (1, 4, 8, 16)  # anchor poolings collected: the last prompt token, and means of the last n prompt tokens
@@ -285,10 +284,7 @@ def markdown_table(results: dict) -> str:
 def plot(results: dict, path: str | os.PathLike) -> None:
     """Left: layer curves per gate (source-held-out calibration AUC, the selection criterion; plain calibration
     AUC). Right: held-out macro TPR vs FPR, the chosen gate's trade-off curve and each variant's points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4), dpi=110)
     for i, (kind, g) in enumerate(results["gates"].items()):
@@ -326,13 +322,7 @@ def plot(results: dict, path: str | os.PathLike) -> None:
 
 
 def write_outputs(results: dict, out_dir: str | os.PathLike) -> dict:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "transfer.json", "table": out / "transfer.md", "plot": out / "transfer.png"}
-    paths["json"].write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    paths["table"].write_text(markdown_table(results), encoding="utf-8")
-    plot(results, paths["plot"])
-    return paths
+    return write_report(out_dir, "transfer", results, markdown_table(results), lambda path: plot(results, path))
 
 
 # ---- command line -------------------------------------------------------------------------------------------------
