@@ -103,7 +103,7 @@ def prompt_ids(model, tokenizer, device) -> torch.Tensor:
 
 def run_e2e(model, tokenizer, new_tokens: int = 96, modes=("query", "token"), progress: bool = True) -> dict:
     """Decode tokens/s and paired step-time ratios per configuration; ``model`` is any transformers causal LM."""
-    from finesteer.layers import find_decoder_layers, hidden_size
+    from finesteer.patching.layers import find_decoder_layers, hidden_size
     from finesteer.patching import patch_model
 
     device = next(model.parameters()).device

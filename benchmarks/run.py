@@ -174,7 +174,7 @@ def _run_e2e(device: torch.device, gpu: bool, args) -> dict:
     missing = e2e.missing_parts()
     if missing:
         return {"skipped": missing}
-    from finesteer.models import load_smollm2
+    from finesteer.fitting.models import load_smollm2
 
     model, tokenizer = load_smollm2(dtype=torch.bfloat16 if gpu else torch.float32)
     model.to(device)

@@ -8,7 +8,7 @@ is downloaded. The JSONL files hold one prompt per line, ``{"prompt": "..."}`` o
 the prompts the gate should open for (e.g. requests your model should refuse), benign ones those it should leave
 alone. Both are split 50/25/25 into fit / calibration / test parts, so the reported gate rates are held out. The
 shift the experts learn is the safety recipe's (refusing minus complying completions); for other behaviours pass
-your own completions to `finesteer.recipes.fit_recipe`.
+your own completions to `finesteer.fitting.recipes.fit_recipe`.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import argparse
 import torch
 
 import finesteer
-from finesteer import data
-from finesteer.recipes import FitOptions
+from finesteer.fitting import data
+from finesteer.fitting.recipes import FitOptions
 
 
 def main(argv: list[str] | None = None) -> None:

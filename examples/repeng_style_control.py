@@ -24,8 +24,8 @@ import torch
 
 import finesteer_kernels
 from finesteer import Steerer
-from finesteer.interchange import export_gguf, import_gguf, import_vectors
-from finesteer.layers import find_decoder_layers
+from finesteer.interop.interchange import export_gguf, import_gguf, import_vectors
+from finesteer.patching.layers import find_decoder_layers
 
 
 class ControlModel:

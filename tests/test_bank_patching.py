@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from finesteer import SteererBank, patch_model, unpatch_model
-from finesteer.layers import hidden_size
+from finesteer.patching.layers import hidden_size
 from finesteer_kernels import SteerBank
 from op_cases import random_params
 from patching_fixtures import get_model, no_patch_left_behind, one_thread, torch_backend  # noqa: F401

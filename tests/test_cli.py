@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import finesteer
-from finesteer import cli, models
+from finesteer import cli
+from finesteer.fitting import models
 from tiny_models import tiny_model
 
 SMALL = ["--layer", "1", "--n-target", "24", "--n-benign", "16", "--sharegpt", "8", "--epochs", "15", "--quiet"]
@@ -49,10 +50,10 @@ def test_fit_help_explains_every_option(capsys):
 
 def held_out_tpr(folder: str, steerer) -> float:
     """The gate's TPR on the recipe's held-out target prompts, recomputed from scratch: the split rebuilt from the
-    options, the anchors collected again, the file's gate applied (as `finesteer.gates.energy_ratio` scores)."""
-    from finesteer import data as datasets
-    from finesteer.activations import collect_activations
-    from finesteer.gates import energy_ratio
+    options, the anchors collected again, the file's gate applied (as `finesteer.fitting.gates.energy_ratio` scores)."""
+    from finesteer.fitting import data as datasets
+    from finesteer.fitting.activations import collect_activations
+    from finesteer.fitting.gates import energy_ratio
 
     opts = steerer.metadata["options"]
     pool = datasets.harmful_prompts()

@@ -12,7 +12,8 @@ import sys
 import pytest
 import torch
 
-from finesteer import Steerer, SteerParams, cli, models
+from finesteer import Steerer, SteerParams, cli
+from finesteer.fitting import models
 from tiny_models import tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,7 +127,7 @@ def test_debug_flag_and_environment_show_the_traceback(tmp_path, monkeypatch):
 
 
 def test_unexpected_errors_say_so_and_point_at_debug(monkeypatch, capsys):
-    from finesteer import preflight
+    from finesteer.cli import preflight
 
     monkeypatch.setattr(preflight, "evaluation", lambda args, methods: {}["a bug"])
     line = one_line_error(["eval"], capsys)

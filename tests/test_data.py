@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from finesteer import data as D
+from finesteer.fitting import data as D
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def test_check_disjoint_names_every_shared_pair():
 def test_fit_recipe_refuses_benign_prompts_that_equal_targets():
     """Benign prompts equal to the targets split the same way, so target fit == benign fit: the old check (only
     fit/calibration against test) missed it; every pair of splits must be disjoint."""
-    from finesteer import recipes
+    from finesteer.fitting import recipes
     from tiny_models import tiny_model
 
     src = {"u": D.Source("u", "user", "1", "f", "MIT")}

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from finesteer import Steerer, SteerParams, cli
-from finesteer import data as datasets
-from finesteer import evaluate, models, workflow
-from finesteer.recipes import STUDIED_LAYERS
-from finesteer.refusal import is_refusal
+from finesteer.fitting import data as datasets
+from finesteer.fitting import models
+from finesteer.fitting.defaults import STUDIED_LAYERS
+from finesteer.studies import evaluate
+from finesteer.studies.refusal import is_refusal
 
 TINY = ["--n-target", "24", "--n-benign", "16", "--sharegpt", "8", "--epochs", "15", "--quiet"]
 ALPHAS = (1.0, 4.0)
@@ -127,14 +128,14 @@ def test_steerer_for_another_model_is_refused(tmp_path, capsys):
     model, _ = models.load_smollm2(progress=False)
     narrow = Steerer(SteerParams(experts=torch.randn(1, 64)), layer=1, model="tiny-llama")
     with pytest.raises(ValueError, match="hidden size 64.*has hidden size 576"):
-        workflow.check_compatible(narrow, model, "smollm2")
+        models.check_compatible(narrow, model, "smollm2")
     other = Steerer(SteerParams(experts=torch.randn(1, 576)), layer=3, model="Qwen2-0.5B")
     with pytest.raises(ValueError, match="fitted for model 'Qwen2-0.5B'"):
-        workflow.check_compatible(other, model, "smollm2")
+        models.check_compatible(other, model, "smollm2")
     deep = Steerer(SteerParams(experts=torch.randn(1, 576)), layer=40, model="smollm2")
     with pytest.raises(ValueError, match="layers 0..29"):
-        workflow.check_compatible(deep, model, "smollm2")
-    workflow.check_compatible(Steerer(SteerParams(experts=torch.randn(1, 576)), layer=3,
+        models.check_compatible(deep, model, "smollm2")
+    models.check_compatible(Steerer(SteerParams(experts=torch.randn(1, 576)), layer=3,
                                       model=str(models.smollm2_folder(progress=False))), model, "smollm2")
     path = tmp_path / "narrow.safetensors"
     narrow.save(path)

@@ -6,7 +6,8 @@ import runpy
 import subprocess
 import sys
 
-from finesteer import Steerer, models
+from finesteer import Steerer
+from finesteer.fitting import models
 from tiny_models import tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

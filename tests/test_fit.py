@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import finesteer
-from finesteer import fit as F
-from finesteer import gates as G
+from finesteer.fitting import fit as F
+from finesteer.fitting import gates as G
 from finesteer_kernels import reference
 
 D, R, K_PLANTED = 48, 3, 4
@@ -227,8 +227,8 @@ def _hidden(model, ids: list, layer: int) -> torch.Tensor:
 
 
 def test_anchor_activations_are_padding_free_and_stop_after_the_last_layer():
-    from finesteer.activations import collect_activations
-    from finesteer.layers import find_decoder_layers
+    from finesteer.fitting.activations import collect_activations
+    from finesteer.patching.layers import find_decoder_layers
     from tiny_models import tiny_model
 
     model, tok = tiny_model("llama"), CharTokenizer()
@@ -247,7 +247,7 @@ def test_anchor_activations_are_padding_free_and_stop_after_the_last_layer():
 
 
 def test_completion_shifts_are_mean_completion_differences():
-    from finesteer.activations import completion_shifts
+    from finesteer.fitting.activations import completion_shifts
     from tiny_models import tiny_model
 
     model, tok = tiny_model("qwen2", seed=1), CharTokenizer()
@@ -289,10 +289,10 @@ def test_remove_group_means_keeps_overall_mean_and_within_group_variation():
 def test_layer_index_checks_share_one_helper_and_message():
     import numpy as np
 
-    from finesteer import recipes
-    from finesteer.activations import collect_activations
-    from finesteer.interchange import ControlVectorError, import_cast
-    from finesteer.layers import check_layer_index, num_layers
+    from finesteer.fitting import recipes
+    from finesteer.fitting.activations import collect_activations
+    from finesteer.interop.interchange import ControlVectorError, import_cast
+    from finesteer.patching.layers import check_layer_index, num_layers
     from tiny_models import tiny_model
 
     model = tiny_model("llama")
@@ -315,8 +315,8 @@ def test_layer_index_checks_share_one_helper_and_message():
 
 
 def test_pooled_anchor_rows_and_the_activation_cache(tmp_path):
-    from finesteer.activation_cache import cached_anchor_activations
-    from finesteer.activations import collect_activations, collect_pooled_activations
+    from finesteer.fitting.activation_cache import cached_anchor_activations
+    from finesteer.fitting.activations import collect_activations, collect_pooled_activations
     from tiny_models import tiny_model
 
     model, tok = tiny_model("llama"), CharTokenizer()
@@ -351,8 +351,8 @@ def test_pooled_anchor_rows_and_the_activation_cache(tmp_path):
 
 
 def test_recipe_with_layer_auto_records_the_search_and_the_transfer(tmp_path):
-    from finesteer import data as D
-    from finesteer import recipes, transfer
+    from finesteer.fitting import data as D
+    from finesteer.fitting import defaults, layer_selection, recipes
     from tiny_models import tiny_model
 
     model = tiny_model("llama", num_hidden_layers=6)
@@ -365,11 +365,11 @@ def test_recipe_with_layer_auto_records_the_search_and_the_transfer(tmp_path):
                                  model_name="tiny", activation_cache=str(tmp_path), progress=False,
                                  options=recipes.FitOptions(n_target=24, n_benign=16, epochs=3, num_experts=1))
     search = steerer.metadata["layer_search"]
-    assert transfer.candidate_layers(6) == [1, 2, 3, 4]
+    assert layer_selection.candidate_layers(6) == [1, 2, 3, 4]
     assert set(search["scores"]) == {"1", "2", "3", "4"} and search["chosen"] == steerer.layer
     assert search["scores"][str(steerer.layer)] == max(search["scores"].values())
     metrics = steerer.metadata["metrics"]
-    assert metrics["gate"]["kind"] == recipes.DEFAULT_GATE and metrics["gate"]["rule"]["method"] == "max_fpr"
+    assert metrics["gate"]["kind"] == defaults.DEFAULT_GATE and metrics["gate"]["rule"]["method"] == "max_fpr"
     assert set(metrics["transfer"]["per_source"]) == {"h1", "h2", "b1", "b2"}
     assert {r["side"] for r in metrics["transfer"]["per_source"].values()} == {"harmful", "benign"}
     assert len(list(tmp_path.iterdir())) == 1  # the anchor rows went to the activation cache

@@ -13,9 +13,10 @@ import torch
 from scipy.stats import spearmanr
 
 import finesteer_kernels
-from finesteer import fit as F
-from finesteer import gates as G
-from finesteer import transfer as T
+from finesteer.fitting import fit as F
+from finesteer.fitting import gates as G
+from finesteer.fitting import layer_selection as LS
+from finesteer.studies import transfer as T
 from finesteer_kernels import SteerParams, reference
 
 D = 32
@@ -161,29 +162,29 @@ def sources(seed_base: int, informative: bool) -> dict:
 
 def test_layer_selection_and_leave_one_source_out_use_calibration_rows_only():
     layers = {3: sources(10, informative=False), 7: sources(10, informative=True)}
-    splits = {name: T.split_indices(120, i) for i, name in enumerate(layers[3])}
+    splits = {name: LS.split_indices(120, i) for i, name in enumerate(layers[3])}
     harmful_sources = ["h1", "h2", "h3"]
-    best, scores = T.select_layer("linear", layers, splits, harmful_sources)
+    best, scores = LS.select_layer("linear", layers, splits, harmful_sources)
     assert best == 7 and scores[7] > 0.95 > 0.7 > scores[3]
     # the criterion never reads test rows: poisoning them changes nothing
     poisoned = {layer: {s: r.clone() for s, r in rows.items()} for layer, rows in layers.items()}
     for rows in poisoned.values():
         for s, r in rows.items():
             r[splits[s][2]] = 1e3 * torch.randn(len(splits[s][2]), D)
-    assert T.select_layer("linear", poisoned, splits, harmful_sources)[1] == scores
+    assert LS.select_layer("linear", poisoned, splits, harmful_sources)[1] == scores
     # leave-one-source-out: the held-out source is not used at all (poisoning it changes nothing)
     rows = layers[7]
     harmful = {s: r for s, r in rows.items() if s in harmful_sources}
     benign = {s: r for s, r in rows.items() if s not in harmful_sources}
-    gate = T.fit_without("linear", harmful, benign, splits, ["h2"])
+    gate = LS.fit_without("linear", harmful, benign, splits, ["h2"])
     poisoned_h2 = {**harmful, "h2": torch.full_like(harmful["h2"], 1e3)}
-    again = T.fit_without("linear", poisoned_h2, benign, splits, ["h2"])
+    again = LS.fit_without("linear", poisoned_h2, benign, splits, ["h2"])
     assert torch.equal(gate.basis, again.basis) and gate.tau == again.tau
-    rates = T.held_out_rates(gate, harmful, benign, splits, "h2")
+    rates = LS.held_out_rates(gate, harmful, benign, splits, "h2")
     assert rates["side"] == "harmful" and rates["n"] == 120 and rates["tpr"] > 0.8 and rates["auc"] > 0.95
-    folds = {s: T.held_out_rates(T.fit_without("linear", harmful, benign, splits, [s]), harmful, benign, splits, s)
+    folds = {s: LS.held_out_rates(LS.fit_without("linear", harmful, benign, splits, [s]), harmful, benign, splits, s)
              for s in rows}
-    m = T.macro(folds)
+    m = LS.macro(folds)
     assert m["tpr"] == pytest.approx(np.mean([folds[s]["tpr"] for s in harmful_sources]))
     assert m["fpr"] == pytest.approx(np.mean([folds[s]["fpr"] for s in ("b1", "b2")]))
 
@@ -193,12 +194,12 @@ def test_a_side_with_one_source_is_never_left_out():
     rows = sources(30, informative=True)
     one_harmful = {"h1": rows["h1"]}
     benign = {"b1": rows["b1"], "b2": rows["b2"]}
-    splits = {name: T.split_indices(120, i) for i, name in enumerate(rows)}
-    assert T.held_out_candidates(one_harmful) == [] and T.held_out_candidates(benign) == ["b1", "b2"]
-    assert T.source_held_out_auc("linear", one_harmful, benign, splits) > 0.9
+    splits = {name: LS.split_indices(120, i) for i, name in enumerate(rows)}
+    assert LS.held_out_candidates(one_harmful) == [] and LS.held_out_candidates(benign) == ["b1", "b2"]
+    assert LS.source_held_out_auc("linear", one_harmful, benign, splits) > 0.9
     single = {"b1": rows["b1"]}
-    plain = T.fit_without("linear", one_harmful, single, splits).calibration.auc
-    assert T.source_held_out_auc("linear", one_harmful, single, splits) == plain
+    plain = LS.fit_without("linear", one_harmful, single, splits).calibration.auc
+    assert LS.source_held_out_auc("linear", one_harmful, single, splits) == plain
 
 
 def test_transfer_study_tables_and_plot(tmp_path):
@@ -228,9 +229,9 @@ def test_transfer_study_tables_and_plot(tmp_path):
 def test_transfer_study_never_sees_the_prompts_demo_and_eval_score():
     """`finesteer transfer` picks demo's and eval's default gate and layer, so its pools leave out their test
     splits (the real prompt sets from the data wheels)."""
-    from finesteer import data as D
-    from finesteer.transfer import source_pools
-    from finesteer.workflow import scored_prompts
+    from finesteer.fitting import data as D
+    from finesteer.studies.transfer import source_pools
+    from finesteer.fitting.held_out import scored_prompts
 
     scored = scored_prompts()
     harmful, benign = source_pools(exclude=scored)

@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 
 import finesteer_kernels
 from finesteer import Steerer, patching
-from finesteer.interchange import (ControlVectorError, caa_steerer, export_gguf, import_cast, import_gguf,
+from finesteer.interop.interchange import (ControlVectorError, caa_steerer, export_gguf, import_cast, import_gguf,
                                    import_vectors)
-from finesteer.layers import find_decoder_layers
+from finesteer.patching.layers import find_decoder_layers
 from op_cases import random_params
 from tiny_models import random_ids, tiny_model
 

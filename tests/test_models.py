@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finesteer import models
-from finesteer.activations import collect_activations
-from finesteer.layers import find_decoder_layers, hidden_size
+from finesteer.fitting import models
+from finesteer.fitting.activations import collect_activations
+from finesteer.patching.layers import find_decoder_layers, hidden_size
 from tiny_models import tiny_model
 
 

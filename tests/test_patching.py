@@ -11,7 +11,7 @@ import torch
 
 import finesteer
 from finesteer import Steerer, patch_model, unpatch_model
-from finesteer.layers import hidden_size
+from finesteer.patching.layers import hidden_size
 from finesteer_kernels import SteerParams, reference
 from op_cases import random_params
 from patching_fixtures import get_model, no_patch_left_behind, one_thread, torch_backend  # noqa: F401
@@ -717,7 +717,8 @@ def test_layers_of_models_without_a_recorded_layer_class_are_found(arch):
 def test_decoder_layers_can_be_named_explicitly(monkeypatch):
     """A model the search cannot handle (simulated: no recorded layer class, no known path) works once its layer
     list is named, in patch_model and in the activation collectors."""
-    from finesteer import activations, layers
+    from finesteer.fitting import activations
+    from finesteer.patching import layers
 
     model = get_model("llama")
     ids = random_ids(1, 4, seed=39)

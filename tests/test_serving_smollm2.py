@@ -19,10 +19,10 @@ import torch
 
 import finesteer
 from finesteer import Steerer, SteererBank, patch_model
-from finesteer import models
-from finesteer.activations import collect_activations
-from finesteer.fit import fit_caa
-from finesteer.recipes import FitOptions, safety_steerer
+from finesteer.fitting import models
+from finesteer.fitting.activations import collect_activations
+from finesteer.fitting.fit import fit_caa
+from finesteer.fitting.recipes import FitOptions, safety_steerer
 
 LAYER = 15
 NEW_TOKENS = 10

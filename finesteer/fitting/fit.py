@@ -1,7 +1,7 @@
 """Fitting steerers from cached activations (no LLM backprop): the MoSE experts and the CAA / CAST baselines, all
 producing `finesteer_kernels.SteerParams` for the one unified op.
 
-Gates (*when* to steer: the paper's SCS and the contrastive and linear variants) live in `finesteer.gates`; their
+Gates (*when* to steer: the paper's SCS and the contrastive and linear variants) live in `gates`; their
 names are re-exported here.
 
 MoSE (*how* to steer), `fit_mose`: a seeded train/validation split of the (anchor, Delta) pairs; K-means on the
@@ -156,7 +156,7 @@ def fit_mose(H_anchor: torch.Tensor, Delta: torch.Tensor, *, num_experts: Option
         val_fraction: share of pairs held out for early stopping and the report.
         seed: seeds the split, K-means, initialisation and batch order; equal seeds give equal tensors.
         ignore_inputs: anchor dimensions the router and residual MLP must not read (their input weights are exactly
-            zero), e.g. the linear gate's apex coordinate, where ``h - mu`` is huge (`finesteer.gates`).
+            zero), e.g. the linear gate's apex coordinate, where ``h - mu`` is huge (`finesteer.fitting.gates`).
     """
     H = as_rows("H_anchor", H_anchor, min_rows=4)
     D = as_rows("Delta", Delta, H.shape[1])

@@ -18,7 +18,7 @@ Variants (`GATES`, ``--gate``):
   ``||h - mu||^2 = C^2 (1 + O(1e-4))`` for every row and ``s(h) ~ (w.(h - m) + c)^2 / C^2``, monotone in ``w.h``: the
   threshold on ``s`` is a threshold on the linear score. (With the apex on ``w`` alone, the norm of ``h`` off ``w``
   dominates the ratio and most of the direction's AUC is lost.) The steering experts must ignore input ``k`` too
-  (`finesteer.fit.fit_mose`'s ``ignore_inputs``): the op's router and residual MLP read the same ``h - mu``.
+  (`finesteer.fitting.fit.fit_mose`'s ``ignore_inputs``): the op's router and residual MLP read the same ``h - mu``.
 
 Thresholds (`calibrate`): by default the paper's rule (start at the score keeping 90 % of calibration targets, then
 a class-balanced, L2-regularised one-feature logistic fit; ``tau`` = its boundary). With ``max_fpr`` a

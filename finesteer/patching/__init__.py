@@ -28,7 +28,7 @@ checked and moved to their layer's device), `fused_norm` (``fuse_norm=True``: th
 `bank` (`SteererBank`, `BankHandle`: a steerer per row or request), `continuous` (a bank inside transformers'
 continuous batching), `wrappers` (instance methods wrapped so that they come off in any order).
 """
-from ..layers import find_decoder_layers
+from .layers import find_decoder_layers
 from .bank import BankHandle, SteererBank
 from .handle import MODES, PatchHandle
 from .patch import patch_model, unpatch_model

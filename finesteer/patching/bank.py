@@ -24,7 +24,7 @@ import torch
 import finesteer_kernels
 from finesteer_kernels import SteerBank
 
-from ..layers import find_decoder_layers, hidden_size
+from .layers import find_decoder_layers, hidden_size
 from .continuous import ContinuousSteering
 from .forward_context import ForwardContext
 from .handle import PatchHandle, Site, _padding_mask, _share_within_beams

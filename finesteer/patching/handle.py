@@ -14,7 +14,7 @@ import finesteer_kernels
 from finesteer_kernels import SteerParams
 from finesteer_kernels.validation import HIDDEN_DTYPES
 
-from ..threads import OneThreadAtATime
+from .threads import OneThreadAtATime
 from .forward_context import (ArgReader, ForwardContext, as_mask, generate_call, new_token_count, reported_length,
                               rows_for)
 from .wrappers import unwrap, wrap

@@ -9,7 +9,7 @@ import torch
 
 from finesteer_kernels import SteerParams
 
-from ..layers import DecoderLayers, find_decoder_layers, hidden_size
+from .layers import DecoderLayers, find_decoder_layers, hidden_size
 from ..steerer import Steerer
 from .bank import SteererBank, patch_bank
 from .fused_norm import install_fused_norms, plan_fused_norms

@@ -13,7 +13,7 @@ import finesteer_kernels
 from finesteer_kernels import SteerParams
 from finesteer_kernels.validation import HIDDEN_DTYPES
 
-from ..layers import check_layer_index
+from .layers import check_layer_index
 from ..steerer import Steerer
 from .handle import LayerHook
 

@@ -7,17 +7,18 @@ and the unsteered vs steered greedy replies, then a one-paragraph summary.
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import textwrap
 import time
+from typing import Optional
 
-from . import data as datasets
+from ..fitting import data as datasets
+from ..fitting.held_out import anchor_activations, benign_groups, check_same_split, gate_scores, held_out_prompts
+from ..fitting.models import check_compatible
+from ..fitting.steerer_cache import fitted_steerer
+from ..steerer import Steerer
+from .generation import encode_batches, generate
 from .refusal import is_refusal
-from .workflow import (DEMO_SIZES, add_fit_arguments, anchor_activations, benign_groups, check_compatible,
-                       check_same_split, encode_batches, exit_on_missing_package, fit_options, fitted_steerer,
-                       gate_scores, generate, held_out_prompts)
-from .steerer import Steerer
 
 MAX_SHOWN_CHARS = 160  # prompts shown are picked among the short ones, so the side-by-side view stays readable
 
@@ -52,7 +53,7 @@ def _steerer_from_file(path: str, model, model_name: str):
     if steerer.metadata.get("recipe") != "safety":
         raise ValueError(f"--steerer: {path} was fitted with recipe {steerer.metadata.get('recipe')!r}; the demo "
                          "shows a safety steerer (finesteer fit --recipe safety)")
-    from .recipes import FitOptions
+    from ..fitting.recipes import FitOptions
 
     recorded = steerer.metadata.get("options", {})
     names = {f.name for f in FitOptions.__dataclass_fields__.values()}
@@ -60,70 +61,55 @@ def _steerer_from_file(path: str, model, model_name: str):
     return steerer, options
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_fit_arguments(parser, *DEMO_SIZES)
-    parser.add_argument("--steerer", default=None,
-                        help="use this safety steerer file (written by finesteer fit) instead of fitting or the cache")
-    parser.add_argument("--alpha", type=float, default=1.0, help="steering strength")
-    parser.add_argument("--mode", choices=("query", "token"), default="query",
-                        help="query: gate and route once per prompt (the paper's); token: every token on its own")
-    parser.add_argument("--show", type=int, default=3, help="held-out harmful prompts shown (and as many benign)")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens generated per reply")
+def run(model_name: str, *, options, steerer_path: Optional[str] = None, layer=None, cache_dir: Optional[str] = None,
+        refit: bool = False, mode: str = "query", alpha: float = 1.0, show: int = 3, max_new_tokens: int = 32,
+        progress: bool = True) -> int:
+    """The demo, printed: load ``model_name``, take the safety steerer from ``steerer_path`` (its recorded fit
+    options replace ``options``) or fit it with ``options`` (or load the cached fit), and show ``show`` held-out
+    harmful and as many benign prompts with their gate decisions and unsteered vs steered replies."""
+    from ..fitting.models import load_model
+    from ..patching import patch_model
 
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except FileNotFoundError as e:
-        raise exit_on_missing_package("demo", e) from None
-
-
-def _run(args: argparse.Namespace) -> int:
-    from .models import load_model
-    from .patching import patch_model
-
-    if args.show < 1 or args.max_new_tokens < 1:
+    if show < 1 or max_new_tokens < 1:
         raise SystemExit("finesteer demo: --show and --max-new-tokens must be positive")
-    progress = not args.quiet
     width = min(shutil.get_terminal_size((120, 24)).columns, 140)
     started = time.perf_counter()
 
     print("[1/4] loading the model", flush=True)
-    model, tokenizer = load_model(args.model, progress=progress)
+    model, tokenizer = load_model(model_name, progress=progress)
     loaded = time.perf_counter()
 
-    print("[2/4] safety steerer: " + ("from " + args.steerer if args.steerer else
+    print("[2/4] safety steerer: " + ("from " + steerer_path if steerer_path else
                                       "fitting on the real prompt sets (or loading the cached fit)"), flush=True)
-    if args.steerer:
-        steerer, options = _steerer_from_file(args.steerer, model, args.model)
+    if steerer_path:
+        steerer, options = _steerer_from_file(steerer_path, model, model_name)
         from_cache = True
     else:
-        options = fit_options(args)
-        steerer, from_cache = fitted_steerer(model, tokenizer, "finesteer", args.layer, options, args.model,
-                                             args.cache_dir, args.refit, progress)
+        steerer, from_cache = fitted_steerer(model, tokenizer, "finesteer", layer, options, model_name,
+                                             cache_dir, refit, progress)
     harmful_test, benign_test = held_out_prompts(options)
     check_same_split(steerer, harmful_test, benign_test)
     fitted = time.perf_counter()
 
     print("[3/4] gate scores of held-out prompts", flush=True)
     groups = benign_groups(benign_test)
-    harmful = pick_prompts(harmful_test, args.show)
-    plain_benign, edgy = pick_prompts(groups["benign"], args.show - 1), pick_prompts(groups["overrefusal"], 1)
+    harmful = pick_prompts(harmful_test, show)
+    plain_benign, edgy = pick_prompts(groups["benign"], show - 1), pick_prompts(groups["overrefusal"], 1)
     benign = plain_benign + edgy
     prompts = harmful + benign
     kinds = ["harmful"] * len(harmful) + ["benign"] * len(plain_benign) + ["benign, edgy topic"] * len(edgy)
     anchors = anchor_activations(model, tokenizer, prompts, steerer.layer, options, progress)
     scores, on = gate_scores(steerer, anchors)
 
-    print(f"[4/4] generating {len(prompts)} replies unsteered and steered ({args.mode} mode, alpha={args.alpha:g})",
+    print(f"[4/4] generating {len(prompts)} replies unsteered and steered ({mode} mode, alpha={alpha:g})",
           flush=True)
     batches = encode_batches(tokenizer, prompts, len(prompts), options.max_prompt_tokens)
     from tqdm.auto import tqdm
 
     with tqdm(total=2 * len(prompts), desc="generations", unit="reply", disable=not progress) as bar:
-        plain = generate(model, tokenizer, batches, len(prompts), args.max_new_tokens, bar)
-        with patch_model(model, steerer, mode=args.mode, alpha=args.alpha):
-            steered = generate(model, tokenizer, batches, len(prompts), args.max_new_tokens, bar)
+        plain = generate(model, tokenizer, batches, len(prompts), max_new_tokens, bar)
+        with patch_model(model, steerer, mode=mode, alpha=alpha):
+            steered = generate(model, tokenizer, batches, len(prompts), max_new_tokens, bar)
     done = time.perf_counter()
 
     tau = steerer.params.tau
@@ -141,11 +127,11 @@ def _run(args: argparse.Namespace) -> int:
     print()
     print(_summary(steerer, options, harmful, benign, on, plain, steered, from_cache,
                    {"model": loaded - started, "steerer": fitted - loaded, "generation": done - fitted,
-                    "total": done - started}, args))
+                    "total": done - started}, mode, alpha))
     return 0
 
 
-def _summary(steerer, options, harmful, benign, on, plain, steered, from_cache, seconds, args) -> str:
+def _summary(steerer, options, harmful, benign, on, plain, steered, from_cache, seconds, mode, alpha) -> str:
     n_h, n_b = len(harmful), len(benign)
     gate_fit = steerer.metadata.get("metrics", {}).get("gate") or {}
     gate = gate_fit.get("test") or {}
@@ -159,7 +145,7 @@ def _summary(steerer, options, harmful, benign, on, plain, steered, from_cache, 
                 f"harmful source's prompts and {loso['fpr']:.0%} of an unseen benign source's (macro averages)"
                 if loso else "")
     text = (
-        f"Summary: FineSteer ({args.mode} mode, alpha={args.alpha:g}) steered layer {steerer.layer} of "
+        f"Summary: FineSteer ({mode} mode, alpha={alpha:g}) steered layer {steerer.layer} of "
         f"{steerer.model} with {steerer.params.num_experts} experts and a {gate_fit.get('kind', 'scs')} gate (rank "
         f"{steerer.params.r}), fitted on "
         f"{fit_sizes[0].get('fit', '?')} harmful prompts (threshold calibrated on "

