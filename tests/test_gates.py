@@ -230,8 +230,8 @@ def test_transfer_study_never_sees_the_prompts_demo_and_eval_score():
     """`finesteer transfer` picks demo's and eval's default gate and layer, so its pools leave out their test
     splits (the real prompt sets from the data wheels)."""
     from finesteer.fitting import data as D
-    from finesteer.studies.transfer import source_pools
     from finesteer.fitting.held_out import scored_prompts
+    from finesteer.fitting.layer_selection import source_pools
 
     scored = scored_prompts()
     harmful, benign = source_pools(exclude=scored)
