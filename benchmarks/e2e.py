@@ -38,7 +38,7 @@ PROMPT = "Write a short story about a lighthouse keeper who finds a message in a
 
 def missing_parts() -> Optional[str]:
     """Why the end-to-end benchmark cannot run in this tree, or None."""
-    for module in ("finesteer.patching", "finesteer.models"):
+    for module in ("finesteer.patching", "finesteer.fitting.models"):
         if importlib.util.find_spec(module) is None:
             return f"{module} is not in this tree yet; the end-to-end benchmark needs it"
     return None
