@@ -71,7 +71,7 @@ def run(model_name: str, *, options, steerer_path: Optional[str] = None, layer=N
     from ..patching import patch_model
 
     if show < 1 or max_new_tokens < 1:
-        raise SystemExit("finesteer demo: --show and --max-new-tokens must be positive")
+        raise ValueError(f"show, max_new_tokens: expected positive counts, got {show} and {max_new_tokens}")
     width = min(shutil.get_terminal_size((120, 24)).columns, 140)
     started = time.perf_counter()
 
