@@ -18,7 +18,7 @@ SOURCE_CAP = 250  # prompts per source at most (seeded, stratified draw): bounds
 def source_pools(sharegpt: int = SOURCE_CAP, cap: Optional[int] = SOURCE_CAP, seed: int = 0,
                  exclude: Sequence[str] = ()) -> tuple:
     """``({harmful source: PromptSet}, {benign source: PromptSet})``: every harmful and benign source of the
-    safety recipe without the prompts of ``exclude`` (compared after `finesteer.data.normalize`), each drawn down to
+    safety recipe without the prompts of ``exclude`` (compared after `data.normalize`), each drawn down to
     ``cap`` prompts, disjoint across sources (a prompt in two sources is kept in the first)."""
     harmful = datasets.harmful_prompts()
     benign = datasets.benign_prompts(sharegpt, exclude=[harmful])

