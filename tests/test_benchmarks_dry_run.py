@@ -1,6 +1,7 @@
 """The benchmark code runs end to end at tiny sizes (kernels under the Triton interpreter on CPU, never timed):
 the GPU script's dry run, the op table of `python -m benchmarks.run`, the end-to-end loop on a tiny model, and the
 byte-frugal eager baseline agrees with the reference (a wrong baseline would make every speed-up meaningless)."""
+import importlib.util
 import json
 import os
 import sys
@@ -13,7 +14,9 @@ from transformers import LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from benchmarks import gpu_check, report, run  # noqa: E402
+from benchmarks import gpu_check, run  # noqa: E402
+from benchmarks.gpu import child  # noqa: E402
+from benchmarks.gpu.record import Context, Run  # noqa: E402
 from benchmarks.e2e import run_e2e  # noqa: E402
 from benchmarks.implementations import frugal_apply, frugal_steer  # noqa: E402
 from benchmarks.timing import count_launches, stats_of  # noqa: E402
@@ -53,24 +56,36 @@ def test_percentiles_and_launch_proxy():
     assert count_launches(lambda: (x @ x).relu().sum(), "cpu") == 3  # mm, relu, sum; views do not count
 
 
+SECTION_NAMES = ["split_d_smoke", "bandwidth", "empty_kernel", "prefill", "sweep", "decode", "correctness", "bank",
+                 "fused_norm", "vllm"]
+
+
 def test_gpu_check_dry_run(tmp_path, capsys):
+    """Every section of the GPU check runs its code at tiny sizes (the split-d smoke in its child process), in
+    order, and writes what the GPU run would: rows checked against the reference, the model beside them."""
     out = tmp_path / "check.json"
     assert gpu_check.main(["--dry-run", "--out", str(out), "--no-progress"]) == 0
     result = json.loads(out.read_text())
     sections = result["sections"]
-    names = ["bandwidth", "split_d_smoke", "empty_kernel", "prefill", "sweep", "decode", "correctness", "bank",
-             "fused_norm"]
-    assert [name for name, _ in gpu_check.SECTIONS] == names  # every section has a deadline, in run order
-    assert {n: s["status"] for n, s in sections.items()} == {n: "ok" for n in names}
-    assert list(sections) == names and not any("in_progress" in s for s in sections.values())
-    assert sections["bandwidth"]["l2"]["ok"]  # the L2 probe kernel ran (interpreted, untimed)
-    smoke = sections["split_d_smoke"]["rows"]  # right after bandwidth: split-d at both shapes, in and out of place
-    assert {(r["T"], r["variant"]) for r in smoke} == {(t, v) for t in (40, 1) for v in ("out of place", "in place")}
-    assert all(r["ok"] and "split" in r["config"] and "note" not in r for r in smoke)
-    checks = sections["correctness"]["rows"]
-    assert {c["dtype"] for c in checks} == {"fp16", "bf16"} and {c["rows"] for c in checks} == {1, 5}
-    assert {c["op"] for c in checks} >= {"steer", "steer_", "synthesize", "apply_coef", "apply_coef_", "gate mix"}
-    assert all(c["ok"] for c in checks)
+    assert [s.NAME for s in gpu_check.SECTIONS] == SECTION_NAMES == list(sections)  # every one ran, in order
+    assert [s.DEADLINE for s in gpu_check.SECTIONS] == sorted(s.DEADLINE for s in gpu_check.SECTIONS)
+    assert {n: s["status"] for n, s in sections.items()} == {**{n: "ok" for n in SECTION_NAMES}, "vllm": "skipped"}
+    assert "dry run" in sections["vllm"]["note"]  # skipped with its reason, not silently
+    assert not any("in_progress" in s for s in sections.values())
+    smoke = sections["split_d_smoke"]  # first, in a child process that finished in time
+    assert smoke["child"]["returncode"] == 0 and not smoke["child"]["timed_out"] and result["split_d"] == {"ok": True}
+    assert {(r["T"], r["variant"]) for r in smoke["rows"]} == {(t, v) for t in (40, 1)
+                                                              for v in ("out of place", "in place")}
+    assert all(r["ok"] and "split" in r["config"] and "note" not in r and r["spin_cap"] for r in smoke["rows"])
+    bw = sections["bandwidth"]  # the probe kernels ran (interpreted, untimed), and the flushes and the copy
+    assert bw["l2"]["ok"] and bw["flush_check"]["ok"] and bw["copy"]["gbps"] > 0
+    assert [r["in_flight_bytes"] // 1024 for r in bw["per_sm"]["rows"]] == [16, 32, 64, 128]
+    assert all(r["ok"] for r in bw["per_sm"]["rows"])
+    cases = sections["correctness"]["rows"]
+    assert {c["dtype"] for c in cases} == {"fp16", "bf16"} and {c["rows"] for c in cases} == {1, 5}
+    assert set().union(*(c["errors"] for c in cases)) == {"steer", "steer_", "synthesize", "apply_coef",
+                                                          "apply_coef_"}
+    assert all(c["ok"] for c in cases) and sum("gate_mix" in c for c in cases) == 4  # every gated multi-row case
     prefill = sections["prefill"]["rows"]
     assert {r["impl"] for r in prefill} == {"reference", "frugal", "compiled", "triton"}
     for r in prefill:
@@ -84,15 +99,18 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     assert [r["config"] for r in decode["rows"] if r["config"].endswith("fused norm")] == [
         "query, 3 layers, fused norm", "token, 3 layers, fused norm"]
     assert all(r["differs_from_unpatched"] for r in decode["rows"][1:])
-    assert {r["op"] for r in decode["ops"]} == {"query: apply_delta_", "token: steer_ (split-d)"}
+    # the decode ops, each call on a fresh row, checked against one application; token mode on both gate states
+    assert [(r["op"], r["gate_open"]) for r in decode["ops"]] == [
+        ("query: apply_delta_", True), ("token: steer_", True), ("token: steer_", False)]
+    assert all(r["ok"] for r in decode["ops"]) and decode["ops"][1]["max_rel_err"] < 1e-2
     assert all(r["mixed_ok"] and r["uniform_ok"] for r in sections["bank"]["rows"])
     fused = sections["fused_norm"]["rows"]  # both modes at both shapes, checked, untimed, the model beside them
     assert {(r["mode"], r["T"]) for r in fused} == {(m, t) for m in ("token", "query") for t in (20, 1)}
     assert all(r["ok"] and r["backend"] == "triton" and "fused_us" not in r for r in fused)
     assert all(r["model"]["H200"]["fused_mb"] > 0 for r in fused)
     markdown = (tmp_path / "check.md").read_text()
-    for table in ("**Split-d smoke**", "**Prefill**", "**Config sweep**", "**Decode step**", "**Correctness**",
-                  "**Bank**", "**Fused with the next RMSNorm**"):
+    for table in ("**Split-d smoke**", "**Prefill**", "**Config sweep**", "**Decode step**", "each call on a fresh row",
+                  "**Correctness**", "**Bank**", "**Fused with the next RMSNorm**", "| vllm | skipped dry run"):
         assert table in markdown
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-1].startswith("wrote ") and any("token, 3 layers" in line for line in printed)
@@ -107,8 +125,119 @@ def test_gpu_check_writes_under_out_and_skips_what_the_budget_leaves_no_time_for
     out = tmp_path / "skipped.json"
     assert gpu_check.main(["--dry-run", "--out", str(out), "--time-budget", "0"]) == 0
     sections = json.loads(out.read_text())["sections"]
-    assert [n for n, _ in gpu_check.SECTIONS] == list(sections)
+    assert list(sections) == SECTION_NAMES
     assert all(s["status"] == "skipped" for s in sections.values())
+
+
+def _section(tmp_path, name="split_d_smoke"):
+    """A one-section run recording into tmp_path, and a dry-run context for it."""
+    results = {"sections": {}}
+    runner = Run(str(tmp_path / f"{name}.json"), results, time.perf_counter(), 1e9)
+    return runner, Context(torch.device("cpu"), True, results, float("inf"))
+
+
+HANGING_CHILD = """
+import json, sys, time
+path = sys.argv[sys.argv.index("--record") + 1]
+record = {"status": "running", "rows": [{"T": 1, "ok": True}], "in_progress": "the launch that never returns"}
+with open(path, "w") as f:
+    json.dump({"sections": {"split_d_smoke": record}}, f)
+time.sleep(600)
+"""
+
+
+def test_a_child_that_hangs_is_killed_and_its_finished_rows_kept(tmp_path, monkeypatch):
+    """The split-d smoke's child process (a stand-in that records one row, then hangs as a spin wait would): killed
+    at its timeout, the section failed with the item it hung on, the rows it finished kept."""
+    (tmp_path / "hanging_child.py").write_text(HANGING_CHILD)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    runner, _ = _section(tmp_path)
+    started = time.perf_counter()
+    record = runner.section("split_d_smoke", 1.0, lambda sec: child.run_in_child(sec, "hanging_child", 3.0))
+    assert time.perf_counter() - started < 30
+    assert record["status"] == "failed" and "timed out after 3 s" in record["error"]
+    assert "the launch that never returns" in record["error"] and record["child"]["timed_out"]
+    assert record["rows"] == [{"T": 1, "ok": True}]
+    saved = json.loads((tmp_path / "split_d_smoke.json").read_text())["sections"]["split_d_smoke"]
+    assert saved["status"] == "failed" and saved["rows"] == record["rows"]
+
+
+def test_when_the_split_d_smoke_fails_the_rest_runs_without_split_d(tmp_path, monkeypatch):
+    """The real smoke child, given too little time to even start: the section fails, the JSON says split-d failed,
+    FINESTEER_SPLIT_D=0 is set for the rest of the run, and the sweep skips split configurations while it runs
+    the others."""
+    from benchmarks.gpu import split_d_smoke, sweep
+    from finesteer_kernels.perf_model import Config
+
+    monkeypatch.setenv("FINESTEER_SPLIT_D", "1")  # restored after the test
+    monkeypatch.setitem(split_d_smoke.TIMEOUT_S, True, 0.2)
+    runner, ctx = _section(tmp_path)
+    record = runner.section("split_d_smoke", 1.0, split_d_smoke.run, ctx)
+    assert record["status"] == "failed" and "timed out" in record["error"] and "start-up" in record["error"]
+    assert os.environ["FINESTEER_SPLIT_D"] == "0" and ctx.results["split_d"]["ok"] is False
+    assert "FINESTEER_SPLIT_D=0" in ctx.results["split_d"]["later_sections"]
+    monkeypatch.setattr(sweep, "sweep_configs", lambda shape, card, count: [Config(16, 32, 4, 1, SPLIT=2),
+                                                                            Config(16, 32, 4, 1)])
+    rows = runner.section("sweep", 1.0, sweep.run, ctx)["rows"]
+    assert rows[0]["note"] == "skipped: split-d is off (FINESTEER_SPLIT_D=0)" and rows[1]["ok"] is True
+
+
+def test_fresh_row_timing_catches_an_edit_that_compounds():
+    """The decode ops' check is not vacuous: an op applied twice to a row (what many in-place calls on one h did)
+    fails it; applied once, it passes."""
+    from benchmarks.gpu.decode import time_on_fresh_rows
+
+    ctx = SimpleNamespace(gpu=False)
+    h0 = torch.randn(1, 1, 16)
+    once = time_on_fresh_rows(lambda h: h.add_(1.0), h0, h0 + 1.0, ctx, 1e-6)
+    twice = time_on_fresh_rows(lambda h: h.add_(1.0).add_(1.0), h0, h0 + 1.0, ctx, 1e-6)
+    assert once["ok"] and not twice["ok"]
+
+
+def test_vllm_section_with_a_stand_in_vllm(tmp_path, monkeypatch):
+    """The vLLM section's logic (no vLLM here: a stand-in module): the steerer file is registered by name in
+    FINESTEER_VLLM_STEERERS before the engine starts, steered requests name it in ``extra_args``, the rows hold
+    tokens/s both ways and whether the steered tokens differ; without vLLM the section is skipped with a reason."""
+    from benchmarks.gpu import vllm_throughput as section
+    from finesteer import Steerer
+
+    seen = {}
+
+    class LLM:
+        def __init__(self, model, **kwargs):
+            name, path = os.environ[section.STEERERS_ENV].split("=", 1)
+            seen.update(model=model, name=name, steerer=Steerer.load(path), **kwargs)
+
+        def generate(self, prompts, params, use_tqdm=True):
+            steered = (params.extra_args or {}).get(section.STEER_ARG) == section.STEERER_NAME
+            tokens = [2 if steered else 1] * params.max_tokens
+            return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=tokens)]) for _ in prompts]
+
+    class SamplingParams:
+        def __init__(self, max_tokens, temperature, ignore_eos, extra_args=None):
+            self.max_tokens, self.extra_args = max_tokens, extra_args
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"hidden_size": 48, "num_hidden_layers": 6}))
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams,
+                                                             __version__="stand-in"))
+    monkeypatch.setattr(section, "model_folder", lambda: tmp_path / "model")
+    monkeypatch.delenv(section.STEERERS_ENV, raising=False)
+    runner, ctx = _section(tmp_path, "vllm")
+    record = runner.section("vllm", 1.0, section.measure, ctx)
+    assert record["status"] == "ok", record
+    assert seen["name"] == section.STEERER_NAME and seen["enable_prefix_caching"] is False
+    assert seen["steerer"].layer == 3 and seen["steerer"].hidden_size == 48  # the middle layer, the model's width
+    rows = {r["config"]: r for r in record["rows"]}
+    assert list(rows) == ["unsteered", "steered"]
+    tokens = len(section.PROMPTS) * section.NEW_TOKENS
+    assert all(r["generated_tokens"] == tokens and r["tokens_per_s"] > 0 for r in rows.values())
+    assert rows["steered"]["differs_from_unsteered"] and rows["steered"]["ok"]
+    assert section.why_not_here(dry=True).startswith("dry run")
+    monkeypatch.delitem(sys.modules, "vllm")
+    if importlib.util.find_spec("vllm") is None:
+        skipped = runner.section("vllm", 1.0, section.run, Context(torch.device("cpu"), False, runner.results, 0.0))
+        assert skipped["status"] == "skipped" and skipped["note"] == "vllm is not importable"
 
 
 class Llama517(LlamaForCausalLM):
@@ -141,9 +270,10 @@ def test_decode_section_on_transformers_5_17_keeps_every_other_configuration(tmp
 
     monkeypatch.setattr(transformers, "LlamaForCausalLM", Llama517)
     monkeypatch.setattr(finesteer.patching, "patch_model", patch_failing_once)
-    results = {"sections": {}}
-    run = report.Run(str(tmp_path / "decode.json"), results, time.perf_counter(), 1e9)
-    run.section("decode", 1.0, gpu_check.decode_section, torch.device("cpu"), gpu_check.Sizes(dry=True))
+    from benchmarks.gpu import decode as section
+
+    runner, ctx = _section(tmp_path, "decode")
+    runner.section("decode", 1.0, section.run, ctx)
     decode = json.loads((tmp_path / "decode.json").read_text())["sections"]["decode"]
     assert decode["status"] == "failed" and "token, 3 layers, fused norm" in decode["error"]
     rows = {r["config"]: r for r in decode["rows"]}
@@ -151,16 +281,17 @@ def test_decode_section_on_transformers_5_17_keeps_every_other_configuration(tmp
     assert "injected failure" in rows.pop("token, 3 layers, fused norm")["error"]
     assert all(r["finite"] and "error" not in r for r in rows.values())
     assert all(r["differs_from_unpatched"] for name, r in rows.items() if name != "unpatched")
-    assert len(decode["ops"]) == 2
+    assert len(decode["ops"]) == 3 and all(r["ok"] for r in decode["ops"])
 
 
 def test_sweep_starts_with_the_pick_and_keeps_the_models_best():
+    from benchmarks.gpu.sweep import sweep_configs
     from finesteer_kernels.heuristics import best_steer
     from finesteer_kernels.perf_model import CARDS, Shape
 
     shape = Shape.of(8192, 4096, 2, 64, 8, 32, 8)
     card = CARDS["H200"]
-    configs = gpu_check.sweep_configs(shape, card, 14)
+    configs = sweep_configs(shape, card, 14)
     assert configs[0] == best_steer(shape, card).config and len(configs) == 14 == len(set(configs))
     assert any(c.SPLIT == 1 for c in configs) and any(c.SPLIT > 1 for c in configs)
 
