@@ -73,7 +73,7 @@ def _time_cpu(fn: Callable[[], object], budget_s: float, min_reps: int, max_reps
 
 _FLUSH_BUFFERS: dict = {}
 # Larger than the L2 of any current card (H100: 50 MiB, H200: 60 MiB, B200: 126 MiB), so reading it evicts all of L2;
-# on a CPU (dry runs: the code path, nothing timed) a small one.
+# on a CPU (dry runs: the code path, no figure) a small one.
 FLUSH_BYTES = {"cuda": 256 << 20, "cpu": 1 << 20}
 
 
@@ -115,8 +115,17 @@ def _time_cuda(fn: Callable[[], object], budget_s: float, min_reps: int, max_rep
 
 def _event_times(fn: Callable[[], object], reps: int, device: torch.device,
                  before: Optional[Callable[[], object]] = None) -> list[float]:
-    """Seconds of ``reps`` calls of ``fn``, each between two CUDA events; ``before`` (an L2 flush, restoring the
-    inputs) runs before each call, outside the timed region."""
+    """Seconds of ``reps`` calls of ``fn``, each between two CUDA events (on a CPU, the wall clock: the dry run's
+    timed path); ``before`` (an L2 flush, restoring the inputs) runs before each call, outside the timed region."""
+    if device.type != "cuda":
+        samples = []
+        for _ in range(reps):
+            if before is not None:
+                before()
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+        return samples
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for i in range(reps):
@@ -127,6 +136,12 @@ def _event_times(fn: Callable[[], object], reps: int, device: torch.device,
         ends[i].record()
     torch.cuda.synchronize(device)
     return [s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends)]
+
+
+def elapsed_s(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call of ``fn`` (which may launch many kernels) between two CUDA events, or on the wall clock
+    on a CPU."""
+    return _event_times(fn, 1, torch.device(device))[0]
 
 
 def measure(fn: Callable[[], object], device: torch.device, budget_s: float = 0.3, min_reps: int = 5,
@@ -243,19 +258,26 @@ def time_graph(fn: Callable[[], object], device: torch.device, reps: int = 20, c
     """Capture ``fn`` (``calls_per_graph`` times) in a CUDA graph after warming it up on a side stream, then time
     ``reps`` replays with CUDA events. Before each replay, outside the timed region: ``before_each`` (restoring
     inputs that the calls edit in place), then with ``cold_l2`` an L2 flush (`flush_l2`), so every replay starts
-    with nothing of its inputs in L2. Per-call seconds."""
+    with nothing of its inputs in L2. Per-call seconds. On a CPU (the dry run's timed path) the calls run eagerly,
+    a loop in place of the graph."""
     device = torch.device(device)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls_per_graph):
-            fn()
-    graph.replay()
+    if device.type == "cuda":
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls_per_graph):
+                fn()
+        replay = graph.replay
+    else:
+        def replay():
+            for _ in range(calls_per_graph):
+                fn()
+    replay()
 
     def before():
         if before_each is not None:
@@ -263,19 +285,11 @@ def time_graph(fn: Callable[[], object], device: torch.device, reps: int = 20, c
         if cold_l2:
             flush_l2(device)
 
-    return stats_of([t / calls_per_graph for t in _event_times(graph.replay, reps, device, before)])
-
-
-def graph_median_s(fn: Callable[[], object], device: torch.device, timed: bool, reps: int = 20) -> Optional[float]:
-    """Median seconds of ``fn`` in a CUDA graph with a cold L2; untimed (a dry run): one eager call, None."""
-    if not timed:
-        fn()
-        return None
-    return time_graph(fn, device, reps=reps).median
+    return stats_of([t / calls_per_graph for t in _event_times(replay, reps, device, before)])
 
 
 # ---- what the bytes model assumes of the card --------------------------------------------------------------------
-def l2_flush_check(device: torch.device, l2_bytes: int, timed: bool = True, reps: int = 20) -> dict:
+def l2_flush_check(device: torch.device, l2_bytes: int, reps: int = 20) -> dict:
     """Whether the flush empties L2, and what the old flush cost: a copy of a quarter of L2 into another quarter
     (both fit), timed right after each kind of flush: none (``warm``: the previous copy left both buffers in L2),
     a read of the clean flush buffer (``read_flush``, what every cold-L2 time here uses) and ``zero_()`` of it
@@ -291,33 +305,29 @@ def l2_flush_check(device: torch.device, l2_bytes: int, timed: bool = True, reps
         if before is not None:
             before()
         dst.copy_(src)
-        if timed:
-            out[name] = stats_of(_event_times(lambda: dst.copy_(src), reps, device, before)).as_us()
-    if not timed:
-        return {**out, "note": "each flush and copy ran once, not timed", "ok": bool(torch.equal(dst, src))}
+        out[name] = stats_of(_event_times(lambda: dst.copy_(src), reps, device, before)).as_us()
     warm, read, zero = (out[k]["median_us"] for k in flushes)
     return {**out, "read_flush_over_warm": read / warm, "zero_flush_over_read_flush": zero / read,
-            "flush_evicts": read >= 1.2 * warm}
+            "flush_evicts": read >= 1.2 * warm, "ok": bool(torch.equal(dst, src))}
 
 
-def l2_read_bandwidth_gbps(device: torch.device, l2_bytes: int, timed: bool = True) -> dict:
-    """L2 read bandwidth: every SM re-reads its slice of a buffer of a quarter of L2 (so it stays there) many
-    times; bytes read / median time. Untimed (the interpreter): the kernel runs once at a tiny size."""
+def l2_read_bandwidth_gbps(device: torch.device, l2_bytes: int, reps: int = 50) -> dict:
+    """L2 read bandwidth: every SM re-reads its slice of a buffer of a quarter of L2 (so it stays there) ``reps``
+    times in one launch; bytes read / median time."""
     from benchmarks.probe_kernels import read_kernel
 
     device = torch.device(device)
-    programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count if timed else 8
+    programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
     per_program = max(1024, (l2_bytes // 4) // 4 // programs // 1024 * 1024)  # fp32 elements
     x = torch.ones(programs * per_program, dtype=torch.float32, device=device)
     out = torch.empty(programs, dtype=torch.float32, device=device)
-    reps = 50 if timed else 1
     launch = lambda: read_kernel[(programs,)](x, out, per_program, reps, BLOCK=1024)  # noqa: E731
     launch()
-    if not timed:
-        return {"note": "interpreted once, not timed", "ok": bool(out.sum() == x.numel())}
-    stats = time_graph(launch, device, reps=10, cold_l2=False)
+    ok = bool(out.sum() == reps * x.numel())
+    stats = time_graph(launch, device, reps=10 if device.type == "cuda" else 1, cold_l2=False)
     moved = reps * x.numel() * 4
-    return {"bytes": moved, "buffer_bytes": x.numel() * 4, **stats.as_us(), "gbps": moved / stats.median / 1e9}
+    return {"bytes": moved, "buffer_bytes": x.numel() * 4, **stats.as_us(), "gbps": moved / stats.median / 1e9,
+            "ok": ok}
 
 
 # (BLOCK in fp32 elements, warps) of the per-SM probe: the read kernel's pipeline keeps two BLOCK loads ahead
@@ -325,7 +335,7 @@ def l2_read_bandwidth_gbps(device: torch.device, l2_bytes: int, timed: bool = Tr
 PER_SM_BLOCKS = ((2048, 8), (4096, 8), (8192, 8), (16384, 16))
 
 
-def per_sm_read_sweep(device: torch.device, programs: int = 8, nbytes: int = 1 << 28, timed: bool = True) -> dict:
+def per_sm_read_sweep(device: torch.device, programs: int = 8, nbytes: int = 1 << 28) -> dict:
     """One SM's sustained read bandwidth against the bytes it keeps in flight: ``programs`` programs (on an idle
     card, one per SM) stream a buffer much larger than L2 once, with a cold L2, at each of `PER_SM_BLOCKS`. By
     Little's law an SM with B bytes in flight and a latency L reads at most B / L; the port cap shows as the point
@@ -336,25 +346,19 @@ def per_sm_read_sweep(device: torch.device, programs: int = 8, nbytes: int = 1 <
     device = torch.device(device)
     rows = []
     for block, warps in PER_SM_BLOCKS:
-        if not timed:  # the interpreter: two programs, two blocks each
-            programs, nbytes = 2, 2 * 2 * block * 4
-        per_program = nbytes // 4 // programs
+        per_program = max(block, nbytes // 4 // programs)
         x = torch.ones(programs * per_program, dtype=torch.float32, device=device)
         out = torch.empty(programs, dtype=torch.float32, device=device)
         launch = lambda: read_kernel[(programs,)](x, out, per_program, 1, BLOCK=block, num_warps=warps)  # noqa: E731
         compiled = launch()
         shared = getattr(getattr(compiled, "metadata", None), "shared", None)  # None under the interpreter
         row = {"block": block, "warps": warps, "in_flight_bytes": shared or 2 * block * 4,
-               "in_flight_from": "compiled shared memory" if shared else "2 x BLOCK x 4 (the sm_90a compile)"}
-        if not timed:
-            rows.append({**row, "note": "interpreted once, not timed", "ok": bool(out.sum() == x.numel())})
-            continue
-        stats = time_graph(launch, device, reps=5, cold_l2=True)
+               "in_flight_from": "compiled shared memory" if shared else "2 x BLOCK x 4 (the sm_90a compile)",
+               "ok": bool(out.sum() == x.numel())}
+        stats = time_graph(launch, device, reps=5 if device.type == "cuda" else 1, cold_l2=True)
         gbps = x.numel() * 4 / stats.median / 1e9 / programs
         rows.append({**row, **stats.as_us(), "gbps_per_sm": gbps,
                      "littles_law_latency_ns": row["in_flight_bytes"] / gbps})
-    if not timed:
-        return {"programs": programs, "rows": rows}
     best = max(rows, key=lambda r: r["gbps_per_sm"])
     return {"programs": programs, "rows": rows, "gbps_per_sm": best["gbps_per_sm"],
             "in_flight_bytes_at_best": best["in_flight_bytes"],

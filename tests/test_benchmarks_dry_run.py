@@ -62,7 +62,8 @@ SECTION_NAMES = ["split_d_smoke", "bandwidth", "empty_kernel", "prefill", "sweep
 
 def test_gpu_check_dry_run(tmp_path, capsys):
     """Every section of the GPU check runs its code at tiny sizes (the split-d smoke in its child process), in
-    order, and writes what the GPU run would: rows checked against the reference, the model beside them."""
+    order, timing code included (one repetition, eager calls for graphs: the times mean nothing), and writes what
+    the GPU run would: rows checked against the reference and timed, the model beside them, the goals."""
     out = tmp_path / "check.json"
     assert gpu_check.main(["--dry-run", "--out", str(out), "--no-progress"]) == 0
     result = json.loads(out.read_text())
@@ -71,16 +72,18 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     assert [s.DEADLINE for s in gpu_check.SECTIONS] == sorted(s.DEADLINE for s in gpu_check.SECTIONS)
     assert {n: s["status"] for n, s in sections.items()} == {**{n: "ok" for n in SECTION_NAMES}, "vllm": "skipped"}
     assert "dry run" in sections["vllm"]["note"]  # skipped with its reason, not silently
-    assert not any("in_progress" in s for s in sections.values())
+    assert not any("in_progress" in s for s in sections.values()) and "measure nothing" in result["times"]
     smoke = sections["split_d_smoke"]  # first, in a child process that finished in time
     assert smoke["child"]["returncode"] == 0 and not smoke["child"]["timed_out"] and result["split_d"] == {"ok": True}
     assert {(r["T"], r["variant"]) for r in smoke["rows"]} == {(t, v) for t in (40, 1)
                                                               for v in ("out of place", "in place")}
     assert all(r["ok"] and "split" in r["config"] and "note" not in r and r["spin_cap"] for r in smoke["rows"])
-    bw = sections["bandwidth"]  # the probe kernels ran (interpreted, untimed), and the flushes and the copy
-    assert bw["l2"]["ok"] and bw["flush_check"]["ok"] and bw["copy"]["gbps"] > 0
+    bw = sections["bandwidth"]  # the probe kernels ran (interpreted), the flushes and the copies
+    assert bw["l2"]["ok"] and bw["flush_check"]["ok"] and bw["copy"]["gbps"] > 0 and bw["l2"]["gbps"] > 0
+    assert all(bw["flush_check"][k]["median_us"] > 0 for k in ("warm", "read_flush", "zero_flush"))
     assert [r["in_flight_bytes"] // 1024 for r in bw["per_sm"]["rows"]] == [16, 32, 64, 128]
-    assert all(r["ok"] for r in bw["per_sm"]["rows"])
+    assert all(r["ok"] and r["gbps_per_sm"] > 0 for r in bw["per_sm"]["rows"]) and "saturated" in bw["per_sm"]
+    assert "card_measured" in bw and "measured: hbm_gbps, l2_gbps" in bw["card_measured_note"]
     cases = sections["correctness"]["rows"]
     assert {c["dtype"] for c in cases} == {"fp16", "bf16"} and {c["rows"] for c in cases} == {1, 5}
     assert set().union(*(c["errors"] for c in cases)) == {"steer", "steer_", "synthesize", "apply_coef",
@@ -89,28 +92,32 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     prefill = sections["prefill"]["rows"]
     assert {r["impl"] for r in prefill} == {"reference", "frugal", "compiled", "triton"}
     for r in prefill:
-        assert r["ok"] is True and "median_us" not in r, r  # checked against the reference, never timed on CPU
+        assert r["ok"] is True and r["median_us"] > 0, r  # checked against the reference, then timed
         if r["impl"] == "triton":  # the model's prediction sits beside every Triton row
             assert 0 < r["model"]["shipped"]["pct_copy"] <= 100 and r["model"]["shipped"]["config"]
     sweep = sections["sweep"]["rows"]
-    assert len(sweep) >= 2 and sweep[0]["picked"] and all(r["ok"] for r in sweep)
+    assert len(sweep) >= 2 and sweep[0]["picked"] and all(r["ok"] and r["median_us"] > 0 for r in sweep)
+    assert sections["sweep"]["best"] and 0 <= sections["sweep"]["model_rank_agreement"] <= 1
     decode = sections["decode"]
     assert [r["config"] for r in decode["rows"]][0] == "unpatched" and len(decode["rows"]) == 7
     assert [r["config"] for r in decode["rows"] if r["config"].endswith("fused norm")] == [
         "query, 3 layers, fused norm", "token, 3 layers, fused norm"]
     assert all(r["differs_from_unpatched"] for r in decode["rows"][1:])
+    assert all(r["median_us"] > 0 for r in decode["rows"]) and decode["rows"][0]["ratio"] == 1.0
     # the decode ops, each call on a fresh row, checked against one application; token mode on both gate states
     assert [(r["op"], r["gate_open"]) for r in decode["ops"]] == [
         ("query: apply_delta_", True), ("token: steer_", True), ("token: steer_", False)]
-    assert all(r["ok"] for r in decode["ops"]) and decode["ops"][1]["max_rel_err"] < 1e-2
-    assert all(r["mixed_ok"] and r["uniform_ok"] for r in sections["bank"]["rows"])
+    assert all(r["ok"] and r["median_us"] > 0 for r in decode["ops"]) and decode["ops"][1]["max_rel_err"] < 1e-2
+    assert all(r["mixed_ok"] and r["uniform_ok"] and r["measured_ratio"] > 0 for r in sections["bank"]["rows"])
+    assert sections["empty_kernel"]["median_us"] > 0 and len(result["goals"]) == 2 + 2 + 4  # prefill, ops, steps
     fused = sections["fused_norm"]["rows"]  # both modes at both shapes, checked, untimed, the model beside them
     assert {(r["mode"], r["T"]) for r in fused} == {(m, t) for m in ("token", "query") for t in (20, 1)}
     assert all(r["ok"] and r["backend"] == "triton" and "fused_us" not in r for r in fused)
     assert all(r["model"]["H200"]["fused_mb"] > 0 for r in fused)
     markdown = (tmp_path / "check.md").read_text()
     for table in ("**Split-d smoke**", "**Prefill**", "**Config sweep**", "**Decode step**", "each call on a fresh row",
-                  "**Correctness**", "**Bank**", "**Fused with the next RMSNorm**", "| vllm | skipped dry run"):
+                  "**Correctness**", "**Bank**", "**Fused with the next RMSNorm**", "| vllm | skipped dry run",
+                  "**Goals**", "measure nothing", "L2 flush check", "one SM's read bandwidth"):
         assert table in markdown
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-1].startswith("wrote ") and any("token, 3 layers" in line for line in printed)
@@ -187,7 +194,7 @@ def test_fresh_row_timing_catches_an_edit_that_compounds():
     fails it; applied once, it passes."""
     from benchmarks.gpu.decode import time_on_fresh_rows
 
-    ctx = SimpleNamespace(gpu=False)
+    ctx = Context(torch.device("cpu"), True, {}, float("inf"))
     h0 = torch.randn(1, 1, 16)
     once = time_on_fresh_rows(lambda h: h.add_(1.0), h0, h0 + 1.0, ctx, 1e-6)
     twice = time_on_fresh_rows(lambda h: h.add_(1.0).add_(1.0), h0, h0 + 1.0, ctx, 1e-6)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 
 NAME, DEADLINE = "bandwidth", 0.25  # late enough to run after a split-d smoke that hung for its whole timeout
-DRY_BYTES = 8 << 20  # the dry run's copy and L2 sizes: host memory, interpreted probe kernels
+# (copy bytes, L2 bytes, per-SM probe bytes, L2 probe passes): the card's, and the dry run's (host memory,
+# interpreted probe kernels: one block per program)
+SIZES = {False: dict(copy=1 << 30, per_sm=1 << 28, l2_passes=50), True: dict(copy=8 << 20, per_sm=0, l2_passes=2)}
 DRY_L2_BYTES = 1 << 20
 
 
@@ -26,21 +28,21 @@ def run(sec, ctx) -> dict:
     from benchmarks.gpu.record import error_text
     from finesteer_kernels.perf_model import DEFAULT_CARD, card_for_device
 
-    device, timed = ctx.device, ctx.gpu
-    card = card_for_device(device) if timed else DEFAULT_CARD
-    l2_bytes = card.l2_bytes if timed else DRY_L2_BYTES
+    device, sizes = ctx.device, SIZES[ctx.dry]
+    card = card_for_device(device) if ctx.gpu else DEFAULT_CARD
+    l2_bytes = DRY_L2_BYTES if ctx.dry else card.l2_bytes
     record = sec.record
     record.update(device=str(device), peak_gbps=timing.card_peak_gbps(device), card=dataclasses.asdict(card))
-    if timed:
+    if ctx.gpu:
         props = torch.cuda.get_device_properties(device)
         record.update(name=props.name, sm_count=props.multi_processor_count, capability=f"{props.major}.{props.minor}",
                       l2_bytes_reported=getattr(props, "L2_cache_size", None))
     else:
         record["name"] = "CPU (dry run: host copy bandwidth, not a GPU figure)"
-    probes = {"copy": lambda: timing.copy_bandwidth_gbps(device, nbytes=(1 << 30) if timed else DRY_BYTES),
-              "flush_check": lambda: timing.l2_flush_check(device, l2_bytes, timed=timed),
-              "l2": lambda: timing.l2_read_bandwidth_gbps(device, l2_bytes, timed=timed),
-              "per_sm": lambda: timing.per_sm_read_sweep(device, timed=timed)}
+    probes = {"copy": lambda: timing.copy_bandwidth_gbps(device, nbytes=sizes["copy"]),
+              "flush_check": lambda: timing.l2_flush_check(device, l2_bytes, reps=ctx.reps(20)),
+              "l2": lambda: timing.l2_read_bandwidth_gbps(device, l2_bytes, reps=sizes["l2_passes"]),
+              "per_sm": lambda: timing.per_sm_read_sweep(device, nbytes=sizes["per_sm"])}
     failed = []
     for name, probe in probes.items():  # each on its own: one that fails leaves the others
         sec.starting(name)
@@ -50,7 +52,7 @@ def run(sec, ctx) -> dict:
             record[name] = {"error": error_text(e)}
             failed.append(f"{name}: {error_text(e)}")
         sec.run.save()
-    if timed and "gbps" in record["copy"]:
+    if "gbps" in record["copy"]:
         replaced = dict(hbm_gbps=record["copy"]["gbps"])
         if "gbps" in record["l2"]:
             replaced["l2_gbps"] = record["l2"]["gbps"]

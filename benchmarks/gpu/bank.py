@@ -25,14 +25,11 @@ def run(sec, ctx) -> None:
                 plan = plan_rows(index, len(bank))
                 with torch.inference_mode():
                     err = rel_error(steer_bank(h, bank, index, plan), bank_reference.steer_bank(h, bank, index))
-                    seconds = timing.graph_median_s(lambda: steer_bank(h, bank, index, plan), ctx.device, ctx.gpu,
-                                                    REPS)
+                    stats = timing.time_graph(lambda: steer_bank(h, bank, index, plan), ctx.device, ctx.reps(REPS))
                 row[f"{name}_ok"] = err <= 1e-2
                 row["ok"] = row["ok"] and row[f"{name}_ok"]
-                if seconds is not None:
-                    row[f"{name}_us"] = seconds * 1e6
-            if "mixed_us" in row:
-                row["measured_ratio"] = row["mixed_us"] / row["uniform_us"]
+                row[f"{name}_us"] = stats.median * 1e6
+            row["measured_ratio"] = row["mixed_us"] / row["uniform_us"]
             return row
 
         sec.measure({"T": T, "d": d}, one)

@@ -52,9 +52,9 @@ def run(sec, ctx) -> dict:
                 runs.append(capture_decode_step(config, model, ctx.device, dtype, params, prompt, token))
             except Exception as e:
                 rows[config["config"]] = sec.add({**row, "error": error_text(e)})
-        if ctx.gpu and runs:
+        if runs:
             sec.starting("timing the captured steps")
-            samples = replay_rounds(runs, REPLAYS)
+            samples = replay_rounds(runs, ctx.reps(REPLAYS), rounds=ctx.reps(10))
     base = next((r for r in runs if not r["layers"]), None)
     for r in runs:
         row = {"config": r["config"], "mode": r["mode"], "layers": r["layers"],
@@ -62,11 +62,10 @@ def run(sec, ctx) -> dict:
         if base is not None:
             row["differs_from_unpatched"] = bool((r["logits"].float() - base["logits"].float()).abs().max() > 0)
         row["ok"] = row["finite"] and (not r["layers"] or row.get("differs_from_unpatched") is not False)
-        if ctx.gpu:
-            stats = timing.stats_of(samples[r["config"]])
-            row.update(median_us=stats.median * 1e6, p20_us=stats.p20 * 1e6, p80_us=stats.p80 * 1e6)
-            if base is not None:
-                row["ratio"] = stats.median / timing.stats_of(samples[base["config"]]).median
+        stats = timing.stats_of(samples[r["config"]])
+        row.update(median_us=stats.median * 1e6, p20_us=stats.p20 * 1e6, p80_us=stats.p80 * 1e6)
+        if base is not None:
+            row["ratio"] = stats.median / timing.stats_of(samples[base["config"]]).median
         rows[r["config"]] = sec.add(row)
         if r["handle"] is not None:
             r["handle"].remove()
@@ -75,7 +74,7 @@ def run(sec, ctx) -> dict:
     decode_ops(sec, ctx)
     return {"graphs": ctx.gpu, "model": model, "dtype": str(dtype).replace("torch.", ""),
             "context": prompt.shape[1] + (3 if ctx.gpu else 0),
-            "note": "" if ctx.gpu else "CPU dry run: steps ran eagerly once, no CUDA graph, not timed"}
+            "note": "" if ctx.gpu else "CPU dry run: steps ran eagerly, no CUDA graph"}
 
 
 def decode_ops(sec, ctx) -> None:
@@ -118,7 +117,7 @@ def time_on_fresh_rows(op, h0, expected, ctx, tol: float) -> dict:
     """``op`` (in place) on ``calls`` copies of ``h0``, one copy per call, captured in one CUDA graph; the copies
     are restored from ``h0`` before each replay (outside the timed region; L2 stays warm, as a decode step's row
     is). The last replay started from restored copies, so afterwards every copy must equal ``expected`` (one
-    application, nothing compounded). Dry run: the calls run once, eagerly, and are checked the same way."""
+    application, nothing compounded). On a CPU (the dry run) a loop of eager calls stands in for the graph."""
     import torch
 
     from benchmarks import timing
@@ -134,18 +133,12 @@ def time_on_fresh_rows(op, h0, expected, ctx, tol: float) -> dict:
             op(copies[turn[0] % calls])
             turn[0] += 1
 
-    row = {}
     with torch.inference_mode():
-        if ctx.gpu:
-            stats = timing.time_graph(each_copy_once, ctx.device, reps=10, cold_l2=False, before_each=restore)
-            row.update(median_us=stats.median / calls * 1e6, p20_us=stats.p20 / calls * 1e6,
-                       p80_us=stats.p80 / calls * 1e6, reps=stats.reps, calls_per_graph=calls)
-        else:
-            restore()
-            each_copy_once()
-            row["note"] = "ran once, not timed"
+        stats = timing.time_graph(each_copy_once, ctx.device, reps=ctx.reps(10), cold_l2=False, before_each=restore)
     err = max(rel_error(copies[i], expected) for i in range(calls))
-    return {**row, "max_rel_err": err, "ok": err <= tol}
+    return {"median_us": stats.median / calls * 1e6, "p20_us": stats.p20 / calls * 1e6,
+            "p80_us": stats.p80 / calls * 1e6, "reps": stats.reps, "calls_per_graph": calls,
+            "max_rel_err": err, "ok": err <= tol}
 
 
 def markdown(results: dict) -> list:

@@ -14,9 +14,8 @@ def run(sec, ctx) -> dict:
     x = torch.empty(1, device=ctx.device)
     launch = lambda: empty_kernel[(1,)](x)  # noqa: E731
     launch()
-    if not ctx.gpu:
-        return {"note": "launched once under the Triton interpreter; not timed"}
-    graph = timing.time_graph(launch, ctx.device, reps=20, cold_l2=False, calls_per_graph=100)
+    graph = timing.time_graph(launch, ctx.device, reps=ctx.reps(20), cold_l2=False,
+                                 calls_per_graph=ctx.reps(100))
     eager = timing.measure(launch, ctx.device, budget_s=0.2, cold_l2=False)
     return {**graph.as_us(), "eager_median_us": eager.median * 1e6}
 

@@ -30,11 +30,10 @@ def run(sec, ctx) -> dict:
             def one(fn=fns[impl], impl=impl) -> dict:
                 with torch.inference_mode():
                     err = rel_error(fn(params, h), expected)
-                    seconds = timing.graph_median_s(lambda: fn(params, h), ctx.device, ctx.gpu, REPS)
-                row = {"max_rel_err": err, "ok": err <= REL_TOL[torch.bfloat16]}
-                if seconds is not None:
-                    row.update(median_us=seconds * 1e6, gbps=ideal / seconds / 1e9)
-                    row["pct_copy"] = 100 * row["gbps"] / copy if copy else None
+                    seconds = timing.time_graph(lambda: fn(params, h), ctx.device, ctx.reps(REPS)).median
+                row = {"max_rel_err": err, "ok": err <= REL_TOL[torch.bfloat16], "median_us": seconds * 1e6,
+                       "gbps": ideal / seconds / 1e9}
+                row["pct_copy"] = 100 * row["gbps"] / copy if copy else None
                 if impl == "triton":
                     row["model"] = prediction(ctx.results, shape_of(T, d, params))
                 return row

@@ -18,9 +18,11 @@ class SectionSkipped(Exception):
 
 @dataclasses.dataclass
 class Context:
-    """What every section gets: the device, whether this is the CPU dry run (tiny sizes, interpreted kernels,
-    nothing timed), the run so far (later sections read earlier ones: the copy bandwidth, the card) and where the
-    whole run's time budget ends (``time.perf_counter`` seconds)."""
+    """What every section gets: the device, whether this is the CPU dry run (tiny sizes, interpreted kernels), the
+    run so far (later sections read earlier ones: the copy bandwidth, the card) and where the whole run's time
+    budget ends (``time.perf_counter`` seconds). The dry run goes through the timing code too (eager calls in place
+    of CUDA graphs, the wall clock in place of CUDA events, one repetition: `reps`), so that it reaches every line
+    the GPU run will; its times are the interpreter's and mean nothing."""
 
     device: object
     dry: bool
@@ -30,6 +32,10 @@ class Context:
     @property
     def gpu(self) -> bool:
         return self.device.type == "cuda"
+
+    def reps(self, gpu_reps: int) -> int:
+        """Repetitions of a timing: ``gpu_reps`` on a GPU, one on a CPU (the dry run: only the code path counts)."""
+        return gpu_reps if self.gpu else 1
 
 
 def error_text(e: BaseException) -> str:
