@@ -181,7 +181,7 @@ def capture_decode_step(config: dict, model_config: dict, device, dtype, params,
     """One `e2e_configs` configuration: its own model, patched, prefilled with ``prompt`` (query mode caches its
     coefficients there), and the decode step of ``token`` captured in a CUDA graph after three warm-up steps on a
     side stream; on a CPU the step runs once, eagerly. Returns the configuration with ``handle`` (remove it when
-    done), ``logits`` and ``replay`` (the graph's replay; on a CPU, the step again, eagerly).
+    done), ``logits`` and ``replay`` (the graph's replay; on a CPU, the step again, eagerly, one token further).
 
     The cache is transformers' DynamicCache: its length is a Python int, so the patch's hooks know a decode step
     without reading the device (a StaticCache keeps its length in a device tensor, which query mode cannot read
@@ -216,7 +216,7 @@ def capture_decode_step(config: dict, model_config: dict, device, dtype, params,
             logits = step()
         graph.replay()
         torch.cuda.synchronize(device)
-        run.update(graph=graph, logits=logits, replay=graph.replay)
+        run.update(logits=logits, replay=graph.replay)
         return run
     except Exception:
         if handle is not None:

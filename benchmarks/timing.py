@@ -3,7 +3,8 @@
 CPU: wall clock per call (``perf_counter``), repeated until a time budget is spent. CUDA: a CUDA event pair around
 each call, with the L2 cache flushed before it by reading a clean buffer four times its size (`flush_l2`; not
 ``triton.testing.do_bench``'s ``zero_()``, which leaves dirty lines for the timed call to write back), so bandwidth
-figures are DRAM figures and not cache hits. Every measurement reports the median and the 20th/80th percentiles of the per-call times.
+figures are DRAM figures and not cache hits. Every measurement reports the median and the 20th/80th percentiles of
+the per-call times.
 """
 from __future__ import annotations
 

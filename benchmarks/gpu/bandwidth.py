@@ -25,7 +25,7 @@ def run(sec, ctx) -> dict:
     import torch
 
     from benchmarks import timing
-    from benchmarks.gpu.record import error_text
+    from benchmarks.gpu.record import error_fields, error_text
     from finesteer_kernels.perf_model import DEFAULT_CARD, card_for_device
 
     device, sizes = ctx.device, SIZES[ctx.dry]
@@ -49,7 +49,7 @@ def run(sec, ctx) -> dict:
         try:
             record[name] = probe()
         except Exception as e:
-            record[name] = {"error": error_text(e)}
+            record[name] = error_fields(e)
             failed.append(f"{name}: {error_text(e)}")
         sec.run.save()
     if "gbps" in record["copy"]:

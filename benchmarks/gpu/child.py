@@ -56,8 +56,8 @@ def run_in_child(sec, module: str, timeout_s: float, args=(), env=None) -> dict:
 
         raise SectionSkipped(record.get("note", "skipped in the child"))
     if record.get("status") != "ok":
-        raise ChildFailed(record.get("error") or f"the child exited with status {proc.returncode} before "
-                                                 f"finishing its record; its output ends: {child['output_tail'][-500:]}")
+        raise ChildFailed(record.get("error") or f"the child exited with status {proc.returncode} before finishing "
+                                                 f"its record; its output ends: {child['output_tail'][-500:]}")
     return {"child": child}
 
 

@@ -31,7 +31,7 @@ def run(sec, ctx) -> dict:
     from benchmarks import timing
     from benchmarks.cases import make_params
     from benchmarks.e2e import capture_decode_step, e2e_configs, replay_rounds
-    from benchmarks.gpu.record import error_text
+    from benchmarks.gpu.record import error_fields
 
     model = DRY_MODEL if ctx.dry else MODEL
     dtype = torch.bfloat16 if ctx.gpu else torch.float32
@@ -51,7 +51,7 @@ def run(sec, ctx) -> dict:
             try:
                 runs.append(capture_decode_step(config, model, ctx.device, dtype, params, prompt, token))
             except Exception as e:
-                rows[config["config"]] = sec.add({**row, "error": error_text(e)})
+                rows[config["config"]] = sec.add({**row, **error_fields(e)})
         if runs:
             sec.starting("timing the captured steps")
             samples = replay_rounds(runs, ctx.reps(REPLAYS), rounds=ctx.reps(10))

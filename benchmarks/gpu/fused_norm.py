@@ -12,6 +12,7 @@ def run(sec, ctx) -> dict:
     import torch
 
     from benchmarks.fused_norm_bench import fused_norm_rows
+    from benchmarks.gpu.record import error_fields
 
     for T, d in DRY_SHAPES if ctx.dry else SHAPES:
         if sec.out_of_time():
@@ -19,11 +20,10 @@ def run(sec, ctx) -> dict:
             continue
         sec.starting(f"T={T} d={d}")
         try:
-            rows = fused_norm_rows(ctx.device, [(T, d)], torch.bfloat16, timed=ctx.gpu)  # its CPU timing is other code (benchmarks.run covers it)
+            # timed on a GPU only: its CPU timing is other code, which benchmarks.run's test covers
+            rows = fused_norm_rows(ctx.device, [(T, d)], torch.bfloat16, timed=ctx.gpu)
         except Exception as e:
-            from benchmarks.gpu.record import error_text
-
-            rows = [{"T": T, "d": d, "error": error_text(e)}]
+            rows = [{"T": T, "d": d, **error_fields(e)}]
         for row in rows:
             sec.add(row)
     return {"note": "separate = the steering op then transformers' LlamaRMSNorm module (eager); model "

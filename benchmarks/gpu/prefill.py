@@ -53,7 +53,8 @@ def markdown(results: dict) -> list:
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in pre["rows"]:
         m = r.get("model", {})
-        model = f"{pct(m.get('shipped', {}).get('pct_copy'))} / {pct(m.get('measured', {}).get('pct_copy'))}" if m else ""
+        model = (f"{pct(m.get('shipped', {}).get('pct_copy'))} / {pct(m.get('measured', {}).get('pct_copy'))}"
+                 if m else "")
         lines.append(f"| {r['T']} | {r['d']} | {r['impl']} | "
                      f"{fmt(r.get('median_us'), '.1f', r.get('note') or r.get('error', '-')[:80])} | "
                      f"{pct(r.get('pct_copy'))} | {model} | {m.get('shipped', {}).get('config', '')} | "

@@ -42,6 +42,12 @@ def error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e)[:300]}"
 
 
+def error_fields(e: BaseException) -> dict:
+    """A failed row's ``error`` and the end of its ``traceback`` (call inside the ``except``): the one GPU run's
+    failures must be diagnosable from the JSON alone."""
+    return {"error": error_text(e), "traceback": traceback.format_exc()[-2000:]}
+
+
 class Run:
     """A run's results dict and the file it is written to, after every row and every section: a run cut short by a
     hang or an outer timeout keeps every finished row, and names the item in progress."""
@@ -71,7 +77,7 @@ class Run:
             except SectionSkipped as e:
                 sec.record.update(status="skipped", note=str(e))
             except Exception as e:  # record and go on: one broken section must not hide the others' numbers
-                sec.record.update(status="failed", error=error_text(e), traceback=traceback.format_exc()[-3000:])
+                sec.record.update(status="failed", **error_fields(e))
         if sec.record["status"] != "ok":
             print(f"[gpu_check] {name}: {sec.record['status'].upper()} "
                   f"{sec.record.get('error') or sec.record.get('note', '')}", file=sys.stderr, flush=True)
@@ -116,7 +122,7 @@ class Section:
         try:
             row.update(what())
         except Exception as e:
-            row.update(error=error_text(e), traceback=traceback.format_exc()[-2000:])
+            row.update(error_fields(e))
         return self.add(row, key)
 
     def bad_rows(self) -> list:
