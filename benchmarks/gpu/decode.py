@@ -85,9 +85,9 @@ def decode_ops(sec, ctx) -> None:
 
     import finesteer_kernels as fk
     from benchmarks.cases import REL_TOL, make_params, random_rows
+    from benchmarks.gpu.steer_case import launched_config
     from finesteer_kernels import reference
-    from finesteer_kernels.heuristics import steer_config
-    from finesteer_kernels.kernel_common import Layout, card_for, shape_of
+    from finesteer_kernels.kernel_common import Layout
     from finesteer_kernels.ops import _kernel_args
 
     for d in DRY_OP_WIDTHS if ctx.dry else OP_WIDTHS:
@@ -101,7 +101,7 @@ def decode_ops(sec, ctx) -> None:
         with torch.inference_mode():
             delta = fk.coef_delta(fk.synthesize(rows[True][0], params), params)
         _, layout = _kernel_args(candidates, params)
-        token_config = steer_config(shape_of(1, d, Layout(*layout), 2), card_for(candidates)).short()
+        token_config = launched_config(rows[True].reshape(1, d), Layout(*layout)).short()
         ops = [("query: apply_delta_", True, lambda h: fk.apply_delta_(h, delta),
                 lambda h0: reference.apply_delta(h0, delta), {})]
         ops += [("token: steer_", gate_open, lambda h: fk.steer_(h, params), lambda h0: reference.steer(h0, params),

@@ -1,7 +1,8 @@
 """Section ``prefill``: token-mode steer at T in {4096, 8192} x d in {4096, 8192}, bf16, r = 64, K = 8 with the
 residual MLP: the eager reference, the byte-frugal eager baseline, torch.compile and the Triton kernels, each
 checked against the reference and timed in a CUDA graph with a cold L2; % of the measured copy bandwidth beside the
-model's prediction (as shipped and with the measured bandwidths) and the v1 kernels' predicted figure."""
+model's prediction for the configuration the kernel launched with (as shipped and with the measured bandwidths) and
+the v1 kernels' predicted figure."""
 from __future__ import annotations
 
 NAME, DEADLINE = "prefill", 0.40
@@ -17,13 +18,13 @@ def run(sec, ctx) -> dict:
     from benchmarks import timing
     from benchmarks.cases import REL_TOL, rel_error
     from benchmarks.gpu.bandwidth import copy_gbps
-    from benchmarks.gpu.steer_case import prediction, shape_of, steer_case
+    from benchmarks.gpu.steer_case import launched_config, prediction, shape_of, steer_case
     from benchmarks.implementations import op_function
 
     copy = copy_gbps(ctx.results)
     fns = {impl: op_function(impl, "steer", compile_backend="inductor" if ctx.gpu else "eager") for impl in IMPLS}
     for T, d in DRY_SHAPES if ctx.dry else SHAPES:
-        params, h, expected, _, _ = steer_case(d, T, ctx.device)
+        params, h, expected, _, layout = steer_case(d, T, ctx.device)
         ideal = 2 * h.numel() * 2
 
         for impl in IMPLS:
@@ -35,7 +36,7 @@ def run(sec, ctx) -> dict:
                        "gbps": ideal / seconds / 1e9}
                 row["pct_copy"] = 100 * row["gbps"] / copy if copy else None
                 if impl == "triton":
-                    row["model"] = prediction(ctx.results, shape_of(T, d, params))
+                    row["model"] = prediction(ctx.results, shape_of(h, layout), launched_config(h, layout), True)
                 return row
 
             sec.measure({"T": T, "d": d, "impl": impl}, one)

@@ -46,14 +46,12 @@ def measure(sec, ctx) -> None:
     import torch
 
     from benchmarks.cases import REL_TOL, rel_error
-    from benchmarks.gpu.steer_case import launch, steer_case
-    from finesteer_kernels.heuristics import steer_config
-    from finesteer_kernels.kernel_common import card_for, shape_of
+    from benchmarks.gpu.steer_case import launch, launched_config, steer_case
     from finesteer_kernels.perf_model import Config
 
     for T, d, dry_config in DRY_SHAPES if ctx.dry else SHAPES:
         params, h, expected, packed, layout = steer_case(d, T, ctx.device)
-        config = Config(**dry_config) if dry_config else steer_config(shape_of(T, d, layout, 2), card_for(h))
+        config = Config(**dry_config) if dry_config else launched_config(h, layout)
         for variant in ("out of place", "in place"):
             def check(variant=variant) -> dict:
                 with torch.inference_mode():

@@ -1,6 +1,7 @@
 """The token-mode case the split-d smoke, prefill and sweep sections share: FineSteer parameters with the residual
 MLP (r = min(64, d/2), K = 8, m = 32, k = 8), bf16 rows (half gated on), the reference output, and a direct launch
-of the steering kernel in a given configuration; and the bytes model's prediction for it."""
+of the steering kernel in a given configuration, the configuration a GPU launch picks, and the bytes model's
+prediction for a configuration."""
 from __future__ import annotations
 
 
@@ -26,24 +27,34 @@ def launch(h, out, params, packed, layout, config) -> None:
                  params.alpha * params.gamma, config=config)
 
 
-def shape_of(T: int, d: int, params):
-    from finesteer_kernels.perf_model import Shape
+def shape_of(h, layout):
+    """The model's view of a launch on ``h`` (2-D rows) with the packed ``layout``."""
+    from finesteer_kernels.kernel_common import shape_of
 
-    return Shape.of(T, d, 2, params.r, params.num_experts, params.m, params.k)
+    return shape_of(h.shape[0], h.shape[-1], layout, h.element_size())
 
 
-def prediction(results: dict, shape, config=None) -> dict:
-    """The model's time for ``shape`` (its own pick, or ``config``) on the shipped card and on the card with this
-    run's measured bandwidths (`bandwidth.model_cards`); the v1 kernels' figure beside the shipped pick."""
+def launched_config(h, layout):
+    """The configuration a GPU launch on ``h`` picks (the heuristic, for this device's card; one program per row
+    tile when ``FINESTEER_SPLIT_D=0``, as after a failed split-d smoke)."""
+    from finesteer_kernels.heuristics import steer_config
+    from finesteer_kernels.kernel_common import card_for
+
+    return steer_config(shape_of(h, layout), card_for(h))
+
+
+def prediction(results: dict, shape, config, with_v1: bool = False) -> dict:
+    """The model's time for ``shape`` in ``config`` on the shipped card and on the card with this run's measured
+    bandwidths (`bandwidth.model_cards`); ``with_v1``: the v1 kernels' figure beside them."""
     from benchmarks.gpu.bandwidth import model_cards
-    from finesteer_kernels.heuristics import best_steer
     from finesteer_kernels.perf_model import predict_steer, predict_v1
 
+    cards = dict(zip(("shipped", "measured"), model_cards(results)))
     out = {}
-    for name, card in zip(("shipped", "measured"), model_cards(results)):
-        pred = predict_steer(shape, config, card) if config else best_steer(shape, card)
-        out[name] = {"time_us": pred.time_us, "pct_copy": 100 / pred.ratio, "config": pred.config.short(),
+    for name, card in cards.items():
+        pred = predict_steer(shape, config, card)
+        out[name] = {"time_us": pred.time_us, "pct_copy": 100 / pred.ratio, "config": config.short(),
                      "bound": pred.bound}
-        if name == "shipped" and config is None:
-            out["v1_pct_copy"] = 100 / predict_v1(shape, card).ratio
+    if with_v1:
+        out["v1_pct_copy"] = 100 / predict_v1(shape, cards["shipped"]).ratio
     return out

@@ -40,7 +40,7 @@ def run(sec, ctx) -> dict:
 
     T, d = DRY_SHAPE if ctx.dry else SHAPE
     params, h, expected, packed, layout = steer_case(d, T, ctx.device)
-    shape = shape_of(T, d, params)
+    shape = shape_of(h, layout)
     shipped, _ = model_cards(ctx.results)
     copy = copy_gbps(ctx.results)
     for i, config in enumerate(sweep_configs(shape, shipped, DRY_COUNT if ctx.dry else COUNT)):
