@@ -4,6 +4,7 @@ byte-frugal eager baseline agrees with the reference (a wrong baseline would mak
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 import time
 from types import SimpleNamespace
@@ -19,7 +20,7 @@ from benchmarks.gpu import child  # noqa: E402
 from benchmarks.gpu.record import Context, Run  # noqa: E402
 from benchmarks.e2e import run_e2e  # noqa: E402
 from benchmarks.implementations import frugal_apply, frugal_steer  # noqa: E402
-from benchmarks.timing import count_launches, stats_of  # noqa: E402
+from benchmarks.timing import PER_SM_BLOCKS, count_launches, stats_of  # noqa: E402
 from op_cases import random_params, random_rows, rel_error  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
@@ -206,6 +207,38 @@ def test_when_the_split_d_smoke_fails_the_rest_runs_without_split_d(tmp_path, mo
                                                                             Config(16, 32, 4, 1)])
     rows = runner.section("sweep", 1.0, sweep.run, ctx)["rows"]
     assert rows[0]["note"] == "skipped: split-d is off (FINESTEER_SPLIT_D=0)" and rows[1]["ok"] is True
+
+
+PROBE_COMPILE = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from benchmarks.probe_kernels import read_kernel
+from benchmarks.timing import PER_SM_BLOCKS
+signature = dict(x_ptr="*fp32", out_ptr="*fp32", n_per_program="i32", reps="i32", BLOCK="constexpr")
+found = {}
+for block, warps in PER_SM_BLOCKS:
+    source = ASTSource(read_kernel, signature, dict(BLOCK=block), attrs={(0,): [["tt.divisibility", 16]]})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+    ttgir = compiled.asm["ttgir"]
+    found[block] = [compiled.metadata.shared, "async_copy_global_to_local" in ttgir, "tt.load" in ttgir]
+print(json.dumps(found))
+"""
+
+
+def test_per_sm_probe_keeps_16_to_128_kib_in_flight_on_hopper():
+    """The per-SM probe's bytes in flight (what makes it a port cap and not a latency figure, issue 24): compiled
+    for sm_90a, every probe's loads are asynchronous copies into 2 x BLOCK x 4 bytes of shared memory. A compile
+    needs the real JIT function, so it runs in a subprocess without TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    done = subprocess.run([sys.executable, "-c", PROBE_COMPILE], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = {int(block): facts for block, facts in json.loads(done.stdout).items()}
+    assert found == {block: [2 * block * 4, True, False] for block, _ in PER_SM_BLOCKS}
 
 
 def test_fresh_row_timing_catches_an_edit_that_compounds():
