@@ -14,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 
 NAME, DEADLINE = "bandwidth", 0.25  # late enough to run after a split-d smoke that hung for its whole timeout
-# (copy bytes, L2 bytes, per-SM probe bytes, L2 probe passes): the card's, and the dry run's (host memory,
-# interpreted probe kernels: one block per program)
+# copy bytes, per-SM probe bytes (over 8 programs) and L2 probe passes: the card's, and the dry run's (host memory,
+# interpreted probe kernels: one block per program); the dry run's stand-in for the L2 size
 SIZES = {False: dict(copy=1 << 30, per_sm=1 << 28, l2_passes=50), True: dict(copy=8 << 20, per_sm=0, l2_passes=2)}
 DRY_L2_BYTES = 1 << 20
 
