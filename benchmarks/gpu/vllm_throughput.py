@@ -66,7 +66,7 @@ def run(sec, ctx) -> dict:
 
 def model_folder():
     """The converted SmolLM2 folder (converted once from the wheel's GGUF file, then cached)."""
-    from finesteer.models import smollm2_folder
+    from finesteer.fitting.models import smollm2_folder
 
     return smollm2_folder(progress=False)
 
