@@ -38,7 +38,7 @@ def _line(name, rows):
 if __name__ == "__main__":
     rows = load_labels()
     print("| set | n | TP | FP | FN | TN | precision | recall |\n|---|---|---|---|---|---|---|---|")
-    for split in ("dev", "heldout"):
+    for split in ("dev", "heldout", "fresh"):
         print(_line(split, load_labels(split)))
     print(_line("all", rows))
     for key in ("group", "method"):
