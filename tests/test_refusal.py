@@ -1,4 +1,4 @@
-"""The refusal detector against the hand-labelled replies in data/refusal/ (rubric: data/refusal/RUBRIC.md), and the
+"""The refusal detector against the hand-labelled replies in data/refusal/ (rubric: data/refusal/README.md), and the
 deflection forms the phrase list used to miss."""
 import importlib.util
 import pathlib
