@@ -34,7 +34,7 @@ test split, never used in fitting or calibration.
 For each method and each strength in --alphas, every test prompt gets one greedy reply.
 Metrics (docs/eval.md):
   gate TPR / FPR     share of harmful / benign / over-refusal prompts whose gate opens
-  refusal            share of replies that are refusals (a phrase list)
+  refusal            share of replies that are refusals (a measured detector, docs/eval.md)
   benign identical   share of benign replies identical to the unsteered ones
   benign KL          mean KL(unsteered || steered) of the first generated token
   tok/s              generated tokens per second of generate() wall time

