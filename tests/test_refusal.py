@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from finesteer.refusal import is_refusal
+from finesteer.studies.refusal import is_refusal
 
 _MEASURE = pathlib.Path(__file__).parents[1] / "data" / "refusal" / "measure.py"
 _spec = importlib.util.spec_from_file_location("refusal_measure", _MEASURE)

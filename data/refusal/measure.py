@@ -1,4 +1,4 @@
-"""Precision / recall of `finesteer.refusal.is_refusal` on the hand labels, per split, prompt group and method.
+"""Precision / recall of `finesteer.studies.refusal.is_refusal` on the hand labels, per split, prompt group and method.
 
     PYTHONPATH=$PWD python data/refusal/measure.py            # the detector in this checkout
     PYTHONPATH=$PWD python data/refusal/measure.py --misses   # also list the dev-half disagreements
@@ -7,7 +7,7 @@ import json
 import pathlib
 import sys
 
-from finesteer.refusal import is_refusal
+from finesteer.studies.refusal import is_refusal
 
 LABELS = pathlib.Path(__file__).with_name("labels.jsonl")
 
