@@ -320,8 +320,8 @@ class SplitPlan(NamedTuple):
 
     ``grid``: persistent programs (at most those resident at once); ``lag``: row tiles between a tile's pass 1 and
     its pass 2 (0 for `synthesize`, else 1 .. n_tiles); ``ring``: slots of partial sums, reused round robin;
-    ``part_w`` / ``coef_w``: fp32 words per row of a slice's partial sums (NP projections and ``||xc||^2``, with a
-    fused norm also ``||h||^2``) and of a tile's published coefficients (NCP, the gate, with a fused norm also
+    ``part_w`` / ``coef_w``: fp32 words per row of a slice's partial sums (NP projections and ``||xc||^2`` as a sum
+    and its scale, with a fused norm also ``||h||^2``) and of a tile's published coefficients (NCP, the gate, with a fused norm also
     ``1 / rms``); ``workspace``: fp32 words of the launch's workspace (the ring, then every tile's coefficients)."""
 
     grid: int
@@ -347,7 +347,7 @@ def split_plan(shape: Shape, config: Config, card: Card, store_coef: bool = Fals
         lag = max(1, min(lag_tiles(concurrent, split) if lag is None else lag, n_tiles))
     ring = max(1, min(n_tiles, -(-concurrent // split) + lag + 2))
     norm = int(shape.norm_out > 0)
-    part_w, coef_w = shape.np + 1 + norm, shape.ncp + 1 + norm
+    part_w, coef_w = shape.np + 2 + norm, shape.ncp + 1 + norm
     return SplitPlan(min((n_tiles + lag) * split, slots), lag, ring, n_tiles, part_w, coef_w,
                      ring * split * bt * part_w + n_tiles * bt * coef_w)
 
@@ -378,8 +378,9 @@ def predict_steer(shape: Shape, config: Config, card: Card, pipelined_pass2: boo
         plan = split_plan(shape, config, card, store_coef)
         lag, grid = plan.lag, plan.grid  # persistent: programs loop over the work items
         # fp32 partials per row and slice, as the kernel stores them: the stored W_in columns (not the padding) and
-        # ||xc||^2, with a fused norm also ||h||^2; read back once, a fused norm's W_out xc columns a second time
-        part_cols = shape.w_in_cols + 1 + norm
+        # ||xc||^2 (a sum and its scale), with a fused norm also ||h||^2; read back once, a fused norm's W_out xc
+        # columns a second time
+        part_cols = shape.w_in_cols + 2 + norm
         partial_bytes = 0 if partials_on_chip else T * split * part_cols * 4
         partial_reads = 0 if partials_on_chip else partial_bytes + T * split * norm * shape.n_coef * 4
         # a tile's coefficients as published: BLOCK_T rows of coef_w words, written once, read by every slice

@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .coef_tile import centred_projections, coefficients_from_projections, tile_coefficients
+from .coef_tile import (GATE_SCALE_FLOOR, centred_projections, coefficients_from_projections,
+                        combine_scaled_squares, tile_coefficients)
 from .norm_tile import add_and_normalise, edited_rstd, w_out_columns
 from .kernel_common import INTERPRETING, Layout, card_for, config_kwargs, device_guard, native_dot, shape_of
 from .norm import NormOperands
@@ -61,10 +62,11 @@ def add_coef_times_w_out(x_ptr, out_ptr, rows, write, edit, d, d_start, d_stop, 
 def write_tile(h_ptr, out_ptr, rows, row_mask, edit, g, d, d_start, d_stop, coef, w_out_ptr,
                HAS_GATE: tl.constexpr, HAS_KEEP: tl.constexpr, IN_PLACE: tl.constexpr, NC: tl.constexpr,
                NCP: tl.constexpr, NATIVE_DOT: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """Pass 2 with the in-place rules: only edited rows are stored, and a tile with no edit stores nothing."""
+    """Pass 2: rows whose gate is off come back as they are (bit for bit); in place only edited rows are stored,
+    and a tile with no edit stores nothing."""
+    if HAS_GATE:
+        edit = g != 0.0  # g is 0 where `edit` (keep) already said no
     if IN_PLACE:
-        if HAS_GATE:
-            edit = g != 0.0
         if HAS_GATE or HAS_KEEP:
             if tl.max(edit.to(tl.int32), axis=0) > 0:
                 add_coef_times_w_out(h_ptr, out_ptr, rows, edit, edit, d, d_start, d_stop, coef, w_out_ptr, NC,
@@ -111,10 +113,10 @@ def steer_kernel(h_ptr, out_ptr, w_in_ptr, w_out_ptr, mean_ptr, consts_ptr, keep
         if HAS_KEEP:
             edit = edit & (tl.load(keep_ptr + rows, mask=row_mask, other=0) != 0)
         if NORM:  # every row is read (its norm is needed), only rows in `edit` are steered
-            acc, sq, sq_h = centred_projections(h_ptr, rows, row_mask, d, w_in_ptr, mean_ptr, 0, d, HAS_GATE,
-                                                HAS_MEAN, W_IN_STRIDE, NP, NATIVE_DOT, BLOCK_T, BLOCK_D, NUM_STAGES,
-                                                NORM)
-            coef, g = coefficients_from_projections(acc, sq, edit, consts_ptr, tau, eps, scale, R, K, M, KR,
+            acc, sq, sq_scale, sq_h = centred_projections(h_ptr, rows, row_mask, d, w_in_ptr, mean_ptr, 0, d,
+                                                          HAS_GATE, HAS_MEAN, W_IN_STRIDE, NP, NATIVE_DOT, BLOCK_T,
+                                                          BLOCK_D, NUM_STAGES, NORM)
+            coef, g = coefficients_from_projections(acc, sq, sq_scale, edit, consts_ptr, tau, eps, scale, R, K, M, KR,
                                                     HAS_GATE, HAS_ROUTER, HAS_RES, RELU, ROUTER_COL, RES_COL,
                                                     RB_OFF, B1_OFF, W2_OFF, B2_OFF, NP, MP, NCP, BLOCK_T)
             rstd = edited_rstd(w_out_columns(acc, OUT_COL, NP, NCP, BLOCK_T), sq_h, coef, norm_consts_ptr, d,
@@ -136,10 +138,11 @@ def steer_kernel(h_ptr, out_ptr, w_in_ptr, w_out_ptr, mean_ptr, consts_ptr, keep
                            IN_PLACE, NC, NCP, NATIVE_DOT, BLOCK_D, NUM_STAGES)
     else:
         # flags (int32): [ticket | arrived[n_tiles] | ready[n_tiles]]; ws (fp32): the partials' ring of `ring`
-        # slots, each SPLIT x BLOCK_T x PART_W (projections, then ||xc||^2, with NORM then ||h||^2), then the
+        # slots, each SPLIT x BLOCK_T x PART_W (projections, then ||xc||^2 as `add_scaled_squares`'s sum and
+        # scale, with NORM then ||h||^2), then the
         # coefficients and gates (with NORM then 1/rms) of every row tile, n_tiles x BLOCK_T x COEF_W
         # (`perf_model.split_plan` sizes it).
-        PART_W: tl.constexpr = NP + 1 + NORM
+        PART_W: tl.constexpr = NP + 2 + NORM
         COEF_W: tl.constexpr = NCP + 1 + NORM
         n_tiles = tl.cdiv(n_rows, BLOCK_T)
         arrived_ptr = flags_ptr + 1
@@ -168,33 +171,41 @@ def steer_kernel(h_ptr, out_ptr, w_in_ptr, w_out_ptr, mean_ptr, consts_ptr, keep
                 slot = tile % ring
                 if tile >= ring:  # the slot's previous tile must have summed its partials
                     wait_until_set(ready_ptr + tile - ring)
-                acc, sq, sq_h = centred_projections(h_ptr, rows, row_mask if NORM else edit, d, w_in_ptr, mean_ptr,
-                                                    d_start, d_stop, HAS_GATE, HAS_MEAN, W_IN_STRIDE, NP, NATIVE_DOT,
-                                                    BLOCK_T, BLOCK_D, NUM_STAGES, NORM)
+                acc, sq, sq_scale, sq_h = centred_projections(h_ptr, rows, row_mask if NORM else edit, d, w_in_ptr,
+                                                              mean_ptr, d_start, d_stop, HAS_GATE, HAS_MEAN,
+                                                              W_IN_STRIDE, NP, NATIVE_DOT, BLOCK_T, BLOCK_D,
+                                                              NUM_STAGES, NORM)
                 part_ptr = ws_ptr + (slot * SPLIT).to(tl.int64) * part_size
                 live = edit[:, None] & (cols < W_IN_STRIDE)[None, :]
                 tl.store(part_ptr + s * part_size + lanes[:, None] * PART_W + cols[None, :], acc, mask=live)
                 tl.store(part_ptr + s * part_size + lanes * PART_W + NP, sq, mask=edit)
+                tl.store(part_ptr + s * part_size + lanes * PART_W + NP + 1, sq_scale, mask=edit)
                 if NORM:
-                    tl.store(part_ptr + s * part_size + lanes * PART_W + NP + 1, sq_h, mask=row_mask)
+                    tl.store(part_ptr + s * part_size + lanes * PART_W + NP + 2, sq_h, mask=row_mask)
                 tl.debug_barrier()  # every thread's partials are stored before the release below
                 if tl.atomic_add(arrived_ptr + tile, 1, sem="acq_rel") == SPLIT - 1:
                     acc = tl.zeros((BLOCK_T, NP), tl.float32)
                     sq = tl.zeros((BLOCK_T,), tl.float32)
+                    sq_scale = tl.full((BLOCK_T,), GATE_SCALE_FLOOR, tl.float32)
                     sq_h = tl.zeros((BLOCK_T,), tl.float32)
                     w_out_xc = tl.zeros((BLOCK_T, NCP), tl.float32)
                     for j in range(SPLIT):  # slice order, whichever slice finishes: deterministic sums
                         acc += tl.load(part_ptr + j * part_size + lanes[:, None] * PART_W + cols[None, :],
                                        mask=live, other=0.0, cache_modifier=".cg")
-                        sq += tl.load(part_ptr + j * part_size + lanes * PART_W + NP, mask=edit, other=0.0,
-                                      cache_modifier=".cg")
+                        if HAS_GATE:
+                            sq, sq_scale = combine_scaled_squares(
+                                sq, sq_scale,
+                                tl.load(part_ptr + j * part_size + lanes * PART_W + NP, mask=edit, other=0.0,
+                                        cache_modifier=".cg"),
+                                tl.load(part_ptr + j * part_size + lanes * PART_W + NP + 1, mask=edit,
+                                        other=GATE_SCALE_FLOOR, cache_modifier=".cg"))
                         if NORM:  # ||h||^2, and W_out xc as narrow loads (no gather from the wide accumulator)
-                            sq_h += tl.load(part_ptr + j * part_size + lanes * PART_W + NP + 1, mask=row_mask,
+                            sq_h += tl.load(part_ptr + j * part_size + lanes * PART_W + NP + 2, mask=row_mask,
                                             other=0.0, cache_modifier=".cg")
                             w_out_xc += tl.load(part_ptr + j * part_size + lanes[:, None] * PART_W + OUT_COL
                                                 + coef_cols[None, :], mask=edit[:, None] & (coef_cols < NC)[None, :],
                                                 other=0.0, cache_modifier=".cg")
-                    coef, g = coefficients_from_projections(acc, sq, edit, consts_ptr, tau, eps, scale, R, K, M, KR,
+                    coef, g = coefficients_from_projections(acc, sq, sq_scale, edit, consts_ptr, tau, eps, scale, R, K, M, KR,
                                                             HAS_GATE, HAS_ROUTER, HAS_RES, RELU, ROUTER_COL, RES_COL,
                                                             RB_OFF, B1_OFF, W2_OFF, B2_OFF, NP, MP, NCP, BLOCK_T)
                     if STORE_COEF:

@@ -158,7 +158,8 @@ def test_public_functions_keep_shapes_and_dtypes(dtype):
 
 
 def test_in_place_leaves_gated_off_rows_unwritten():
-    """A negative zero survives only if its row is never stored: ``-0.0 + 0.0`` is ``+0.0``."""
+    """A negative zero survives only if its row is left as it is (``-0.0 + 0.0`` is ``+0.0``): gated-off rows are not
+    stored in place and copied unchanged out of place."""
     p = random_params(64, 4, 3, "relu", seed=8).to(DEVICE)
     h = random_rows(p, 8, seed=9).to(DEVICE)
     off = (gate_scores64(h.cpu(), p.to("cpu")) < p.tau).to(DEVICE)
@@ -168,7 +169,7 @@ def test_in_place_leaves_gated_off_rows_unwritten():
     assert torch.signbit(steered[off, 0]).all()
     assert torch.equal(steered[off], h[off])
     assert rel_error(steered, reference.steer(h, p)) < 1e-5
-    assert not torch.signbit(ops.steer(h, p)[off, 0]).any()  # the out-of-place kernel does write those rows
+    assert torch.signbit(ops.steer(h, p)[off, 0]).all()  # out of place too: gated-off rows keep their bits
 
 
 def test_gpu_block_configurations_under_the_interpreter():
@@ -457,11 +458,12 @@ def test_split_d_launch_runs_the_plan_the_model_predicts_with(monkeypatch):
     pred = perf_model.predict_steer(shape, config, card)
     assert plan.lag == 1 and launched == dict(grid=plan.grid, lag=1, ring=plan.ring, ws=plan.workspace)
     assert pred.grid == plan.grid == 2 * 4  # pass 1 and pass 2 items of the one tile's 4 slices
-    # the workspace holds the kernel's rows: NP + 1 partial words, NCP + 1 coefficient words (fused norm: + 1 each)
+    # the workspace holds the kernel's rows: NP + 2 partial words (the projections, ||xc||^2 as a sum and its
+    # scale), NCP + 1 coefficient words (fused norm: + 1 each)
     np_, ncp = layout.constexprs()["NP"], layout.constexprs()["NCP"]
-    assert (plan.part_w, plan.coef_w) == (np_ + 1, ncp + 1)
+    assert (plan.part_w, plan.coef_w) == (np_ + 2, ncp + 1)
     norm_plan = perf_model.split_plan(shape.with_norm(2), config, card)
-    assert (norm_plan.part_w, norm_plan.coef_w) == (np_ + 2, ncp + 2)
+    assert (norm_plan.part_w, norm_plan.coef_w) == (np_ + 3, ncp + 2)
 
 
 def test_packs_are_not_built_inside_a_cuda_graph_capture(monkeypatch):
