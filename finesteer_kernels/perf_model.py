@@ -320,8 +320,8 @@ class SplitPlan(NamedTuple):
 
     ``grid``: persistent programs (at most those resident at once); ``lag``: row tiles between a tile's pass 1 and
     its pass 2 (0 for `synthesize`, else 1 .. n_tiles); ``ring``: slots of partial sums, reused round robin;
-    ``part_w`` / ``coef_w``: fp32 words per row of a slice's partial sums (NP projections and ``||xc||^2`` as a sum
-    and its scale, with a fused norm also ``||h||^2``) and of a tile's published coefficients (NCP, the gate, with a fused norm also
+    ``part_w`` / ``coef_w``: fp32 words per row of a slice's partial sums (NP projections and ``||xc||^2`` plain
+    and scaled, with a fused norm also ``||h||^2``) and of a tile's published coefficients (NCP, the gate, with a fused norm also
     ``1 / rms``); ``workspace``: fp32 words of the launch's workspace (the ring, then every tile's coefficients)."""
 
     grid: int
@@ -378,7 +378,7 @@ def predict_steer(shape: Shape, config: Config, card: Card, pipelined_pass2: boo
         plan = split_plan(shape, config, card, store_coef)
         lag, grid = plan.lag, plan.grid  # persistent: programs loop over the work items
         # fp32 partials per row and slice, as the kernel stores them: the stored W_in columns (not the padding) and
-        # ||xc||^2 (a sum and its scale), with a fused norm also ||h||^2; read back once, a fused norm's W_out xc
+        # ||xc||^2 (plain and scaled), with a fused norm also ||h||^2; read back once, a fused norm's W_out xc
         # columns a second time
         part_cols = shape.w_in_cols + 2 + norm
         partial_bytes = 0 if partials_on_chip else T * split * part_cols * 4
@@ -442,14 +442,15 @@ def predict_apply(shape: Shape, config: Config, card: Card, sequences: int) -> P
                       hbm / card.hbm_gbps / 1e3, 1, card.launch_us)  # one load per program: sm_us is its latency
 
 
-def predict_apply_delta(rows: int, d: int, elem: int, sequences: int, card: Card, block: int = 512) -> Prediction:
-    """Decode fast path: ``h + delta[seq]`` (delta fp32, one row per sequence); ``block``: elements a program
-    handles (delta_kernel's BLOCK_D for one row)."""
+def predict_apply_delta(rows: int, d: int, elem: int, sequences: int, card: Card, block: int = 512,
+                        delta_elem: int = 4) -> Prediction:
+    """Decode fast path: ``h + delta[seq]`` (one delta row per sequence, fp32 or ``delta_elem`` bytes an element:
+    `coef_delta`'s dtype); ``block``: elements a program handles (delta_kernel's BLOCK_D for one row)."""
     h = rows * d * elem
-    hbm = 2 * h + sequences * d * 4
+    hbm = 2 * h + sequences * d * delta_elem
     grid = -(-rows * d // block)
     active = min(card.sms, grid)
-    rate = _sm_rate(card, block * (elem + 4))
+    rate = _sm_rate(card, block * (elem + delta_elem))
     return Prediction("apply_delta", card.name, None, grid, 0, grid, 0, True, hbm, hbm, hbm,
                       hbm / card.hbm_gbps / 1e3, hbm / card.l2_gbps / 1e3, hbm / (active * rate) / 1e3,
                       hbm / card.hbm_gbps / 1e3, 1, card.launch_us)  # one load per program: sm_us is its latency
@@ -497,15 +498,17 @@ def predict_rmsnorm(rows: int, d: int, elem: int, card: Card, out_elem: Optional
 
 
 def predict_apply_delta_norm(rows: int, d: int, elem: int, sequences: int, card: Card,
-                             out_elem: Optional[int] = None, weight_elem: Optional[int] = None) -> Prediction:
-    """Query mode fused with the next RMSNorm (`delta_norm_kernel`): read h, one fp32 delta row per sequence and
+                             out_elem: Optional[int] = None, weight_elem: Optional[int] = None,
+                             delta_elem: int = 4) -> Prediction:
+    """Query mode fused with the next RMSNorm (`delta_norm_kernel`): read h, one delta row per sequence
+    (``delta_elem`` bytes an element) and
     the norm's weight (``weight_elem`` bytes an element, default h's), write the edited rows and the normalised
     rows; rows wider than `ONE_PASS_MAX_D` are read a second time (from L2)."""
     weight_elem = weight_elem or elem
     h = rows * d * elem
-    hbm = 2 * h + rows * d * (out_elem or elem) + sequences * d * 4 + d * weight_elem
-    l2 = hbm + (0 if row_blocks(d)[2] else h) + (rows - sequences) * d * 4  # delta rows are re-read per row
-    return _predict_rows("apply_delta_norm", rows, d, hbm, l2, elem + 4 + weight_elem, card)
+    hbm = 2 * h + rows * d * (out_elem or elem) + sequences * d * delta_elem + d * weight_elem
+    l2 = hbm + (0 if row_blocks(d)[2] else h) + (rows - sequences) * d * delta_elem  # delta re-read per row
+    return _predict_rows("apply_delta_norm", rows, d, hbm, l2, elem + delta_elem + weight_elem, card)
 
 
 def v1_config(rows: int, shape: Shape) -> Config:

@@ -13,7 +13,7 @@ from .validation import check_coef, check_delta, check_hidden, check_row_mask, c
 
 
 # Smallest scale the gate divides a row by: below it a row is scaled by this floor instead, so 1 / scale stays finite
-# and only subnormal entries (whose squares underflow anyway) are lost. The kernels use the same floor.
+# and only subnormal entries (whose squares underflow anyway) are lost.
 GATE_SCALE_FLOOR = 2.0 ** -64
 
 
@@ -22,7 +22,8 @@ def gate(h32: torch.Tensor, p: SteerParams) -> torch.Tensor:
 
     The ratio is formed on the row divided by its largest centred entry, ``||S^T u||^2 / max(||u||^2, eps / m^2)``
     with ``u = (h - mu) / m``: the same number as ``||S^T(h-mu)||^2 / max(||h-mu||^2, eps)``, but no finite row
-    overflows fp32 (the plain squared norm does from entries of ~1e19: inf / inf = NaN, which closed the gate)."""
+    overflows fp32 (the plain squared norm does from entries of ~1e19: inf / inf = NaN, which closed the gate). The
+    kernels reach the same number another way (`coef_tile.gate_open`)."""
     if p.basis is None:
         return h32.new_ones(h32.shape[0])
     centred = h32 - p.mean.float() if p.mean is not None else h32
@@ -124,11 +125,11 @@ def _per_row(table: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
     return extended[torch.where(seq < 0, batch, torch.where(seq >= batch, batch + 1, seq))]
 
 
-def coef_delta(coef: torch.Tensor, params: SteerParams) -> torch.Tensor:
-    """Query mode, the per-sequence edit: ``coef @ W_out`` as fp32 ``(B, d)``; computed once at prefill, a decode
-    step then only adds it (`apply_delta`)."""
+def coef_delta(coef: torch.Tensor, params: SteerParams, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Query mode, the per-sequence edit: ``coef @ W_out`` in fp32, returned as ``(B, d)`` in ``dtype`` (fp32 or
+    the activation dtype); computed once at prefill, a decode step then only adds it (`apply_delta`, in fp32)."""
     check_coef(coef, params, coef.device)
-    return coef.float() @ output_basis(params).to(coef.device)
+    return (coef.float() @ output_basis(params).to(coef.device)).to(dtype)
 
 
 def _delta_rows(h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

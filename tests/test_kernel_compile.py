@@ -28,6 +28,14 @@ D_GRID = (576, 2048, 4096, 8192)
 DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
 TYPICAL = {True: (64, 8, 16, 8), False: (64, 8, 0, 0)}  # (r, K, m, k); residual first: it represents a config
 WIDEST = (128, 32, 40, 16)
+# issue 24: the resource model is calibrated on small layouts too, every r and K below with and without the MLP
+CALIBRATION_SIZES = [(r, K, m, k) for r in (1, 8, 16, 32, 64) for K in (1, 4, 8) for m, k in ((16, 8), (0, 0))]
+# the files a compiled kernel depends on (device code, packing): the model and the host-side ops are not among them,
+# so recalibrating the model does not invalidate the cache
+KERNEL_SOURCES = ("apply_kernel.py", "bank_kernel.py", "coef_tile.py", "delta_kernel.py", "delta_norm_kernel.py",
+                  "kernel_common.py", "norm.py", "norm_tile.py", "params.py", "steer_kernel.py", "w_out_dot.py")
+CACHE_DIR = os.environ.get("FINESTEER_PTXAS_CACHE",
+                           os.path.join(os.path.expanduser("~"), ".cache", "finesteer", "ptxas"))
 
 
 def planned_cases():
@@ -71,13 +79,62 @@ def planned_cases():
     return cases
 
 
-def _compile_all() -> None:
-    """Compile every planned case in two worker processes (one per core of a CI machine), printing JSON lines."""
+def calibration_cases():
+    """The heuristic's picks at decode (T = 1) and prefill (T = 4096), d = 4096, for every size of
+    CALIBRATION_SIZES and dtype; one case per distinct compiled kernel (accumulator width, coefficient width,
+    router, MLP, configuration)."""
+    from finesteer_kernels.heuristics import steer_config
+    from finesteer_kernels.perf_model import Shape
+
+    seen, cases = set(), []
+    for dtype, elem in DTYPES.items():
+        for sizes in CALIBRATION_SIZES:
+            for rows in (1, 4096):
+                shape = Shape.of(rows, 4096, elem, *sizes)
+                config = steer_config(shape)
+                key = (dtype, config, shape.np, shape.ncp, sizes[1] > 1, sizes[2] > 0)
+                if key not in seen:
+                    seen.add(key)
+                    cases.append(("steer", dtype, 4096, sizes, rows, config, "out of place"))
+    return cases
+
+
+def _kernel_digest() -> str:
+    """What a compile result depends on besides the case: the kernels' sources and the Triton version."""
+    import hashlib
+
+    import triton
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "finesteer_kernels")
+    digest = hashlib.sha256(triton.__version__.encode())
+    for name in KERNEL_SOURCES:
+        with open(os.path.join(root, name), "rb") as f:
+            digest.update(name.encode() + f.read())
+    for fn in (_compile_one, launch_ints):  # the signature and options this file compiles with
+        digest.update(inspect.getsource(fn).encode())
+    return digest.hexdigest()
+
+
+def _compile_all(cases) -> None:
+    """Compile the cases in two worker processes (one per core of a CI machine), printing JSON lines. ptxas is the
+    expensive part: results are cached on disk (CACHE_DIR, ``FINESTEER_PTXAS_CACHE``) under a digest of the case,
+    the kernels' sources and the Triton version, so an unchanged kernel is not compiled again."""
+    import hashlib
     from concurrent.futures import ProcessPoolExecutor
 
+    os.makedirs(CACHE_DIR, exist_ok=True)
+    digest = _kernel_digest()
+    paths = [os.path.join(CACHE_DIR, hashlib.sha256((digest + repr(case)).encode()).hexdigest() + ".json")
+             for case in cases]
+    missing = [i for i, path in enumerate(paths) if not os.path.exists(path)]
     with ProcessPoolExecutor(max_workers=2) as pool:
-        for line in pool.map(_compile_one, planned_cases()):
-            print(line, flush=True)
+        for i, line in zip(missing, pool.map(_compile_one, [cases[i] for i in missing])):
+            with open(paths[i] + ".tmp", "w") as f:
+                f.write(line)
+            os.replace(paths[i] + ".tmp", paths[i])
+    for path in paths:
+        with open(path) as f:
+            print(f.read(), flush=True)
 
 
 def _compile_one(case) -> str:
@@ -114,10 +171,10 @@ def _compile_one(case) -> str:
                       NUM_STAGES=config.num_stages, SPLIT=config.SPLIT)
         sig = dict(h_ptr=f"*{dtype}", out_ptr=f"*{dtype}", w_in_ptr=f"*{dtype}", w_out_ptr=f"*{dtype}",
                    mean_ptr="*fp32", consts_ptr="*fp32", keep_ptr="*u8" if consts["HAS_KEEP"] else "*fp32",
-                   coef_out_ptr="*fp32", ws_ptr="*fp32", flags_ptr="*i32", n_rows="i32", d="i32", tau="fp32",
-                   eps="fp32", scale="fp32", lag="i32", ring="i32")
+                   coef_out_ptr="*fp32", ws_ptr="*fp32", flags_ptr="*i32", error_ptr="*i32", n_rows="i32", d="i32",
+                   tau="fp32", eps="fp32", scale="fp32", lag="i32", ring="i32", spin_limit="i32")
         aligned = ["h_ptr", "out_ptr", "w_in_ptr", "w_out_ptr", "mean_ptr", "consts_ptr", "keep_ptr",
-                   "coef_out_ptr", "ws_ptr", "flags_ptr", "d"]
+                   "coef_out_ptr", "ws_ptr", "flags_ptr", "error_ptr", "d"]
         if norm:  # the fused pack: W_out^T appended to W_in
             fused = pack_steer_norm(params, torch_dtypes[dtype], "cpu", W_IN_ALIGN)
             layout = layout._replace(W_IN_STRIDE=fused.w_in.shape[1])
@@ -222,13 +279,13 @@ def resident_ctas(res: dict) -> int:
     return min(by_regs, by_smem, card.max_warps_per_sm // res["num_warps"], card.max_ctas_per_sm)
 
 
-def compile_results() -> list:
+def compile_results(which: str = "planned") -> list:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), os.path.dirname(os.path.dirname(__file__)),
                                          env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, __file__, "--compile"], capture_output=True, text=True, env=env,
-                          timeout=1200)
+    proc = subprocess.run([sys.executable, __file__, "--compile", which], capture_output=True, text=True, env=env,
+                          timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
@@ -267,6 +324,6 @@ def test_kernels_compile_for_hopper_without_spills_and_with_async_loads_of_h():
 
 if __name__ == "__main__":
     if "--compile" in sys.argv:
-        _compile_all()
+        _compile_all(calibration_cases() if "calibration" in sys.argv else planned_cases())
     else:
         print(markdown_table(compile_results()))

@@ -280,6 +280,36 @@ def test_apply_delta_matches_reference():
         ops.apply_delta(h, delta.half())
 
 
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [f16, bf16], ids=str)
+def test_delta_in_the_activation_dtype(backend, dtype, monkeypatch):
+    """Issue 24: ``coef_delta(..., dtype=h.dtype)`` stores the per-sequence edit in 2 bytes an element; a decode step
+    still adds it in fp32 and stays within the op's tolerance of the fp32 delta, with and without a map, fused with
+    the norm too; the prompt (mapped) and the generated tokens (unmapped) still get the same edit."""
+    monkeypatch.setenv("FINESTEER_BACKEND", backend)
+    p = random_params(130, 6, 4, "relu", seed=42).to(DEVICE)
+    h = random_rows(p, 6, seed=43, dtype=dtype).to(DEVICE).reshape(3, 2, 130)
+    coef = reference.synthesize(h[:, -1], p)
+    wide, narrow = ops.coef_delta(coef, p), ops.coef_delta(coef, p, dtype)
+    assert narrow.dtype == dtype and torch.equal(narrow, reference.coef_delta(coef, p, dtype))
+    want = reference.apply_delta(h, wide)
+    assert rel_error(ops.apply_delta(h, narrow), want) < REL_TOL[dtype]
+    steered = h.clone()
+    ops.apply_delta_(steered, narrow)
+    seq = torch.arange(3, device=DEVICE)[:, None].expand(3, 2)
+    assert torch.equal(steered, ops.apply_delta(h, narrow, seq))
+    norm = fk_norm(130, dtype)
+    out, y = ops.apply_delta_rmsnorm(h, narrow, norm)
+    assert torch.equal(out, steered) and rel_error(y, reference.rms_norm(want, norm)) < 2 * REL_TOL[dtype]
+
+
+def fk_norm(d, dtype):
+    from finesteer_kernels import RMSNormParams
+
+    return RMSNormParams(torch.rand(d, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEVICE) + 0.5, 1e-6)
+
+
 # ratios at which the former gate (expanded ||h||^2 - 2 h.mu + ||mu||^2, mu rounded into W_in) got 4-7 of these
 # 128 rows wrong in each dtype; larger 16-bit ratios would leave h - mu below the rounding of h itself
 @pytest.mark.parametrize("dtype,ratio", [(f32, 1000.0), (f16, 1000.0), (bf16, 300.0)], ids=["f32", "f16", "bf16"])
@@ -439,7 +469,7 @@ def test_split_d_launch_runs_the_plan_the_model_predicts_with(monkeypatch):
     class Recorder:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                launched.update(grid=grid[0], lag=args[15], ring=args[16], ws=args[8].numel())
+                launched.update(grid=grid[0], lag=args[16], ring=args[17], ws=args[8].numel())
                 return real[grid](*args, **kwargs)
             return launch
 
@@ -458,8 +488,8 @@ def test_split_d_launch_runs_the_plan_the_model_predicts_with(monkeypatch):
     pred = perf_model.predict_steer(shape, config, card)
     assert plan.lag == 1 and launched == dict(grid=plan.grid, lag=1, ring=plan.ring, ws=plan.workspace)
     assert pred.grid == plan.grid == 2 * 4  # pass 1 and pass 2 items of the one tile's 4 slices
-    # the workspace holds the kernel's rows: NP + 2 partial words (the projections, ||xc||^2 as a sum and its
-    # scale), NCP + 1 coefficient words (fused norm: + 1 each)
+    # the workspace holds the kernel's rows: NP + 2 partial words (the projections, ||xc||^2 plain and
+    # scaled), NCP + 1 coefficient words (fused norm: + 1 each)
     np_, ncp = layout.constexprs()["NP"], layout.constexprs()["NCP"]
     assert (plan.part_w, plan.coef_w) == (np_ + 2, ncp + 1)
     norm_plan = perf_model.split_plan(shape.with_norm(2), config, card)

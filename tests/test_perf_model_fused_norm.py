@@ -102,7 +102,7 @@ def test_fused_bytes_by_hand():
     h = 4096 * 4096 * 2
     w_in = 4096 * 80 * 2 + 4096 * 4  # 72 columns + 8 of W_out^T, fp32 mu
     w_out = 8 * 4096 * 2 + 4096 * 2 + 4 * (16 + 256)  # W_out, the norm's weight, W_out mu and G
-    partials = 4096 * 4 * 83 * 4  # 80 columns + ||xc||^2 (a sum and its scale) + ||h||^2
+    partials = 4096 * 4 * 83 * 4  # 80 columns + ||xc||^2 (plain and scaled) + ||h||^2
     w_out_xc = 4096 * 4 * 8 * 4  # the W_out xc columns of the partials read a second time (narrow loads)
     coef = 64 * 64 * 18 * 4 * 5  # 16 coefficient slots (8 padded), the gate and 1/rms per row of each of the 64 tiles,
     # written once, read by each slice
