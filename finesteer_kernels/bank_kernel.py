@@ -187,8 +187,11 @@ def bank_kernel(h_ptr, out_ptr, order_ptr, counts_ptr, meta_ptr, scalars_ptr, w_
             d_stop = tl.where(tl.load(meta + META_HAS_PASS1) != 0, d, 0)  # CAA-like: nothing to read in pass 1
             # cols_s is a multiple of 8 (the pack pads every steerer's W_in columns to one, `bank`): saying so lets
             # the column mask be constant over 8 columns, so the W_in tile loads as 16-byte cp.async copies
-            # instead of 2-byte synchronous loads (issue 24; tests/test_bank_kernels.py checks the TTGIR)
-            cols_s = tl.multiple_of(tl.load(meta + META_COLS), 8)
+            # instead of 2-byte synchronous loads (issue 24; tests/test_bank_kernels.py checks the TTGIR). Not in
+            # the coefficient-storing variant, where the pipelined loads made ptxas spill 48 bytes.
+            cols_s = tl.load(meta + META_COLS)
+            if not STORE_COEF:
+                cols_s = tl.multiple_of(cols_s, 8)
             acc, sq, sq_big = bank_projections(h_ptr, rows, live, d, d_stop, w_in_ptr, w_in_stride, col_off, cols_s,
                                                mean_ptr, tl.load(meta + META_MEAN_OFF),
                                                tl.load(meta + META_HAS_MEAN), NP, NATIVE_DOT, BLOCK_T, BLOCK_D,
@@ -213,8 +216,9 @@ def bank_kernel(h_ptr, out_ptr, order_ptr, counts_ptr, meta_ptr, scalars_ptr, w_
 
 # Launch configurations the bank kernel may take: compiled for sm_90a without spills (tests/test_bank_kernels.py);
 # its epilogue keeps the router and MLP paths of every steerer (run-time sizes), so 32-row tiles need 8 warps and
-# 64-row tiles or 256-column d blocks spilled.
-BANK_CONFIGS = {2: (Config(16, 64, 4, 3), Config(16, 128, 4, 3), Config(32, 128, 8, 3)),
+# 64-row tiles or 256-column d blocks spilled; since W_in loads as cp.async copies (issue 24), 16 x 64 with 4 warps
+# spilled 4-8 bytes in 16-bit dtypes (ptxas kept it at 96 registers) and was dropped.
+BANK_CONFIGS = {2: (Config(16, 128, 4, 3), Config(32, 128, 8, 3)),
                 4: (Config(16, 64, 8, 3),)}
 
 

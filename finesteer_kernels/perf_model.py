@@ -33,6 +33,8 @@ import dataclasses
 import math
 from typing import NamedTuple, Optional
 
+from .ptxas_table import PTXAS_REGISTERS
+
 KiB = 1024
 MiB = 1024 * 1024
 
@@ -147,6 +149,9 @@ class Shape:
     has_mean: bool = True
     extra_weight_bytes: int = 0
     norm_out: int = 0
+    has_router: bool = True  # K > 1 (the epilogue's softmax); with `has_residual`, what a compiled kernel holds
+    has_residual: bool = True  # the residual MLP
+    dtype: str = ""  # "bf16", "fp16" or "fp32" where known: ptxas allocates bf16 and fp16 kernels differently
 
     @property
     def np(self) -> int:
@@ -192,7 +197,8 @@ class Shape:
         cols = stored_w_in_cols(r, K, m, align)
         if norm_out:
             cols = -(-(cols + K + k) // align) * align
-        shape = cls(rows, d, elem, cols, K + k, has_pass1=bool(r or K > 1 or m), has_mean=bool(r), **kw)
+        shape = cls(rows, d, elem, cols, K + k, has_pass1=bool(r or K > 1 or m), has_mean=bool(r),
+                    has_router=K > 1, has_residual=k > 0, **kw)
         return shape.with_norm(norm_out) if norm_out else shape
 
 
@@ -218,13 +224,28 @@ class Resources:
     regs: int  # per thread
     ctas_per_sm: int  # resident programs per SM (0: does not fit)
     limited_by: str
+    spill_bytes: int = 0  # what ptxas spilled, where measured (`ptxas_table`): the heuristic avoids these
+    measured: bool = False  # registers from ptxas itself, not the formula
+
+
+def register_key(shape: Shape, config: Config) -> tuple:
+    """What the token-mode kernel's registers depend on: the dtype (or, unknown, its size: the table then holds the
+    larger over bf16 and fp16), the configuration (SPLIT included: the partials' reduction is unrolled) and the
+    compiled layout."""
+    return (shape.dtype or f"{shape.elem}B", config.BLOCK_T, config.BLOCK_D, config.num_warps, config.SPLIT,
+            shape.np, shape.ncp, shape.has_pass1, shape.norm_out > 0, shape.has_router, shape.has_residual)
 
 
 def resources(shape: Shape, config: Config, card: Card, kind: str = "steer") -> Resources:
     """Estimated shared memory and registers of one program, and the resident programs per SM that follow.
 
-    Fitted to ptxas (Triton 3.9, sm_90a) on the shapes of tests/test_kernel_compile.py; that test checks the
-    estimate against ptxas for every configuration the heuristic picks there."""
+    Registers of the token-mode kernel are ptxas's own where the configuration and layout were compiled
+    (`ptxas_table`, sm_90a, Triton 3.9: every layout of r in {1, 8, 16, 32, 64}, K in {1, 4, 8}, with and without
+    the MLP, and the issue grid's, at the configurations the heuristic picks); elsewhere a formula fitted to ptxas
+    on the wide layouts. ptxas does not grow registers smoothly with the tile: it settles at occupancy steps (168
+    registers for 3 programs of 4 warps, 128, 255) whatever the accumulator width, which is why the formula
+    overstated occupancy 2x at small r (issue 24). tests/test_kernel_compile.py checks the estimate against ptxas
+    (within 10 % and the same resident programs) on a sample covering every r and K above."""
     bt, bd, e = config.BLOCK_T, config.BLOCK_D, shape.elem
     threads = 32 * config.num_warps
     buffers = max(1, config.num_stages - 1)
@@ -248,14 +269,18 @@ def resources(shape: Shape, config: Config, card: Card, kind: str = "steer") -> 
         acc_factor = (13 if shape.np <= 128 else 36) + (4 if config.SPLIT > 1 else 0)
         tile = bt * bd // threads
         regs = 24 + acc_factor * acc // 4 + (5 if e == 4 else 5 // 4) * tile + tile // 4 + 2 * bt * shape.ncp // threads
-    regs = min(255, -(-regs // 8) * 8)
+    spills, measured = 0, kind == "steer" and register_key(shape, config) in PTXAS_REGISTERS
+    if measured:
+        regs, spills = PTXAS_REGISTERS[register_key(shape, config)]
+    else:
+        regs = min(255, -(-regs // 8) * 8)
     by_smem = card.smem_per_sm // (smem + KiB) if smem <= card.smem_per_cta else 0
     per_warp = -(-regs * 32 // 256) * 256
     by_regs = card.regs_per_sm // (per_warp * config.num_warps)
     by_warps = card.max_warps_per_sm // config.num_warps
     limits = {"smem": by_smem, "registers": by_regs, "warps": by_warps, "programs": card.max_ctas_per_sm}
     limited_by = min(limits, key=limits.get)
-    return Resources(smem, regs, limits[limited_by], limited_by)
+    return Resources(smem, regs, limits[limited_by], limited_by, spills, measured)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,7 +29,8 @@ import triton.language as tl
 from .coef_tile import (centred_projections, coefficients_from_projections,
                         tile_coefficients)
 from .norm_tile import add_and_normalise, edited_rstd, w_out_columns
-from .kernel_common import INTERPRETING, Layout, card_for, config_kwargs, device_guard, native_dot, shape_of
+from .kernel_common import (DTYPE_NAMES, INTERPRETING, Layout, card_for, config_kwargs, device_guard, native_dot,
+                            shape_of)
 from .norm import NormOperands
 from .heuristics import steer_config
 from .perf_model import split_plan
@@ -274,7 +275,7 @@ def launch_steer(h2d: torch.Tensor, out2d, w_in: torch.Tensor, w_out: torch.Tens
         return
     store_coef = coef_out is not None
     card = card_for(h2d)
-    shape = shape_of(n_rows, d, layout, h2d.element_size())
+    shape = shape_of(n_rows, d, layout, h2d.element_size(), DTYPE_NAMES[h2d.dtype])
     norm_kw = {}
     if norm is not None:
         shape = shape.with_norm(norm.y.element_size(), norm.weight.element_size())
