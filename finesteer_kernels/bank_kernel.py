@@ -61,7 +61,8 @@ def bank_projections(h_ptr, rows, edit, d, d_stop, w_in_ptr, w_in_stride, col_of
                      has_mean, NP: tl.constexpr, NATIVE_DOT: tl.constexpr, BLOCK_T: tl.constexpr,
                      BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Pass 1 for one steerer's tile: ``((h - mu) @ W_in[:, col_off:col_off + cols_s], sq, sq_big)`` in fp32, with
-    ``||h - mu||^2`` plain and scaled (`coef_tile.add_squares`: no overflow for any finite row). W_in offsets are 64-bit: ``d x w_in_stride`` (every steerer's columns) may pass 2^31 elements."""
+    ``||h - mu||^2`` plain and scaled (`coef_tile.add_squares`: no overflow for any finite row). W_in offsets are
+    64-bit: ``d x w_in_stride`` (every steerer's columns) may pass 2^31 elements."""
     cols = tl.arange(0, NP)
     col_mask = cols < cols_s
     acc = tl.zeros((BLOCK_T, NP), tl.float32)

@@ -346,8 +346,9 @@ class SplitPlan(NamedTuple):
     ``grid``: persistent programs (at most those resident at once); ``lag``: row tiles between a tile's pass 1 and
     its pass 2 (0 for `synthesize`, else 1 .. n_tiles); ``ring``: slots of partial sums, reused round robin;
     ``part_w`` / ``coef_w``: fp32 words per row of a slice's partial sums (NP projections and ``||xc||^2`` plain
-    and scaled, with a fused norm also ``||h||^2``) and of a tile's published coefficients (NCP, the gate, with a fused norm also
-    ``1 / rms``); ``workspace``: fp32 words of the launch's workspace (the ring, then every tile's coefficients)."""
+    and scaled, with a fused norm also ``||h||^2``) and of a tile's published coefficients (NCP, the gate, with a
+    fused norm also ``1 / rms``); ``workspace``: fp32 words of the launch's workspace (the ring, then every tile's
+    coefficients)."""
 
     grid: int
     lag: int

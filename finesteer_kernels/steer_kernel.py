@@ -26,8 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .coef_tile import (centred_projections, coefficients_from_projections,
-                        tile_coefficients)
+from .coef_tile import centred_projections, coefficients_from_projections, tile_coefficients
 from .norm_tile import add_and_normalise, edited_rstd, w_out_columns
 from .kernel_common import (DTYPE_NAMES, INTERPRETING, Layout, card_for, config_kwargs, device_guard, native_dot,
                             shape_of)
@@ -216,9 +215,10 @@ def steer_kernel(h_ptr, out_ptr, w_in_ptr, w_out_ptr, mean_ptr, consts_ptr, keep
                             w_out_xc += tl.load(part_ptr + j * part_size + lanes[:, None] * PART_W + OUT_COL
                                                 + coef_cols[None, :], mask=edit[:, None] & (coef_cols < NC)[None, :],
                                                 other=0.0, cache_modifier=".cg")
-                    coef, g = coefficients_from_projections(acc, sq, sq_big, edit, consts_ptr, tau, eps, scale, R, K, M, KR,
-                                                            HAS_GATE, HAS_ROUTER, HAS_RES, RELU, ROUTER_COL, RES_COL,
-                                                            RB_OFF, B1_OFF, W2_OFF, B2_OFF, NP, MP, NCP, BLOCK_T)
+                    coef, g = coefficients_from_projections(acc, sq, sq_big, edit, consts_ptr, tau, eps, scale, R, K,
+                                                            M, KR, HAS_GATE, HAS_ROUTER, HAS_RES, RELU, ROUTER_COL,
+                                                            RES_COL, RB_OFF, B1_OFF, W2_OFF, B2_OFF, NP, MP, NCP,
+                                                            BLOCK_T)
                     if STORE_COEF:
                         tl.store(coef_out_ptr + rows.to(tl.int64)[:, None] * NC + coef_cols[None, :], coef,
                                  mask=row_mask[:, None] & (coef_cols < NC)[None, :])

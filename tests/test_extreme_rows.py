@@ -1,8 +1,8 @@
 """No silent wrong answer at any magnitude (issue 23, items 2 and 3), on both backends, every dtype.
 
-* A huge row that lies in the gate subspace opens the gate: the energy share is computed relative to the row's
-  largest centred entry, so ``||h - mu||^2`` never overflows fp32 (it did from entries of ~1e19: inf / inf = NaN and
-  the gate closed).
+* A huge row that lies in the gate subspace opens the gate: the energy share is formed so that ``||h - mu||^2``
+  cannot overflow fp32 (the reference divides the row by its largest centred entry, the kernels keep a second sum of
+  squares scaled by 2^-80); it overflowed from entries of ~1e19, inf / inf = NaN, and the gate closed.
 * A row whose gate is off comes back bit-identical (a -0.0 stays -0.0) and its coefficients are exactly 0, whatever
   the router and the residual MLP produce: the coefficients are selected with the gate, not multiplied by it
   (inf * 0 = NaN).

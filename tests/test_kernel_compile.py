@@ -12,6 +12,12 @@ wide rows). Each distinct configuration is compiled once. Checked from ptxas and
 * the model's shared-memory estimate is within 25 % of Triton's, and its resident-programs-per-SM estimate never
   exceeds what ptxas's registers and Triton's shared memory allow (the model never promises more occupancy).
 
+A second test (issue 24) compiles the heuristic's picks for small layouts (r in {1, 8, 16, 32, 64}, K in {1, 4, 8},
+with and without the MLP, every dtype; `calibration_cases`) and checks the model's registers (within 10 %) and
+resident programs (exactly) against ptxas. ``python tests/test_kernel_compile.py --calibrate`` regenerates the
+model's register table (`finesteer_kernels/ptxas_table.py`) from both sets of compiles; run it until the table stops
+changing. Compile results are cached on disk (CACHE_DIR).
+
 The kernels must be real JIT functions, not the interpreter's, so compiling runs in a subprocess without
 TRITON_INTERPRET. ``python tests/test_kernel_compile.py --table`` prints the markdown table of docs/kernels.md.
 """

@@ -299,12 +299,12 @@ def test_delta_in_the_activation_dtype(backend, dtype, monkeypatch):
     ops.apply_delta_(steered, narrow)
     seq = torch.arange(3, device=DEVICE)[:, None].expand(3, 2)
     assert torch.equal(steered, ops.apply_delta(h, narrow, seq))
-    norm = fk_norm(130, dtype)
+    norm = random_norm(130, dtype)
     out, y = ops.apply_delta_rmsnorm(h, narrow, norm)
     assert torch.equal(out, steered) and rel_error(y, reference.rms_norm(want, norm)) < 2 * REL_TOL[dtype]
 
 
-def fk_norm(d, dtype):
+def random_norm(d, dtype):
     from finesteer_kernels import RMSNormParams
 
     return RMSNormParams(torch.rand(d, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEVICE) + 0.5, 1e-6)
