@@ -7,11 +7,12 @@ they cannot drift from the model (tests/test_benchmarks_dry_run.py checks that R
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 from finesteer_kernels.heuristics import best_steer, steer_candidates
 from finesteer_kernels.perf_model import (CARDS, Shape, predict_apply_delta, predict_apply_delta_norm, predict_rmsnorm,
-                                          predict_steer, predict_v1, v1_config)
+                                          predict_steer, predict_v1, resources, v1_config)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 BEGIN, END = "<!-- model-table:begin -->", "<!-- model-table:end -->"
@@ -112,6 +113,36 @@ def fused_norm_table() -> list[str]:
     return lines
 
 
+def pinned_slices_table() -> list[str]:
+    """Issue 24 item 6, a design not implemented: each persistent split-d program keeps one d-slice of W_in and W_out
+    in shared memory and serves only that slice, so the weights cross L2 once per program instead of once per row
+    tile (modelled as `predict_steer`'s ``multicast`` by row tiles x SPLIT / programs). Shown at the L2 bandwidth
+    assumed (8.4 TB/s) and 30 % either side, since the H200 prediction rests on it."""
+    lines = ["| card | layout | T | d | pick | L2 MB: now -> pinned | % of copy now, L2 x0.7 / x1 / x1.3 | "
+             "pinned, L2 x0.7 / x1 / x1.3 | slice + pipeline KiB (of 227) |", "|" + " --- |" * 9]
+    for card in CARDS.values():
+        for name, sizes in (("r=32 K=8 m=16 k=8", (32, 8, 16, 8)), ("r=64 K=8 m=16 k=8", (64, 8, 16, 8))):
+            for T, d in ((4096, 4096), (8192, 4096), (8192, 8192)):
+                shape = Shape.of(T, d, 2, *sizes)
+                now, pinned = [], []
+                for factor in (0.7, 1.0, 1.3):
+                    c = dataclasses.replace(card, l2_gbps=card.l2_gbps * factor)
+                    pick = best_steer(shape, c)
+                    cfg = pick.config
+                    share = max(1, round(-(-T // cfg.BLOCK_T) * cfg.SPLIT / pick.grid))
+                    pin = predict_steer(shape, cfg, c, multicast=share)
+                    now.append(_pct(pick))
+                    pinned.append(_pct(pin))
+                    if factor == 1.0:
+                        base, base_pin = pick, pin
+                cfg = base.config
+                slice_kib = -(-d // cfg.SPLIT) * (shape.w_in_cols + shape.n_coef) * shape.elem // 1024
+                lines.append(f"| {card.name} | {name} | {T} | {d} | {cfg.short()} | {base.l2_bytes / 1e6:.0f} -> "
+                             f"{base_pin.l2_bytes / 1e6:.0f} | {' / '.join(now)} | {' / '.join(pinned)} | "
+                             f"{slice_kib} + {resources(shape, cfg, card).smem // 1024} |")
+    return lines
+
+
 def cards_table() -> list[str]:
     lines = ["| card | SMs | L2 | HBM data sheet | HBM achievable (copy) | L2 (assumed) | one SM (assumed) | "
              "latency (assumed) |", "|" + " --- |" * 8]
@@ -130,7 +161,9 @@ def tables() -> str:
              *decode_table(), "",
              "#### Fused with the next RMSNorm (issue 14), bf16, r = 64, K = 8, m = 16, k = 8, every row steered "
              "(predicted; separate = the steering kernel + a one-launch RMSNorm + one launch gap)", "",
-             *fused_norm_table()]
+             *fused_norm_table(), "",
+             "#### Design, not implemented (issue 24 item 6): W_in and W_out slices pinned per persistent program, "
+             "bf16 (predicted)", "", *pinned_slices_table()]
     return "\n".join(parts)
 
 

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .bank import META, META_FIELDS, BankLayout, PackedBank
+from .coef_tile import add_squares, gate_open
 from .heuristics import INTERPRETER_CONFIG
 from .kernel_common import INTERPRETING, card_for, config_kwargs, device_guard, native_dot
 from .perf_model import Card, Config, Shape, predict_steer
@@ -59,12 +60,14 @@ META_HAS_PASS1 = tl.constexpr(META["HAS_PASS1"])
 def bank_projections(h_ptr, rows, edit, d, d_stop, w_in_ptr, w_in_stride, col_off, cols_s, mean_ptr, mean_off,
                      has_mean, NP: tl.constexpr, NATIVE_DOT: tl.constexpr, BLOCK_T: tl.constexpr,
                      BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """Pass 1 for one steerer's tile: ``((h - mu) @ W_in[:, col_off:col_off + cols_s], ||h - mu||^2)`` in fp32.
-    W_in offsets are 64-bit: ``d x w_in_stride`` (every steerer's columns) may pass 2^31 elements."""
+    """Pass 1 for one steerer's tile: ``((h - mu) @ W_in[:, col_off:col_off + cols_s], sq, sq_big)`` in fp32, with
+    ``||h - mu||^2`` plain and scaled (`coef_tile.add_squares`: no overflow for any finite row). W_in offsets are
+    64-bit: ``d x w_in_stride`` (every steerer's columns) may pass 2^31 elements."""
     cols = tl.arange(0, NP)
     col_mask = cols < cols_s
     acc = tl.zeros((BLOCK_T, NP), tl.float32)
     sq = tl.zeros((BLOCK_T,), tl.float32)
+    sq_big = tl.zeros((BLOCK_T,), tl.float32)
     row_base = rows.to(tl.int64) * d
     mean_stop = d * (has_mean != 0).to(tl.int32)  # no mean: every load of mu masked off (zero)
     for d0 in tl.range(0, d_stop, BLOCK_D, num_stages=NUM_STAGES):
@@ -76,16 +79,16 @@ def bank_projections(h_ptr, rows, edit, d, d_stop, w_in_ptr, w_in_stride, col_of
                     mask=d_mask[:, None] & col_mask[None, :], other=0.0)
         mu = tl.load(mean_ptr + mean_off + offs_d, mask=offs_d < mean_stop, other=0.0)
         xc32 = x.to(tl.float32) - mu[None, :]
-        sq += tl.sum(xc32 * xc32, axis=1)
+        sq, sq_big = add_squares(xc32, sq, sq_big)
         if NATIVE_DOT:
             acc = tl.dot(xc32.to(x.dtype), w, acc)
         else:
             acc = tl.dot(xc32, w.to(tl.float32), acc, input_precision="ieee")
-    return acc, sq
+    return acc, sq, sq_big
 
 
 @triton.jit
-def bank_coefficients(acc, sq, edit, consts_ptr, tau, eps, scale, r, K, m, kr, has_gate, has_router, relu,
+def bank_coefficients(acc, sq, sq_big, edit, consts_ptr, tau, eps, scale, r, K, m, kr, has_gate, has_router, relu,
                       router_col, res_col, rb_off, b1_off, w2_off, b2_off, ANY_GATE: tl.constexpr,
                       ANY_ROUTER: tl.constexpr, ANY_RES: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr,
                       NCP: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -95,9 +98,8 @@ def bank_coefficients(acc, sq, edit, consts_ptr, tau, eps, scale, r, K, m, kr, h
     coef_cols = tl.arange(0, NCP)
     g = tl.where(edit, 1.0, 0.0)
     if ANY_GATE:
-        proj = tl.where(cols[None, :] < r, acc, 0.0)
-        inside = tl.sum(proj * proj, axis=1)
-        g = tl.where((inside / tl.maximum(sq, eps) >= tau) | (has_gate == 0), g, 0.0)
+        open_ = gate_open(tl.where(cols[None, :] < r, acc, 0.0), sq, sq_big, tau, eps)
+        g = tl.where(open_ | (has_gate == 0), g, 0.0)
     coef = tl.broadcast_to(tl.where(coef_cols == 0, 1.0, 0.0)[None, :], (BLOCK_T, NCP))  # one expert: weight 1
     if ANY_ROUTER:
         is_router = (cols >= router_col) & (cols < router_col + K * has_router)  # empty without a router
@@ -121,7 +123,7 @@ def bank_coefficients(acc, sq, edit, consts_ptr, tau, eps, scale, r, K, m, kr, h
                        mask=(m_cols < m)[:, None] & is_beta[None, :], other=0.0)
         b2 = tl.load(consts_ptr + b2_off + coef_cols - K, mask=is_beta, other=0.0)
         coef += tl.dot(hidden, w2_t, input_precision="ieee") + b2[None, :]
-    coef = coef * (scale * g)[:, None]
+    coef = tl.where((g != 0.0)[:, None], coef * scale, 0.0)  # selected: inf * 0 would be NaN
     return coef, g
 
 
@@ -184,10 +186,18 @@ def bank_kernel(h_ptr, out_ptr, order_ptr, counts_ptr, meta_ptr, scalars_ptr, w_
             sc = scalars_ptr + (group - 1) * 3
             tau, eps, scale = tl.load(sc), tl.load(sc + 1), tl.load(sc + 2)
             d_stop = tl.where(tl.load(meta + META_HAS_PASS1) != 0, d, 0)  # CAA-like: nothing to read in pass 1
-            acc, sq = bank_projections(h_ptr, rows, live, d, d_stop, w_in_ptr, w_in_stride, col_off,
-                                       tl.load(meta + META_COLS), mean_ptr, tl.load(meta + META_MEAN_OFF),
-                                       tl.load(meta + META_HAS_MEAN), NP, NATIVE_DOT, BLOCK_T, BLOCK_D, NUM_STAGES)
-            coef, g = bank_coefficients(acc, sq, live, consts_ptr, tau, eps, scale, tl.load(meta + META_R),
+            # cols_s is a multiple of 8 (the pack pads every steerer's W_in columns to one, `bank`): saying so lets
+            # the column mask be constant over 8 columns, so the W_in tile loads as 16-byte cp.async copies
+            # instead of 2-byte synchronous loads (issue 24; tests/test_bank_kernels.py checks the TTGIR). Not in
+            # the coefficient-storing variant, where the pipelined loads made ptxas spill 48 bytes.
+            cols_s = tl.load(meta + META_COLS)
+            if not STORE_COEF:
+                cols_s = tl.multiple_of(cols_s, 8)
+            acc, sq, sq_big = bank_projections(h_ptr, rows, live, d, d_stop, w_in_ptr, w_in_stride, col_off, cols_s,
+                                               mean_ptr, tl.load(meta + META_MEAN_OFF),
+                                               tl.load(meta + META_HAS_MEAN), NP, NATIVE_DOT, BLOCK_T, BLOCK_D,
+                                               NUM_STAGES)
+            coef, g = bank_coefficients(acc, sq, sq_big, live, consts_ptr, tau, eps, scale, tl.load(meta + META_R),
                                         tl.load(meta + META_K), tl.load(meta + META_M), tl.load(meta + META_KR),
                                         has_gate, tl.load(meta + META_HAS_ROUTER), tl.load(meta + META_RELU),
                                         tl.load(meta + META_ROUTER_COL), tl.load(meta + META_RES_COL),
@@ -207,8 +217,9 @@ def bank_kernel(h_ptr, out_ptr, order_ptr, counts_ptr, meta_ptr, scalars_ptr, w_
 
 # Launch configurations the bank kernel may take: compiled for sm_90a without spills (tests/test_bank_kernels.py);
 # its epilogue keeps the router and MLP paths of every steerer (run-time sizes), so 32-row tiles need 8 warps and
-# 64-row tiles or 256-column d blocks spilled.
-BANK_CONFIGS = {2: (Config(16, 64, 4, 3), Config(16, 128, 4, 3), Config(32, 128, 8, 3)),
+# 64-row tiles or 256-column d blocks spilled; since W_in loads as cp.async copies (issue 24), 16 x 64 with 4 warps
+# spilled 4-8 bytes in 16-bit dtypes (ptxas kept it at 96 registers) and was dropped.
+BANK_CONFIGS = {2: (Config(16, 128, 4, 3), Config(32, 128, 8, 3)),
                 4: (Config(16, 64, 8, 3),)}
 
 

@@ -23,7 +23,7 @@ def _edited(h_ptr, delta_ptr, offs, delta_offs, mask, active, in_range, EVICT: t
     """``(x, h')`` for one tile: ``h' = x + delta`` (fp32, rounded to x's dtype) on active rows, NaN for a
     sequence index past the end of delta, ``x`` elsewhere."""
     x = tl.load(h_ptr + offs, mask=mask, other=0.0, eviction_policy=EVICT)
-    delta = tl.load(delta_ptr + delta_offs, mask=in_range[:, None] & mask, other=0.0)
+    delta = tl.load(delta_ptr + delta_offs, mask=in_range[:, None] & mask, other=0.0).to(tl.float32)
     delta = tl.where((active & ~in_range)[:, None], float("nan"), delta)
     return tl.where(active[:, None], (x.to(tl.float32) + delta).to(x.dtype), x)
 

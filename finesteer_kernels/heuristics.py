@@ -34,7 +34,7 @@ BLOCK_TS = (16, 32, 64)
 BLOCK_DS = (64, 128, 256)
 STAGES = (3,)  # two tiles in flight while one is used: ~40-80 KiB per SM at the picked tiles
 SPLITS = (1, 2, 4, 8, 16, 32)
-MAX_REGS = 232  # keep clear of 255: the estimate is not exact
+MAX_REGS = 232  # keep clear of 255 where the formula estimates (ptxas's own counts, `ptxas_table`, are exact)
 
 
 def _split_ok(d: int, block_d: int, split: int) -> bool:
@@ -89,7 +89,7 @@ def steer_candidates(shape: Shape, card: Card, block_ds=BLOCK_DS, splits=SPLITS)
                         if shape.norm_out and _norm_spills(shape.elem, config):
                             continue
                         res = resources(shape, config, card)
-                        if res.ctas_per_sm == 0 or res.regs > MAX_REGS:
+                        if res.ctas_per_sm == 0 or res.spill_bytes or (res.regs > MAX_REGS and not res.measured):
                             continue
                         yield config, res
 

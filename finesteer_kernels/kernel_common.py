@@ -85,11 +85,16 @@ def card_for(t: torch.Tensor) -> Card:
     return card_for_device(t.device) if t.is_cuda else DEFAULT_CARD
 
 
-def shape_of(n_rows: int, d: int, layout: Layout, elem: int) -> Shape:
-    """The model's view of a call on ``n_rows`` rows of width ``d`` with the packed ``layout``."""
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def shape_of(n_rows: int, d: int, layout: Layout, elem: int, dtype: str = "") -> Shape:
+    """The model's view of a call on ``n_rows`` rows of width ``d`` with the packed ``layout`` (``dtype``: h's, as
+    in `DTYPE_NAMES`)."""
     has_pass1 = bool(layout.HAS_GATE or layout.HAS_ROUTER or layout.HAS_RES)
     return Shape(n_rows, d, elem, layout.W_IN_STRIDE, layout.n_coef, has_pass1=has_pass1,
-                 has_mean=bool(layout.HAS_MEAN))
+                 has_mean=bool(layout.HAS_MEAN), has_router=bool(layout.HAS_ROUTER), has_residual=bool(layout.HAS_RES),
+                 dtype=dtype)
 
 
 def config_kwargs(config, pipelined: bool = True) -> dict:

@@ -167,11 +167,13 @@ def apply_coef_(h: torch.Tensor, coef: torch.Tensor, params: SteerParams, row_to
     return h
 
 
-def coef_delta(coef: torch.Tensor, params: SteerParams) -> torch.Tensor:
-    """Query mode: the per-sequence edit ``coef @ W_out`` as fp32 ``(B, d)``, from the fp32 weights. Computed once
-    per prefill; each decode step then adds it with `apply_delta_` (one launch, no dot)."""
+def coef_delta(coef: torch.Tensor, params: SteerParams, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Query mode: the per-sequence edit ``coef @ W_out`` as ``(B, d)``, computed in fp32 from the fp32 weights and
+    stored in ``dtype`` (fp32, or the activation dtype: a decode step then reads 2 bytes per element of delta
+    instead of 4, and adds it in fp32 all the same). Computed once per prefill; each decode step then adds it with
+    `apply_delta_` (one launch, no dot)."""
     check_coef(coef, params, coef.device)
-    return coef.float() @ params.pack_centred(torch.float32, coef.device).w_out  # fp32 W_out, cached
+    return (coef.float() @ params.pack_centred(torch.float32, coef.device).w_out).to(dtype)  # fp32 W_out, cached
 
 
 def _delta_operands(h: torch.Tensor, delta: torch.Tensor, row_to_seq: Optional[torch.Tensor]):

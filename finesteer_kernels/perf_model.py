@@ -33,6 +33,8 @@ import dataclasses
 import math
 from typing import NamedTuple, Optional
 
+from .ptxas_table import PTXAS_REGISTERS
+
 KiB = 1024
 MiB = 1024 * 1024
 
@@ -147,6 +149,9 @@ class Shape:
     has_mean: bool = True
     extra_weight_bytes: int = 0
     norm_out: int = 0
+    has_router: bool = True  # K > 1 (the epilogue's softmax); with `has_residual`, what a compiled kernel holds
+    has_residual: bool = True  # the residual MLP
+    dtype: str = ""  # "bf16", "fp16" or "fp32" where known: ptxas allocates bf16 and fp16 kernels differently
 
     @property
     def np(self) -> int:
@@ -192,7 +197,8 @@ class Shape:
         cols = stored_w_in_cols(r, K, m, align)
         if norm_out:
             cols = -(-(cols + K + k) // align) * align
-        shape = cls(rows, d, elem, cols, K + k, has_pass1=bool(r or K > 1 or m), has_mean=bool(r), **kw)
+        shape = cls(rows, d, elem, cols, K + k, has_pass1=bool(r or K > 1 or m), has_mean=bool(r),
+                    has_router=K > 1, has_residual=k > 0, **kw)
         return shape.with_norm(norm_out) if norm_out else shape
 
 
@@ -218,13 +224,28 @@ class Resources:
     regs: int  # per thread
     ctas_per_sm: int  # resident programs per SM (0: does not fit)
     limited_by: str
+    spill_bytes: int = 0  # what ptxas spilled, where measured (`ptxas_table`): the heuristic avoids these
+    measured: bool = False  # registers from ptxas itself, not the formula
+
+
+def register_key(shape: Shape, config: Config) -> tuple:
+    """What the token-mode kernel's registers depend on: the dtype (or, unknown, its size: the table then holds the
+    larger over bf16 and fp16), the configuration (SPLIT included: the partials' reduction is unrolled) and the
+    compiled layout."""
+    return (shape.dtype or f"{shape.elem}B", config.BLOCK_T, config.BLOCK_D, config.num_warps, config.SPLIT,
+            shape.np, shape.ncp, shape.has_pass1, shape.norm_out > 0, shape.has_router, shape.has_residual)
 
 
 def resources(shape: Shape, config: Config, card: Card, kind: str = "steer") -> Resources:
     """Estimated shared memory and registers of one program, and the resident programs per SM that follow.
 
-    Fitted to ptxas (Triton 3.9, sm_90a) on the shapes of tests/test_kernel_compile.py; that test checks the
-    estimate against ptxas for every configuration the heuristic picks there."""
+    Registers of the token-mode kernel are ptxas's own where the configuration and layout were compiled
+    (`ptxas_table`, sm_90a, Triton 3.9: every layout of r in {1, 8, 16, 32, 64}, K in {1, 4, 8}, with and without
+    the MLP, and the issue grid's, at the configurations the heuristic picks); elsewhere a formula fitted to ptxas
+    on the wide layouts. ptxas does not grow registers smoothly with the tile: it settles at occupancy steps (168
+    registers for 3 programs of 4 warps, 128, 255) whatever the accumulator width, which is why the formula
+    overstated occupancy 2x at small r (issue 24). tests/test_kernel_compile.py checks the estimate against ptxas
+    (within 10 % and the same resident programs) on a sample covering every r and K above."""
     bt, bd, e = config.BLOCK_T, config.BLOCK_D, shape.elem
     threads = 32 * config.num_warps
     buffers = max(1, config.num_stages - 1)
@@ -248,14 +269,18 @@ def resources(shape: Shape, config: Config, card: Card, kind: str = "steer") -> 
         acc_factor = (13 if shape.np <= 128 else 36) + (4 if config.SPLIT > 1 else 0)
         tile = bt * bd // threads
         regs = 24 + acc_factor * acc // 4 + (5 if e == 4 else 5 // 4) * tile + tile // 4 + 2 * bt * shape.ncp // threads
-    regs = min(255, -(-regs // 8) * 8)
+    spills, measured = 0, kind == "steer" and register_key(shape, config) in PTXAS_REGISTERS
+    if measured:
+        regs, spills = PTXAS_REGISTERS[register_key(shape, config)]
+    else:
+        regs = min(255, -(-regs // 8) * 8)
     by_smem = card.smem_per_sm // (smem + KiB) if smem <= card.smem_per_cta else 0
     per_warp = -(-regs * 32 // 256) * 256
     by_regs = card.regs_per_sm // (per_warp * config.num_warps)
     by_warps = card.max_warps_per_sm // config.num_warps
     limits = {"smem": by_smem, "registers": by_regs, "warps": by_warps, "programs": card.max_ctas_per_sm}
     limited_by = min(limits, key=limits.get)
-    return Resources(smem, regs, limits[limited_by], limited_by)
+    return Resources(smem, regs, limits[limited_by], limited_by, spills, measured)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,9 +345,10 @@ class SplitPlan(NamedTuple):
 
     ``grid``: persistent programs (at most those resident at once); ``lag``: row tiles between a tile's pass 1 and
     its pass 2 (0 for `synthesize`, else 1 .. n_tiles); ``ring``: slots of partial sums, reused round robin;
-    ``part_w`` / ``coef_w``: fp32 words per row of a slice's partial sums (NP projections and ``||xc||^2``, with a
-    fused norm also ``||h||^2``) and of a tile's published coefficients (NCP, the gate, with a fused norm also
-    ``1 / rms``); ``workspace``: fp32 words of the launch's workspace (the ring, then every tile's coefficients)."""
+    ``part_w`` / ``coef_w``: fp32 words per row of a slice's partial sums (NP projections and ``||xc||^2`` plain
+    and scaled, with a fused norm also ``||h||^2``) and of a tile's published coefficients (NCP, the gate, with a
+    fused norm also ``1 / rms``); ``workspace``: fp32 words of the launch's workspace (the ring, then every tile's
+    coefficients)."""
 
     grid: int
     lag: int
@@ -347,7 +373,7 @@ def split_plan(shape: Shape, config: Config, card: Card, store_coef: bool = Fals
         lag = max(1, min(lag_tiles(concurrent, split) if lag is None else lag, n_tiles))
     ring = max(1, min(n_tiles, -(-concurrent // split) + lag + 2))
     norm = int(shape.norm_out > 0)
-    part_w, coef_w = shape.np + 1 + norm, shape.ncp + 1 + norm
+    part_w, coef_w = shape.np + 2 + norm, shape.ncp + 1 + norm
     return SplitPlan(min((n_tiles + lag) * split, slots), lag, ring, n_tiles, part_w, coef_w,
                      ring * split * bt * part_w + n_tiles * bt * coef_w)
 
@@ -378,8 +404,9 @@ def predict_steer(shape: Shape, config: Config, card: Card, pipelined_pass2: boo
         plan = split_plan(shape, config, card, store_coef)
         lag, grid = plan.lag, plan.grid  # persistent: programs loop over the work items
         # fp32 partials per row and slice, as the kernel stores them: the stored W_in columns (not the padding) and
-        # ||xc||^2, with a fused norm also ||h||^2; read back once, a fused norm's W_out xc columns a second time
-        part_cols = shape.w_in_cols + 1 + norm
+        # ||xc||^2 (plain and scaled), with a fused norm also ||h||^2; read back once, a fused norm's W_out xc
+        # columns a second time
+        part_cols = shape.w_in_cols + 2 + norm
         partial_bytes = 0 if partials_on_chip else T * split * part_cols * 4
         partial_reads = 0 if partials_on_chip else partial_bytes + T * split * norm * shape.n_coef * 4
         # a tile's coefficients as published: BLOCK_T rows of coef_w words, written once, read by every slice
@@ -441,14 +468,15 @@ def predict_apply(shape: Shape, config: Config, card: Card, sequences: int) -> P
                       hbm / card.hbm_gbps / 1e3, 1, card.launch_us)  # one load per program: sm_us is its latency
 
 
-def predict_apply_delta(rows: int, d: int, elem: int, sequences: int, card: Card, block: int = 512) -> Prediction:
-    """Decode fast path: ``h + delta[seq]`` (delta fp32, one row per sequence); ``block``: elements a program
-    handles (delta_kernel's BLOCK_D for one row)."""
+def predict_apply_delta(rows: int, d: int, elem: int, sequences: int, card: Card, block: int = 512,
+                        delta_elem: int = 4) -> Prediction:
+    """Decode fast path: ``h + delta[seq]`` (one delta row per sequence, fp32 or ``delta_elem`` bytes an element:
+    `coef_delta`'s dtype); ``block``: elements a program handles (delta_kernel's BLOCK_D for one row)."""
     h = rows * d * elem
-    hbm = 2 * h + sequences * d * 4
+    hbm = 2 * h + sequences * d * delta_elem
     grid = -(-rows * d // block)
     active = min(card.sms, grid)
-    rate = _sm_rate(card, block * (elem + 4))
+    rate = _sm_rate(card, block * (elem + delta_elem))
     return Prediction("apply_delta", card.name, None, grid, 0, grid, 0, True, hbm, hbm, hbm,
                       hbm / card.hbm_gbps / 1e3, hbm / card.l2_gbps / 1e3, hbm / (active * rate) / 1e3,
                       hbm / card.hbm_gbps / 1e3, 1, card.launch_us)  # one load per program: sm_us is its latency
@@ -496,15 +524,17 @@ def predict_rmsnorm(rows: int, d: int, elem: int, card: Card, out_elem: Optional
 
 
 def predict_apply_delta_norm(rows: int, d: int, elem: int, sequences: int, card: Card,
-                             out_elem: Optional[int] = None, weight_elem: Optional[int] = None) -> Prediction:
-    """Query mode fused with the next RMSNorm (`delta_norm_kernel`): read h, one fp32 delta row per sequence and
+                             out_elem: Optional[int] = None, weight_elem: Optional[int] = None,
+                             delta_elem: int = 4) -> Prediction:
+    """Query mode fused with the next RMSNorm (`delta_norm_kernel`): read h, one delta row per sequence
+    (``delta_elem`` bytes an element) and
     the norm's weight (``weight_elem`` bytes an element, default h's), write the edited rows and the normalised
     rows; rows wider than `ONE_PASS_MAX_D` are read a second time (from L2)."""
     weight_elem = weight_elem or elem
     h = rows * d * elem
-    hbm = 2 * h + rows * d * (out_elem or elem) + sequences * d * 4 + d * weight_elem
-    l2 = hbm + (0 if row_blocks(d)[2] else h) + (rows - sequences) * d * 4  # delta rows are re-read per row
-    return _predict_rows("apply_delta_norm", rows, d, hbm, l2, elem + 4 + weight_elem, card)
+    hbm = 2 * h + rows * d * (out_elem or elem) + sequences * d * delta_elem + d * weight_elem
+    l2 = hbm + (0 if row_blocks(d)[2] else h) + (rows - sequences) * d * delta_elem  # delta re-read per row
+    return _predict_rows("apply_delta_norm", rows, d, hbm, l2, elem + delta_elem + weight_elem, card)
 
 
 def v1_config(rows: int, shape: Shape) -> Config:

@@ -12,18 +12,37 @@ from .params import SteerParams
 from .validation import check_coef, check_delta, check_hidden, check_row_mask, check_row_to_seq
 
 
+# Smallest scale the gate divides a row by: below it a row is scaled by this floor instead, so 1 / scale stays finite
+# and only subnormal entries (whose squares underflow anyway) are lost.
+GATE_SCALE_FLOOR = 2.0 ** -64
+
+
 def gate(h32: torch.Tensor, p: SteerParams) -> torch.Tensor:
-    """``(N, d)`` fp32 -> ``(N,)`` fp32 in {0, 1}: energy ratio of the centred row inside span(S) >= tau."""
+    """``(N, d)`` fp32 -> ``(N,)`` fp32 in {0, 1}: energy ratio of the centred row inside span(S) >= tau.
+
+    The ratio is formed on the row divided by its largest centred entry, ``||S^T u||^2 / max(||u||^2, eps / m^2)``
+    with ``u = (h - mu) / m``: the same number as ``||S^T(h-mu)||^2 / max(||h-mu||^2, eps)``, but no finite row
+    overflows fp32 (the plain squared norm does from entries of ~1e19: inf / inf = NaN, which closed the gate). The
+    kernels reach the same number another way (`coef_tile.gate_open`)."""
     if p.basis is None:
         return h32.new_ones(h32.shape[0])
     centred = h32 - p.mean.float() if p.mean is not None else h32
-    inside = (centred @ p.basis.float()).square().sum(-1)
-    energy = centred.square().sum(-1).clamp_min(p.eps)
+    inv = 1.0 / centred.abs().amax(-1, keepdim=True).clamp_min(GATE_SCALE_FLOOR)
+    unit = centred * inv
+    inside = (unit @ p.basis.float()).square().sum(-1)
+    energy = torch.maximum(unit.square().sum(-1), p.eps * inv[:, 0] * inv[:, 0])
     return (inside / energy >= p.tau).float()
 
 
 def coefficients(h32: torch.Tensor, p: SteerParams) -> torch.Tensor:
-    """``(N, d)`` fp32 -> ``(N, K+k)`` fp32: router weights then residual coefficients, times alpha*gamma*g."""
+    """``(N, d)`` fp32 -> ``(N, K+k)`` fp32: router weights then residual coefficients, times alpha*gamma, for the
+    rows whose gate is on; exactly 0 for the others (selected, not multiplied by the gate: an overflowing router or
+    MLP would give inf * 0 = NaN)."""
+    return _coefficients_and_gate(h32, p)[0]
+
+
+def _coefficients_and_gate(h32: torch.Tensor, p: SteerParams) -> tuple:
+    """``(coef, open)``: `coefficients` and the ``(N,)`` bool gate."""
     if p.num_experts == 1:
         weights = h32.new_ones(h32.shape[0], 1)
     else:
@@ -41,7 +60,8 @@ def coefficients(h32: torch.Tensor, p: SteerParams) -> torch.Tensor:
         if p.res_out_bias is not None:
             beta = beta + p.res_out_bias.float()
         weights = torch.cat([weights, beta], dim=-1)
-    return weights * (p.alpha * p.gamma * gate(h32, p))[:, None]
+    open_ = gate(h32, p) > 0
+    return torch.where(open_[:, None], weights * (p.alpha * p.gamma), 0.0), open_
 
 
 def output_basis(p: SteerParams) -> torch.Tensor:
@@ -59,10 +79,11 @@ def steer(h: torch.Tensor, params: SteerParams, row_mask: torch.Tensor | None = 
     keep = check_row_mask(row_mask, h)
     rows = h.reshape(-1, params.d)
     h32 = rows.float()
-    out = (h32 + coefficients(h32, params) @ output_basis(params)).to(h.dtype)
+    coef, edit = _coefficients_and_gate(h32, params)
+    out = (h32 + coef @ output_basis(params)).to(h.dtype)
     if keep is not None:
-        out = torch.where(keep[:, None], out, rows)
-    return out.reshape(h.shape)
+        edit = edit & keep
+    return torch.where(edit[:, None], out, rows).reshape(h.shape)  # rows left alone keep their bits (-0.0 too)
 
 
 def steer_(h: torch.Tensor, params: SteerParams, row_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,11 +125,11 @@ def _per_row(table: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
     return extended[torch.where(seq < 0, batch, torch.where(seq >= batch, batch + 1, seq))]
 
 
-def coef_delta(coef: torch.Tensor, params: SteerParams) -> torch.Tensor:
-    """Query mode, the per-sequence edit: ``coef @ W_out`` as fp32 ``(B, d)``; computed once at prefill, a decode
-    step then only adds it (`apply_delta`)."""
+def coef_delta(coef: torch.Tensor, params: SteerParams, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Query mode, the per-sequence edit: ``coef @ W_out`` in fp32, returned as ``(B, d)`` in ``dtype`` (fp32 or
+    the activation dtype); computed once at prefill, a decode step then only adds it (`apply_delta`, in fp32)."""
     check_coef(coef, params, coef.device)
-    return coef.float() @ output_basis(params).to(coef.device)
+    return (coef.float() @ output_basis(params).to(coef.device)).to(dtype)
 
 
 def _delta_rows(h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

@@ -28,10 +28,12 @@ import triton.language as tl
 
 from .coef_tile import centred_projections, coefficients_from_projections, tile_coefficients
 from .norm_tile import add_and_normalise, edited_rstd, w_out_columns
-from .kernel_common import INTERPRETING, Layout, card_for, config_kwargs, device_guard, native_dot, shape_of
+from .kernel_common import (DTYPE_NAMES, INTERPRETING, Layout, card_for, config_kwargs, device_guard, native_dot,
+                            shape_of)
 from .norm import NormOperands
 from .heuristics import steer_config
 from .perf_model import split_plan
+from .split_state import SPIN_LIMIT, launch_buffers
 from .w_out_dot import coef_times_w_out
 
 
@@ -61,10 +63,11 @@ def add_coef_times_w_out(x_ptr, out_ptr, rows, write, edit, d, d_start, d_stop, 
 def write_tile(h_ptr, out_ptr, rows, row_mask, edit, g, d, d_start, d_stop, coef, w_out_ptr,
                HAS_GATE: tl.constexpr, HAS_KEEP: tl.constexpr, IN_PLACE: tl.constexpr, NC: tl.constexpr,
                NCP: tl.constexpr, NATIVE_DOT: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """Pass 2 with the in-place rules: only edited rows are stored, and a tile with no edit stores nothing."""
+    """Pass 2: rows whose gate is off come back as they are (bit for bit); in place only edited rows are stored,
+    and a tile with no edit stores nothing."""
+    if HAS_GATE:
+        edit = g != 0.0  # g is 0 where `edit` (keep) already said no
     if IN_PLACE:
-        if HAS_GATE:
-            edit = g != 0.0
         if HAS_GATE or HAS_KEEP:
             if tl.max(edit.to(tl.int32), axis=0) > 0:
                 add_coef_times_w_out(h_ptr, out_ptr, rows, edit, edit, d, d_start, d_stop, coef, w_out_ptr, NC,
@@ -78,20 +81,29 @@ def write_tile(h_ptr, out_ptr, rows, row_mask, edit, g, d, d_start, d_stop, coef
 
 
 @triton.jit
-def wait_until_set(flag_ptr):
-    """Spin until ``*flag_ptr != 0`` (acquire): only ever called on flags that earlier-started programs set."""
+def wait_until_set(flag_ptr, error_ptr, spin_limit):
+    """Spin until ``*flag_ptr != 0`` (acquire): only ever called on flags that earlier-started programs set. Bounded
+    (issue 24): after ``spin_limit`` polls it gives up and sets ``*error_ptr`` (`split_state`), and once that word
+    is set a wait that is not satisfied at once gives up at once, so a launch with a broken wait ends quickly (with
+    wrong outputs) instead of hanging the GPU."""
     flag = tl.atomic_add(flag_ptr, 0, sem="acquire")
-    while flag == 0:
-        flag = tl.atomic_add(flag_ptr, 0, sem="acquire")
+    if flag == 0:
+        limit = tl.where(tl.atomic_add(error_ptr, 0, sem="relaxed") == 0, spin_limit, 0)
+        spins = 0
+        while (flag == 0) & (spins < limit):
+            flag = tl.atomic_add(flag_ptr, 0, sem="acquire")
+            spins += 1
+        if flag == 0:
+            tl.atomic_xchg(error_ptr, 1, sem="relaxed")
 
 
 # The JIT makes an int argument equal to 1 a constexpr. ``ring`` is 1 whenever a launch has one row tile (decode,
 # synthesize) and ``ring.to(...)`` below needs a tensor; ``n_rows`` and ``lag`` of 1 at decode changed the code
 # enough to spill (tests/test_kernel_compile.py compiles what the JIT really gets). None of the three is worth a
 # specialised copy.
-@triton.jit(do_not_specialize=["n_rows", "lag", "ring"])
+@triton.jit(do_not_specialize=["n_rows", "lag", "ring", "spin_limit"])
 def steer_kernel(h_ptr, out_ptr, w_in_ptr, w_out_ptr, mean_ptr, consts_ptr, keep_ptr, coef_out_ptr, ws_ptr,
-                 flags_ptr, n_rows, d, tau, eps, scale, lag, ring,
+                 flags_ptr, error_ptr, n_rows, d, tau, eps, scale, lag, ring, spin_limit,
                  R: tl.constexpr, K: tl.constexpr, M: tl.constexpr, KR: tl.constexpr,
                  HAS_GATE: tl.constexpr, HAS_MEAN: tl.constexpr, HAS_ROUTER: tl.constexpr, HAS_RES: tl.constexpr,
                  RELU: tl.constexpr, ROUTER_COL: tl.constexpr, RES_COL: tl.constexpr, W_IN_STRIDE: tl.constexpr,
@@ -111,10 +123,10 @@ def steer_kernel(h_ptr, out_ptr, w_in_ptr, w_out_ptr, mean_ptr, consts_ptr, keep
         if HAS_KEEP:
             edit = edit & (tl.load(keep_ptr + rows, mask=row_mask, other=0) != 0)
         if NORM:  # every row is read (its norm is needed), only rows in `edit` are steered
-            acc, sq, sq_h = centred_projections(h_ptr, rows, row_mask, d, w_in_ptr, mean_ptr, 0, d, HAS_GATE,
-                                                HAS_MEAN, W_IN_STRIDE, NP, NATIVE_DOT, BLOCK_T, BLOCK_D, NUM_STAGES,
-                                                NORM)
-            coef, g = coefficients_from_projections(acc, sq, edit, consts_ptr, tau, eps, scale, R, K, M, KR,
+            acc, sq, sq_big, sq_h = centred_projections(h_ptr, rows, row_mask, d, w_in_ptr, mean_ptr, 0, d,
+                                                          HAS_GATE, HAS_MEAN, W_IN_STRIDE, NP, NATIVE_DOT, BLOCK_T,
+                                                          BLOCK_D, NUM_STAGES, NORM)
+            coef, g = coefficients_from_projections(acc, sq, sq_big, edit, consts_ptr, tau, eps, scale, R, K, M, KR,
                                                     HAS_GATE, HAS_ROUTER, HAS_RES, RELU, ROUTER_COL, RES_COL,
                                                     RB_OFF, B1_OFF, W2_OFF, B2_OFF, NP, MP, NCP, BLOCK_T)
             rstd = edited_rstd(w_out_columns(acc, OUT_COL, NP, NCP, BLOCK_T), sq_h, coef, norm_consts_ptr, d,
@@ -135,22 +147,25 @@ def steer_kernel(h_ptr, out_ptr, w_in_ptr, w_out_ptr, mean_ptr, consts_ptr, keep
                 write_tile(h_ptr, out_ptr, rows, row_mask, edit, g, d, 0, d, coef, w_out_ptr, HAS_GATE, HAS_KEEP,
                            IN_PLACE, NC, NCP, NATIVE_DOT, BLOCK_D, NUM_STAGES)
     else:
-        # flags (int32): [ticket | arrived[n_tiles] | ready[n_tiles]]; ws (fp32): the partials' ring of `ring`
-        # slots, each SPLIT x BLOCK_T x PART_W (projections, then ||xc||^2, with NORM then ||h||^2), then the
+        # flags (int32, zero at entry and put back to zero by the last program out, `split_state`):
+        # [exits | ticket | arrived[n_tiles] | ready[n_tiles]]; ws (fp32): the partials' ring of `ring`
+        # slots, each SPLIT x BLOCK_T x PART_W (projections, then ||xc||^2 plain and scaled (`add_squares`),
+        # with NORM then ||h||^2), then the
         # coefficients and gates (with NORM then 1/rms) of every row tile, n_tiles x BLOCK_T x COEF_W
         # (`perf_model.split_plan` sizes it).
-        PART_W: tl.constexpr = NP + 1 + NORM
+        PART_W: tl.constexpr = NP + 2 + NORM
         COEF_W: tl.constexpr = NCP + 1 + NORM
         n_tiles = tl.cdiv(n_rows, BLOCK_T)
-        arrived_ptr = flags_ptr + 1
-        ready_ptr = flags_ptr + 1 + n_tiles
+        ticket_ptr = flags_ptr + 1
+        arrived_ptr = flags_ptr + 2
+        ready_ptr = flags_ptr + 2 + n_tiles
         part_size = BLOCK_T * PART_W
         coef_ws_ptr = ws_ptr + ring.to(tl.int64) * SPLIT * part_size
         # A persistent loop over work items in ticket order: item v is pass 1 of slice v % SPLIT of tile
         # v // SPLIT, then pass 2 of that slice for tile v // SPLIT - lag. An item only ever waits on items with
         # lower tickets, taken by programs that are running or done, so the waits always end.
         n_items = (n_tiles + lag) * SPLIT
-        v = tl.atomic_add(flags_ptr, 1)
+        v = tl.atomic_add(ticket_ptr, 1)
         while v < n_items:
             tile = v // SPLIT
             s = v % SPLIT
@@ -167,36 +182,43 @@ def steer_kernel(h_ptr, out_ptr, w_in_ptr, w_out_ptr, mean_ptr, consts_ptr, keep
                     edit = edit & (tl.load(keep_ptr + rows, mask=row_mask, other=0) != 0)
                 slot = tile % ring
                 if tile >= ring:  # the slot's previous tile must have summed its partials
-                    wait_until_set(ready_ptr + tile - ring)
-                acc, sq, sq_h = centred_projections(h_ptr, rows, row_mask if NORM else edit, d, w_in_ptr, mean_ptr,
-                                                    d_start, d_stop, HAS_GATE, HAS_MEAN, W_IN_STRIDE, NP, NATIVE_DOT,
-                                                    BLOCK_T, BLOCK_D, NUM_STAGES, NORM)
+                    wait_until_set(ready_ptr + tile - ring, error_ptr, spin_limit)
+                acc, sq, sq_big, sq_h = centred_projections(h_ptr, rows, row_mask if NORM else edit, d, w_in_ptr,
+                                                              mean_ptr, d_start, d_stop, HAS_GATE, HAS_MEAN,
+                                                              W_IN_STRIDE, NP, NATIVE_DOT, BLOCK_T, BLOCK_D,
+                                                              NUM_STAGES, NORM)
                 part_ptr = ws_ptr + (slot * SPLIT).to(tl.int64) * part_size
                 live = edit[:, None] & (cols < W_IN_STRIDE)[None, :]
                 tl.store(part_ptr + s * part_size + lanes[:, None] * PART_W + cols[None, :], acc, mask=live)
                 tl.store(part_ptr + s * part_size + lanes * PART_W + NP, sq, mask=edit)
+                tl.store(part_ptr + s * part_size + lanes * PART_W + NP + 1, sq_big, mask=edit)
                 if NORM:
-                    tl.store(part_ptr + s * part_size + lanes * PART_W + NP + 1, sq_h, mask=row_mask)
+                    tl.store(part_ptr + s * part_size + lanes * PART_W + NP + 2, sq_h, mask=row_mask)
                 tl.debug_barrier()  # every thread's partials are stored before the release below
                 if tl.atomic_add(arrived_ptr + tile, 1, sem="acq_rel") == SPLIT - 1:
                     acc = tl.zeros((BLOCK_T, NP), tl.float32)
                     sq = tl.zeros((BLOCK_T,), tl.float32)
+                    sq_big = tl.zeros((BLOCK_T,), tl.float32)
                     sq_h = tl.zeros((BLOCK_T,), tl.float32)
                     w_out_xc = tl.zeros((BLOCK_T, NCP), tl.float32)
                     for j in range(SPLIT):  # slice order, whichever slice finishes: deterministic sums
                         acc += tl.load(part_ptr + j * part_size + lanes[:, None] * PART_W + cols[None, :],
                                        mask=live, other=0.0, cache_modifier=".cg")
-                        sq += tl.load(part_ptr + j * part_size + lanes * PART_W + NP, mask=edit, other=0.0,
-                                      cache_modifier=".cg")
+                        if HAS_GATE:
+                            sq += tl.load(part_ptr + j * part_size + lanes * PART_W + NP, mask=edit, other=0.0,
+                                          cache_modifier=".cg")
+                            sq_big += tl.load(part_ptr + j * part_size + lanes * PART_W + NP + 1, mask=edit,
+                                              other=0.0, cache_modifier=".cg")
                         if NORM:  # ||h||^2, and W_out xc as narrow loads (no gather from the wide accumulator)
-                            sq_h += tl.load(part_ptr + j * part_size + lanes * PART_W + NP + 1, mask=row_mask,
+                            sq_h += tl.load(part_ptr + j * part_size + lanes * PART_W + NP + 2, mask=row_mask,
                                             other=0.0, cache_modifier=".cg")
                             w_out_xc += tl.load(part_ptr + j * part_size + lanes[:, None] * PART_W + OUT_COL
                                                 + coef_cols[None, :], mask=edit[:, None] & (coef_cols < NC)[None, :],
                                                 other=0.0, cache_modifier=".cg")
-                    coef, g = coefficients_from_projections(acc, sq, edit, consts_ptr, tau, eps, scale, R, K, M, KR,
-                                                            HAS_GATE, HAS_ROUTER, HAS_RES, RELU, ROUTER_COL, RES_COL,
-                                                            RB_OFF, B1_OFF, W2_OFF, B2_OFF, NP, MP, NCP, BLOCK_T)
+                    coef, g = coefficients_from_projections(acc, sq, sq_big, edit, consts_ptr, tau, eps, scale, R, K,
+                                                            M, KR, HAS_GATE, HAS_ROUTER, HAS_RES, RELU, ROUTER_COL,
+                                                            RES_COL, RB_OFF, B1_OFF, W2_OFF, B2_OFF, NP, MP, NCP,
+                                                            BLOCK_T)
                     if STORE_COEF:
                         tl.store(coef_out_ptr + rows.to(tl.int64)[:, None] * NC + coef_cols[None, :], coef,
                                  mask=row_mask[:, None] & (coef_cols < NC)[None, :])
@@ -212,7 +234,7 @@ def steer_kernel(h_ptr, out_ptr, w_in_ptr, w_out_ptr, mean_ptr, consts_ptr, keep
             if not STORE_COEF:
                 done = tile - lag  # pass 2 of this slice for a tile whose coefficients started earlier
                 if (done >= 0) & (done < n_tiles):
-                    wait_until_set(ready_ptr + done)
+                    wait_until_set(ready_ptr + done, error_ptr, spin_limit)
                     rows = done * BLOCK_T + lanes
                     row_mask = rows < n_rows
                     tile_ptr = coef_ws_ptr + done.to(tl.int64) * BLOCK_T * COEF_W
@@ -227,25 +249,33 @@ def steer_kernel(h_ptr, out_ptr, w_in_ptr, w_out_ptr, mean_ptr, consts_ptr, keep
                     else:
                         write_tile(h_ptr, out_ptr, rows, row_mask, edit, g, d, d_start, d_stop, coef, w_out_ptr,
                                    HAS_GATE, HAS_KEEP, IN_PLACE, NC, NCP, NATIVE_DOT, BLOCK_D, NUM_STAGES)
-            v = tl.atomic_add(flags_ptr, 1)
+            v = tl.atomic_add(ticket_ptr, 1)
+        # Every program has taken its last ticket before it counts itself out, so the last one out may put the
+        # counters back to zero for the next launch (no memset per call).
+        if tl.atomic_add(flags_ptr, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+            used = 2 + 2 * n_tiles
+            for start in range(0, used, 1024):
+                offs = start + tl.arange(0, 1024)
+                tl.store(flags_ptr + offs, tl.zeros((1024,), tl.int32), mask=offs < used)
 
 
 def launch_steer(h2d: torch.Tensor, out2d, w_in: torch.Tensor, w_out: torch.Tensor, mean: torch.Tensor,
                  consts: torch.Tensor, layout: Layout, tau: float, eps: float, scale: float,
                  keep: torch.Tensor | None = None, config=None, coef_out: torch.Tensor | None = None,
-                 lag: int | None = None, norm: NormOperands | None = None) -> None:
+                 lag: int | None = None, norm: NormOperands | None = None, spin_limit: int = SPIN_LIMIT) -> None:
     """Run the kernel on contiguous ``(N, d)`` rows; ``out2d`` may be ``h2d`` itself (in place). ``keep``: optional
     contiguous ``(N,)`` bool, False for rows to leave unchanged. ``coef_out`` (fp32 ``(N, K+k)``): store the
     coefficients instead of writing rows (`synthesize`; ``out2d`` is then ignored). ``norm``: also write the
     edited rows' RMSNorm into ``norm.y`` (every row, steered or not); ``w_in`` and ``layout`` are then the fused
     pack's (`norm.NormPack`). ``config``/``lag`` override the model's choice (tests). A split-d launch runs as
-    `perf_model.split_plan` says, the plan the model predicts with."""
+    `perf_model.split_plan` says, the plan the model predicts with, on the stream's persistent counters
+    (`split_state`); ``spin_limit``: polls before a wait gives up (tests make it small)."""
     n_rows, d = h2d.shape
     if n_rows == 0:
         return
     store_coef = coef_out is not None
     card = card_for(h2d)
-    shape = shape_of(n_rows, d, layout, h2d.element_size())
+    shape = shape_of(n_rows, d, layout, h2d.element_size(), DTYPE_NAMES[h2d.dtype])
     norm_kw = {}
     if norm is not None:
         shape = shape.with_norm(norm.y.element_size(), norm.weight.element_size())
@@ -256,16 +286,17 @@ def launch_steer(h2d: torch.Tensor, out2d, w_in: torch.Tensor, w_out: torch.Tens
     with device_guard(h2d):
         if config.SPLIT == 1:
             grid, lag, ring = triton.cdiv(n_rows, config.BLOCK_T), 0, 1
-            ws = flags = consts  # never read
+            ws = flags = error = consts  # never read
         else:
             plan = split_plan(shape, config, card, store_coef, lag)
             grid, lag, ring = plan.grid, plan.lag, plan.ring
-            flags = torch.zeros(1 + 2 * plan.n_tiles, dtype=torch.int32, device=h2d.device)
+            flags, error = launch_buffers(h2d.device, plan.n_tiles)
             ws = torch.empty(plan.workspace, dtype=torch.float32, device=h2d.device)
         keep_ptr = consts if keep is None else keep.view(torch.uint8)  # never read without HAS_KEEP
         out_ptr = h2d if store_coef else out2d
         steer_kernel[(grid,)](h2d, out_ptr, w_in, w_out, mean, consts, keep_ptr,
-                              coef_out if store_coef else consts, ws, flags, n_rows, d, tau, eps, scale, lag, ring,
+                              coef_out if store_coef else consts, ws, flags, error, n_rows, d, tau, eps, scale, lag,
+                              ring, spin_limit,
                               **layout.constexprs(), NATIVE_DOT=native_dot(h2d.dtype),
                               IN_PLACE=out_ptr.data_ptr() == h2d.data_ptr() and not store_coef,
                               HAS_KEEP=keep is not None, STORE_COEF=store_coef, **config_kwargs(config), **norm_kw)

@@ -70,15 +70,15 @@ def check_row_mask(row_mask, h: torch.Tensor):
 
 
 def check_delta(delta: torch.Tensor, h: torch.Tensor, row_to_seq) -> None:
-    """``delta`` (fp32 ``(B, d)``, from `coef_delta`) against the rows ``h`` it is added to."""
+    """``delta`` (``(B, d)`` from `coef_delta`: fp32, or h's dtype) against the rows ``h`` it is added to."""
     if not isinstance(h, torch.Tensor) or h.dtype not in HIDDEN_DTYPES or h.dim() < 1:
         got = h.dtype if isinstance(h, torch.Tensor) else type(h).__name__
         raise TypeError(f"h: expected a float32, float16 or bfloat16 tensor (..., d), got {got}")
     if not isinstance(delta, torch.Tensor) or delta.dim() != 2 or delta.shape[1] != h.shape[-1]:
         shape = tuple(delta.shape) if isinstance(delta, torch.Tensor) else type(delta).__name__
         raise ValueError(f"delta: expected shape (B, {h.shape[-1]}) (one row per sequence, h's width), got {shape}")
-    if delta.dtype != torch.float32:
-        raise TypeError(f"delta: expected float32 (from coef_delta), got {delta.dtype}")
+    if delta.dtype not in (torch.float32, h.dtype):
+        raise TypeError(f"delta: expected float32 or h's dtype {h.dtype} (from coef_delta), got {delta.dtype}")
     if delta.device != h.device:
         raise ValueError(f"delta: on {delta.device}, expected {h.device}")
     if row_to_seq is None and (h.dim() < 2 or h.shape[0] != delta.shape[0]):

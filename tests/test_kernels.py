@@ -158,7 +158,8 @@ def test_public_functions_keep_shapes_and_dtypes(dtype):
 
 
 def test_in_place_leaves_gated_off_rows_unwritten():
-    """A negative zero survives only if its row is never stored: ``-0.0 + 0.0`` is ``+0.0``."""
+    """A negative zero survives only if its row is left as it is (``-0.0 + 0.0`` is ``+0.0``): gated-off rows are not
+    stored in place and copied unchanged out of place."""
     p = random_params(64, 4, 3, "relu", seed=8).to(DEVICE)
     h = random_rows(p, 8, seed=9).to(DEVICE)
     off = (gate_scores64(h.cpu(), p.to("cpu")) < p.tau).to(DEVICE)
@@ -168,7 +169,7 @@ def test_in_place_leaves_gated_off_rows_unwritten():
     assert torch.signbit(steered[off, 0]).all()
     assert torch.equal(steered[off], h[off])
     assert rel_error(steered, reference.steer(h, p)) < 1e-5
-    assert not torch.signbit(ops.steer(h, p)[off, 0]).any()  # the out-of-place kernel does write those rows
+    assert torch.signbit(ops.steer(h, p)[off, 0]).all()  # out of place too: gated-off rows keep their bits
 
 
 def test_gpu_block_configurations_under_the_interpreter():
@@ -277,6 +278,36 @@ def test_apply_delta_matches_reference():
         ops.apply_delta(h[:2], delta)
     with pytest.raises(TypeError, match="delta: expected float32"):
         ops.apply_delta(h, delta.half())
+
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [f16, bf16], ids=str)
+def test_delta_in_the_activation_dtype(backend, dtype, monkeypatch):
+    """Issue 24: ``coef_delta(..., dtype=h.dtype)`` stores the per-sequence edit in 2 bytes an element; a decode step
+    still adds it in fp32 and stays within the op's tolerance of the fp32 delta, with and without a map, fused with
+    the norm too; the prompt (mapped) and the generated tokens (unmapped) still get the same edit."""
+    monkeypatch.setenv("FINESTEER_BACKEND", backend)
+    p = random_params(130, 6, 4, "relu", seed=42).to(DEVICE)
+    h = random_rows(p, 6, seed=43, dtype=dtype).to(DEVICE).reshape(3, 2, 130)
+    coef = reference.synthesize(h[:, -1], p)
+    wide, narrow = ops.coef_delta(coef, p), ops.coef_delta(coef, p, dtype)
+    assert narrow.dtype == dtype and torch.equal(narrow, reference.coef_delta(coef, p, dtype))
+    want = reference.apply_delta(h, wide)
+    assert rel_error(ops.apply_delta(h, narrow), want) < REL_TOL[dtype]
+    steered = h.clone()
+    ops.apply_delta_(steered, narrow)
+    seq = torch.arange(3, device=DEVICE)[:, None].expand(3, 2)
+    assert torch.equal(steered, ops.apply_delta(h, narrow, seq))
+    norm = random_norm(130, dtype)
+    out, y = ops.apply_delta_rmsnorm(h, narrow, norm)
+    assert torch.equal(out, steered) and rel_error(y, reference.rms_norm(want, norm)) < 2 * REL_TOL[dtype]
+
+
+def random_norm(d, dtype):
+    from finesteer_kernels import RMSNormParams
+
+    return RMSNormParams(torch.rand(d, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEVICE) + 0.5, 1e-6)
 
 
 # ratios at which the former gate (expanded ||h||^2 - 2 h.mu + ||mu||^2, mu rounded into W_in) got 4-7 of these
@@ -438,7 +469,7 @@ def test_split_d_launch_runs_the_plan_the_model_predicts_with(monkeypatch):
     class Recorder:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                launched.update(grid=grid[0], lag=args[15], ring=args[16], ws=args[8].numel())
+                launched.update(grid=grid[0], lag=args[16], ring=args[17], ws=args[8].numel())
                 return real[grid](*args, **kwargs)
             return launch
 
@@ -457,11 +488,12 @@ def test_split_d_launch_runs_the_plan_the_model_predicts_with(monkeypatch):
     pred = perf_model.predict_steer(shape, config, card)
     assert plan.lag == 1 and launched == dict(grid=plan.grid, lag=1, ring=plan.ring, ws=plan.workspace)
     assert pred.grid == plan.grid == 2 * 4  # pass 1 and pass 2 items of the one tile's 4 slices
-    # the workspace holds the kernel's rows: NP + 1 partial words, NCP + 1 coefficient words (fused norm: + 1 each)
+    # the workspace holds the kernel's rows: NP + 2 partial words (the projections, ||xc||^2 plain and
+    # scaled), NCP + 1 coefficient words (fused norm: + 1 each)
     np_, ncp = layout.constexprs()["NP"], layout.constexprs()["NCP"]
-    assert (plan.part_w, plan.coef_w) == (np_ + 1, ncp + 1)
+    assert (plan.part_w, plan.coef_w) == (np_ + 2, ncp + 1)
     norm_plan = perf_model.split_plan(shape.with_norm(2), config, card)
-    assert (norm_plan.part_w, norm_plan.coef_w) == (np_ + 2, ncp + 2)
+    assert (norm_plan.part_w, norm_plan.coef_w) == (np_ + 3, ncp + 2)
 
 
 def test_packs_are_not_built_inside_a_cuda_graph_capture(monkeypatch):

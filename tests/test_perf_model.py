@@ -106,7 +106,7 @@ def test_bytes_by_hand():
     h = 4096 * 4096 * 2
     w_in = 4096 * 72 * 2 + 4096 * 4  # stored columns only (the padding to 128 is masked) and fp32 mu
     w_out = 8 * 4096 * 2
-    partials = 4096 * 4 * 73 * 4  # fp32, per row and slice: 72 columns + ||xc||^2
+    partials = 4096 * 4 * 74 * 4  # fp32, per row and slice: 72 columns + ||xc||^2 (plain and scaled)
     # per row of each of the 64 tiles, as the kernel publishes them: 16 coefficient slots (8 padded to the dot's 16)
     # + the gate, written once, read by each of the 4 slices
     coef = 64 * 64 * 17 * 4 * 5

@@ -36,7 +36,7 @@ def test_fused_moves_the_norm_plus_the_steered_rows_plus_its_own_fixed_bytes():
         own = shape.w_in_bytes + shape.w_out_bytes - d * 2  # W_in (with W_out^T), mu, W_out, norm constants
         config = fused.config
         if config.SPLIT > 1:
-            own += T * config.SPLIT * (shape.w_in_cols + 2) * 4 // 2  # partials, half counted as written back
+            own += T * config.SPLIT * (shape.w_in_cols + 3) * 4 // 2  # partials, half counted as written back
         assert fused.second_read_l2, (card.name, T, d, config)  # pass 2's read of h comes from L2
         assert fused.hbm_bytes == norm.hbm_bytes + steered_rows + own, (card.name, sizes, T, d, edited)
         if T >= 4096:
@@ -53,7 +53,7 @@ def test_fused_saves_one_read_of_the_stream_and_a_launch():
         # what the fused op moves beyond "separate steer + norm - one read of h", term by term: W_out^T's copy in
         # W_in and the norm's fp32 constants (its 16-bit weight is the norm's own), and the split-d partials of
         # both picks (the fused ones are K + k + 1 floats wider per row and slice)
-        partials = lambda p, s: T * p.config.SPLIT * (s.w_in_cols + 1 + (s.norm_out > 0)) * 4 // 2 \
+        partials = lambda p, s: T * p.config.SPLIT * (s.w_in_cols + 2 + (s.norm_out > 0)) * 4 // 2 \
             if p.config.SPLIT > 1 else 0  # noqa: E731
         extra = (shape.w_in_bytes - plain.w_in_bytes) + (shape.extra_weight_bytes - 2 * d) \
             + partials(fused, shape) - partials(separate, plain)
@@ -102,7 +102,7 @@ def test_fused_bytes_by_hand():
     h = 4096 * 4096 * 2
     w_in = 4096 * 80 * 2 + 4096 * 4  # 72 columns + 8 of W_out^T, fp32 mu
     w_out = 8 * 4096 * 2 + 4096 * 2 + 4 * (16 + 256)  # W_out, the norm's weight, W_out mu and G
-    partials = 4096 * 4 * 82 * 4  # 80 columns + ||xc||^2 + ||h||^2
+    partials = 4096 * 4 * 83 * 4  # 80 columns + ||xc||^2 (plain and scaled) + ||h||^2
     w_out_xc = 4096 * 4 * 8 * 4  # the W_out xc columns of the partials read a second time (narrow loads)
     coef = 64 * 64 * 18 * 4 * 5  # 16 coefficient slots (8 padded), the gate and 1/rms per row of each of the 64 tiles,
     # written once, read by each slice
