@@ -78,7 +78,8 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     assert smoke["child"]["returncode"] == 0 and not smoke["child"]["timed_out"] and result["split_d"] == {"ok": True}
     assert {(r["T"], r["variant"]) for r in smoke["rows"]} == {(t, v) for t in (40, 1)
                                                               for v in ("out of place", "in place")}
-    assert all(r["ok"] and "split" in r["config"] and "note" not in r and r["spin_cap"] for r in smoke["rows"])
+    assert all(r["ok"] and "split" in r["config"] and "note" not in r and r["spin_cap"] == {"gave_up": False}
+               for r in smoke["rows"])
     bw = sections["bandwidth"]  # the probe kernels ran (interpreted), the flushes and the copies
     assert bw["l2"]["ok"] and bw["flush_check"]["ok"] and bw["copy"]["gbps"] > 0 and bw["l2"]["gbps"] > 0
     assert all(bw["flush_check"][k]["median_us"] > 0 for k in ("warm", "read_flush", "zero_flush"))

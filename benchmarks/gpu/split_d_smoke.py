@@ -60,7 +60,9 @@ def measure(sec, ctx) -> None:
                     if ctx.gpu:
                         torch.cuda.synchronize(ctx.device)
                 err = rel_error(out, expected)
-                return {"max_rel_err": err, "ok": err <= REL_TOL[torch.bfloat16], "spin_cap": spin_cap_report(),
+                spin = spin_cap_report(out.device)
+                return {"max_rel_err": err, "ok": err <= REL_TOL[torch.bfloat16] and not spin["gave_up"],
+                        "spin_cap": spin,
                         **({} if config.SPLIT > 1 else {"note": "the heuristic did not split d "
                                                                 "(FINESTEER_SPLIT_D=0?)"})}
 
@@ -68,18 +70,16 @@ def measure(sec, ctx) -> None:
                         f"T={T} d={d} {variant} {config.short()}")
 
 
-def spin_cap_report():
-    """What the split-d kernel's spin-loop guard reported for the last launch.
+def spin_cap_report(device) -> dict:
+    """What the split-d spin-loop guard reported: the device's error word (`finesteer_kernels.split_d_error_flag`,
+    set once a bounded wait gave up). Read after the launch (a host sync, outside the timed region), then cleared so
+    the next row starts clean. A set flag fails the row."""
+    import finesteer_kernels
 
-    TODO(issue 24 item 4, the kernels engineer's change): the split-d spin loops get an iteration cap that sets an
-    error flag the host reads after the launch. finesteer_kernels exposes no such flag at this commit; when it
-    does, read it here (one adapter: the name below is a placeholder for whatever the kernel API calls it) and
-    return its value, so a capped wait shows in the row (``spin_cap``) and fails it.
-    """
-    import finesteer_kernels.steer_kernel as steer_kernel
-
-    read_flag = getattr(steer_kernel, "read_spin_error_flag", None)  # TODO: the kernel API's real name
-    return "no flag in finesteer_kernels yet" if read_flag is None else read_flag()
+    gave_up = bool(finesteer_kernels.split_d_error_flag(device).item())
+    if gave_up:
+        finesteer_kernels.clear_split_d_error(device)
+    return {"gave_up": gave_up}
 
 
 def markdown(results: dict) -> list:
