@@ -45,13 +45,14 @@ def _padding_mask(ctx: Optional[ForwardContext], hidden: torch.Tensor) -> Option
 
 def _share_within_beams(coef: torch.Tensor, num_beams: int) -> torch.Tensor:
     """Give every beam of a prompt the coefficients of its first beam, so that beam search's reordering of rows
-    (always within a prompt's beams) leaves each row's coefficients exactly right."""
+    (always within a prompt's beams) leaves each row's coefficients exactly right. A tensor of its own: the
+    next prefill copies into it (`_store_coef`), which a view with stride 0 over the beams would refuse."""
     if num_beams <= 1:
         return coef
-    batch, n = coef.shape
+    batch = coef.shape[0]
     if batch % num_beams:
         raise RuntimeError(f"beam search: {batch} rows are not a multiple of num_beams={num_beams}")
-    return coef.view(batch // num_beams, num_beams, n)[:, :1].expand(-1, num_beams, -1).reshape(batch, n)
+    return coef[::num_beams].repeat_interleave(num_beams, dim=0)
 
 
 def _store_coef(cached: Optional[torch.Tensor], coef: torch.Tensor) -> torch.Tensor:
