@@ -84,6 +84,7 @@ def test_mixed_batch_equals_each_row_alone(arch, mode):
     with torch.no_grad(), patch_model(model, SteererBank(steerers), mode=mode) as handle:
         handle.assign(ASSIGNMENT)
         cached = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+        handle.assign(ASSIGNMENT)  # a generate call uses its names once
         uncached = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
                                   use_cache=False)
     plain = {}
@@ -106,6 +107,7 @@ def test_beam_search_and_sampling(mode):
     with torch.no_grad(), patch_model(model, SteererBank(steerers), mode=mode) as handle:
         handle.assign(names)
         beams = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, num_beams=3, do_sample=False)
+        handle.assign(names)
         torch.manual_seed(5)
         two_each = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, num_beams=2,
                                   num_return_sequences=2, do_sample=False)
@@ -114,6 +116,18 @@ def test_beam_search_and_sampling(mode):
         assert torch.equal(beams[i, -NEW_TOKENS:], expected), (i, name)
         pair = alone(model, steerers, name, prompt, mode, num_beams=2, num_return_sequences=2, do_sample=False)
         assert torch.equal(two_each[2 * i:2 * i + 2, -NEW_TOKENS:], pair[:, -NEW_TOKENS:]), (i, name)
+
+
+def test_beam_search_on_one_prompt_runs_twice():
+    """A bank's query-mode coefficients are shared over beams as a plain patch's: with one prompt they were a view
+    with stride 0, into which the next prefill could not copy."""
+    model = get_model("llama")
+    steerers = steerers_for(model)
+    ids = torch.tensor(prompts_of(1))
+    with torch.no_grad(), patch_model(model, SteererBank(steerers, default="mose"), mode="query"):
+        first = model.generate(ids, max_new_tokens=NEW_TOKENS, num_beams=3, do_sample=False)
+        assert torch.equal(model.generate(ids, max_new_tokens=NEW_TOKENS, num_beams=3, do_sample=False), first)
+    assert torch.equal(first, alone(model, steerers, "mose", ids[0].tolist(), "query", num_beams=3, do_sample=False))
 
 
 def test_default_steerer_forward_and_kernels_backend(monkeypatch):
@@ -141,6 +155,70 @@ def test_default_steerer_forward_and_kernels_backend(monkeypatch):
         torch.testing.assert_close(results["torch", "assigned"][1], model(ids[1:2]).logits[0], rtol=1e-5, atol=1e-5)
     for kind in ("default", "assigned"):
         torch.testing.assert_close(results[None, kind], results["torch", kind], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["query", "token"])
+def test_an_assignment_is_one_name_per_prompt_for_one_batch(mode):
+    """assign(["caa", None]) before generate on 4 prompts steered prompts 0 and 1 with "caa" (any multiple of the
+    names was taken as beams), 4 names for 2 prompts of 2 beams gave each beam its own steerer, and an assignment
+    stayed for the next batch of (other users') prompts. Now: one name per prompt, the expansion is what generate
+    asked for, and a batch uses its names once: generate, a bare forward and its cache, generate_batch."""
+    model = get_model("llama")
+    steerers = steerers_for(model)
+    prompts = prompts_of(4)
+    ids, mask = left_padded(prompts)
+    names = ["caa", None, "late", "mose"]
+    run = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+    with torch.no_grad(), patch_model(model, SteererBank(steerers), mode=mode) as handle:
+        handle.assign(["caa", None])
+        with pytest.raises(ValueError, match="assign: 2 steerer names for 4 prompts"):
+            model.generate(ids, **run)
+        with pytest.raises(ValueError, match="assign: 2 steerer names for 4 prompts"):
+            model.generate(ids, num_beams=2, **run)
+        handle.assign(names)
+        with pytest.raises(ValueError, match="assign: 4 steerer names for 2 prompts"):
+            model.generate(ids[:2], attention_mask=mask[:2], num_beams=2, max_new_tokens=NEW_TOKENS)
+        first = model.generate(ids, **run)  # the failed calls used nothing
+        with pytest.raises(ValueError, match="went to an earlier batch; call handle.assign"):
+            model.generate(ids, **run)
+        with pytest.raises(ValueError, match="went to an earlier batch"):
+            model(ids, attention_mask=mask)
+        handle.assign(names[:2])
+        beams = model.generate(ids[:2], attention_mask=mask[:2], num_beams=2, num_return_sequences=2,
+                               max_new_tokens=NEW_TOKENS, do_sample=False)
+        # bare forwards: a prefill takes the names, decode steps on its cache keep them, the next prefill needs new
+        handle.assign(names)
+        prefill = model(ids, attention_mask=mask, use_cache=True)
+        step = prefill.logits[:, -1:].argmax(-1)
+        decode = model(step, attention_mask=torch.cat([mask, torch.ones_like(step)], 1), cache=prefill.past_key_values,
+                       use_cache=True)
+        with pytest.raises(ValueError, match="went to an earlier batch; call handle.assign"):
+            model(ids, attention_mask=mask)
+        handle.assign(None)  # the default (none) from now on, for every batch
+        unsteered = model.generate(ids, **run)
+        assert torch.equal(model.generate(ids, **run), unsteered)
+        handle.assign(names)  # an assignment never reaches continuous batching's requests: they name their own
+        served = model.generate_batch(prompts, generation_config=greedy_config(), warmup=False,
+                                      continuous_batching_config=cb_config())
+        with pytest.raises(ValueError, match="steerers: 2 names for 4 inputs"):
+            model.generate_batch(prompts, steerers=names[:2], generation_config=greedy_config(), warmup=False)
+    for i, (name, prompt) in enumerate(zip(names, prompts)):
+        expected = alone(model, steerers, name, prompt, mode, do_sample=False)[0, -NEW_TOKENS:]
+        assert torch.equal(first[i, -NEW_TOKENS:], expected), (i, name)
+        assert torch.equal(unsteered[i, -NEW_TOKENS:], alone(model, steerers, None, prompt, mode)[0, -NEW_TOKENS:])
+        assert list(served.values())[i].generated_tokens == unsteered[i, -NEW_TOKENS:].tolist(), i
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            if name is not None:
+                stack.enter_context(patch_model(model, steerers[name], mode=mode))
+            one = torch.tensor([prompt])
+            alone_prefill = model(one, use_cache=True)
+            alone_step = alone_prefill.logits[:, -1:].argmax(-1)
+            alone_decode = model(alone_step, cache=alone_prefill.past_key_values, use_cache=True)
+        torch.testing.assert_close(prefill.logits[i, -1], alone_prefill.logits[0, -1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(decode.logits[i], alone_decode.logits[0], rtol=1e-5, atol=1e-5)
+        if i < 2:
+            pair = alone(model, steerers, name, prompt, mode, num_beams=2, num_return_sequences=2, do_sample=False)
+            assert torch.equal(beams[2 * i:2 * i + 2, -NEW_TOKENS:], pair[:, -NEW_TOKENS:]), (i, name)
 
 
 def test_clear_errors():

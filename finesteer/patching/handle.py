@@ -15,8 +15,8 @@ from finesteer_kernels import SteerParams
 from finesteer_kernels.validation import HIDDEN_DTYPES
 
 from .threads import OneThreadAtATime
-from .forward_context import (ArgReader, ForwardContext, as_mask, generate_call, new_token_count, reported_length,
-                              rows_for)
+from .forward_context import (ArgReader, ForwardContext, GenerateCall, as_mask, generate_call, new_token_count,
+                              reported_length, rows_for)
 from .wrappers import unwrap, wrap
 
 if TYPE_CHECKING:
@@ -372,6 +372,9 @@ class PatchHandle:
         self._coef_thread = self._one_thread.ident()
 
     # ---- generate -------------------------------------------------------------------------------------------
+    def _generate_begins(self, call: GenerateCall) -> None:
+        """A generate call is about to run (a `BankHandle` binds its steerer assignment to it here)."""
+
     def _generate_wrapper(self, original):
         """``model.generate``, wrapped on this instance so forwards know the prompt length and beam count."""
         model = self.model
@@ -386,7 +389,9 @@ class PatchHandle:
                 handle._one_thread.exit()
 
         def _run(*args, **kwargs):
-            handle._generate_stack.append(generate_call(model, reader, args, kwargs))
+            call = generate_call(model, reader, args, kwargs)
+            handle._generate_begins(call)
+            handle._generate_stack.append(call)
             given_cache = kwargs.get("cache", kwargs.get("past_key_values"))
             length = reported_length(given_cache) if given_cache is not None else None
             if isinstance(length, torch.Tensor):
