@@ -354,13 +354,28 @@ def test_requests_arriving_and_leaving_at_different_times():
     assert slots_used < 8, f"finished requests' slots were not reused ({slots_used} slots for 8 steered requests)"
 
 
-def test_a_plain_patch_refuses_query_mode_in_packed_batches():
+@pytest.mark.parametrize("mode, fuse_norm", [("query", False), ("query", True), ("token", False)])
+def test_a_plain_patch_steers_every_request_as_generate_does(mode, fuse_norm):
+    """A user who patched one steerer expects generate_batch to work: query mode refused packed forwards ("patch a
+    SteererBank instead"). Now every request equals its own generate with the same patch; per-request names need
+    a bank (query mode says so; in token mode the patch wraps nothing and transformers ignores the argument)."""
     model = get_model("llama")
     steerers = steerers_for(model)
-    with torch.no_grad(), patch_model(model, steerers["caa"], mode="query"):
-        results = model.generate_batch(prompts_of(2), generation_config=greedy_config(2), warmup=False,
+    prompts = prompts_of(6)
+    with torch.no_grad(), patch_model(model, steerers["two-layer"], mode=mode, fuse_norm=fuse_norm):
+        results = model.generate_batch(prompts, generation_config=greedy_config(), warmup=False,
                                        continuous_batching_config=cb_config())
-    assert all(out.error is not None and "SteererBank" in out.error for out in results.values())
+        if mode == "query":  # token mode installs nothing: every packed row gates on itself
+            with pytest.raises(TypeError, match="steerers: this patch holds one steerer"):
+                model.generate_batch(prompts, steerers=["two-layer"] * 6, generation_config=greedy_config(),
+                                     warmup=False, continuous_batching_config=cb_config())
+    assert all(out.error is None for out in results.values()), [out.error for out in results.values()]
+    changed = 0
+    for out, prompt in zip(results.values(), prompts):
+        expected = alone(model, steerers, "two-layer", prompt, mode, do_sample=False)[0, -NEW_TOKENS:].tolist()
+        assert out.generated_tokens == expected, out.request_id
+        changed += expected != alone(model, steerers, None, prompt, mode, do_sample=False)[0, -NEW_TOKENS:].tolist()
+    assert changed >= 3, f"steering changed {changed} of 6 requests: too few to prove anything"
 
 
 @pytest.mark.parametrize("mode", ["query", "token"])

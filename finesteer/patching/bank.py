@@ -84,7 +84,6 @@ class BankSite(Site):
     local_of: Optional[torch.Tensor] = None  # (S_global + 1,) int64: local index of global g at [g + 1]; [0] = -1
     local_key: tuple = ()  # the same map as a tuple (a cache key: layers with equal maps share plans)
     decode_map: Optional[torch.Tensor] = None  # query mode: (B,) row -> its delta row, -1 for unsteered sequences
-    slot_delta: Optional[torch.Tensor] = None  # continuous batching: (capacity, d) fp32 delta per request slot
 
     def local(self, global_index: torch.Tensor) -> torch.Tensor:
         return self.local_of[global_index + 1]
@@ -123,7 +122,6 @@ class BankHandle(PatchHandle):
         self._in_flight: Optional[Assignment] = None  # forwards outside generate: the batch whose cache they continue
         self._default_rows: dict = {}  # (rows, device) -> the default's index per row
         super().__init__(model, sites, mode, owner, layer_modules)
-        self.continuous = ContinuousSteering(self)
 
     # ---- public ---------------------------------------------------------------------------------------------
     def assign(self, names: Optional[Sequence]) -> "BankHandle":
@@ -140,11 +138,6 @@ class BankHandle(PatchHandle):
         """`PatchHandle.reset`; the next forward also starts a new batch (it needs a new assignment)."""
         super().reset()
         self._in_flight = None
-
-    def remove(self) -> None:
-        if self.active:
-            self.continuous.remove()
-        super().remove()
 
     # ---- rows -> steerers -----------------------------------------------------------------------------------
     def _take_assignment(self, prompts: Optional[int], batch: str) -> Optional[Assignment]:
@@ -222,11 +215,10 @@ class BankHandle(PatchHandle):
             ctx.derived[key] = finesteer_kernels.plan_rows(index, len(site.bank))
         return ctx.derived[key]
 
-    def _steer_query(self, site: BankSite, hidden, ctx, in_place):
-        packed = self.continuous.batch_of(ctx)
-        if packed is not None:
-            return self.continuous.steer_query(site, hidden, packed, in_place)
-        return super()._steer_query(site, hidden, ctx, in_place)
+    def _anchor_delta(self, site: BankSite, anchors, steerers):
+        index = site.local(steerers)
+        coef = finesteer_kernels.synthesize_bank(anchors, site.bank, index)
+        return finesteer_kernels.bank_coef_delta(coef, site.bank, index)
 
     def _decode_rows(self, site: BankSite, hidden) -> torch.Tensor:
         return site.decode_map.expand(hidden.shape[0], hidden.shape[1])
@@ -240,12 +232,14 @@ class BankHandle(PatchHandle):
         site.decode_map = torch.where(seq_index >= 0, rows.batch_index, -1)[:, None]
         return torch.where(site.decode_map >= 0, rows.row_to_seq, -1)
 
+    def _continuous_steering(self) -> ContinuousSteering:
+        return ContinuousSteering(self, self.steerers)  # both modes: each request names its steerer
+
     def _begin_forward(self, reader, args: tuple, kwargs: dict) -> None:
-        if self.continuous.begin_forward(reader, args, kwargs):
-            return
         super()._begin_forward(reader, args, kwargs)
-        if self._context.call is None:
-            self._bind_forward(self._context, reader, args, kwargs)
+        ctx = self._context
+        if ctx.call is None and self.continuous.batch_of(ctx) is None:
+            self._bind_forward(ctx, reader, args, kwargs)
 
 
 def _layer_banks(steerers: SteererBank, layer_modules, width: int, alpha, placement) -> dict:

@@ -14,6 +14,7 @@ import finesteer_kernels
 from finesteer_kernels import SteerParams
 from finesteer_kernels.validation import HIDDEN_DTYPES
 
+from .continuous import ContinuousSteering
 from .threads import OneThreadAtATime
 from .forward_context import (ArgReader, ForwardContext, GenerateCall, as_mask, generate_call, new_token_count,
                               reported_length, rows_for)
@@ -135,6 +136,11 @@ class Site:
     delta: Optional[torch.Tensor] = None  # (B, d) fp32 = coef @ W_out: a decode step only adds it
     delta_memory: Optional[torch.Tensor] = None  # where prefills write delta (as coef_memory)
     fused: Optional[FusedNorm] = None  # fuse_norm: the next norm that takes this layer's edit (fused_norm.py)
+    slot_delta: Optional[torch.Tensor] = None  # continuous batching, query mode: (capacity, d) fp32 delta per slot
+
+    def local(self, global_index: torch.Tensor) -> torch.Tensor:
+        """This layer's index of a request's steerer: a plain patch has one, index 0 everywhere (-1: none)."""
+        return global_index
 
 
 class PatchHandle:
@@ -170,6 +176,7 @@ class PatchHandle:
         self.active = True
         if callable(getattr(model, "generate", None)):
             self._wrappers.append(wrap(model, "generate", self._generate_wrapper))
+        self.continuous: Optional[ContinuousSteering] = self._continuous_steering()
 
     # ---- public ---------------------------------------------------------------------------------------------
     @property
@@ -195,6 +202,8 @@ class PatchHandle:
         """Remove every hook of this patch and drop its state. Safe to call twice."""
         if not self.active:
             return
+        if self.continuous is not None:
+            self.continuous.remove()
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
@@ -225,13 +234,16 @@ class PatchHandle:
             raise KeyError(f"layer: {layer} is not patched by this handle (patched: {list(self.layers)})")
         return self._sites[layer]
 
+    def _continuous_steering(self) -> Optional[ContinuousSteering]:
+        """Continuous batching: query mode keeps a delta per request (token mode: every packed row gates on
+        itself, nothing to keep)."""
+        return ContinuousSteering(self) if self.mode == "query" else None
+
     def _begin_forward(self, reader: ArgReader, args: tuple, kwargs: dict) -> None:
+        if self.continuous is not None and self.continuous.begin_forward(reader, args, kwargs):
+            return  # continuous batching, a packed forward: its requests' rows and slots are its context
         self._one_thread.enter("model forward")  # left in _end_forward, which runs even if this raises
         if reader.get(args, kwargs, "cu_seq_lens_q") is not None:  # continuous batching: requests packed in one row
-            if self.mode == "query":
-                raise RuntimeError("continuous batching: query mode keeps coefficients per request, which a plain "
-                                   "patch cannot tell apart in a packed batch; patch a finesteer.SteererBank instead "
-                                   "(SteererBank({'s': steerer}, default='s') steers every request; docs/serving.md)")
             self._context = ForwardContext(None, 0, None)  # token mode: every packed row gates on itself
             return
         mask = as_mask(reader.get(args, kwargs, "attention_mask"))
@@ -286,6 +298,10 @@ class PatchHandle:
                             "float32, float16 and bfloat16")
         ctx = self._context
         in_place = _editable_in_place(hidden, layer_input)
+        packed = ContinuousSteering.batch_of(ctx)
+        if packed is not None and self.mode == "query":
+            steered = self.continuous.steer_query(site, hidden, packed, in_place)
+            return (steered, *output[1:]) if isinstance(output, tuple) else steered
         if site.fused is not None and ctx is not None and in_place:
             site.fused.arm(hidden)  # fuse_norm: the next norm edits ``hidden`` in place (fused_norm.py)
             return output
@@ -334,6 +350,11 @@ class PatchHandle:
             return site.delta, self._decode_rows(site, hidden)
         row_to_seq = self._prefill(site, hidden, ctx, rows)  # sets site.delta
         return site.delta, row_to_seq
+
+    def _anchor_delta(self, site: Site, anchors: torch.Tensor, steerers: torch.Tensor) -> torch.Tensor:
+        """Continuous batching: the delta of each request whose prompt ends in this forward, from its anchor row
+        (``steerers``: each one's global steerer index; a plain patch's are all 0)."""
+        return finesteer_kernels.coef_delta(finesteer_kernels.synthesize(anchors, site.params), site.params)
 
     def _decode_rows(self, site: Site, hidden: torch.Tensor) -> Optional[torch.Tensor]:
         """A decode step's ``row_to_seq``: None, row b gets delta[b]."""
