@@ -15,9 +15,9 @@ from finesteer_kernels import SteerParams
 from finesteer_kernels.validation import HIDDEN_DTYPES
 
 from .continuous import ContinuousSteering
-from .threads import OneThreadAtATime
 from .forward_context import (ArgReader, ForwardContext, GenerateCall, as_mask, generate_call, new_token_count,
                               reported_length, rows_for)
+from .threads import OneThreadAtATime
 from .wrappers import unwrap, wrap
 
 if TYPE_CHECKING:
