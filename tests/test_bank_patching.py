@@ -143,12 +143,15 @@ def test_default_steerer_forward_and_kernels_backend(monkeypatch):
         with torch.no_grad():
             with patch_model(model, SteererBank(steerers, default="mose"), mode="token"):
                 results[backend, "default"] = model(ids).logits
+                results[backend, "default, 2 rows"] = model(ids[1:]).logits  # another batch size
             with patch_model(model, SteererBank(steerers), mode="query") as handle:
                 handle.assign(["two-layer", None, "caa"])
                 results[backend, "assigned"] = model(ids).logits
     with torch.no_grad():
         with patch_model(model, steerers["mose"], mode="token"):
             torch.testing.assert_close(results["torch", "default"], model(ids).logits, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(results["torch", "default, 2 rows"], model(ids[1:]).logits, rtol=1e-5,
+                                       atol=1e-5)
         with patch_model(model, steerers["caa"], mode="query"):
             torch.testing.assert_close(results["torch", "assigned"][2], model(ids[2:]).logits[0], rtol=1e-5,
                                        atol=1e-5)
@@ -173,6 +176,8 @@ def test_an_assignment_is_one_name_per_prompt_for_one_batch(mode):
         handle.assign(["caa", None])
         with pytest.raises(ValueError, match="assign: 2 steerer names for 4 prompts"):
             model.generate(ids, **run)
+        with pytest.raises(ValueError, match="assign: 2 steerer names for a batch of 4 rows"):
+            model(ids, attention_mask=mask)
         with pytest.raises(ValueError, match="assign: 2 steerer names for 4 prompts"):
             model.generate(ids, num_beams=2, **run)
         handle.assign(names)
@@ -186,6 +191,10 @@ def test_an_assignment_is_one_name_per_prompt_for_one_batch(mode):
         handle.assign(names[:2])
         beams = model.generate(ids[:2], attention_mask=mask[:2], num_beams=2, num_return_sequences=2,
                                max_new_tokens=NEW_TOKENS, do_sample=False)
+        handle.assign(names[:2])  # sampling: num_return_sequences alone expands each prompt into 3 rows
+        torch.manual_seed(7)
+        sampled = model.generate(ids[:2], attention_mask=mask[:2], num_return_sequences=3, do_sample=True,
+                                 max_new_tokens=NEW_TOKENS)
         # bare forwards: a prefill takes the names, decode steps on its cache keep them, the next prefill needs new
         handle.assign(names)
         prefill = model(ids, attention_mask=mask, use_cache=True)
@@ -219,6 +228,38 @@ def test_an_assignment_is_one_name_per_prompt_for_one_batch(mode):
         if i < 2:
             pair = alone(model, steerers, name, prompt, mode, num_beams=2, num_return_sequences=2, do_sample=False)
             assert torch.equal(beams[2 * i:2 * i + 2, -NEW_TOKENS:], pair[:, -NEW_TOKENS:]), (i, name)
+    greedy_each = [alone(model, steerers, name, prompt, mode, do_sample=False)[0, -NEW_TOKENS:]
+                   for name, prompt in zip(names[:2], prompts[:2])]
+    with torch.no_grad(), contextlib.ExitStack() as stack:  # the three samples of prompt 1 steered with its own
+        stack.enter_context(patch_model(model, SteererBank(steerers), mode=mode)).assign(["late", names[1]])
+        torch.manual_seed(7)
+        again = model.generate(ids[:2], attention_mask=mask[:2], num_return_sequences=3, do_sample=True,
+                               max_new_tokens=NEW_TOKENS)
+    assert torch.equal(sampled[3:], again[3:]) and sampled.shape[0] == 6
+    assert not torch.equal(greedy_each[0], greedy_each[1])
+
+
+def test_a_cache_of_unknown_length_needs_a_mask_to_continue_a_batch():
+    """A static cache filled before patching keeps its length on the device, unread: a forward on it with a 2-D
+    mask continues the batch (its length is the mask's width less the new tokens) and keeps the assignment; without
+    a mask the patch cannot tell a new batch from a continued one, and refuses to reuse the names."""
+    from transformers import StaticCache
+
+    model = get_model("llama")
+    steerers = steerers_for(model)
+    ids = random_ids(2, 5, seed=43)
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    with torch.no_grad():
+        token = model(ids, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        with patch_model(model, SteererBank(steerers), mode="token") as handle:
+            handle.assign(["mose", "late"])
+            for past in (5, 6):
+                model(token, cache=cache, use_cache=True, attention_mask=torch.ones(2, past + 1, dtype=torch.long),
+                      cache_position=torch.tensor([past]))
+            handle.assign(["mose", "late"])
+            model(token, cache=cache, use_cache=True, cache_position=torch.tensor([7]))
+            with pytest.raises(ValueError, match="went to an earlier batch"):
+                model(token, cache=cache, use_cache=True, cache_position=torch.tensor([8]))
 
 
 def test_clear_errors():

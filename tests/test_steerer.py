@@ -109,17 +109,19 @@ def flip_byte(path, tensor: str, at: int = 1) -> None:
     raw = bytearray(open(path, "rb").read())
     header_length = int.from_bytes(raw[:8], "little")
     start, end = json.loads(raw[8:8 + header_length])[tensor]["data_offsets"]
-    assert at < end - start
+    assert -(end - start) <= at < end - start
+    at %= end - start
     raw[8 + header_length + start + at] ^= 0xFF
     open(path, "wb").write(bytes(raw))
 
 
-@pytest.mark.parametrize("tensor", ["experts", "basis", "res_in_weight"])
-def test_a_flipped_byte_in_a_tensor_is_named(tmp_path, tensor):
-    """safetensors has no checksum: on b00a45e the flipped byte loaded as a different number, silently."""
+@pytest.mark.parametrize("tensor, at", [("experts", 5), ("basis", 0), ("res_in_weight", -1), ("mean", -1)])
+def test_a_flipped_byte_in_a_tensor_is_named(tmp_path, tensor, at):
+    """safetensors has no checksum: on b00a45e the flipped byte loaded as a different number, silently. The first
+    and the last bytes count (a digest of part of a tensor would miss them)."""
     path = tmp_path / "s.safetensors"
     make_steerer().save(path)
-    flip_byte(path, tensor, at=5)
+    flip_byte(path, tensor, at=at)
     with pytest.raises(SteererFileError, match=f"tensor '{tensor}' does not match the digest recorded when the file "
                                                "was saved"):
         Steerer.load(path)
@@ -131,6 +133,10 @@ def test_digests_cover_the_header_and_old_files_load_with_a_note(tmp_path):
     assert "integrity" not in Steerer.load(good).metadata
     edited = tmp_path / "edited.safetensors"
     rewrite(good, edited, header=lambda m: {**m, "scalars": {**m["scalars"], "tau": 0.125}}, keep_digests=True)
+    with pytest.raises(SteererFileError, match="header .scalars, layer, metadata. does not match the digest"):
+        Steerer.load(edited)
+    rewrite(good, edited, header=lambda m: {**m, "metadata": {**m["metadata"], "metrics": {"auc": 0.5}}},
+            keep_digests=True)
     with pytest.raises(SteererFileError, match="header .scalars, layer, metadata. does not match the digest"):
         Steerer.load(edited)
     rewrite(good, edited, tensors=lambda d: {**d, "extra": torch.zeros(1)}, keep_digests=True)

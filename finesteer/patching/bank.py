@@ -134,29 +134,28 @@ class BankHandle(PatchHandle):
     def params(self, layer: int) -> SteerBank:
         return self._site(layer).bank
 
-    def reset(self) -> None:
-        """`PatchHandle.reset`; the next forward also starts a new batch (it needs a new assignment)."""
-        super().reset()
-        self._in_flight = None
-
     # ---- rows -> steerers -----------------------------------------------------------------------------------
-    def _take_assignment(self, prompts: Optional[int], batch: str) -> Optional[Assignment]:
-        """The assignment for a new batch (``prompts`` prompts, None if not known yet): the last ``assign``'s,
-        once."""
+    def _pending_assignment(self, batch: str) -> Optional[Assignment]:
+        """The last ``assign``'s names for a new batch (None: the default), refused once a batch has used them."""
         if self._assignment_used:
             raise ValueError(f"assign: the names given to handle.assign() went to an earlier batch; call "
                              f"handle.assign(names) with one name per prompt of this {batch} (assign(None): the "
                              "bank's default for every row), so that no prompt gets steerers meant for another")
-        assignment = self._assigned
-        if assignment is not None:
-            if prompts is not None and prompts != len(assignment.indices):
-                raise ValueError(f"assign: {len(assignment.indices)} steerer names for {prompts} prompts; give one "
-                                 "name (or None) per prompt")
+        return self._assigned
+
+    def _use(self, assignment: Optional[Assignment]) -> None:
+        """A batch has used ``assignment``: if it is the last ``assign``'s, the next batch needs new names. Only
+        after its count was checked: a call refused for a wrong count uses nothing."""
+        if assignment is not None and assignment is self._assigned:
             self._assignment_used = True
-        return assignment
 
     def _generate_begins(self, call) -> None:
-        call.assignment = self._take_assignment(call.prompts, "generate call")
+        assignment = self._pending_assignment("generate call")
+        if assignment is not None and call.prompts is not None and call.prompts != len(assignment.indices):
+            raise ValueError(f"assign: {len(assignment.indices)} steerer names for {call.prompts} prompts; give one "
+                             "name (or None) per prompt")
+        self._use(assignment)
+        call.assignment = assignment
 
     def _sequence_steerers(self, batch: int, ctx: Optional[ForwardContext], device) -> torch.Tensor:
         """(B,) global steerer index per row of this forward."""
@@ -179,6 +178,7 @@ class BankHandle(PatchHandle):
                 if rows_per_prompt > 1 else ""
             raise ValueError(f"assign: {n} steerer names for a batch of {batch} rows{expanded}; give one name (or "
                              "None) per prompt")
+        self._use(assignment)
         return assignment.per_row(rows_per_prompt, device)
 
     def _bind_forward(self, ctx: ForwardContext, reader, args: tuple, kwargs: dict) -> None:
@@ -189,7 +189,7 @@ class BankHandle(PatchHandle):
             new_tokens = new_token_count(reader, args, kwargs)
             past = None if new_tokens is None else ctx.mask.shape[1] - new_tokens
         if past is None or past == 0 or self._in_flight is None:
-            self._in_flight = self._take_assignment(None, "forward")
+            self._in_flight = self._pending_assignment("forward")  # used once its first layer has checked the rows
         ctx.derived["assignment"] = self._in_flight
 
     # ---- steering -------------------------------------------------------------------------------------------
