@@ -195,14 +195,20 @@ def test_an_assignment_is_one_name_per_prompt_for_one_batch(mode):
         torch.manual_seed(7)
         sampled = model.generate(ids[:2], attention_mask=mask[:2], num_return_sequences=3, do_sample=True,
                                  max_new_tokens=NEW_TOKENS)
-        # bare forwards: a prefill takes the names, decode steps on its cache keep them, the next prefill needs new
+        # bare forwards: a prefill takes the names, decode steps on its cache keep them (also when the next batch's
+        # names are given meanwhile), the next prefill needs new ones
         handle.assign(names)
         prefill = model(ids, attention_mask=mask, use_cache=True)
         step = prefill.logits[:, -1:].argmax(-1)
+        handle.assign(names[::-1])
         decode = model(step, attention_mask=torch.cat([mask, torch.ones_like(step)], 1), cache=prefill.past_key_values,
                        use_cache=True)
+        reversed_names = model.generate(ids, **run)
         with pytest.raises(ValueError, match="went to an earlier batch; call handle.assign"):
             model(ids, attention_mask=mask)
+        # continuous batching never reads an assignment, used (here) or not (below): its requests name their own
+        served_after_use = model.generate_batch(prompts, generation_config=greedy_config(), warmup=False,
+                                                continuous_batching_config=cb_config())
         handle.assign(None)  # the default (none) from now on, for every batch
         unsteered = model.generate(ids, **run)
         assert torch.equal(model.generate(ids, **run), unsteered)
@@ -214,8 +220,11 @@ def test_an_assignment_is_one_name_per_prompt_for_one_batch(mode):
     for i, (name, prompt) in enumerate(zip(names, prompts)):
         expected = alone(model, steerers, name, prompt, mode, do_sample=False)[0, -NEW_TOKENS:]
         assert torch.equal(first[i, -NEW_TOKENS:], expected), (i, name)
+        assert torch.equal(reversed_names[i, -NEW_TOKENS:],
+                           alone(model, steerers, names[::-1][i], prompt, mode, do_sample=False)[0, -NEW_TOKENS:]), i
         assert torch.equal(unsteered[i, -NEW_TOKENS:], alone(model, steerers, None, prompt, mode)[0, -NEW_TOKENS:])
-        assert list(served.values())[i].generated_tokens == unsteered[i, -NEW_TOKENS:].tolist(), i
+        for results in (served, served_after_use):
+            assert list(results.values())[i].generated_tokens == unsteered[i, -NEW_TOKENS:].tolist(), i
         with torch.no_grad(), contextlib.ExitStack() as stack:
             if name is not None:
                 stack.enter_context(patch_model(model, steerers[name], mode=mode))
