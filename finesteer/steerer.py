@@ -224,8 +224,9 @@ def _tensor_digest(tensor: torch.Tensor) -> str:
 
 
 def _header_digest(header: dict) -> str:
-    """SHA-256 of the header without its digests, in one canonical JSON form (floats round-trip exactly)."""
-    rest = {k: v for k, v in header.items() if k != "digests"}
+    """SHA-256 of the header without its digests, in one canonical JSON form: as read back from the file (keys as
+    strings, tuples as lists; floats round-trip exactly), keys sorted."""
+    rest = json.loads(json.dumps({k: v for k, v in header.items() if k != "digests"}))
     return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 

@@ -131,6 +131,10 @@ def test_digests_cover_the_header_and_old_files_load_with_a_note(tmp_path):
     good = tmp_path / "good.safetensors"
     make_steerer().save(good)
     assert "integrity" not in Steerer.load(good).metadata
+    odd = make_steerer()  # keys JSON writes as strings, mixed with string keys; a tuple; a NaN
+    odd.metadata.update(by_layer={3: 0.5, "all": (1, 2)}, missing=float("nan"))
+    odd.save(tmp_path / "odd.safetensors")
+    assert Steerer.load(tmp_path / "odd.safetensors").metadata["by_layer"] == {"3": 0.5, "all": [1, 2]}
     edited = tmp_path / "edited.safetensors"
     rewrite(good, edited, header=lambda m: {**m, "scalars": {**m["scalars"], "tau": 0.125}}, keep_digests=True)
     with pytest.raises(SteererFileError, match="header .scalars, layer, metadata. does not match the digest"):

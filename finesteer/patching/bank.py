@@ -194,9 +194,6 @@ class BankHandle(PatchHandle):
 
     # ---- steering -------------------------------------------------------------------------------------------
     def _steer_tokens(self, site: BankSite, hidden, ctx, in_place):
-        packed = self.continuous.batch_of(ctx)
-        if packed is not None:
-            return self.continuous.steer_tokens(site, hidden, packed, in_place)
         index = site.local(self._sequence_steerers(hidden.shape[0], ctx, hidden.device))[:, None]
         index = index.expand(hidden.shape[0], hidden.shape[1])
         valid = _padding_mask(ctx, hidden)

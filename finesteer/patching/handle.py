@@ -298,9 +298,10 @@ class PatchHandle:
                             "float32, float16 and bfloat16")
         ctx = self._context
         in_place = _editable_in_place(hidden, layer_input)
-        packed = ContinuousSteering.batch_of(ctx)
-        if packed is not None and self.mode == "query":
-            steered = self.continuous.steer_query(site, hidden, packed, in_place)
+        packed = ContinuousSteering.batch_of(ctx)  # a packed forward of continuous batching, per request
+        if packed is not None:
+            steer = self.continuous.steer_query if self.mode == "query" else self.continuous.steer_tokens
+            steered = steer(site, hidden, packed, in_place)
             return (steered, *output[1:]) if isinstance(output, tuple) else steered
         if site.fused is not None and ctx is not None and in_place:
             site.fused.arm(hidden)  # fuse_norm: the next norm edits ``hidden`` in place (fused_norm.py)
