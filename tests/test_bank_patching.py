@@ -402,11 +402,15 @@ def test_requests_arriving_and_leaving_at_different_times():
     assert slots_used < 8, f"finished requests' slots were not reused ({slots_used} slots for 8 steered requests)"
 
 
-@pytest.mark.parametrize("mode, fuse_norm", [("query", False), ("query", True), ("token", False)])
-def test_a_plain_patch_steers_every_request_as_generate_does(mode, fuse_norm):
+@pytest.mark.parametrize("mode, fuse_norm, backend", [("query", False, "torch"), ("query", True, "torch"),
+                                                       ("token", False, "torch"), ("query", False, "default")])
+def test_a_plain_patch_steers_every_request_as_generate_does(mode, fuse_norm, backend, monkeypatch):
     """A user who patched one steerer expects generate_batch to work: query mode refused packed forwards ("patch a
-    SteererBank instead"). Now every request equals its own generate with the same patch; per-request names need
-    a bank (query mode says so; in token mode the patch wraps nothing and transformers ignores the argument)."""
+    SteererBank instead"). Now every request equals its own generate with the same patch, on both backends (the
+    default one: the Triton kernels, under the interpreter here); per-request names need a bank (query mode says
+    so; in token mode the patch wraps nothing and transformers ignores the argument)."""
+    if backend == "default":
+        monkeypatch.delenv("FINESTEER_BACKEND")
     model = get_model("llama")
     steerers = steerers_for(model)
     prompts = prompts_of(6)
