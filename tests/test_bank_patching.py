@@ -84,6 +84,7 @@ def test_mixed_batch_equals_each_row_alone(arch, mode):
     with torch.no_grad(), patch_model(model, SteererBank(steerers), mode=mode) as handle:
         handle.assign(ASSIGNMENT)
         cached = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+        handle.assign(ASSIGNMENT)  # a generate call uses its names once
         uncached = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
                                   use_cache=False)
     plain = {}
@@ -106,6 +107,7 @@ def test_beam_search_and_sampling(mode):
     with torch.no_grad(), patch_model(model, SteererBank(steerers), mode=mode) as handle:
         handle.assign(names)
         beams = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, num_beams=3, do_sample=False)
+        handle.assign(names)
         torch.manual_seed(5)
         two_each = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, num_beams=2,
                                   num_return_sequences=2, do_sample=False)
@@ -114,6 +116,18 @@ def test_beam_search_and_sampling(mode):
         assert torch.equal(beams[i, -NEW_TOKENS:], expected), (i, name)
         pair = alone(model, steerers, name, prompt, mode, num_beams=2, num_return_sequences=2, do_sample=False)
         assert torch.equal(two_each[2 * i:2 * i + 2, -NEW_TOKENS:], pair[:, -NEW_TOKENS:]), (i, name)
+
+
+def test_beam_search_on_one_prompt_runs_twice():
+    """A bank's query-mode coefficients are shared over beams as a plain patch's: with one prompt they were a view
+    with stride 0, into which the next prefill could not copy."""
+    model = get_model("llama")
+    steerers = steerers_for(model)
+    ids = torch.tensor(prompts_of(1))
+    with torch.no_grad(), patch_model(model, SteererBank(steerers, default="mose"), mode="query"):
+        first = model.generate(ids, max_new_tokens=NEW_TOKENS, num_beams=3, do_sample=False)
+        assert torch.equal(model.generate(ids, max_new_tokens=NEW_TOKENS, num_beams=3, do_sample=False), first)
+    assert torch.equal(first, alone(model, steerers, "mose", ids[0].tolist(), "query", num_beams=3, do_sample=False))
 
 
 def test_default_steerer_forward_and_kernels_backend(monkeypatch):
@@ -129,18 +143,130 @@ def test_default_steerer_forward_and_kernels_backend(monkeypatch):
         with torch.no_grad():
             with patch_model(model, SteererBank(steerers, default="mose"), mode="token"):
                 results[backend, "default"] = model(ids).logits
+                results[backend, "default, 2 rows"] = model(ids[1:]).logits  # another batch size
             with patch_model(model, SteererBank(steerers), mode="query") as handle:
                 handle.assign(["two-layer", None, "caa"])
                 results[backend, "assigned"] = model(ids).logits
     with torch.no_grad():
         with patch_model(model, steerers["mose"], mode="token"):
             torch.testing.assert_close(results["torch", "default"], model(ids).logits, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(results["torch", "default, 2 rows"], model(ids[1:]).logits, rtol=1e-5,
+                                       atol=1e-5)
         with patch_model(model, steerers["caa"], mode="query"):
             torch.testing.assert_close(results["torch", "assigned"][2], model(ids[2:]).logits[0], rtol=1e-5,
                                        atol=1e-5)
         torch.testing.assert_close(results["torch", "assigned"][1], model(ids[1:2]).logits[0], rtol=1e-5, atol=1e-5)
     for kind in ("default", "assigned"):
         torch.testing.assert_close(results[None, kind], results["torch", kind], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["query", "token"])
+def test_an_assignment_is_one_name_per_prompt_for_one_batch(mode):
+    """assign(["caa", None]) before generate on 4 prompts steered prompts 0 and 1 with "caa" (any multiple of the
+    names was taken as beams), 4 names for 2 prompts of 2 beams gave each beam its own steerer, and an assignment
+    stayed for the next batch of (other users') prompts. Now: one name per prompt, the expansion is what generate
+    asked for, and a batch uses its names once: generate, a bare forward and its cache, generate_batch."""
+    model = get_model("llama")
+    steerers = steerers_for(model)
+    prompts = prompts_of(4)
+    ids, mask = left_padded(prompts)
+    names = ["caa", None, "late", "mose"]
+    run = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False)
+    with torch.no_grad(), patch_model(model, SteererBank(steerers), mode=mode) as handle:
+        handle.assign(["caa", None])
+        with pytest.raises(ValueError, match="assign: 2 steerer names for 4 prompts"):
+            model.generate(ids, **run)
+        with pytest.raises(ValueError, match="assign: 2 steerer names for a batch of 4 rows"):
+            model(ids, attention_mask=mask)
+        with pytest.raises(ValueError, match="assign: 2 steerer names for 4 prompts"):
+            model.generate(ids, num_beams=2, **run)
+        handle.assign(names)
+        with pytest.raises(ValueError, match="assign: 4 steerer names for 2 prompts"):
+            model.generate(ids[:2], attention_mask=mask[:2], num_beams=2, max_new_tokens=NEW_TOKENS)
+        first = model.generate(ids, **run)  # the failed calls used nothing
+        with pytest.raises(ValueError, match="went to an earlier batch; call handle.assign"):
+            model.generate(ids, **run)
+        with pytest.raises(ValueError, match="went to an earlier batch"):
+            model(ids, attention_mask=mask)
+        handle.assign(names[:2])
+        beams = model.generate(ids[:2], attention_mask=mask[:2], num_beams=2, num_return_sequences=2,
+                               max_new_tokens=NEW_TOKENS, do_sample=False)
+        handle.assign(names[:2])  # sampling: num_return_sequences alone expands each prompt into 3 rows
+        torch.manual_seed(7)
+        sampled = model.generate(ids[:2], attention_mask=mask[:2], num_return_sequences=3, do_sample=True,
+                                 max_new_tokens=NEW_TOKENS)
+        # bare forwards: a prefill takes the names, decode steps on its cache keep them (also when the next batch's
+        # names are given meanwhile), the next prefill needs new ones
+        handle.assign(names)
+        prefill = model(ids, attention_mask=mask, use_cache=True)
+        step = prefill.logits[:, -1:].argmax(-1)
+        handle.assign(names[::-1])
+        decode = model(step, attention_mask=torch.cat([mask, torch.ones_like(step)], 1), cache=prefill.past_key_values,
+                       use_cache=True)
+        reversed_names = model.generate(ids, **run)
+        with pytest.raises(ValueError, match="went to an earlier batch; call handle.assign"):
+            model(ids, attention_mask=mask)
+        # continuous batching never reads an assignment, used (here) or not (below): its requests name their own
+        served_after_use = model.generate_batch(prompts, generation_config=greedy_config(), warmup=False,
+                                                continuous_batching_config=cb_config())
+        handle.assign(None)  # the default (none) from now on, for every batch
+        unsteered = model.generate(ids, **run)
+        assert torch.equal(model.generate(ids, **run), unsteered)
+        handle.assign(names)  # an assignment never reaches continuous batching's requests: they name their own
+        served = model.generate_batch(prompts, generation_config=greedy_config(), warmup=False,
+                                      continuous_batching_config=cb_config())
+        with pytest.raises(ValueError, match="steerers: 2 names for 4 inputs"):
+            model.generate_batch(prompts, steerers=names[:2], generation_config=greedy_config(), warmup=False)
+    for i, (name, prompt) in enumerate(zip(names, prompts)):
+        expected = alone(model, steerers, name, prompt, mode, do_sample=False)[0, -NEW_TOKENS:]
+        assert torch.equal(first[i, -NEW_TOKENS:], expected), (i, name)
+        assert torch.equal(reversed_names[i, -NEW_TOKENS:],
+                           alone(model, steerers, names[::-1][i], prompt, mode, do_sample=False)[0, -NEW_TOKENS:]), i
+        assert torch.equal(unsteered[i, -NEW_TOKENS:], alone(model, steerers, None, prompt, mode)[0, -NEW_TOKENS:])
+        for results in (served, served_after_use):
+            assert list(results.values())[i].generated_tokens == unsteered[i, -NEW_TOKENS:].tolist(), i
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            if name is not None:
+                stack.enter_context(patch_model(model, steerers[name], mode=mode))
+            one = torch.tensor([prompt])
+            alone_prefill = model(one, use_cache=True)
+            alone_step = alone_prefill.logits[:, -1:].argmax(-1)
+            alone_decode = model(alone_step, cache=alone_prefill.past_key_values, use_cache=True)
+        torch.testing.assert_close(prefill.logits[i, -1], alone_prefill.logits[0, -1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(decode.logits[i], alone_decode.logits[0], rtol=1e-5, atol=1e-5)
+        if i < 2:
+            pair = alone(model, steerers, name, prompt, mode, num_beams=2, num_return_sequences=2, do_sample=False)
+            assert torch.equal(beams[2 * i:2 * i + 2, -NEW_TOKENS:], pair[:, -NEW_TOKENS:]), (i, name)
+    # rows 3-5 (prompt 1's samples) keep prompt 1's steerer when prompt 0's changes; rows 0-2 change with it
+    with torch.no_grad(), patch_model(model, SteererBank(steerers), mode=mode) as handle:
+        handle.assign(["late", names[1]])
+        torch.manual_seed(7)
+        again = model.generate(ids[:2], attention_mask=mask[:2], num_return_sequences=3, do_sample=True,
+                               max_new_tokens=NEW_TOKENS)
+    assert sampled.shape[0] == 6 and torch.equal(sampled[3:], again[3:]) and not torch.equal(sampled[:3], again[:3])
+
+
+def test_a_cache_of_unknown_length_needs_a_mask_to_continue_a_batch():
+    """A static cache filled before patching keeps its length on the device, unread: a forward on it with a 2-D
+    mask continues the batch (its length is the mask's width less the new tokens) and keeps the assignment; without
+    a mask the patch cannot tell a new batch from a continued one, and refuses to reuse the names."""
+    from transformers import StaticCache
+
+    model = get_model("llama")
+    steerers = steerers_for(model)
+    ids = random_ids(2, 5, seed=43)
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    with torch.no_grad():
+        token = model(ids, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        with patch_model(model, SteererBank(steerers), mode="token") as handle:
+            handle.assign(["mose", "late"])
+            for past in (5, 6):
+                model(token, cache=cache, use_cache=True, attention_mask=torch.ones(2, past + 1, dtype=torch.long),
+                      cache_position=torch.tensor([past]))
+            handle.assign(["mose", "late"])
+            model(token, cache=cache, use_cache=True, cache_position=torch.tensor([7]))
+            with pytest.raises(ValueError, match="went to an earlier batch"):
+                model(token, cache=cache, use_cache=True, cache_position=torch.tensor([8]))
 
 
 def test_clear_errors():
@@ -276,13 +402,32 @@ def test_requests_arriving_and_leaving_at_different_times():
     assert slots_used < 8, f"finished requests' slots were not reused ({slots_used} slots for 8 steered requests)"
 
 
-def test_a_plain_patch_refuses_query_mode_in_packed_batches():
+@pytest.mark.parametrize("mode, fuse_norm, backend", [("query", False, "torch"), ("query", True, "torch"),
+                                                       ("token", False, "torch"), ("query", False, "default")])
+def test_a_plain_patch_steers_every_request_as_generate_does(mode, fuse_norm, backend, monkeypatch):
+    """A user who patched one steerer expects generate_batch to work: query mode refused packed forwards ("patch a
+    SteererBank instead"). Now every request equals its own generate with the same patch, on both backends (the
+    default one: the Triton kernels, under the interpreter here); per-request names need a bank (query mode says
+    so; in token mode the patch wraps nothing and transformers ignores the argument)."""
+    if backend == "default":
+        monkeypatch.delenv("FINESTEER_BACKEND")
     model = get_model("llama")
     steerers = steerers_for(model)
-    with torch.no_grad(), patch_model(model, steerers["caa"], mode="query"):
-        results = model.generate_batch(prompts_of(2), generation_config=greedy_config(2), warmup=False,
+    prompts = prompts_of(6)
+    with torch.no_grad(), patch_model(model, steerers["two-layer"], mode=mode, fuse_norm=fuse_norm):
+        results = model.generate_batch(prompts, generation_config=greedy_config(), warmup=False,
                                        continuous_batching_config=cb_config())
-    assert all(out.error is not None and "SteererBank" in out.error for out in results.values())
+        if mode == "query":  # token mode installs nothing: every packed row gates on itself
+            with pytest.raises(TypeError, match="steerers: this patch holds one steerer"):
+                model.generate_batch(prompts, steerers=["two-layer"] * 6, generation_config=greedy_config(),
+                                     warmup=False, continuous_batching_config=cb_config())
+    assert all(out.error is None for out in results.values()), [out.error for out in results.values()]
+    changed = 0
+    for out, prompt in zip(results.values(), prompts):
+        expected = alone(model, steerers, "two-layer", prompt, mode, do_sample=False)[0, -NEW_TOKENS:].tolist()
+        assert out.generated_tokens == expected, out.request_id
+        changed += expected != alone(model, steerers, None, prompt, mode, do_sample=False)[0, -NEW_TOKENS:].tolist()
+    assert changed >= 3, f"steering changed {changed} of 6 requests: too few to prove anything"
 
 
 @pytest.mark.parametrize("mode", ["query", "token"])

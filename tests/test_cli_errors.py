@@ -14,15 +14,24 @@ import torch
 
 from finesteer import Steerer, SteerParams, cli
 from finesteer.fitting import models
-from tiny_models import tiny_model
+from tiny_models import save_word_tokenizer, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A folder with a tiny model's config and weights (no tokenizer: nothing here gets that far)."""
+    """A folder with a tiny model's config, weights and tokenizer."""
     folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_model("llama").save_pretrained(folder)
+    save_word_tokenizer(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def untokenized(tmp_path_factory):
+    """A model folder without tokenizer files."""
+    folder = tmp_path_factory.mktemp("no-tokenizer")
     tiny_model("llama").save_pretrained(folder)
     return str(folder)
 
@@ -43,8 +52,15 @@ def one_line_error(argv: list, capsys) -> str:
     return lines[0]
 
 
-FIT_CASES = [  # {tmp}: an empty folder, {model}: the tiny model folder
+FIT_CASES = [  # {tmp}: an empty folder, {model}: the tiny model folder, {untokenized}: one without tokenizer files
     (["--out", "{tmp}/missing/s.safetensors"], "--out: cannot write .* the folder .*missing' does not exist"),
+    (["--out", "{tmp}/notes.txt/s.safetensors"], "--out: cannot write .*: '.*notes.txt' is a file, not a folder"),
+    (["--out", "{tmp}/notes.txt/deeper/s.safetensors"], "--out: cannot write .*: '.*notes.txt' is a file"),
+    (["--model", "{untokenized}"], "--model: '.*no-tokenizer.*' holds no tokenizer that transformers can load "
+                                   r"\(Couldn't instantiate .*\); copy the model's tokenizer files"),
+    (["--targets", "{tmp}/binary.jsonl"], "--targets: '.*binary.jsonl' is not UTF-8 text .byte 0xf8 at offset 1.; "
+                                          "expected a JSONL file"),
+    (["--benign", "{tmp}/binary.jsonl"], "--benign: '.*binary.jsonl' is not UTF-8 text"),
     (["--out", "{tmp}"], "--out: .* is a folder"),
     (["--report", "{tmp}/missing/r.json"], "--report: cannot write"),
     (["--layer", "3"], r"--layer: index 3 out of range for a model with 3 decoder layers \(0..2\)"),
@@ -73,6 +89,7 @@ EVAL_DEMO_CASES = [  # {out}: an eval output folder, {file}: a plain file, {stee
     (["demo", "--steerer", "{steerers}/narrow.safetensors"],
      "--steerer: .* fitted for hidden size 32, but .* has hidden size 64"),
     (["demo", "--steerer", "{steerers}/deep.safetensors"], r"--steerer: .* steers layer 5, but .* has layers 0..2"),
+    (["demo", "--steerer", "{steerers}/one-past.safetensors"], r"--steerer: .* steers layer 3, but .* has layers 0..2"),
     (["demo", "--show", "0"], "--show: expected an integer >= 1"),
     (["transfer", "--gates", "scs,foo"], "--gates: expected a comma-separated subset of scs,contrastive,linear"),
     (["transfer", "--cap", "0"], "--cap: expected an integer >= 1, got 0"),
@@ -92,17 +109,22 @@ def steerers(tmp_path_factory):
     folder = tmp_path_factory.mktemp("steerers")
     Steerer(SteerParams(experts=torch.ones(1, 32)), layer=1, model="other").save(folder / "narrow.safetensors")
     Steerer(SteerParams(experts=torch.ones(1, 64)), layer=5, model="other").save(folder / "deep.safetensors")
+    Steerer(SteerParams(experts=torch.ones(1, 64)), layer=3, model="other").save(folder / "one-past.safetensors")
     return str(folder)
 
 
 @pytest.mark.parametrize("args, expected", FIT_CASES, ids=[" ".join(a) for a, _ in FIT_CASES])
-def test_fit_errors_are_one_line_and_come_before_the_model_loads(args, expected, tiny, tmp_path, capsys):
-    args = [a.format(tmp=tmp_path) for a in args]
+def test_fit_errors_are_one_line_and_come_before_the_model_loads(args, expected, tiny, untokenized, tmp_path,
+                                                                capsys):
+    inputs = {"notes.txt": b"not a folder", "binary.jsonl": b"\x00\xf8\xff{}"}
+    for name, content in inputs.items():
+        (tmp_path / name).write_bytes(content)
+    args = [a.format(tmp=tmp_path, untokenized=untokenized) for a in args]
     defaults = {"--model": tiny, "--out": f"{tmp_path}/s.safetensors"}
     extra = [x for option, value in defaults.items() if option not in args for x in (option, value)]
     line = one_line_error(["fit", *args, *extra], capsys)
     assert re.search(expected, line), line
-    assert not list(tmp_path.iterdir())  # nothing was written
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(inputs)  # nothing was written
 
 
 @pytest.mark.parametrize("argv, expected", EVAL_DEMO_CASES, ids=[" ".join(a) for a, _ in EVAL_DEMO_CASES])
@@ -133,6 +155,48 @@ def test_unexpected_errors_say_so_and_point_at_debug(monkeypatch, capsys):
     line = one_line_error(["eval"], capsys)
     assert line == ("finesteer: unexpected KeyError: 'a bug' (run with --debug or FINESTEER_DEBUG=1 for the "
                     "traceback)")
+
+
+def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys):
+    """A KeyboardInterrupt raised inside a command (here from the preflight) ends with status 130, the shell's
+    convention for SIGINT, and one line; --debug lets it propagate."""
+    from finesteer.cli import preflight
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(preflight, "evaluation", interrupted)
+    capsys.readouterr()
+    assert cli.main(["eval"]) == 130
+    captured = capsys.readouterr()
+    assert captured.err == "finesteer: interrupted\n" and captured.out == ""
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["eval", "--debug"])
+
+
+def test_a_finished_fit_is_kept_when_out_cannot_be_written_any_more(tiny, tmp_path, monkeypatch, capsys):
+    """The --out folder removed while the fit ran: the fitted steerer goes to a temporary file, and the one error
+    line says where, rather than losing minutes of work."""
+    from finesteer.fitting import recipes
+
+    out = tmp_path / "results" / "s.safetensors"
+    out.parent.mkdir()
+    fitted = Steerer(SteerParams(experts=torch.ones(1, 64)), layer=1, model="tiny",
+                     metadata={"timings": {}, "recipe": "safety"})
+
+    def fit_while_the_folder_goes(*args, **kwargs):
+        out.parent.rmdir()
+        return fitted
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: (None, None))
+    monkeypatch.setattr(recipes, "run_recipe", fit_while_the_folder_goes)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    line = one_line_error(["fit", "--model", tiny, "--out", str(out), "--quiet"], capsys)
+    match = re.fullmatch(r"finesteer: --out: cannot write '.*s.safetensors' \(.*\); the fitted steerer was saved to "
+                         r"'(.*)' instead", line)
+    assert match, line
+    rescued = Steerer.load(match.group(1))
+    assert torch.equal(rescued.params.experts, fitted.params.experts) and rescued.layer == 1
 
 
 def test_a_real_process_prints_one_line_and_exits_non_zero(tmp_path):

@@ -152,9 +152,23 @@ def test_cast_baseline_threshold_and_format():
     sb = F.energy_ratio(cal["benign"], p.basis, None).numpy()
     f1 = lambda t: 2 * (st >= t).sum() / (2 * (st >= t).sum() + (sb >= t).sum() + (st < t).sum())  # noqa: E731
     assert cast.report["calibration_f1"] == pytest.approx(max(f1(t) for t in list(st) + list(sb)))
+    # the F1 of the saved gate (its stored basis) at its threshold: no calibration score sits on the threshold
+    assert cast.report["calibration_f1"] == pytest.approx(f1(p.tau))
     gate_on = lambda rows: float((F.energy_ratio(rows, p.basis, None) >= p.tau).double().mean())  # noqa: E731
     assert cast.report["test"]["tpr"] == pytest.approx(gate_on(test["targets"]))
     assert cast.report["test"]["fpr"] == pytest.approx(gate_on(test["benign"]))
+
+
+def test_best_f1_threshold_counts_scores_at_the_threshold_and_breaks_ties_low():
+    """The gate opens at score >= threshold, so a score equal to a candidate cut counts as on (counting it as off
+    reports the F1 of another cut); among equal F1s the lowest cut (the higher recall) wins; the threshold sits
+    between calibration scores, never on one."""
+    import numpy as np
+
+    f1, tau = F._best_f1_threshold(np.array([0.2, 0.6, 0.8]), np.array([0.1, 0.4]))  # best cut: all of 0.2 and up
+    assert (f1, tau) == (pytest.approx(6 / 7), pytest.approx(0.15))
+    f1, tau = F._best_f1_threshold(np.array([0.3, 0.8]), np.array([0.5, 0.6]))  # cuts at 0.3 and 0.8 tie at 2/3
+    assert (f1, tau) == (pytest.approx(2 / 3), pytest.approx(0.15))
 
 
 def test_caa_is_the_mean_delta_without_gate():

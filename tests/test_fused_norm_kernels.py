@@ -186,6 +186,42 @@ def test_apply_delta_rmsnorm_kernel_into_poisoned_outputs(dtype, one_pass_max_d)
             assert rel_error(y, module(reference.apply_delta(before, delta, seq))) < y_tol
 
 
+# fp16 everywhere; bf16 on a GPU only: the interpreter converts fp32 to bf16 by truncation, the model's norm rounds
+ROUNDED_DTYPES = [f16] + ([bf16] if not kernel_common.INTERPRETING else [])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("one_pass_max_d", [8192, 64], ids=["row in registers", "wide rows: two passes"])
+@pytest.mark.parametrize("kind", sorted(NORMS))
+@pytest.mark.parametrize("dtype", ROUNDED_DTYPES, ids=str)
+def test_apply_delta_rmsnorm_normalises_the_stored_rounded_rows(dtype, kind, one_pass_max_d):
+    """y must be the model's own norm of h' as stored, rounded to h's dtype, not of the unrounded fp32 sum (the
+    model's next layer reads the stored h'). Deltas with fractions the dtype cannot hold make the two differ in
+    many elements; only the sum-of-squares order may differ here, which flips under 1 % of the roundings. The last
+    row overflows the dtype when edited: stored inf, so the model's norm gives NaN there, and so must y.
+    (Token mode's `steer_rmsnorm` takes 1/rms from the unrounded edit by design, ||h||^2 + 2 h.v + ||v||^2: about
+    5 % of its fp16 y elements are one ulp off this; not checked here.)"""
+    d, rows = 96, 48
+    g = torch.Generator().manual_seed(31)
+    h = (torch.randn(rows, d, generator=g) * 4).to(DEVICE, dtype)
+    delta = (torch.randn(rows, d, generator=g) * 3 + 0.37).to(DEVICE)
+    top = torch.finfo(dtype).max
+    h[-1, 0], delta[-1, 0] = top / 2, top  # h' = 1.5 * max: inf once stored
+    module = norm_module(kind, d, dtype, seed=32)
+    norm = recognised(module, d)
+    stored, y = poisoned(rows, d, dtype=dtype), poisoned(rows, d, dtype=dtype)
+    launch_apply_delta_norm(h, stored, y, delta, None, 1, norm.weight, norm.eps, norm.unit_offset,
+                            norm.weight_in_fp32, one_pass_max_d=one_pass_max_d)
+    want = module(stored)
+    assert stored[-1, 0].isinf() and want[-1, 0].isnan()
+    assert torch.equal(y.isnan(), want.isnan())
+    finite = ~want.isnan()
+    got, want = y[finite].float(), want[finite].float()
+    ulps = (got - want).abs() / (torch.finfo(dtype).eps * want.abs().clamp_min(torch.finfo(dtype).tiny))
+    assert ulps.max() <= 2, ulps.max()
+    assert (got != want).float().mean() < 0.01, (got != want).float().mean()
+
+
 @torch.no_grad()
 def test_sequence_index_past_the_end_gives_nan_rows():
     """The kernel's rule (as `apply_delta`'s): an index it cannot check without a host sync gives NaN rows."""

@@ -95,6 +95,40 @@ def test_fused_equals_separate_edit_in_forward_and_generate(arch, mode, fused_ca
         torch.testing.assert_close(fused_step, step, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["query", "token"])
+def test_a_norm_weight_edited_after_patching_is_what_the_fused_norm_uses(mode, fused_calls):
+    """The fused op reads the norm's weight at every call: after editing the weights of the norms that take the
+    edits (in place, new data, load_state_dict) the patched model equals the separate edit with the new weights."""
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama", seed=3)
+    ids, mask = left_padded_batch()
+    norms = [model.model.layers[2].input_layernorm, model.model.norm]  # after layer 1 and after layer 2
+    edits = [lambda w: w.mul_(-1.5), lambda w: setattr(w, "data", torch.randn_like(w)),
+             lambda w: w.copy_(torch.linspace(-2, 2, w.shape[0]))]
+    with torch.no_grad():
+        for edit in edits:
+            with patched(model, mode, fuse_norm=True):
+                before = fused_calls["steer_rmsnorm_"] + fused_calls["apply_delta_rmsnorm_"]
+                for norm in norms:
+                    edit(norm.weight)
+                fused = model(input_ids=ids, attention_mask=mask).logits
+                assert fused_calls["steer_rmsnorm_"] + fused_calls["apply_delta_rmsnorm_"] == before + len(LAYERS)
+            with patched(model, mode, fuse_norm=False):
+                separate = model(input_ids=ids, attention_mask=mask).logits
+            torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        with patched(model, mode, fuse_norm=True):
+            for norm in norms:
+                state_key = [k for k, v in model.state_dict().items() if v is norm.weight or
+                             v.data_ptr() == norm.weight.data_ptr()][0]
+                state[state_key] = torch.randn_like(norm.weight)
+            model.load_state_dict(state)
+            fused = model(input_ids=ids, attention_mask=mask).logits
+        with patched(model, mode, fuse_norm=False):
+            torch.testing.assert_close(fused, model(input_ids=ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("arch", FUSED)
 def test_torch_backend_fused_path_is_bit_identical(arch, monkeypatch, fused_calls):
     """On the CPU reference backend the fused op is the edit then the norm's own formula: the same floats."""

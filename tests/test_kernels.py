@@ -310,6 +310,26 @@ def random_norm(d, dtype):
     return RMSNormParams(torch.rand(d, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEVICE) + 0.5, 1e-6)
 
 
+@pytest.mark.parametrize("dtype", [f32, f16], ids=str)
+def test_apply_delta_without_a_map_over_row_and_column_tiles(dtype):
+    """No map: row i belongs to sequence i // rows_per_seq. 5 sequences of 7 rows (sequences straddle the 16-row
+    tiles) and d = 1100 (three 512-column blocks), out of place into a poisoned output and in place, exact against
+    h + delta repeated per row (a row-index bug here was caught only by the benchmark dry run)."""
+    from finesteer_kernels.delta_kernel import launch_apply_delta
+
+    g = torch.Generator().manual_seed(47)
+    sequences, rows_per_seq, d = 5, 7, 1100
+    h = torch.randn(sequences, rows_per_seq, d, generator=g).to(DEVICE, dtype)
+    delta = torch.randn(sequences, d, generator=g).to(DEVICE)
+    want = (h.float() + delta[:, None, :]).to(dtype)
+    out = poisoned(*h.shape, dtype=dtype)
+    launch_apply_delta(h, out, delta, None, rows_per_seq)
+    assert torch.equal(out, want)
+    assert torch.equal(ops.apply_delta(h, delta), want)
+    in_place = h.clone()
+    assert torch.equal(ops.apply_delta_(in_place, delta), want)
+
+
 # ratios at which the former gate (expanded ||h||^2 - 2 h.mu + ||mu||^2, mu rounded into W_in) got 4-7 of these
 # 128 rows wrong in each dtype; larger 16-bit ratios would leave h - mu below the rounding of h itself
 @pytest.mark.parametrize("dtype,ratio", [(f32, 1000.0), (f16, 1000.0), (bf16, 300.0)], ids=["f32", "f16", "bf16"])

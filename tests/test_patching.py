@@ -349,6 +349,21 @@ def test_beam_search_matches_fixed_vector_hooks(arch):
     assert (got != plain).any(-1).all(), "steering must change every beam, or the test proves nothing"
 
 
+def test_beam_search_on_one_prompt_runs_twice():
+    """With one prompt the beams' shared coefficients were a view with stride 0 over the beams, into which the next
+    prefill's in-place copy failed ("more than one element of the written-to tensor refers to a single memory
+    location"), reset() or not."""
+    model = get_model("llama")
+    ids = random_ids(1, 5, seed=8)
+    params = mose(hidden_size(model), hidden_scale(model, ids), seed=3)
+    with torch.no_grad(), patch_model(model, {LAYER: params}) as handle:
+        first = greedy(model, ids, num_beams=3)
+        assert torch.equal(greedy(model, ids, num_beams=3), first)
+        handle.reset()
+        model(ids.expand(3, -1))  # a bare prefill of three rows
+        assert torch.equal(greedy(model, ids, num_beams=3), first)
+
+
 def test_assisted_generation_keeps_the_prompt_coef():
     """Assisted decoding verifies several candidate tokens per forward on top of the cache: they are after the
     prompt, so they reuse its coefficients and the result equals plain greedy decoding of the patched model."""
@@ -432,6 +447,9 @@ def test_beams_of_a_prompt_share_its_first_beams_coef():
     shared = _share_within_beams(coef, 3)
     assert torch.equal(shared, coef[[0, 0, 0, 3, 3, 3]])
     assert torch.equal(_share_within_beams(coef, 1), coef)
+    one_prompt = _share_within_beams(coef[:3], 3)
+    one_prompt.copy_(coef[3:])  # the next prefill writes into it: every row its own memory
+    assert torch.equal(one_prompt, coef[3:])
     with pytest.raises(RuntimeError, match="num_beams"):
         _share_within_beams(coef, 4)
 

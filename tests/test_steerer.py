@@ -42,12 +42,16 @@ def nested(depth: int):
     return {"deep": value}
 
 
-def rewrite(path, out, tensors=None, header=None):
+def rewrite(path, out, tensors=None, header=None, keep_digests=False):
+    """A copy of a steerer file with tensors and header changed as another tool would write it: without the digests
+    (``keep_digests``: with the original's, as if the changes were damage)."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
         meta = json.loads(f.metadata()["finesteer"])
         data = {n: f.get_tensor(n) for n in f.keys()}
+    if not keep_digests:
+        meta.pop("digests", None)
     if tensors:
         data = tensors(data)
     if header:
@@ -98,6 +102,75 @@ def test_bad_files_raise_clear_errors(tmp_path, tensors, header, match):
     rewrite(tmp_path / "good.safetensors", tmp_path / "bad.safetensors", tensors, header)
     with pytest.raises(SteererFileError, match=match):
         Steerer.load(tmp_path / "bad.safetensors")
+
+
+def flip_byte(path, tensor: str, at: int = 1) -> None:
+    """Flip the bits of one byte of ``tensor``'s data in the file, as storage rot would."""
+    raw = bytearray(open(path, "rb").read())
+    header_length = int.from_bytes(raw[:8], "little")
+    start, end = json.loads(raw[8:8 + header_length])[tensor]["data_offsets"]
+    assert -(end - start) <= at < end - start
+    at %= end - start
+    raw[8 + header_length + start + at] ^= 0xFF
+    open(path, "wb").write(bytes(raw))
+
+
+@pytest.mark.parametrize("tensor, at", [("experts", 5), ("basis", 0), ("res_in_weight", -1), ("mean", -1)])
+def test_a_flipped_byte_in_a_tensor_is_named(tmp_path, tensor, at):
+    """safetensors has no checksum: on b00a45e the flipped byte loaded as a different number, silently. The first
+    and the last bytes count (a digest of part of a tensor would miss them)."""
+    path = tmp_path / "s.safetensors"
+    make_steerer().save(path)
+    flip_byte(path, tensor, at=at)
+    with pytest.raises(SteererFileError, match=f"tensor '{tensor}' does not match the digest recorded when the file "
+                                               "was saved"):
+        Steerer.load(path)
+
+
+def test_digests_cover_the_header_and_old_files_load_with_a_note(tmp_path):
+    good = tmp_path / "good.safetensors"
+    make_steerer().save(good)
+    assert "integrity" not in Steerer.load(good).metadata
+    odd = make_steerer()  # keys JSON writes as strings, mixed with string keys; a tuple; a NaN
+    odd.metadata.update(by_layer={3: 0.5, "all": (1, 2)}, missing=float("nan"))
+    odd.save(tmp_path / "odd.safetensors")
+    assert Steerer.load(tmp_path / "odd.safetensors").metadata["by_layer"] == {"3": 0.5, "all": [1, 2]}
+    edited = tmp_path / "edited.safetensors"
+    rewrite(good, edited, header=lambda m: {**m, "scalars": {**m["scalars"], "tau": 0.125}}, keep_digests=True)
+    with pytest.raises(SteererFileError, match="header .scalars, layer, metadata. does not match the digest"):
+        Steerer.load(edited)
+    rewrite(good, edited, header=lambda m: {**m, "metadata": {**m["metadata"], "metrics": {"auc": 0.5}}},
+            keep_digests=True)
+    with pytest.raises(SteererFileError, match="header .scalars, layer, metadata. does not match the digest"):
+        Steerer.load(edited)
+    rewrite(good, edited, tensors=lambda d: {**d, "extra": torch.zeros(1)}, keep_digests=True)
+    with pytest.raises(SteererFileError, match="tensor 'extra' has no digest"):
+        Steerer.load(edited)
+    old = tmp_path / "old.safetensors"
+    rewrite(good, old)  # as written before digests
+    loaded = Steerer.load(old)
+    assert loaded.metadata["integrity"].startswith("not checked: the file has no digests")
+    loaded.save(tmp_path / "again.safetensors")  # saving adds digests, and the note goes
+    assert "integrity" not in Steerer.load(tmp_path / "again.safetensors").metadata
+
+
+def test_save_names_a_path_it_cannot_write(tmp_path):
+    """These gave safetensors' raw SafetensorError, naming a hidden temporary file."""
+    (tmp_path / "notes.txt").write_text("x")
+    cases = [(tmp_path, IsADirectoryError, "is a folder; give a file path such as"),
+             (tmp_path / "missing" / "s.safetensors", FileNotFoundError, "folder .* does not exist; create it"),
+             (tmp_path / "notes.txt" / "s.safetensors", NotADirectoryError, "notes.txt' is a file, not a folder")]
+    for path, error, match in cases:
+        with pytest.raises(error, match=f"path: .*{match}"):
+            make_steerer().save(path)
+
+
+def test_to_names_a_device_this_machine_lacks():
+    """Steerer.to('cuda') on a CPU-only torch raised a bare AssertionError."""
+    missing = "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(ValueError, match=f"device: '{missing}' requested"):
+        make_steerer().to(device=missing)
+    assert make_steerer().to(dtype=torch.float16).params.experts.dtype == torch.float16
 
 
 def test_not_a_safetensors_file(tmp_path):

@@ -40,3 +40,15 @@ def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     """Token ids that avoid the special ids 0-2."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, length), generator=g)
+
+
+def save_word_tokenizer(folder) -> None:
+    """A tokenizer for the tiny models (ids 0..VOCAB-1 as the words t0 t1 ...), built offline, saved in ``folder``
+    so that it is a complete model folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="t0", pad_token="t0", bos_token="t1",
+                            eos_token="t2").save_pretrained(folder)

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 
 DEBUG_ENV = "FINESTEER_DEBUG"
@@ -87,13 +88,26 @@ def _fit(args: argparse.Namespace) -> int:
                          activation_cache="", progress=not args.quiet)
     steerer.metadata["timings"]["model_load_s"] = loaded - loading
     steerer.metadata["timings"]["total_s"] = time.perf_counter() - started
-    steerer.save(args.out)
+    _save_fitted(steerer, args.out)
     summary = _summary(steerer)
     print(json.dumps(summary, indent=2))
     if args.report:
         with open(args.report, "w", encoding="utf-8") as f:
             json.dump({"summary": summary, "metadata": steerer.metadata}, f, indent=2)
     return 0
+
+
+def _save_fitted(steerer, out: str) -> None:
+    """Save to --out. The preflight found it writable, but the folder may have gone during the fit: then save to
+    a temporary file and say where in the error, rather than lose the finished fit."""
+    try:
+        steerer.save(out)
+    except OSError as e:
+        fd, rescue = tempfile.mkstemp(prefix="finesteer-fit-", suffix=".safetensors")
+        os.close(fd)
+        steerer.save(rescue)
+        raise OSError(f"--out: cannot write {out!r} ({e}); the fitted steerer was saved to {rescue!r} instead") \
+            from None
 
 
 def _summary(steerer) -> dict:

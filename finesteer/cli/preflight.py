@@ -36,6 +36,9 @@ def writable_file(path: str, option: str) -> None:
         raise IsADirectoryError(f"{option}: {path!r} is a folder; give the path of a file to write")
     folder = target.parent
     if not folder.is_dir():
+        existing = next(p for p in folder.parents if p.exists()) if not folder.exists() else folder
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{option}: cannot write {path!r}: {str(existing)!r} is a file, not a folder")
         raise FileNotFoundError(f"{option}: cannot write {path!r}: the folder {str(folder)!r} does not exist")
     if target.exists() and not os.access(target, os.W_OK):
         raise PermissionError(f"{option}: {path!r} exists and is not writable")
@@ -94,10 +97,11 @@ def choices(text: str, known: Sequence[str], required: str, option: str = "--met
 # ---- the model ---------------------------------------------------------------------------------------------------
 def model_and_layer(model: str, layer) -> tuple:
     """``(decoder layers, hidden size)`` of ``--model`` from its config (no weights loaded), after checking that
-    it exists and that ``--layer`` (when given) is one of its layers."""
-    from ..fitting.models import model_dimensions
+    it exists, has a tokenizer, and that ``--layer`` (when given) is one of its layers."""
+    from ..fitting.models import check_tokenizer, model_dimensions
 
     n_layers, width = model_dimensions(model, "--model")
+    check_tokenizer(model, "--model")
     if layer is not None and layer != "auto":  # auto: the search picks one of the model's layers
         check_layer_index(layer, n_layers, "--layer")
     return n_layers, width
@@ -152,12 +156,13 @@ def prompt_pools(recipe: str, sharegpt: int, targets_file: Optional[str] = None,
     """``(targets, benign)`` prompt sets exactly as the recipe would build them (the user's files or the packaged
     pools), so their split sizes can be checked before the model loads and the recipe can reuse them."""
     if recipe == "truthfulness":
-        items, source = datasets.load_qa_jsonl(qa_file)
+        items, source = datasets.load_qa_jsonl(qa_file, argument="--qa")
         questions = list(dict.fromkeys(item.question for item in items))  # as recipes.truthfulness_steerer
         targets = datasets.PromptSet("questions", questions, [source.name] * len(questions), {source.name: source})
     else:
-        targets = datasets.load_jsonl(targets_file, field=field) if targets_file else datasets.harmful_prompts()
-    benign = datasets.load_jsonl(benign_file, field=field) if benign_file else \
+        targets = datasets.load_jsonl(targets_file, field=field, argument="--targets") if targets_file else \
+            datasets.harmful_prompts()
+    benign = datasets.load_jsonl(benign_file, field=field, argument="--benign") if benign_file else \
         datasets.benign_prompts(sharegpt, exclude=[targets])
     return targets, benign
 

@@ -296,8 +296,13 @@ def _jsonl_rows(path: Path, argument: str) -> list:
     """``(line number, parsed value)`` for each non-blank line of a user's JSONL file; errors name file and line."""
     if not path.is_file():
         raise FileNotFoundError(f"{argument}: no JSONL file at {str(path)!r}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{argument}: {str(path)!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                         f"{e.start}); expected a JSONL file, one JSON object or string per line") from None
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -314,18 +319,19 @@ def _user_source(path: Path, label: str, licence: str) -> Source:
 
 
 def load_jsonl(path: str | os.PathLike, field: str = "prompt", name: Optional[str] = None,
-               licence: str = "user-supplied") -> PromptSet:
-    """A user's prompts: one JSON object per line with the text under ``field`` (or a bare JSON string per line)."""
+               licence: str = "user-supplied", argument: str = "path") -> PromptSet:
+    """A user's prompts: one JSON object per line with the text under ``field`` (or a bare JSON string per line).
+    Errors name ``argument`` (the command line passes its option) or the file and line."""
     path = Path(path)
     prompts = []
-    for lineno, item in _jsonl_rows(path, "path"):
+    for lineno, item in _jsonl_rows(path, argument):
         text = item if isinstance(item, str) else item.get(field) if isinstance(item, dict) else None
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"{path}:{lineno}: expected an object with a non-empty string under {field!r} "
                              "(or a JSON string)")
         prompts.append(text.strip())
     if not prompts:
-        raise ValueError(f"path: {path} holds no prompts")
+        raise ValueError(f"{argument}: {path} holds no prompts")
     label = name or path.stem
     return _single(label, prompts, _user_source(path, label, licence))
 
@@ -436,12 +442,12 @@ def _answers(row: dict, key: str, path: Path, lineno: int) -> list:
     raise ValueError(f"{path}:{lineno}: {key!r} must be a list of strings, got {value!r:.80}")
 
 
-def load_qa_jsonl(path: str | os.PathLike) -> tuple:
+def load_qa_jsonl(path: str | os.PathLike, argument: str = "qa_path") -> tuple:
     """Question/answer JSONL in the TruthfulQA layout: ``question``, ``best_answer`` and/or ``correct_answers``
-    (list), ``incorrect_answers`` (list). Returns ``(items, Source)``."""
+    (list), ``incorrect_answers`` (list). Returns ``(items, Source)``; errors name ``argument`` or file and line."""
     path = Path(path)
     items = []
-    for lineno, row in _jsonl_rows(path, "qa_path"):
+    for lineno, row in _jsonl_rows(path, argument):
         if not isinstance(row, dict):
             raise ValueError(f"{path}:{lineno}: expected a JSON object per line (TruthfulQA layout), got "
                              f"{type(row).__name__}")
@@ -453,5 +459,5 @@ def load_qa_jsonl(path: str | os.PathLike) -> tuple:
                              "'incorrect_answers' (TruthfulQA layout)")
         items.append(QAItem(question.strip(), list(dict.fromkeys(correct)), list(dict.fromkeys(incorrect))))
     if not items:
-        raise ValueError(f"qa_path: {path} holds no questions")
+        raise ValueError(f"{argument}: {path} holds no questions")
     return items, _user_source(path, path.stem, "user-supplied")

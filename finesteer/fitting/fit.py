@@ -326,17 +326,22 @@ def fit_caa(Delta: torch.Tensor, alpha: float = 1.0) -> BaselineFit:
 
 
 def _best_f1_threshold(s_target: np.ndarray, s_benign: np.ndarray) -> tuple:
-    """The score threshold (gate on when score >= threshold) with the best F1 on calibration data."""
+    """``(F1, threshold)``: the gate (on when score >= threshold) with the best F1 on calibration data; among equal
+    F1s the lowest cut (the higher recall). The threshold lies midway between the lowest score the cut keeps on and
+    the highest it leaves off (half the lowest score when it keeps all on): a threshold on a calibration score
+    itself would let the stored steerer's own rounding of that score flip it, and the reported F1 with it."""
     candidates = np.unique(np.r_[s_target, s_benign])
-    best = (-1.0, float(candidates[0]))
-    for t in candidates:
+    best = (-1.0, 0)
+    for i, t in enumerate(candidates):
         tp = float((s_target >= t).sum())
         fp = float((s_benign >= t).sum())
         fn = len(s_target) - tp
         f1 = 2 * tp / max(2 * tp + fp + fn, 1.0)
         if f1 > best[0]:
-            best = (f1, float(t))
-    return best
+            best = (f1, i)
+    f1, i = best
+    below = float(candidates[i - 1]) if i > 0 else 0.0
+    return f1, (below + float(candidates[i])) / 2
 
 
 def fit_cast(H_target: torch.Tensor, H_benign: torch.Tensor, Delta: torch.Tensor, H_target_cal: torch.Tensor,
@@ -344,7 +349,8 @@ def fit_cast(H_target: torch.Tensor, H_benign: torch.Tensor, Delta: torch.Tensor
              alpha: float = 1.0) -> BaselineFit:
     """CAST: condition direction ``u`` = normalised difference of the target and benign means (fit split); the
     condition ``cos(h, u u^T h) = |u.h| / ||h|| >= theta`` is the op's gate with ``mean=None``, ``basis=u`` and
-    ``tau = theta^2``; theta is the best-F1 threshold on the calibration split. Behaviour vector: the mean Delta."""
+    ``tau = theta^2``; theta is the best-F1 threshold on the calibration split (between two calibration scores,
+    `_best_f1_threshold`). Behaviour vector: the mean Delta."""
     Ht = as_rows("H_target", H_target)
     d = Ht.shape[1]
     Hb = as_rows("H_benign", H_benign, d)

@@ -207,6 +207,27 @@ def model_dimensions(name_or_path: str | os.PathLike = "smollm2",
     return (layers if isinstance(layers, int) else None), config_hidden_size(config)
 
 
+def _load_tokenizer(folder: Path, argument: str):
+    """The folder's tokenizer, or a ValueError naming ``argument`` when transformers cannot build one from it."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{argument}: {str(folder)!r} holds no tokenizer that transformers can load ({reason}); "
+                         "copy the model's tokenizer files (tokenizer.json, or tokenizer.model / vocab files, with "
+                         "tokenizer_config.json) into the folder") from None
+
+
+def check_tokenizer(name_or_path: str | os.PathLike, argument: str = "name_or_path") -> None:
+    """A local model folder holds a tokenizer `load_model` can load (SmolLM2 and GGUF files bring their own): a
+    second's check before minutes of work."""
+    kind, path = _locate(name_or_path, argument)
+    if kind == "folder":
+        _load_tokenizer(path, argument)
+
+
 def load_model(name_or_path: str | os.PathLike = "smollm2", dtype: Optional[torch.dtype] = torch.float32,
                progress: bool = True):
     """Load a causal LM and its tokenizer, in eval mode: ``(model, tokenizer)``.
@@ -218,7 +239,7 @@ def load_model(name_or_path: str | os.PathLike = "smollm2", dtype: Optional[torc
         dtype: weights dtype (fp32 by default: fitting runs on CPUs, where bf16 is emulated and slow).
         progress: print a line when a conversion starts and when it ends.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     kind, path = _locate(name_or_path, "name_or_path")
     if kind == "smollm2":
@@ -228,8 +249,8 @@ def load_model(name_or_path: str | os.PathLike = "smollm2", dtype: Optional[torc
     else:
         folder = path
         _check_safetensors_folder(folder)
+    tokenizer = _load_tokenizer(folder, "name_or_path")  # first: a folder without one fails before the weights load
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -26,7 +26,7 @@ from finesteer_kernels import SteerBank
 
 from .layers import find_decoder_layers, hidden_size
 from .continuous import ContinuousSteering
-from .forward_context import ForwardContext
+from .forward_context import ForwardContext, new_token_count
 from .handle import PatchHandle, Site, _padding_mask, _share_within_beams
 from .placement import check_free_layer, normalise_steerers, owner_of, placement, prepare
 
@@ -84,65 +84,116 @@ class BankSite(Site):
     local_of: Optional[torch.Tensor] = None  # (S_global + 1,) int64: local index of global g at [g + 1]; [0] = -1
     local_key: tuple = ()  # the same map as a tuple (a cache key: layers with equal maps share plans)
     decode_map: Optional[torch.Tensor] = None  # query mode: (B,) row -> its delta row, -1 for unsteered sequences
-    slot_delta: Optional[torch.Tensor] = None  # continuous batching: (capacity, d) fp32 delta per request slot
 
     def local(self, global_index: torch.Tensor) -> torch.Tensor:
         return self.local_of[global_index + 1]
 
 
+@dataclasses.dataclass(eq=False)
+class Assignment:
+    """The steerers `BankHandle.assign` was given for one batch of prompts: a global index per prompt, and the
+    per-row index tensors made from it (per rows per prompt and device)."""
+
+    indices: list
+    tensors: dict = dataclasses.field(default_factory=dict)
+
+    def per_row(self, rows_per_prompt: int, device) -> torch.Tensor:
+        key = (rows_per_prompt, device)
+        if key not in self.tensors:
+            values = [g for g in self.indices for _ in range(rows_per_prompt)]
+            self.tensors[key] = torch.tensor(values, dtype=torch.long, device=device)
+        return self.tensors[key]
+
+
 class BankHandle(PatchHandle):
     """The live patch of a `SteererBank`: a `PatchHandle` whose rows each get their own steerer.
 
-    ``handle.assign(names)`` sets the steerer of each row (one name or None per row; inside ``generate`` one per
-    prompt, expanded over beams and returned sequences); rows never assigned get ``bank.default``.
+    ``handle.assign(names)`` sets the steerer of each prompt (one name or None per prompt) of the next batch: the
+    next ``generate`` call (expanded over the beams and returned sequences it asks for), or the next forward that
+    starts on an empty cache and the forwards that continue its cache. A batch uses its names once: the next
+    batch needs ``assign`` again (a stale assignment is refused, so no prompt gets steerers meant for another).
+    Rows of a batch with no assignment (or after ``assign(None)``) get ``bank.default``.
     ``handle.params(layer)`` is the layer's `finesteer_kernels.SteerBank`."""
 
     def __init__(self, model, sites: dict, mode: str, owner, layer_modules, steerers: SteererBank):
         self.steerers = steerers
-        self._assignment: Optional[list] = None
-        self._assignment_tensors: dict = {}
+        self._assigned: Optional[Assignment] = None  # from assign(), for the next batch; None = the default
+        self._assignment_used = False  # the last assign()'s names went to a batch already
+        self._in_flight: Optional[Assignment] = None  # forwards outside generate: the batch whose cache they continue
+        self._default_rows: dict = {}  # (rows, device) -> the default's index per row
         super().__init__(model, sites, mode, owner, layer_modules)
-        self.continuous = ContinuousSteering(self)
 
     # ---- public ---------------------------------------------------------------------------------------------
     def assign(self, names: Optional[Sequence]) -> "BankHandle":
-        """One steerer name (or None) per row of the next forwards / generate calls; None resets to the default."""
-        self._assignment = None if names is None else self.steerers.indices(names)
-        self._assignment_tensors = {}
+        """One steerer name (or None) per prompt of the next batch; ``assign(None)``: the bank's default for every
+        row from now on."""
+        self._assigned = None if names is None else Assignment(self.steerers.indices(names))
+        self._assignment_used = False
         return self
 
     def params(self, layer: int) -> SteerBank:
         return self._site(layer).bank
 
-    def remove(self) -> None:
-        if self.active:
-            self.continuous.remove()
-        super().remove()
-
     # ---- rows -> steerers -----------------------------------------------------------------------------------
+    def _pending_assignment(self, batch: str) -> Optional[Assignment]:
+        """The last ``assign``'s names for a new batch (None: the default), refused once a batch has used them."""
+        if self._assignment_used:
+            raise ValueError(f"assign: the names given to handle.assign() went to an earlier batch; call "
+                             f"handle.assign(names) with one name per prompt of this {batch} (assign(None): the "
+                             "bank's default for every row), so that no prompt gets steerers meant for another")
+        return self._assigned
+
+    def _use(self, assignment: Optional[Assignment]) -> None:
+        """A batch has used ``assignment``: if it is the last ``assign``'s, the next batch needs new names. Only
+        after its count was checked: a call refused for a wrong count uses nothing."""
+        if assignment is not None and assignment is self._assigned:
+            self._assignment_used = True
+
+    def _generate_begins(self, call) -> None:
+        assignment = self._pending_assignment("generate call")
+        if assignment is not None and call.prompts is not None and call.prompts != len(assignment.indices):
+            raise ValueError(f"assign: {len(assignment.indices)} steerer names for {call.prompts} prompts; give one "
+                             "name (or None) per prompt")
+        self._use(assignment)
+        call.assignment = assignment
+
     def _sequence_steerers(self, batch: int, ctx: Optional[ForwardContext], device) -> torch.Tensor:
         """(B,) global steerer index per row of this forward."""
-        key = (batch, device)
-        cached = self._assignment_tensors.get(key)
-        if cached is not None:
-            return cached
-        if self._assignment is None:
-            values = [self.steerers.index_of(self.steerers.default)] * batch
+        rows_per_prompt = 1
+        if ctx is None:  # a layer called on its own
+            assignment = self._in_flight if self._assignment_used else self._assigned
+        elif ctx.call is not None:
+            assignment, rows_per_prompt = ctx.call.assignment, ctx.call.rows_per_prompt
         else:
-            n = len(self._assignment)
-            inside_generate = ctx is not None and ctx.call is not None
-            if batch != n and not (inside_generate and batch % n == 0):
-                raise ValueError(f"assign: {n} steerer names for a batch of {batch} rows; give one name per row "
-                                 "(inside generate: one per prompt, expanded over beams and returned sequences)")
-            values = [g for g in self._assignment for _ in range(batch // n)]
-        cached = self._assignment_tensors[key] = torch.tensor(values, dtype=torch.long, device=device)
-        return cached
+            assignment = ctx.derived.get("assignment")
+        if assignment is None:
+            key = (batch, device)
+            if key not in self._default_rows:
+                default = self.steerers.index_of(self.steerers.default)
+                self._default_rows[key] = torch.full((batch,), default, dtype=torch.long, device=device)
+            return self._default_rows[key]
+        n = len(assignment.indices)
+        if batch != n * rows_per_prompt:
+            expanded = f" ({rows_per_prompt} rows per prompt: num_beams / num_return_sequences)" \
+                if rows_per_prompt > 1 else ""
+            raise ValueError(f"assign: {n} steerer names for a batch of {batch} rows{expanded}; give one name (or "
+                             "None) per prompt")
+        self._use(assignment)
+        return assignment.per_row(rows_per_prompt, device)
+
+    def _bind_forward(self, ctx: ForwardContext, reader, args: tuple, kwargs: dict) -> None:
+        """A forward outside generate: one that starts on an empty cache (or one whose cache length is unknown)
+        takes the assignment for a new batch; one that continues a cache keeps its batch's."""
+        past = ctx.past_length
+        if past is None and ctx.mask is not None and ctx.mask.dim() == 2:
+            new_tokens = new_token_count(reader, args, kwargs)
+            past = None if new_tokens is None else ctx.mask.shape[1] - new_tokens
+        if past is None or past == 0 or self._in_flight is None:
+            self._in_flight = self._pending_assignment("forward")  # used once its first layer has checked the rows
+        ctx.derived["assignment"] = self._in_flight
 
     # ---- steering -------------------------------------------------------------------------------------------
     def _steer_tokens(self, site: BankSite, hidden, ctx, in_place):
-        packed = self.continuous.batch_of(ctx)
-        if packed is not None:
-            return self.continuous.steer_tokens(site, hidden, packed, in_place)
         index = site.local(self._sequence_steerers(hidden.shape[0], ctx, hidden.device))[:, None]
         index = index.expand(hidden.shape[0], hidden.shape[1])
         valid = _padding_mask(ctx, hidden)
@@ -161,11 +212,10 @@ class BankHandle(PatchHandle):
             ctx.derived[key] = finesteer_kernels.plan_rows(index, len(site.bank))
         return ctx.derived[key]
 
-    def _steer_query(self, site: BankSite, hidden, ctx, in_place):
-        packed = self.continuous.batch_of(ctx)
-        if packed is not None:
-            return self.continuous.steer_query(site, hidden, packed, in_place)
-        return super()._steer_query(site, hidden, ctx, in_place)
+    def _anchor_delta(self, site: BankSite, anchors, steerers):
+        index = site.local(steerers)
+        coef = finesteer_kernels.synthesize_bank(anchors, site.bank, index)
+        return finesteer_kernels.bank_coef_delta(coef, site.bank, index)
 
     def _decode_rows(self, site: BankSite, hidden) -> torch.Tensor:
         return site.decode_map.expand(hidden.shape[0], hidden.shape[1])
@@ -179,10 +229,14 @@ class BankHandle(PatchHandle):
         site.decode_map = torch.where(seq_index >= 0, rows.batch_index, -1)[:, None]
         return torch.where(site.decode_map >= 0, rows.row_to_seq, -1)
 
+    def _continuous_steering(self) -> ContinuousSteering:
+        return ContinuousSteering(self, self.steerers)  # both modes: each request names its steerer
+
     def _begin_forward(self, reader, args: tuple, kwargs: dict) -> None:
-        if self.continuous.begin_forward(reader, args, kwargs):
-            return
         super()._begin_forward(reader, args, kwargs)
+        ctx = self._context
+        if ctx.call is None and self.continuous.batch_of(ctx) is None:
+            self._bind_forward(ctx, reader, args, kwargs)
 
 
 def _layer_banks(steerers: SteererBank, layer_modules, width: int, alpha, placement) -> dict:

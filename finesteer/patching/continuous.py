@@ -1,5 +1,6 @@
 """Steering inside transformers' continuous batching (``generate_batch``, ``init_continuous_batching``,
-``continuous_batching_context_manager``), per request, with a patched `SteererBank`.
+``continuous_batching_context_manager``), per request: with a patched `SteererBank` each request names its steerer;
+a plain query-mode patch steers every request with its one steerer (index 0), with its own anchor.
 
 There the model sees packed forwards: every request's new tokens one after the other in one row of shape
 ``(1, total, d)``, requests joining and leaving between steps, prompts possibly split over several steps (chunked
@@ -86,10 +87,12 @@ class PackedBatch:
 
 
 class ContinuousSteering:
-    """The continuous-batching side of a `BankHandle`: the wrappers it installs and the per-request state."""
+    """The continuous-batching side of a `BankHandle` (or of a plain query-mode `PatchHandle`, whose one steerer has
+    index 0): the wrappers it installs and the per-request state."""
 
-    def __init__(self, handle):
+    def __init__(self, handle, bank=None):
         self.handle = handle
+        self.bank = bank  # the handle's SteererBank, or None: one steerer, which every request gets
         self.requests: dict = {}  # request id -> Request
         self.free: list = []  # released slots
         self.capacity = 0  # slots ever handed out
@@ -116,15 +119,20 @@ class ContinuousSteering:
 
     @property
     def _default(self) -> int:
-        steerers = self.handle.steerers
-        return steerers.index_of(steerers.default)
+        return 0 if self.bank is None else self.bank.index_of(self.bank.default)
+
+    def _indices(self, names, argument: str) -> list:
+        if self.bank is None:
+            raise TypeError(f"{argument}: this patch holds one steerer and steers every request with it; patch a "
+                            "finesteer.SteererBank to choose a steerer per request")
+        return [self.bank.index_of(names)] if argument == "steerer" else self.bank.indices(names)
 
     # ---- wrappers: requests in --------------------------------------------------------------------------------
     def _generate_batch_wrapper(self, original):
         def generate_batch(inputs, *args, steerers=None, **kwargs):
             if steerers is not None and len(steerers) != len(inputs):
                 raise ValueError(f"steerers: {len(steerers)} names for {len(inputs)} inputs; give one per input")
-            self._submitting.batch = None if steerers is None else self.handle.steerers.indices(steerers)
+            self._submitting.batch = None if steerers is None else self._indices(steerers, "steerers")
             try:
                 return original(inputs, *args, **kwargs)
             finally:
@@ -148,7 +156,7 @@ class ContinuousSteering:
     def _add_request_wrapper(self, original):
         def add_request(input_ids, request_id=None, *args, steerer=None, **kwargs):
             if steerer is not None:
-                index = self.handle.steerers.index_of(steerer)
+                index = self._indices(steerer, "steerer")[0]
             else:  # inside add_requests: the steerer given for this input
                 queued = (getattr(self._submitting, "by_input", None) or {}).get(id(input_ids))
                 index = queued.popleft() if queued else None
@@ -162,7 +170,7 @@ class ContinuousSteering:
     def _add_requests_wrapper(self, original):
         def add_requests(inputs, *args, steerers=None, **kwargs):
             indices = getattr(self._submitting, "batch", None) if steerers is None else \
-                self.handle.steerers.indices(steerers)
+                self._indices(steerers, "steerers")
             if indices is not None and len(indices) != len(inputs):
                 raise ValueError(f"steerers: {len(indices)} names for {len(inputs)} requests; give one per input")
             # add_requests calls add_request once per input (in an order of its choosing): match them by identity
@@ -307,7 +315,7 @@ class ContinuousSteering:
         packed = self.batches.get(cu_seq_lens.data_ptr())
         if packed is None:
             raise RuntimeError("continuous batching: a packed forward whose requests this patch did not see; start "
-                               "the manager (generate_batch, init_continuous_batching) while the bank is patched")
+                               "the manager (generate_batch, init_continuous_batching) while the model is patched")
         self.handle._one_thread.enter("model forward")  # left in _end_forward, as for any forward
         self.handle._context = ForwardContext(None, 0, None, derived={"packed": packed})
         return True
@@ -332,9 +340,8 @@ class ContinuousSteering:
                 grown[:site.slot_delta.shape[0]] = site.slot_delta
             site.slot_delta = grown
         if packed.anchor_rows.numel():
-            index = site.local(packed.anchor_steerers)
-            coef = finesteer_kernels.synthesize_bank(rows[packed.anchor_rows], site.bank, index)
-            site.slot_delta[packed.anchor_slots] = finesteer_kernels.bank_coef_delta(coef, site.bank, index)
+            site.slot_delta[packed.anchor_slots] = self.handle._anchor_delta(site, rows[packed.anchor_rows],
+                                                                             packed.anchor_steerers)
         for parent, child in packed.copies:  # after the anchors: a parent may have got its delta in this forward
             site.slot_delta[child] = site.slot_delta[parent]
         steered_here = site.local(packed.row_steerer) >= 0  # the request's steerer has a part at this layer

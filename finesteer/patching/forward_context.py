@@ -21,6 +21,9 @@ class GenerateCall:
 
     prompt_length: Optional[int]  # positions [0, prompt_length) are the prompt
     num_beams: int  # beams per prompt; beam search reorders rows only within a prompt's beams
+    prompts: Optional[int] = None  # prompts given to generate (rows of its input), None if it got none
+    rows_per_prompt: int = 1  # generate repeats each prompt's row this many times, consecutively
+    assignment: Optional[object] = None  # a BankHandle's steerer per prompt, bound when the call began
 
 
 @dataclasses.dataclass
@@ -208,12 +211,15 @@ def generate_call(model, reader: ArgReader, args: tuple, kwargs: dict) -> Genera
     prompt = reader.get(args, kwargs, "inputs", "input_ids")
     if prompt is None:
         prompt = kwargs.get("inputs_embeds")
-    prompt_length = prompt.shape[1] if isinstance(prompt, torch.Tensor) and prompt.dim() >= 2 else None
+    given = isinstance(prompt, torch.Tensor) and prompt.dim() >= 2
+    prompt_length = prompt.shape[1] if given else None
     mask = kwargs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and prompt_length is not None:
         # generate may get only the new tokens on top of a given cache, with a mask for the whole sequence
         prompt_length = max(prompt_length, mask.shape[1])
     config = reader.get(args, kwargs, "generation_config") or getattr(model, "generation_config", None)
-    num_beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
-    return GenerateCall(prompt_length, int(num_beams))
+    num_beams = int(kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1)
+    sequences = int(kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1)) or 1)
+    # as generate's _expand_inputs_for_generation: max(num_beams, num_return_sequences) rows per prompt
+    return GenerateCall(prompt_length, num_beams, prompt.shape[0] if given else None, max(num_beams, sequences))
 

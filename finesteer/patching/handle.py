@@ -14,9 +14,10 @@ import finesteer_kernels
 from finesteer_kernels import SteerParams
 from finesteer_kernels.validation import HIDDEN_DTYPES
 
+from .continuous import ContinuousSteering
+from .forward_context import (ArgReader, ForwardContext, GenerateCall, as_mask, generate_call, new_token_count,
+                              reported_length, rows_for)
 from .threads import OneThreadAtATime
-from .forward_context import (ArgReader, ForwardContext, as_mask, generate_call, new_token_count, reported_length,
-                              rows_for)
 from .wrappers import unwrap, wrap
 
 if TYPE_CHECKING:
@@ -45,13 +46,14 @@ def _padding_mask(ctx: Optional[ForwardContext], hidden: torch.Tensor) -> Option
 
 def _share_within_beams(coef: torch.Tensor, num_beams: int) -> torch.Tensor:
     """Give every beam of a prompt the coefficients of its first beam, so that beam search's reordering of rows
-    (always within a prompt's beams) leaves each row's coefficients exactly right."""
+    (always within a prompt's beams) leaves each row's coefficients exactly right. A tensor of its own: the
+    next prefill copies into it (`_store_coef`), which a view with stride 0 over the beams would refuse."""
     if num_beams <= 1:
         return coef
-    batch, n = coef.shape
+    batch = coef.shape[0]
     if batch % num_beams:
         raise RuntimeError(f"beam search: {batch} rows are not a multiple of num_beams={num_beams}")
-    return coef.view(batch // num_beams, num_beams, n)[:, :1].expand(-1, num_beams, -1).reshape(batch, n)
+    return coef[::num_beams].repeat_interleave(num_beams, dim=0)
 
 
 def _store_coef(cached: Optional[torch.Tensor], coef: torch.Tensor) -> torch.Tensor:
@@ -134,6 +136,11 @@ class Site:
     delta: Optional[torch.Tensor] = None  # (B, d) fp32 = coef @ W_out: a decode step only adds it
     delta_memory: Optional[torch.Tensor] = None  # where prefills write delta (as coef_memory)
     fused: Optional[FusedNorm] = None  # fuse_norm: the next norm that takes this layer's edit (fused_norm.py)
+    slot_delta: Optional[torch.Tensor] = None  # continuous batching, query mode: (capacity, d) fp32 delta per slot
+
+    def local(self, global_index: torch.Tensor) -> torch.Tensor:
+        """This layer's index of a request's steerer: a plain patch has one, index 0 everywhere (-1: none)."""
+        return global_index
 
 
 class PatchHandle:
@@ -169,6 +176,7 @@ class PatchHandle:
         self.active = True
         if callable(getattr(model, "generate", None)):
             self._wrappers.append(wrap(model, "generate", self._generate_wrapper))
+        self.continuous: Optional[ContinuousSteering] = self._continuous_steering()
 
     # ---- public ---------------------------------------------------------------------------------------------
     @property
@@ -194,6 +202,8 @@ class PatchHandle:
         """Remove every hook of this patch and drop its state. Safe to call twice."""
         if not self.active:
             return
+        if self.continuous is not None:
+            self.continuous.remove()
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
@@ -224,13 +234,16 @@ class PatchHandle:
             raise KeyError(f"layer: {layer} is not patched by this handle (patched: {list(self.layers)})")
         return self._sites[layer]
 
+    def _continuous_steering(self) -> Optional[ContinuousSteering]:
+        """Continuous batching: query mode keeps a delta per request (token mode: every packed row gates on
+        itself, nothing to keep)."""
+        return ContinuousSteering(self) if self.mode == "query" else None
+
     def _begin_forward(self, reader: ArgReader, args: tuple, kwargs: dict) -> None:
+        if self.continuous is not None and self.continuous.begin_forward(reader, args, kwargs):
+            return  # continuous batching, a packed forward: its requests' rows and slots are its context
         self._one_thread.enter("model forward")  # left in _end_forward, which runs even if this raises
         if reader.get(args, kwargs, "cu_seq_lens_q") is not None:  # continuous batching: requests packed in one row
-            if self.mode == "query":
-                raise RuntimeError("continuous batching: query mode keeps coefficients per request, which a plain "
-                                   "patch cannot tell apart in a packed batch; patch a finesteer.SteererBank instead "
-                                   "(SteererBank({'s': steerer}, default='s') steers every request; docs/serving.md)")
             self._context = ForwardContext(None, 0, None)  # token mode: every packed row gates on itself
             return
         mask = as_mask(reader.get(args, kwargs, "attention_mask"))
@@ -285,6 +298,11 @@ class PatchHandle:
                             "float32, float16 and bfloat16")
         ctx = self._context
         in_place = _editable_in_place(hidden, layer_input)
+        packed = ContinuousSteering.batch_of(ctx)  # a packed forward of continuous batching, per request
+        if packed is not None:
+            steer = self.continuous.steer_query if self.mode == "query" else self.continuous.steer_tokens
+            steered = steer(site, hidden, packed, in_place)
+            return (steered, *output[1:]) if isinstance(output, tuple) else steered
         if site.fused is not None and ctx is not None and in_place:
             site.fused.arm(hidden)  # fuse_norm: the next norm edits ``hidden`` in place (fused_norm.py)
             return output
@@ -334,6 +352,11 @@ class PatchHandle:
         row_to_seq = self._prefill(site, hidden, ctx, rows)  # sets site.delta
         return site.delta, row_to_seq
 
+    def _anchor_delta(self, site: Site, anchors: torch.Tensor, steerers: torch.Tensor) -> torch.Tensor:
+        """Continuous batching: the delta of each request whose prompt ends in this forward, from its anchor row
+        (``steerers``: each one's global steerer index; a plain patch's are all 0)."""
+        return finesteer_kernels.coef_delta(finesteer_kernels.synthesize(anchors, site.params), site.params)
+
     def _decode_rows(self, site: Site, hidden: torch.Tensor) -> Optional[torch.Tensor]:
         """A decode step's ``row_to_seq``: None, row b gets delta[b]."""
         return None
@@ -371,6 +394,9 @@ class PatchHandle:
         self._coef_thread = self._one_thread.ident()
 
     # ---- generate -------------------------------------------------------------------------------------------
+    def _generate_begins(self, call: GenerateCall) -> None:
+        """A generate call is about to run (a `BankHandle` binds its steerer assignment to it here)."""
+
     def _generate_wrapper(self, original):
         """``model.generate``, wrapped on this instance so forwards know the prompt length and beam count."""
         model = self.model
@@ -385,7 +411,9 @@ class PatchHandle:
                 handle._one_thread.exit()
 
         def _run(*args, **kwargs):
-            handle._generate_stack.append(generate_call(model, reader, args, kwargs))
+            call = generate_call(model, reader, args, kwargs)
+            handle._generate_begins(call)
+            handle._generate_stack.append(call)
             given_cache = kwargs.get("cache", kwargs.get("past_key_values"))
             length = reported_length(given_cache) if given_cache is not None else None
             if isinstance(length, torch.Tensor):
