@@ -29,7 +29,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=1.0, help="steering strength")
     parser.add_argument("--mode", choices=("query", "token"), default="query",
                         help="query: gate and route once per prompt (the paper's); token: every token on its own")
-    parser.add_argument("--show", type=int, default=3, help="held-out harmful prompts shown (and as many benign)")
+    parser.add_argument("--show", type=int, default=5,
+                        help="held-out harmful prompts shown, and as many benign ones (one on an edgy topic)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens generated per reply")
 
 
@@ -90,8 +91,10 @@ def add_layers_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", default=None,
                         help="comma-separated decoder layers to compare (default: the gate study's candidate layers "
                              "in the second half of the network; 15,18,21,24,27 on SmolLM2)")
-    parser.add_argument("--alpha", type=float, default=steer_layers.DEFAULT_ALPHA, help="steering strength")
-    parser.add_argument("--max-new-tokens", type=int, default=24, help="greedy tokens per reply")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="steering strength (default: the fitted steerer's own, 1)")
+    parser.add_argument("--max-new-tokens", type=int, default=steer_layers.JUDGE_NEW_TOKENS,
+                        help="greedy tokens per reply")
     parser.add_argument("--gen-batch-size", type=int, default=16, help="prompts per generate call")
     parser.add_argument("--out", default="results", help="folder for layers.json, layers.md and layers.png")
 

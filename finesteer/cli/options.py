@@ -19,8 +19,10 @@ def add_gate_arguments(parser: argparse.ArgumentParser, studied_default: bool, l
                "middle layer for other models" if studied_default else "the middle layer, num_layers // 2")
     if layer_flag:
         parser.add_argument("--layer", type=parse_layer, default=None,
-                            help="decoder layer whose output is read and edited, or 'auto': the candidate layer "
-                                 f"with the best source-held-out calibration AUC of the gate; the default is {default}")
+                            help="decoder layer whose output is read and edited, or 'auto': a steerer is fitted "
+                                 "at each candidate layer (15,18,...,27 on SmolLM2) and the one with the most "
+                                 "steered refusals on calibration prompts is kept (finesteer layers' rule); the "
+                                 f"default is {default}")
     parser.add_argument("--gate", choices=GATES, default=DEFAULT_GATE,
                         help="gate variant: scs (the paper's: top-r principal subspace of the targets), contrastive "
                              "(generalised eigenvectors of target vs benign second moments) or linear (a shrinkage-"

@@ -74,6 +74,8 @@ class GateReport:
     tau: float
     n_target: int
     n_benign: int
+    median_target: float  # the scores' medians: reference points that make a single score readable (the demo's)
+    median_benign: float
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -90,7 +92,8 @@ def gate_report(scores_target, scores_benign, tau: float) -> GateReport:
     """TPR / FPR at ``tau`` (gate on when score >= tau) and the threshold-free ROC AUC."""
     st, sb = np.asarray(scores_target, dtype=np.float64), np.asarray(scores_benign, dtype=np.float64)
     return GateReport(tpr=float((st >= tau).mean()), fpr=float((sb >= tau).mean()), auc=roc_auc(st, sb),
-                      tau=float(tau), n_target=len(st), n_benign=len(sb))
+                      tau=float(tau), n_target=len(st), n_benign=len(sb), median_target=float(np.median(st)),
+                      median_benign=float(np.median(sb)))
 
 
 # ---- thresholds ---------------------------------------------------------------------------------------------------

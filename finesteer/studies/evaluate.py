@@ -46,6 +46,7 @@ from ..fitting.steerer_cache import fitted_steerer
 from .generation import encode_batches, generate, kl_divergence
 from .refusal import is_refusal
 from .report_files import pyplot, write_report
+from .steer_layers import layer_judge
 
 GROUPS = ("harmful", "benign", "overrefusal")
 METHODS = ("none", "caa", "cast", "finesteer-scs", "finesteer-query", "finesteer-token")
@@ -124,17 +125,24 @@ def run_evaluation(model, tokenizer, *, model_name: str, options, layer: Optiona
     group_of = [g for g in GROUPS for _ in groups[g].prompts]
 
     steerers, fit_info, clock = {}, {}, time.perf_counter()
-    for key in dict.fromkeys(FITTED[m] for m in methods if m != "none"):
+    keys = list(dict.fromkeys(FITTED[m] for m in methods if m != "none"))
+    if layer == "auto" and "finesteer" in keys:  # FineSteer's own fit picks the layer; the others use it too
+        keys.remove("finesteer")
+        keys.insert(0, "finesteer")
+    for key in keys:
         method, gate = RECIPE[key]
         opts = options if gate is None else dataclasses.replace(options, gate=gate)
+        if layer == "auto" and steerers:
+            layer = next(iter(steerers.values())).layer
         steerer, from_cache = fitted_steerer(model, tokenizer, method, layer, opts, model_name, cache, refit,
-                                             progress)
+                                             progress, **layer_judge(model, tokenizer, layer, opts, progress))
         check_same_split(steerer, harmful_test, benign_test)
         steerers[key] = steerer
         metrics = steerer.metadata.get("metrics", {})
         fit_info[key] = {"from_cache": from_cache, "layer": steerer.layer, "params": repr(steerer.params),
                          "gate": (metrics.get("gate") or {}).get("kind", "cast" if method == "cast" else None),
                          "fit_timings_s": steerer.metadata.get("timings"),
+                         "layer_choice": (steerer.metadata.get("layer_choice") or {}).get("why"),
                          "gate_test_at_fit": (metrics.get("gate") or {}).get("test"),
                          "transfer_at_fit": metrics.get("transfer")}
     fit_seconds = time.perf_counter() - clock
