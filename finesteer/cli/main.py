@@ -77,7 +77,8 @@ def _fit(args: argparse.Namespace) -> int:
                          completions_per_prompt=args.completions_per_prompt, batch_size=args.batch_size,
                          max_prompt_tokens=args.max_prompt_tokens, max_completion_tokens=args.max_completion_tokens,
                          r=args.r, num_experts=args.num_experts, res_rank=args.res_rank, hidden=args.hidden,
-                         epochs=args.epochs, alpha=args.alpha, gate=args.gate, max_fpr=args.max_fpr)
+                         epochs=args.epochs, alpha=args.alpha, gate=args.gate, max_fpr=args.max_fpr,
+                         per_source_threshold=args.threshold == "per-source")
     targets, benign = preflight.fit_sizes_and_model(args, options)
     loading = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), progress=not args.quiet)

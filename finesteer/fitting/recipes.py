@@ -64,6 +64,7 @@ class FitOptions:
     max_completion_tokens: int = 64
     gate: str = DEFAULT_GATE
     max_fpr: Optional[float] = DEFAULT_MAX_FPR  # Neyman-Pearson threshold for this calibration FPR; None: logistic
+    per_source_threshold: bool = True  # max_fpr holds on every benign calibration source, not only on their pool
     r: Optional[int] = None
     num_experts: Optional[int] = None
     res_rank: int = 8
@@ -230,7 +231,7 @@ def fit_recipe(model, tokenizer, *, recipe: str, targets: datasets.PromptSet, be
             delta = remove_group_means(delta, [template_group[p] for p in fit_prompts])
         params, metrics = _fit_at_layer(method, opts, torch.split(acts[at], [len(part) for part in parts]),
                                         shifts.anchors[at], delta, by_layer[at], splits, target_sources,
-                                        t_splits.test, b_splits.test)
+                                        b_splits.calibration.source_of, t_splits.test, b_splits.test)
         metadata = {
             "recipe": recipe,
             "layer_site": "decoder layer output (read and written at the same site)",
@@ -266,13 +267,16 @@ def fit_recipe(model, tokenizer, *, recipe: str, targets: datasets.PromptSet, be
 
 def _fit_at_layer(method: str, opts: FitOptions, rows: Sequence[torch.Tensor], h_anchor_fit: torch.Tensor,
                   delta: torch.Tensor, by_source: dict, splits: dict, target_sources: list,
-                  target_test: datasets.PromptSet, benign_test: datasets.PromptSet) -> tuple:
+                  benign_cal_sources: list, target_test: datasets.PromptSet,
+                  benign_test: datasets.PromptSet) -> tuple:
     """``(params, metrics)`` of one method at one layer. ``rows``: the anchor rows of the target fit / calibration
-    / test and benign fit / calibration / test parts; ``by_source`` / ``splits``: the same rows per source."""
+    / test and benign fit / calibration / test parts; ``by_source`` / ``splits``: the same rows per source;
+    ``benign_cal_sources``: the source of each benign calibration row."""
     h_tf, h_tc, h_tt, h_bf, h_bc, h_bt = rows
     metrics: dict = {}
     if method == "finesteer":
-        gate = fit_gate(opts.gate, h_tf, h_bf, h_tc, h_bc, r=opts.r, max_fpr=opts.max_fpr, test=(h_tt, h_bt))
+        gate = fit_gate(opts.gate, h_tf, h_bf, h_tc, h_bc, r=opts.r, max_fpr=opts.max_fpr, test=(h_tt, h_bt),
+                        benign_cal_sources=benign_cal_sources if opts.per_source_threshold else None)
         apex = gate.details.get("apex_coordinate")
         mose = fit_mose(h_anchor_fit, delta, num_experts=opts.num_experts, res_rank=opts.res_rank,
                         hidden=opts.hidden, epochs=opts.epochs, seed=opts.seed,
@@ -285,7 +289,8 @@ def _fit_at_layer(method: str, opts: FitOptions, rows: Sequence[torch.Tensor], h
         harmful, benign_rows = by_side(by_source, target_sources)
         held_out = held_out_candidates(harmful) + held_out_candidates(benign_rows)
         folds = {source: held_out_rates(fit_without(opts.gate, harmful, benign_rows, splits, [source], r=opts.r,
-                                                    max_fpr=opts.max_fpr), harmful, benign_rows, splits, source)
+                                                    max_fpr=opts.max_fpr, per_source=opts.per_source_threshold),
+                                        harmful, benign_rows, splits, source)
                  for source in held_out}
         sides = {f["side"] for f in folds.values()}
         metrics["transfer"] = {"per_source": folds, "macro": macro(folds) if sides == {"harmful", "benign"} else None}
