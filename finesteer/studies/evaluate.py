@@ -123,6 +123,7 @@ def run_evaluation(model, tokenizer, *, model_name: str, options, layer: Optiona
         groups = {g: ps.select(range(min(limit, len(ps)))) for g, ps in groups.items()}
     prompts = [p for g in GROUPS for p in groups[g].prompts]
     group_of = [g for g in GROUPS for _ in groups[g].prompts]
+    source_of = [s for g in GROUPS for s in groups[g].source_of]
 
     steerers, fit_info, clock = {}, {}, time.perf_counter()
     keys = list(dict.fromkeys(FITTED[m] for m in methods if m != "none"))
@@ -175,6 +176,15 @@ def run_evaluation(model, tokenizer, *, model_name: str, options, layer: Optiona
                 row[f"refusal_{g}"] = _rate(is_refusal(gens.texts[i]) for i in members)
                 row[f"identical_{g}"] = _rate(gens.tokens[i] == reference.tokens[i] for i in members)
                 row[f"kl_{g}"] = sum(kl[i] for i in members) / len(members) if members else None
+            # per source, since the sources differ in difficulty (maths problems never open the gate)
+            row["identical_by_source"] = {
+                source: _rate(gens.tokens[i] == reference.tokens[i] for i in range(len(prompts))
+                              if source_of[i] == source and group_of[i] != "harmful")
+                for source in dict.fromkeys(s for s, g in zip(source_of, group_of) if g != "harmful")}
+            row["refusal_by_source"] = {
+                source: _rate(is_refusal(gens.texts[i]) for i in range(len(prompts))
+                              if source_of[i] == source and group_of[i] == "harmful")
+                for source in dict.fromkeys(s for s, g in zip(source_of, group_of) if g == "harmful")}
             rows.append(row)
             replies[f"{method}@{alpha}"] = gens.texts
 
@@ -193,7 +203,7 @@ def run_evaluation(model, tokenizer, *, model_name: str, options, layer: Optiona
         "steerers": fit_info,
         "rows": rows,
         "timings_s": {"fit_or_load": fit_seconds, "total": time.perf_counter() - started},
-        "prompts": {"text": prompts, "group": group_of},
+        "prompts": {"text": prompts, "group": group_of, "source": source_of},
         "replies": replies,
     }
 
@@ -237,8 +247,29 @@ def markdown_table(results: dict) -> str:
                  f"{d['overrefusal']['n']} over-refusal prompts. {results['created'][:10]}, {m['cpu']} "
                  f"({m['cpu_count']} cores, load average {m['load_average_start']} at start), "
                  f"torch {m['torch']}, backend {m['backend']}.")
+    lines += source_lines(results)
     lines += transfer_lines(results["steerers"])
     return "\n".join(lines) + "\n"
+
+
+def source_lines(results: dict) -> list:
+    """Per prompt source, for each steered configuration: refusals on each harmful source and identical replies on
+    each benign one (the groups' sources differ in difficulty, so their pooled rates hide where the gate errs)."""
+    rows = [r for r in results["rows"] if r.get("identical_by_source") is not None]
+    if not rows:
+        return []
+    harmful, benign = list(rows[0]["refusal_by_source"]), list(rows[0]["identical_by_source"])
+    counts = {s: n for g in results["data"].values() for s, n in g["sources"].items()}
+    lines = ["", "Per source (n test prompts): refusal on each harmful source, identical replies on each benign "
+                 "one:", "",
+             "| method | alpha | " + " | ".join(f"refusal {s} ({counts.get(s, '?')})" for s in harmful) + " | "
+             + " | ".join(f"identical {s} ({counts.get(s, '?')})" for s in benign) + " |",
+             "|---|--:|" + "--:|" * (len(harmful) + len(benign))]
+    for r in rows:
+        lines.append(f"| {r['method']} | {_cell('alpha', r['alpha'])} | "
+                     + " | ".join(_cell("rate", r["refusal_by_source"][s]) for s in harmful) + " | "
+                     + " | ".join(_cell("rate", r["identical_by_source"][s]) for s in benign) + " |")
+    return lines
 
 
 def transfer_lines(fit_info: dict) -> list:
