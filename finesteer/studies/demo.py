@@ -22,6 +22,7 @@ from ..fitting.steerer_cache import fitted_steerer
 from ..steerer import Steerer
 from .generation import encode_batches, generate
 from .refusal import is_refusal
+from .steer_layers import layer_judge
 
 MAX_SHOWN_CHARS = 160  # prompts shown are picked among the short ones, so the side-by-side view stays readable
 
@@ -138,6 +139,10 @@ def run(model_name: str, *, options, steerer_path: Optional[str] = None, layer=N
     return 0
 
 
+def _percent(share: float) -> str:
+    return f"{100 * share:.0f} %"
+
+
 @dataclasses.dataclass
 class GateScale:
     """Gate scores in units a reader can follow: 0 % is the median benign calibration prompt, 100 % the threshold
@@ -164,7 +169,7 @@ class GateScale:
         if not self.readable:
             return "Gate score: the share of the anchor row's centred energy in the gate subspace; the gate opens " \
                    "at tau and above."
-        harmful = (f"; the median harmful calibration prompt sits at {self.share(self.target_median):.0%}"
+        harmful = (f"; the median harmful calibration prompt sits at {_percent(self.share(self.target_median))}"
                    if self.target_median is not None else "")
         return ("Gate score, as a share of the threshold: 0 % = the median benign calibration prompt, 100 % = the "
                 f"threshold tau; the gate opens at 100 % and above{harmful}.")
@@ -174,7 +179,7 @@ class GateScale:
             return "no gate (always on)"
         if not self.readable:
             return f"score {float(score):.4g} vs tau {self.tau:.4g}"
-        return f"{self.share(score):.0%} of the threshold"
+        return f"{_percent(self.share(score))} of the threshold"
 
 
 def _summary(steerer, options, harmful, benign, on, plain, steered, origin, seconds, mode, alpha, width) -> str:
@@ -202,13 +207,13 @@ def _summary(steerer, options, harmful, benign, on, plain, steered, origin, seco
         f"Where they come from: the test split of this steerer's own fit ({options.n_target} harmful and "
         f"{options.n_benign} benign prompts drawn with seed {options.seed}, split 50/25/25; "
         f"{t_sizes.get('test', '?')} harmful and {b_sizes.get('test', '?')} benign test prompts, never used in "
-        f"fitting or calibration). On that whole split the gate has TPR {gate.get('tpr', float('nan')):.0%} and "
-        f"FPR {gate.get('fpr', float('nan')):.0%} (ROC AUC {gate.get('auc', float('nan')):.2f}).",
+        f"fitting or calibration). On that whole split the gate has TPR {_percent(gate.get('tpr', float('nan')))} and "
+        f"FPR {_percent(gate.get('fpr', float('nan')))} (ROC AUC {gate.get('auc', float('nan')):.2f}).",
         "`finesteer eval` (the README's table) fits the same recipe on a larger draw (400 + 400 prompts) and scores "
         "its own test split with every method and strength; the demo shows a few prompts of a smaller fit, so its "
         "counts are an illustration and the eval table is the measurement."
-        + (f" Refitted with one source left out at a time, this gate fires on {loso['tpr']:.0%} of an unseen "
-           f"harmful source's prompts and {loso['fpr']:.0%} of an unseen benign source's (macro averages)."
+        + (f" Refitted with one source left out at a time, this gate fires on {_percent(loso['tpr'])} of an unseen "
+           f"harmful source's prompts and {_percent(loso['fpr'])} of an unseen benign source's (macro averages)."
            if loso else ""),
         f"Took {seconds['total']:.0f} s (model {seconds['model']:.0f} s, steerer {seconds['steerer']:.0f} s, gate "
         f"and generation {seconds['generation']:.0f} s).",
