@@ -58,7 +58,7 @@ def measure(model, tokenizer, candidates, *, alpha: Optional[float] = None, max_
     rows = []
     for layer in tqdm(sorted(candidates.steerers), desc="layers", unit="layer", disable=not progress):
         steerer = candidates.steerers[layer]
-        on_target, on_benign = (gate_scores(steerer, rows_)[1] for rows_ in candidates.anchors[layer])
+        on_target, on_benign = (gate_scores(steerer, anchors)[1] for anchors in candidates.anchors[layer])
         opened = [i for i in range(len(harmful)) if on_target[i]]
         refused = list(refused_unsteered)  # a prompt whose gate stays shut replies exactly as unsteered
         if opened:
@@ -95,10 +95,12 @@ def steering_judge(model, tokenizer, *, alpha: Optional[float] = None, max_new_t
         rows = measure(model, tokenizer, candidates, alpha=alpha, max_new_tokens=max_new_tokens,
                        gen_batch_size=gen_batch_size, max_prompt_tokens=max_prompt_tokens, progress=progress)
         best = choose(rows, candidates.max_fpr)
-        why = (f"layer {best['layer']}: {best['refusal_steered']:.0%} of {len(candidates.target_calibration)} "
-               f"harmful calibration prompts refused when steered ({best['refusal_unsteered']:.0%} unsteered), gate "
-               f"FPR {best['gate_fpr']:.0%} on {len(candidates.benign_calibration)} benign calibration prompts; "
-               "best steered refusal of " + ", ".join(f"{r['layer']}: {r['refusal_steered']:.0%}" for r in rows))
+        pct = lambda share: f"{100 * share:.0f} %"  # noqa: E731
+        why = (f"layer {best['layer']}: {pct(best['refusal_steered'])} of {len(candidates.target_calibration)} "
+               f"harmful calibration prompts refused when steered ({pct(best['refusal_unsteered'])} unsteered), "
+               f"gate FPR {pct(best['gate_fpr'])} on {len(candidates.benign_calibration)} benign calibration "
+               "prompts; steered refusal per layer: "
+               + ", ".join(f"{r['layer']}: {pct(r['refusal_steered'])}" for r in rows))
         return best["layer"], {"criterion": CRITERION, "why": why, "chosen": best["layer"], "rows": rows,
                                "alpha": alpha, "mode": "query", "max_new_tokens": max_new_tokens,
                                "data": {"harmful": {"n": len(candidates.target_calibration),
@@ -154,12 +156,13 @@ def markdown(results: dict) -> str:
     for r in results["rows"]:
         mark = "**" if r["layer"] == results["chosen"]["layer"] else ""
         criterion = "—" if r["gate_criterion"] is None else f"{r['gate_criterion']:.3f}"
-        lines.append(f"| {mark}{r['layer']}{mark} | {r['gate_tpr']:.0%} | {r['gate_fpr']:.0%} | "
-                     f"{r['refusal_unsteered']:.0%} | {mark}{r['refusal_steered']:.0%}{mark} | {criterion} |")
+        pct = {k: f"{100 * r[k]:.0f} %" for k in ("gate_tpr", "gate_fpr", "refusal_unsteered", "refusal_steered")}
+        lines.append(f"| {mark}{r['layer']}{mark} | {pct['gate_tpr']} | {pct['gate_fpr']} | "
+                     f"{pct['refusal_unsteered']} | {mark}{pct['refusal_steered']}{mark} | {criterion} |")
     lines += ["", f"Chosen: layer **{results['chosen']['layer']}** ({results['chosen']['by']}; the gate criterion is "
               f"{results['gate_criterion']['name']}). {results['chosen']['why']}. The same judge picks the layer of "
               "`--layer auto` in finesteer fit, demo and eval."]
-    return "\n".join(lines).replace("%", " %") + "\n"
+    return "\n".join(lines) + "\n"
 
 
 def plot(results: dict, path) -> None:
