@@ -1,7 +1,7 @@
-"""The one layer criterion (`finesteer.studies.steer_layers`): ``--layer auto`` in fit, demo and eval and `finesteer layers`
-all keep the candidate layer with the most steered refusals on the recipe's calibration prompts. End to end on the
-real SmolLM2-135M-Instruct, scaled down (tiny fits, two layers, two tokens); the rule itself on made-up rows. The
-op runs on the PyTorch backend (FINESTEER_BACKEND=torch)."""
+"""The one layer criterion (`finesteer.studies.steer_layers`): ``--layer auto`` in fit, demo and eval and
+`finesteer layers` all keep the candidate layer with the most steered refusals on the recipe's calibration
+prompts. End to end on the real SmolLM2-135M-Instruct, scaled down (tiny fits, two layers, two tokens); the rule
+itself on made-up rows. The op runs on the PyTorch backend (FINESTEER_BACKEND=torch)."""
 from __future__ import annotations
 
 import json

@@ -171,8 +171,8 @@ def fit_recipe(model, tokenizer, *, recipe: str, targets: datasets.PromptSet, be
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     if layer == "auto" and choose_layer is None:
         raise ValueError("choose_layer: layer='auto' needs a judge that picks among the candidate layers, e.g. "
-                         "finesteer.studies.steer_layers.steering_judge(model, tokenizer) (steered refusal on calibration "
-                         "prompts)")
+                         "finesteer.studies.steer_layers.steering_judge(model, tokenizer) (steered refusal on "
+                         "calibration prompts)")
     opts = options or FitOptions()
     layers = _layers_to_collect(model, layer, candidates)
     name = model_name or getattr(model.config, "_name_or_path", None)
