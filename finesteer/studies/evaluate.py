@@ -45,7 +45,7 @@ from ..fitting.models import model_identity
 from ..fitting.steerer_cache import fitted_steerer
 from .generation import encode_batches, generate, kl_divergence
 from .refusal import is_refusal
-from .report_files import pyplot, write_report
+from .report_files import load_average, pyplot, write_report
 from .steer_layers import layer_judge
 
 GROUPS = ("harmful", "benign", "overrefusal")
@@ -92,13 +92,6 @@ def _machine(device: torch.device) -> dict:
     return info
 
 
-def _load() -> Optional[list]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def run_evaluation(model, tokenizer, *, model_name: str, options, layer: Optional[int] = None,
                    methods: Sequence[str] = METHODS, alphas: Sequence[float] = DEFAULT_ALPHAS,
                    max_new_tokens: int = 24, gen_batch_size: int = 16, limit: Optional[int] = None,
@@ -115,7 +108,7 @@ def run_evaluation(model, tokenizer, *, model_name: str, options, layer: Optiona
         raise ValueError(f"alphas: expected positive finite strengths, got {list(alphas)}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit: expected a positive number of prompts per group, got {limit}")
-    started, load_start = time.perf_counter(), _load()
+    started, load_start = time.perf_counter(), load_average()
 
     harmful_test, benign_test = held_out_prompts(options)
     groups = {"harmful": harmful_test, **benign_groups(benign_test)}
@@ -191,7 +184,7 @@ def run_evaluation(model, tokenizer, *, model_name: str, options, layer: Optiona
     return {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {**_machine(next(model.parameters()).device), "load_average_start": load_start,
-                    "load_average_end": _load()},
+                    "load_average_end": load_average()},
         "model": model_identity(model_name),
         "layer": next(iter(steerers.values())).layer if steerers else layer,
         "settings": {"methods": list(methods), "alphas": [float(a) for a in alphas],

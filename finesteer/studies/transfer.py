@@ -169,6 +169,11 @@ def markdown_table(results: dict) -> str:
               "tokens):", "",
               "| n | macro TPR | macro FPR | macro AUC |", "|--:|--:|--:|--:|"]
     lines += [f"| {n} | {_pct(m['tpr'])} | {_pct(m['fpr'])} | {m['auc']:.3f} |" for n, m in results["pooling"].items()]
+    if "timings_s" in results:  # the command's run, on a machine that may be shared
+        load = results.get("load_average") or {}
+        lines += ["", f"{results.get('model', '')}, {results.get('created', '')[:10]}: anchor rows "
+                      f"{results['timings_s']['activations']:.0f} s, study {results['timings_s']['study']:.0f} s; "
+                      f"load average {load.get('start')} at the start, {load.get('end')} at the end."]
     return "\n".join(lines) + "\n"
 
 
