@@ -89,7 +89,8 @@ class FitOptions:
 
 def steering_candidates(n_layers: int) -> list:
     """The layers ``layer="auto"`` compares: every tenth of the depth in the second half of the network (15, 18,
-    ..., 27 of 30). On SmolLM2 steering from the first half derails replies and the gate separates less there."""
+    ..., 27 of 30). The gate separates less in the first half (source-held-out AUC 0.83-0.89 at layers 3-12 on
+    SmolLM2 against 0.93-0.95 at 15-27, results/transfer.md), and it reads the steered layer."""
     return [layer for layer in candidate_layers(n_layers) if layer >= n_layers // 2] or [n_layers // 2]
 
 
