@@ -30,10 +30,9 @@ from .report_files import pyplot, write_report
 
 POOLS = (1, 4, 8, 16)  # anchor poolings collected: the last prompt token, and means of the last n prompt tokens
 FPR_TARGETS = (0.01, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5)  # Neyman-Pearson targets of the trade-off curve
-# Threshold rules compared: the paper's logistic fit, and the Neyman-Pearson bound (the study's max_fpr) on the
-# pooled benign calibration rows or on every benign calibration source (`finesteer.fitting.gates.calibrate`).
-RULES = (("logistic", {}), ("max_fpr", {"max_fpr": None}),
-         ("max_fpr_per_source", {"max_fpr": None, "per_source": True}))
+# Threshold rules compared, as (name, per_source): the paper's logistic fit (None), and the Neyman-Pearson bound (the
+# study's max_fpr) on the pooled benign calibration rows (False) or on every benign source (True; `gates.calibrate`).
+RULES = (("logistic", None), ("max_fpr", False), ("max_fpr_per_source", True))
 
 
 def _rows_by_layer(acts: dict, sizes: list, pool: int) -> dict:
@@ -83,8 +82,8 @@ def study(acts: dict, sizes: list, harmful_sources: Sequence[str], *, gates: Seq
             fold = {"layer": layer}
             for prefix, at in (("", layer), ("fixed_layer_", fixed_layer)):
                 harmful, benign = by_side(by_layer[at], harmful_sources)
-                for rule, options in RULES:
-                    options = {**options, "max_fpr": max_fpr} if "max_fpr" in options else options
+                for rule, per_source in RULES:
+                    options = {} if per_source is None else {"max_fpr": max_fpr, "per_source": per_source}
                     gate = fit_without(kind, harmful, benign, splits, [held_out], **options)
                     fold[prefix + rule] = held_out_rates(gate, harmful, benign, splits, held_out)
             folds[held_out] = fold
