@@ -1,5 +1,6 @@
 """Steer your own model: load a local transformers model, fit a FineSteer steerer on your own prompt files, save it,
-then patch the model and generate with and without steering.
+then patch the model and show, for a few held-out prompts of each kind, the gate's decision and the replies with
+and without steering.
 
     python examples/own_model.py --model path/to/model-folder --targets targets.jsonl --benign benign.jsonl
 
@@ -18,6 +19,7 @@ import torch
 
 import finesteer
 from finesteer.fitting import data
+from finesteer.fitting.held_out import anchor_activations, gate_scores
 from finesteer.fitting.recipes import FitOptions
 
 
@@ -30,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="my-steerer.safetensors", help="where to save the steerer")
     parser.add_argument("--epochs", type=int, default=400, help="maximum MoSE training epochs")
     parser.add_argument("--alpha", type=float, default=1.0, help="steering strength when generating")
+    parser.add_argument("--show", type=int, default=3, help="held-out prompts of each kind shown with their replies")
     args = parser.parse_args(argv)
 
     model, tokenizer = finesteer.load_model(args.model)
@@ -42,17 +45,28 @@ def main(argv: list[str] | None = None) -> None:
     print(f"saved {args.out}: layer {steerer.layer}, {steerer.params.num_experts} experts; held-out gate TPR "
           f"{gate['tpr']:.0%}, FPR {gate['fpr']:.0%}")
 
-    prompt = targets.prompts[0]
-    inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)
+    # a few prompts of each kind that the fit never saw (its test split), each with the gate's decision: where the
+    # gate stays shut the steered reply is the unsteered one, token for token (query mode)
+    shown = [(kind, p) for kind, ps in (("target", targets), ("benign", benign))
+             for p in data.split_prompts(data.subsample(ps, len(ps), options.seed), options.fractions,
+                                         options.seed).test.prompts[:args.show]]
+    anchors = anchor_activations(model, tokenizer, [p for _, p in shown], steerer.layer, options, progress=False)
+    _, gate_open = gate_scores(steerer, anchors)
+    inputs = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True) for _, p in shown]
+
+    def replies() -> list:
+        return [model.generate(**x, max_new_tokens=24, do_sample=False)[0, x["input_ids"].shape[1]:] for x in inputs]
+
     with torch.no_grad():
-        plain = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+        plain = replies()
         with finesteer.patch_model(model, finesteer.Steerer.load(args.out), mode="query", alpha=args.alpha):
-            steered = model.generate(**inputs, max_new_tokens=24, do_sample=False)
-    start = inputs["input_ids"].shape[1]
-    print(f"prompt:    {prompt}")
-    print(f"unsteered: {tokenizer.decode(plain[0, start:], skip_special_tokens=True)}")
-    print(f"steered:   {tokenizer.decode(steered[0, start:], skip_special_tokens=True)}")
+            steered = replies()
+    for (kind, prompt), opened, a, b in zip(shown, gate_open.tolist(), plain, steered):
+        print(f"[{kind}] {prompt}\n  gate {'OPEN: steered' if opened else 'shut: left alone'}")
+        print(f"  unsteered: {tokenizer.decode(a, skip_special_tokens=True)}")
+        print(f"  steered:   {tokenizer.decode(b, skip_special_tokens=True)}"
+              + ("  (identical)" if a.equal(b) else ""))
 
 
 if __name__ == "__main__":

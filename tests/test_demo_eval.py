@@ -59,7 +59,12 @@ def test_eval_outputs_structure(eval_run):
         assert {"harmbench", "do_not_answer", "strongreject", "rho_harmful", "past_tense", "rho_benign",
                 "rho_overrefusal"} <= set(transfer["per_source"])
         assert 0 <= transfer["macro"]["tpr"] <= 1 and 0 <= transfer["macro"]["fpr"] <= 1
-    assert {g: results["data"][g]["n"] for g in evaluate.GROUPS} == {"harmful": 2, "benign": 2, "overrefusal": 2}
+    from finesteer.fitting.held_out import benign_groups, held_out_prompts
+    from finesteer.fitting.recipes import FitOptions
+
+    harmful_test, benign_test = held_out_prompts(FitOptions(n_target=24, n_benign=16, sharegpt=8))
+    available = {"harmful": len(harmful_test), **{g: len(ps) for g, ps in benign_groups(benign_test).items()}}
+    assert {g: results["data"][g]["n"] for g in evaluate.GROUPS} == {g: min(2, n) for g, n in available.items()}
     configs = [(r["method"], r["alpha"]) for r in results["rows"]]
     assert configs == [("none", None)] + [(m, a) for m in evaluate.METHODS[1:] for a in ALPHAS]
     generations = json.loads((eval_run / "eval_generations.json").read_text())
@@ -95,9 +100,10 @@ def test_eval_outputs_structure(eval_run):
     png = (eval_run / "eval.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
-    assert len(generations["prompts"]["text"]) == 6
+    n_prompts = sum(results["data"][g]["n"] for g in evaluate.GROUPS)
+    assert len(generations["prompts"]["text"]) == n_prompts == len(generations["prompts"]["source"])
     assert len(generations["replies"]) == len(configs)
-    assert all(len(r) == 6 for r in generations["replies"].values())
+    assert all(len(r) == n_prompts for r in generations["replies"].values())
 
 
 def test_eval_prompts_are_held_out(eval_run):
@@ -115,13 +121,57 @@ def test_eval_prompts_are_held_out(eval_run):
     assert evaluated and not used & {datasets.normalize(p) for p in evaluated}
 
 
+def _demo_summary_counts(out: str) -> dict:
+    """The counts the demo's summary states (gate opened, refusals unsteered, refusals steered, on the harmful
+    prompts), and what its gate lines and reply headers show."""
+    found = re.search(r"Harmful prompts shown: the gate opened on (\d+) of (\d+); refusals (\d+)/\d+ unsteered -> "
+                      r"(\d+)/\d+ steered", " ".join(out.split()))
+    n = int(found.group(2))
+    gates = [line for line in out.splitlines() if line.startswith("gate: ")]
+    headers = [line.split("|") for line in out.splitlines() if line.startswith("UNSTEERED")][:n]
+    shown = (sum("-> STEER" in g for g in gates[:n]), sum(h[0].strip().endswith("[refusal]") for h in headers),
+             sum(h[1].strip().endswith("[refusal]") for h in headers))
+    n_benign = int(re.search(r"Benign prompts shown: the gate opened on \d+ of (\d+)", " ".join(out.split())).group(1))
+    return {"stated": tuple(int(x) for x in found.group(1, 3, 4)), "shown": shown, "gates": gates, "n_harmful": n,
+            "n_benign": n_benign}
+
+
 def test_demo_runs_from_the_cached_steerer(eval_run, steerer_cache, capsys):
     capsys.readouterr()
     assert cli.main(["demo", *TINY, "--show", "2", "--max-new-tokens", "6", "--cache-dir", steerer_cache]) == 0
-    out = " ".join(capsys.readouterr().out.split())
-    assert out.count(" vs tau ") == 4  # 2 harmful + 1 benign + 1 over-refusal prompt
-    assert "UNSTEERED" in out and "STEERED" in out
-    assert "Summary: FineSteer (query mode, alpha=1)" in out and "loaded from the cache" in out
+    out = capsys.readouterr().out
+    counts = _demo_summary_counts(out)
+    # 2 harmful prompts, and up to 1 benign + 1 over-refusal (short enough to show) from this tiny split
+    assert counts["n_harmful"] == 2 and 1 <= counts["n_benign"] <= 2
+    assert len(counts["gates"]) == counts["n_harmful"] + counts["n_benign"]
+    assert all(re.fullmatch(r"gate: -?\d+ % of the threshold -> (STEER|pass through .*)", g) for g in counts["gates"])
+    assert "0 % = the median benign calibration prompt, 100 % = the threshold" in " ".join(out.split())
+    assert counts["stated"] == counts["shown"]  # the summary counts what the gate lines and replies show
+    flat = " ".join(out.split())
+    assert "steerer loaded from the cache of an identical earlier fit" in flat
+    assert "the test split of this steerer's own fit (24 harmful and 16 benign prompts drawn" in flat
+    assert "`finesteer eval` (the README's table) fits the same recipe on a larger draw (400 + 400" in flat
+
+
+def test_demo_names_a_steerer_file_as_its_origin(eval_run, steerer_cache, capsys):
+    from pathlib import Path
+
+    path = next(Path(steerer_cache).glob("safety-finesteer-L15-*.safetensors"))
+    capsys.readouterr()
+    assert cli.main(["demo", "--steerer", str(path), "--show", "1", "--max-new-tokens", "2", "--quiet"]) == 0
+    flat = " ".join(capsys.readouterr().out.split())
+    assert f"steerer loaded from {path}" in flat and "cache" not in flat.split("Summary:")[1].split("Layer:")[0]
+
+
+def test_gate_scale_reads_scores_as_a_share_of_the_threshold():
+    from finesteer.studies.demo import GateScale
+
+    scale = GateScale(tau=0.5, benign_median=0.1, target_median=0.9)
+    assert scale.share(0.1) == 0 and scale.share(0.5) == 1 and scale.share(0.9) == pytest.approx(2)
+    assert scale.describe(0.5) == "100 % of the threshold" and "sits at 200 %" in scale.legend()
+    raw = GateScale(tau=0.5, benign_median=None, target_median=None)  # an older file without the medians
+    assert not raw.readable and raw.describe(0.25) == "score 0.25 vs tau 0.5"
+    assert GateScale(tau=0.5, benign_median=0.1, target_median=None).describe(None) == "no gate (always on)"
 
 
 def test_steerer_for_another_model_is_refused(tmp_path, capsys):

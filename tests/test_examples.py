@@ -63,7 +63,14 @@ def test_own_model_example_fits_saves_and_steers(tmp_path, capsys):
     assert steerer.layer == 1 and steerer.model == str(folder)
     assert steerer.metadata["data"]["target"]["sizes"] == {"fit": 12, "calibration": 6, "test": 6}
     assert f"saved {out}: layer 1" in printed and "held-out gate TPR" in printed
-    assert "unsteered: " in printed and "steered: " in printed
+    blocks = printed.split("\n[")[1:]  # one per prompt shown: 3 held-out targets, then 3 held-out benign prompts
+    assert [b.split("]")[0] for b in blocks] == ["target"] * 3 + ["benign"] * 3
+    for block in blocks:
+        assert "unsteered: " in block and "steered: " in block
+        if "gate shut: left alone" in block:  # query mode: a shut gate leaves the reply exactly as it was
+            assert block.rstrip().endswith("(identical)")
+        else:
+            assert "gate OPEN: steered" in block
 
 
 def test_reference_imports_without_triton():

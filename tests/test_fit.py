@@ -364,9 +364,9 @@ def test_pooled_anchor_rows_and_the_activation_cache(tmp_path):
     assert len(list(tmp_path.iterdir())) == 4  # another dtype, another key
 
 
-def test_recipe_with_layer_auto_records_the_search_and_the_transfer(tmp_path):
+def test_recipe_with_layer_auto_fits_every_candidate_and_keeps_the_judges_choice(tmp_path):
     from finesteer.fitting import data as D
-    from finesteer.fitting import defaults, layer_selection, recipes
+    from finesteer.fitting import defaults, recipes
     from tiny_models import tiny_model
 
     model = tiny_model("llama", num_hidden_layers=6)
@@ -374,16 +374,34 @@ def test_recipe_with_layer_auto_records_the_search_and_the_transfer(tmp_path):
     targets = D.PromptSet("t", [f"how to do harm number {i}" for i in range(24)], ["h1"] * 12 + ["h2"] * 12, src)
     benign = D.PromptSet("b", [f"a kind question {i}?" for i in range(16)], ["b1"] * 8 + ["b2"] * 8, src)
     completions = {p: "no" for p in targets.prompts}
-    steerer = recipes.fit_recipe(model, CharTokenizer(), recipe="test", targets=targets, benign=benign,
-                                 desired=completions, undesired={p: "yes" for p in targets.prompts}, layer="auto",
-                                 model_name="tiny", activation_cache=str(tmp_path), progress=False,
-                                 options=recipes.FitOptions(n_target=24, n_benign=16, epochs=3, num_experts=1))
-    search = steerer.metadata["layer_search"]
-    assert layer_selection.candidate_layers(6) == [1, 2, 3, 4]
-    assert set(search["scores"]) == {"1", "2", "3", "4"} and search["chosen"] == steerer.layer
-    assert search["scores"][str(steerer.layer)] == max(search["scores"].values())
+    seen = {}
+
+    def judge(candidates):
+        seen["candidates"] = candidates
+        return 4, {"why": "the test's pick"}
+
+    kwargs = dict(recipe="test", targets=targets, benign=benign, desired=completions,
+                  undesired={p: "yes" for p in targets.prompts}, layer="auto", model_name="tiny",
+                  activation_cache=str(tmp_path), progress=False,
+                  options=recipes.FitOptions(n_target=24, n_benign=16, epochs=3, num_experts=1))
+    with pytest.raises(ValueError, match="choose_layer"):
+        recipes.fit_recipe(model, CharTokenizer(), **kwargs)
+    steerer = recipes.fit_recipe(model, CharTokenizer(), choose_layer=judge, **kwargs)
+    candidates = seen["candidates"]
+    assert recipes.steering_candidates(6) == [3, 4] and sorted(candidates.steerers) == [3, 4]
+    assert steerer.layer == 4 and steerer is candidates.steerers[4]
+    assert candidates.steerers[3].layer == 3 and candidates.steerers[3].params.tau != steerer.params.tau
+    t_cal, b_cal = candidates.anchors[3]
+    assert len(t_cal) == len(candidates.target_calibration) and len(b_cal) == len(candidates.benign_calibration)
+    assert set(candidates.gate_criterion) == {3, 4} and candidates.max_fpr == defaults.DEFAULT_MAX_FPR
+    choice = steerer.metadata["layer_choice"]
+    assert choice["why"] == "the test's pick" and choice["candidates"] == [3, 4]
+    assert set(choice["gate_criterion"]["scores"]) == {"3", "4"}
     metrics = steerer.metadata["metrics"]
     assert metrics["gate"]["kind"] == defaults.DEFAULT_GATE and metrics["gate"]["rule"]["method"] == "max_fpr"
     assert set(metrics["transfer"]["per_source"]) == {"h1", "h2", "b1", "b2"}
     assert {r["side"] for r in metrics["transfer"]["per_source"].values()} == {"harmful", "benign"}
-    assert len(list(tmp_path.iterdir())) == 1  # the anchor rows went to the activation cache
+    assert len(list(tmp_path.iterdir())) == 1  # the anchor rows of both layers went to the activation cache
+    bad = dict(kwargs, choose_layer=lambda c: (5, {}))
+    with pytest.raises(ValueError, match="not one of the candidates"):
+        recipes.fit_recipe(model, CharTokenizer(), **bad)

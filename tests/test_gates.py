@@ -116,7 +116,7 @@ def test_linear_gate_survives_16_bit_kernels(data):
 
 def test_neyman_pearson_threshold_is_the_lowest_with_at_most_that_fpr(data):
     gate = fit("contrastive", data, max_fpr=0.05)
-    assert gate.rule == {"method": "max_fpr", "max_fpr": 0.05}
+    assert gate.rule == {"method": "max_fpr", "max_fpr": 0.05, "per_source": False}
     cal = data[1]
     sb = G.energy_ratio(cal["benign"], gate.basis, gate.mean).numpy()
     assert gate.calibration.fpr <= 0.05
@@ -126,6 +126,25 @@ def test_neyman_pearson_threshold_is_the_lowest_with_at_most_that_fpr(data):
     assert next_lower < gate.tau and (sb >= next_lower).sum() == allowed + 1
     strict = fit("contrastive", data, max_fpr=0.0)
     assert strict.calibration.fpr == 0.0 and strict.tau > gate.tau
+
+
+def test_per_source_threshold_holds_the_fpr_on_every_benign_source():
+    """A pool with an easy benign source lets a hard one through far above the target; the per-source rule keeps
+    every source within it, at the cost of the pooled rule's lower threshold."""
+    rng = np.random.default_rng(0)
+    share = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731 - gate scores are energy shares in [0, 1]
+    targets = share(rng.normal(3.0, 1.0, 400))
+    hard, easy = share(rng.normal(1.5, 1.0, 100)), share(rng.normal(-4.0, 1.0, 300))
+    scores = np.r_[hard, easy]
+    labels = ["hard"] * 100 + ["easy"] * 300
+    pooled, rule = G.calibrate(targets, scores, max_fpr=0.03)
+    assert rule["per_source"] is False and (hard >= pooled).mean() > 0.1  # 12 allowed, all spent on the hard one
+    tau, rule = G.calibrate(targets, scores, max_fpr=0.03, benign_sources=labels)
+    assert rule == {"method": "max_fpr", "max_fpr": 0.03, "per_source": True, "binding_source": "hard"}
+    assert (hard >= tau).mean() <= 0.03 and (easy >= tau).mean() <= 0.03 and tau > pooled
+    assert tau == G.neyman_pearson_threshold(targets, hard, 0.03)
+    with pytest.raises(ValueError, match="benign_sources: expected one label per benign calibration row"):
+        G.calibrate(targets, scores, max_fpr=0.03, benign_sources=labels[:-1])
 
 
 def test_fits_are_deterministic(data):
@@ -221,7 +240,8 @@ def test_transfer_study_tables_and_plot(tmp_path):
     results.update(model="planted")
     paths = T.write_outputs(results, tmp_path)
     table = paths["table"].read_text()
-    assert table.count("| scs |") == 3 and table.count("| linear |") == 3
+    assert table.count("| scs |") == 6 and table.count("| linear |") == 6  # 3 threshold rules x (auto, fixed)
+    assert "| linear | max FPR 0.03 per source | 3 |" in table
     assert "**linear** at layer 7" in table
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -17,6 +17,7 @@ from ..fitting import models
 from ..fitting.models import exit_on_missing_package, model_identity
 from ..patching.layers import num_layers
 from ..studies import demo, evaluate, steer_layers, transfer
+from ..studies.report_files import load_average
 from . import preflight
 from .options import add_fit_arguments, fit_options
 
@@ -29,7 +30,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=1.0, help="steering strength")
     parser.add_argument("--mode", choices=("query", "token"), default="query",
                         help="query: gate and route once per prompt (the paper's); token: every token on its own")
-    parser.add_argument("--show", type=int, default=3, help="held-out harmful prompts shown (and as many benign)")
+    parser.add_argument("--show", type=int, default=5,
+                        help="held-out harmful prompts shown, and as many benign ones (one on an edgy topic)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens generated per reply")
 
 
@@ -90,8 +92,10 @@ def add_layers_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", default=None,
                         help="comma-separated decoder layers to compare (default: the gate study's candidate layers "
                              "in the second half of the network; 15,18,21,24,27 on SmolLM2)")
-    parser.add_argument("--alpha", type=float, default=steer_layers.DEFAULT_ALPHA, help="steering strength")
-    parser.add_argument("--max-new-tokens", type=int, default=24, help="greedy tokens per reply")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="steering strength (default: the fitted steerer's own, 1)")
+    parser.add_argument("--max-new-tokens", type=int, default=steer_layers.JUDGE_NEW_TOKENS,
+                        help="greedy tokens per reply")
     parser.add_argument("--gen-batch-size", type=int, default=16, help="prompts per generate call")
     parser.add_argument("--out", default="results", help="folder for layers.json, layers.md and layers.png")
 
@@ -130,7 +134,7 @@ def add_transfer_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_transfer(args: argparse.Namespace) -> int:
     gates = preflight.transfer(args)
-    started = time.perf_counter()
+    started, load_start = time.perf_counter(), load_average()
     try:
         # the study picks demo's and eval's default gate and layer: it never sees the prompts they score
         harmful, benign = source_pools(sharegpt=args.cap, cap=args.cap, seed=args.seed, exclude=scored_prompts())
@@ -149,10 +153,12 @@ def run_transfer(args: argparse.Namespace) -> int:
                              fixed_layer=depth // 2, max_fpr=args.max_fpr, seed=args.seed, progress=not args.quiet)
     results.update(model=name, created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    command="finesteer transfer " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
-                                                            vars(args).items() if k not in ("func", "command", "quiet", "debug")
+                                                            vars(args).items()
+                                                            if k not in ("func", "command", "quiet", "debug")
                                                             and v is not None),
                    provenance={s: ps.provenance() for side in (harmful, benign) for s, ps in side.items()},
-                   timings_s={"activations": collected - started, "study": time.perf_counter() - collected})
+                   timings_s={"activations": collected - started, "study": time.perf_counter() - collected},
+                   load_average={"start": load_start, "end": load_average()})
     paths = transfer.write_outputs(results, args.out)
     print(transfer.markdown_table(results))
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -78,14 +78,21 @@ def _fit(args: argparse.Namespace) -> int:
                          completions_per_prompt=args.completions_per_prompt, batch_size=args.batch_size,
                          max_prompt_tokens=args.max_prompt_tokens, max_completion_tokens=args.max_completion_tokens,
                          r=args.r, num_experts=args.num_experts, res_rank=args.res_rank, hidden=args.hidden,
-                         epochs=args.epochs, alpha=args.alpha, gate=args.gate, max_fpr=args.max_fpr)
+                         epochs=args.epochs, alpha=args.alpha, gate=args.gate, max_fpr=args.max_fpr,
+                         per_source_threshold=args.threshold == "per-source")
     targets, benign = preflight.fit_sizes_and_model(args, options)
     loading = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), progress=not args.quiet)
     loaded = time.perf_counter()
+    judge = None
+    if args.layer == "auto":  # the one layer criterion: steered refusal on calibration prompts (finesteer layers)
+        from ..studies.steer_layers import steering_judge
+
+        judge = steering_judge(model, tokenizer, max_prompt_tokens=options.max_prompt_tokens,
+                               progress=not args.quiet)
     steerer = run_recipe(args.recipe, model, tokenizer, layer=args.layer, method=args.method, targets=targets,
                          benign=benign, qa_path=args.qa, options=options, model_name=args.model,
-                         activation_cache="", progress=not args.quiet)
+                         activation_cache="", choose_layer=judge, progress=not args.quiet)
     steerer.metadata["timings"]["model_load_s"] = loaded - loading
     steerer.metadata["timings"]["total_s"] = time.perf_counter() - started
     _save_fitted(steerer, args.out)
@@ -114,6 +121,7 @@ def _summary(steerer) -> dict:
     meta = steerer.metadata
     metrics = meta["metrics"]
     out = {"method": steerer.method, "layer": steerer.layer, "recipe": meta["recipe"],
+           "layer_choice": (meta.get("layer_choice") or {}).get("why", "given (--layer)"),
            "params": repr(steerer.params),
            "sizes": {side: meta["data"][side]["sizes"] for side in ("target", "benign")},
            "timings_s": {k: round(v, 1) for k, v in meta["timings"].items()}}

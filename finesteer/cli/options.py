@@ -19,8 +19,10 @@ def add_gate_arguments(parser: argparse.ArgumentParser, studied_default: bool, l
                "middle layer for other models" if studied_default else "the middle layer, num_layers // 2")
     if layer_flag:
         parser.add_argument("--layer", type=parse_layer, default=None,
-                            help="decoder layer whose output is read and edited, or 'auto': the candidate layer "
-                                 f"with the best source-held-out calibration AUC of the gate; the default is {default}")
+                            help="decoder layer whose output is read and edited, or 'auto': a steerer is fitted "
+                                 "at each candidate layer (15,18,...,27 on SmolLM2) and the one with the most "
+                                 "steered refusals on calibration prompts is kept (finesteer layers' rule); the "
+                                 f"default is {default}")
     parser.add_argument("--gate", choices=GATES, default=DEFAULT_GATE,
                         help="gate variant: scs (the paper's: top-r principal subspace of the targets), contrastive "
                              "(generalised eigenvectors of target vs benign second moments) or linear (a shrinkage-"
@@ -28,6 +30,9 @@ def add_gate_arguments(parser: argparse.ArgumentParser, studied_default: bool, l
     parser.add_argument("--max-fpr", type=optional_share, default=DEFAULT_MAX_FPR,
                         help="Neyman-Pearson threshold: the lowest tau with at most this FPR on the benign "
                              "calibration prompts; 'none' for the paper's logistic calibration")
+    parser.add_argument("--threshold", choices=("per-source", "pooled"), default="per-source",
+                        help="where --max-fpr holds: on every benign calibration source (per-source: transfers "
+                             "better to unseen sources, results/transfer.md) or on their pool")
 
 
 def optional_share(text: str) -> Optional[float]:
@@ -57,7 +62,7 @@ def fit_options(args: argparse.Namespace):
     """`FitOptions` from the shared command-line flags (see `add_fit_arguments`)."""
     return FitOptions(n_target=args.n_target, n_benign=args.n_benign, sharegpt=args.sharegpt, seed=args.seed,
                       epochs=args.epochs, batch_size=args.batch_size, max_prompt_tokens=args.max_prompt_tokens,
-                      gate=args.gate, max_fpr=args.max_fpr)
+                      gate=args.gate, max_fpr=args.max_fpr, per_source_threshold=args.threshold == "per-source")
 
 
 def add_fit_arguments(parser: argparse.ArgumentParser, n_target: int, n_benign: int, layer_flag: bool = True) -> None:

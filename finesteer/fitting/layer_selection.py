@@ -47,11 +47,15 @@ def split_rows(side: dict, splits: dict, k: int, without: Sequence[str] = ()) ->
     return torch.cat([rows[splits[s][k]] for s, rows in side.items() if s not in without])
 
 
-def fit_without(kind: str, harmful: dict, benign: dict, splits: dict, without: Sequence[str] = (), **gate_options):
+def fit_without(kind: str, harmful: dict, benign: dict, splits: dict, without: Sequence[str] = (),
+                per_source: bool = False, **gate_options):
     """A gate fitted and calibrated on every source except those in ``without`` (``harmful`` / ``benign``:
-    source -> (N, d) rows at one layer; ``splits``: source -> (fit, calibration, test) indices)."""
+    source -> (N, d) rows at one layer; ``splits``: source -> (fit, calibration, test) indices). ``per_source``:
+    a ``max_fpr`` threshold holds on every benign calibration source, not only on their pool (`gates.calibrate`)."""
+    sources = [s for s in benign for _ in splits[s][1] if s not in without] if per_source else None
     return fit_gate(kind, split_rows(harmful, splits, 0, without), split_rows(benign, splits, 0, without),
-                    split_rows(harmful, splits, 1, without), split_rows(benign, splits, 1, without), **gate_options)
+                    split_rows(harmful, splits, 1, without), split_rows(benign, splits, 1, without),
+                    benign_cal_sources=sources, **gate_options)
 
 
 def source_held_out_auc(kind: str, harmful: dict, benign: dict, splits: dict, without: Sequence[str] = (),

@@ -64,6 +64,7 @@ class FitOptions:
     max_completion_tokens: int = 64
     gate: str = DEFAULT_GATE
     max_fpr: Optional[float] = DEFAULT_MAX_FPR  # Neyman-Pearson threshold for this calibration FPR; None: logistic
+    per_source_threshold: bool = True  # max_fpr holds on every benign calibration source, not only on their pool
     r: Optional[int] = None
     num_experts: Optional[int] = None
     res_rank: int = 8
@@ -86,13 +87,37 @@ class FitOptions:
                              f"fit / calibration / test, got {self.n_target} and {self.n_benign}")
 
 
-def _layers_to_collect(model, layer) -> list:
+def steering_candidates(n_layers: int) -> list:
+    """The layers ``layer="auto"`` compares: every tenth of the depth in the second half of the network (15, 18,
+    ..., 27 of 30). The gate separates less in the first half (source-held-out AUC 0.83-0.89 at layers 3-12 on
+    SmolLM2 against 0.93-0.95 at 15-27, results/transfer.md), and it reads the steered layer."""
+    return [layer for layer in candidate_layers(n_layers) if layer >= n_layers // 2] or [n_layers // 2]
+
+
+def _layers_to_collect(model, layer, candidates: Optional[Sequence[int]] = None) -> list:
     n = num_layers(model)
     if layer is None:
         return [n // 2]
     if layer == "auto":
-        return candidate_layers(n)
+        if candidates is None:
+            return steering_candidates(n)
+        return sorted({check_layer_index(c, n, f"candidates[{i}]") for i, c in enumerate(candidates)})
     return [check_layer_index(layer, n, "layer")]
+
+
+@dataclasses.dataclass
+class LayerCandidates:
+    """What `fit_recipe` with ``layer="auto"`` hands its ``choose_layer`` judge: a steerer fitted at each
+    candidate layer, the recipe's calibration prompts (never its test split) with their anchor rows at each layer,
+    and the gate's source-held-out calibration AUC per layer (`layer_selection.source_held_out_auc`), a
+    tie-breaker at most."""
+
+    steerers: dict  # layer -> Steerer
+    target_calibration: datasets.PromptSet
+    benign_calibration: datasets.PromptSet
+    anchors: dict  # layer -> (target rows, benign rows) of the calibration prompts
+    gate_criterion: dict  # layer -> source-held-out calibration AUC
+    max_fpr: Optional[float]  # the threshold rule's calibration FPR target (None: the logistic rule)
 
 
 def _assign_templates(n: int, n_templates: int, per_prompt: int, rng: np.random.Generator) -> tuple:
@@ -130,20 +155,27 @@ def fit_recipe(model, tokenizer, *, recipe: str, targets: datasets.PromptSet, be
                desired: dict, undesired: dict, layer: Union[int, str, None] = None, method: str = "finesteer",
                options: Optional[FitOptions] = None, model_name: Optional[str] = None,
                template_group: Optional[dict] = None, activation_cache: Optional[str] = None,
-               progress: bool = True) -> Steerer:
+               choose_layer=None, candidates: Optional[Sequence[int]] = None, progress: bool = True) -> Steerer:
     """The shared body of the recipes. ``desired`` / ``undesired`` map a target prompt to its completion(s);
     ``template_group`` maps it to the id of its completion templates, whose mean offset is removed from Delta
     (`remove_group_means`): which template a prompt drew is noise the router cannot read from the prompt.
 
-    ``layer``: a decoder layer index, None (the middle layer) or ``"auto"``: the candidate layer
-    (`layer_selection.candidate_layers`) with the best source-held-out calibration AUC of the gate, found
-    from one pass over the fit and calibration prompts. ``activation_cache``: a folder (or ``""`` for the default
-    one) where the anchor rows are cached on disk (`finesteer.fitting.activation_cache`); None collects them each time.
+    ``layer``: a decoder layer index, None (the middle layer) or ``"auto"``: a steerer is fitted at every layer of
+    ``candidates`` (default `steering_candidates`) from one pass over the prompts, and ``choose_layer`` (a callable
+    taking `LayerCandidates` and returning ``(layer, evidence dict)``; `finesteer layers`' steering judge,
+    `finesteer.studies.steer_layers.steering_judge`, is the one the commands use) picks the one to return; its
+    evidence goes into the metadata under ``layer_choice``. ``activation_cache``: a folder (or ``""`` for the
+    default one) where the anchor rows are cached on disk (`finesteer.fitting.activation_cache`); None collects
+    them each time.
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if layer == "auto" and choose_layer is None:
+        raise ValueError("choose_layer: layer='auto' needs a judge that picks among the candidate layers, e.g. "
+                         "finesteer.studies.steer_layers.steering_judge(model, tokenizer) (steered refusal on "
+                         "calibration prompts)")
     opts = options or FitOptions()
-    layers = _layers_to_collect(model, layer)
+    layers = _layers_to_collect(model, layer, candidates)
     name = model_name or getattr(model.config, "_name_or_path", None)
     if activation_cache is not None and not name:
         raise ValueError("model_name: needed to key the activation cache (the model config names no model)")
@@ -180,34 +212,72 @@ def fit_recipe(model, tokenizer, *, recipe: str, targets: datasets.PromptSet, be
     target_sources = list(dict.fromkeys(s for part in parts[:3] for s in part.source_of))
     timings["anchor_activations_s"] = time.perf_counter() - clock
 
-    layer_search = None
-    if layer == "auto":
-        clock = time.perf_counter()
-        # CAA and CAST have no gate of their own to rank layers with: they use the linear gate's ranking
-        searched = opts.gate if method == "finesteer" else "linear"
-        layer, criterion = select_layer(searched, by_layer, splits, target_sources, max_fpr=opts.max_fpr)
-        layer_search = {"criterion": "source-held-out calibration AUC", "gate": searched,
-                        "scores": {str(k): v for k, v in criterion.items()}, "chosen": layer}
-        timings["layer_search_s"] = time.perf_counter() - clock
-    else:
-        layer = layers[0]
-    h_tf, h_tc, h_tt, h_bf, h_bc, h_bt = torch.split(acts[layer], [len(part) for part in parts])
-
     clock = time.perf_counter()
     fit_prompts = t_splits.fit.prompts
     shifts = completion_shifts(model, tokenizer, fit_prompts, [desired[p] for p in fit_prompts],
-                               [undesired[p] for p in fit_prompts], layer, batch_size=opts.batch_size,
+                               [undesired[p] for p in fit_prompts], layers, batch_size=opts.batch_size,
                                max_prompt_tokens=opts.max_prompt_tokens,
                                max_completion_tokens=opts.max_completion_tokens, progress=progress)
-    delta, h_anchor_fit = shifts.delta[layer], shifts.anchors[layer]
-    if template_group is not None:
-        delta = remove_group_means(delta, [template_group[p] for p in fit_prompts])
     timings["completion_shifts_s"] = time.perf_counter() - clock
 
+    def describe(splits: datasets.Splits) -> dict:
+        return {"sizes": splits.sizes(), "provenance": {name: getattr(splits, name).provenance()
+                                                        for name in ("fit", "calibration", "test")}}
+
+    steerers = {}
+    for at in layers:
+        clock = time.perf_counter()
+        delta = shifts.delta[at]
+        if template_group is not None:
+            delta = remove_group_means(delta, [template_group[p] for p in fit_prompts])
+        params, metrics = _fit_at_layer(method, opts, torch.split(acts[at], [len(part) for part in parts]),
+                                        shifts.anchors[at], delta, by_layer[at], splits, target_sources,
+                                        b_splits.calibration.source_of, t_splits.test, b_splits.test)
+        metadata = {
+            "recipe": recipe,
+            "layer_site": "decoder layer output (read and written at the same site)",
+            "data": {"target": describe(t_splits), "benign": describe(b_splits)},
+            "metrics": metrics,
+            "options": {**dataclasses.asdict(opts), "fractions": list(opts.fractions), "method": method,
+                        "layer": at},
+            "layer_choice": None,
+            "timings": {**timings, "fit_s": time.perf_counter() - clock},
+        }
+        steerers[at] = Steerer(params=params, layer=at, model=name, method=method, metadata=metadata)
+    if layer != "auto":
+        return steerers[layers[0]]
+
     clock = time.perf_counter()
+    # CAA and CAST have no gate of their own to rank layers with: they use the linear gate's ranking
+    searched = opts.gate if method == "finesteer" else "linear"
+    _, criterion = select_layer(searched, by_layer, splits, target_sources, max_fpr=opts.max_fpr)
+    sizes = [len(part) for part in parts]
+    anchors = {at: torch.split(acts[at], sizes)[1::3] for at in layers}  # target and benign calibration rows
+    chosen, evidence = choose_layer(LayerCandidates(steerers, t_splits.calibration, b_splits.calibration, anchors,
+                                                    criterion, opts.max_fpr))
+    if chosen not in steerers:
+        raise ValueError(f"choose_layer: returned layer {chosen!r}, not one of the candidates {layers}")
+    steerer = steerers[chosen]
+    steerer.metadata["layer_choice"] = {**evidence, "candidates": layers,
+                                        "gate_criterion": {"name": f"source-held-out calibration AUC ({searched} "
+                                                                   "gate)",
+                                                           "scores": {str(k): v for k, v in criterion.items()}}}
+    steerer.metadata["timings"]["layer_choice_s"] = time.perf_counter() - clock
+    return steerer
+
+
+def _fit_at_layer(method: str, opts: FitOptions, rows: Sequence[torch.Tensor], h_anchor_fit: torch.Tensor,
+                  delta: torch.Tensor, by_source: dict, splits: dict, target_sources: list,
+                  benign_cal_sources: list, target_test: datasets.PromptSet,
+                  benign_test: datasets.PromptSet) -> tuple:
+    """``(params, metrics)`` of one method at one layer. ``rows``: the anchor rows of the target fit / calibration
+    / test and benign fit / calibration / test parts; ``by_source`` / ``splits``: the same rows per source;
+    ``benign_cal_sources``: the source of each benign calibration row."""
+    h_tf, h_tc, h_tt, h_bf, h_bc, h_bt = rows
     metrics: dict = {}
     if method == "finesteer":
-        gate = fit_gate(opts.gate, h_tf, h_bf, h_tc, h_bc, r=opts.r, max_fpr=opts.max_fpr, test=(h_tt, h_bt))
+        gate = fit_gate(opts.gate, h_tf, h_bf, h_tc, h_bc, r=opts.r, max_fpr=opts.max_fpr, test=(h_tt, h_bt),
+                        benign_cal_sources=benign_cal_sources if opts.per_source_threshold else None)
         apex = gate.details.get("apex_coordinate")
         mose = fit_mose(h_anchor_fit, delta, num_experts=opts.num_experts, res_rank=opts.res_rank,
                         hidden=opts.hidden, epochs=opts.epochs, seed=opts.seed,
@@ -217,10 +287,11 @@ def fit_recipe(model, tokenizer, *, recipe: str, targets: datasets.PromptSet, be
         metrics["mose"] = mose.report.as_dict()
         gate_target, gate_benign = gate.gate(h_tt), gate.gate(h_bt)
         # transfer: the same gate refitted without each source in turn, tested on all of that source's prompts
-        harmful, benign_rows = by_side(by_layer[layer], target_sources)
+        harmful, benign_rows = by_side(by_source, target_sources)
         held_out = held_out_candidates(harmful) + held_out_candidates(benign_rows)
         folds = {source: held_out_rates(fit_without(opts.gate, harmful, benign_rows, splits, [source], r=opts.r,
-                                                    max_fpr=opts.max_fpr), harmful, benign_rows, splits, source)
+                                                    max_fpr=opts.max_fpr, per_source=opts.per_source_threshold),
+                                        harmful, benign_rows, splits, source)
                  for source in held_out}
         sides = {f["side"] for f in folds.values()}
         metrics["transfer"] = {"per_source": folds, "macro": macro(folds) if sides == {"harmful", "benign"} else None}
@@ -236,34 +307,20 @@ def fit_recipe(model, tokenizer, *, recipe: str, targets: datasets.PromptSet, be
         gate_target = energy_ratio(h_tt, params.basis, None) >= params.tau
         gate_benign = energy_ratio(h_bt, params.basis, None) >= params.tau
     if method != "caa":
-        metrics["test_by_source"] = {"target": _per_source(gate_target, t_splits.test),
-                                     "benign": _per_source(gate_benign, b_splits.test)}
-    timings["fit_s"] = time.perf_counter() - clock
-
-    def describe(splits: datasets.Splits) -> dict:
-        return {"sizes": splits.sizes(), "provenance": {name: getattr(splits, name).provenance()
-                                                        for name in ("fit", "calibration", "test")}}
-
-    metadata = {
-        "recipe": recipe,
-        "layer_site": "decoder layer output (read and written at the same site)",
-        "data": {"target": describe(t_splits), "benign": describe(b_splits)},
-        "metrics": metrics,
-        "options": {**dataclasses.asdict(opts), "fractions": list(opts.fractions), "method": method,
-                    "layer": layer},
-        "layer_search": layer_search,
-        "timings": timings,
-    }
-    return Steerer(params=params, layer=layer, model=name, method=method, metadata=metadata)
+        metrics["test_by_source"] = {"target": _per_source(gate_target, target_test),
+                                     "benign": _per_source(gate_benign, benign_test)}
+    return params, metrics
 
 
 def safety_steerer(model, tokenizer, layer: Optional[int] = None, method: str = "finesteer", *,
                    targets: Optional[datasets.PromptSet] = None, benign: Optional[datasets.PromptSet] = None,
                    options: Optional[FitOptions] = None, model_name: Optional[str] = None,
-                   activation_cache: Optional[str] = None, progress: bool = True) -> Steerer:
+                   activation_cache: Optional[str] = None, choose_layer=None,
+                   candidates: Optional[Sequence[int]] = None, progress: bool = True) -> Steerer:
     """Fit a safety steerer: gate on harmful requests, steer towards refusing.
 
-    ``targets`` / ``benign`` default to `data.harmful_prompts()` / `data.benign_prompts()`.
+    ``targets`` / ``benign`` default to `data.harmful_prompts()` / `data.benign_prompts()`;
+    ``layer="auto"`` with ``choose_layer`` and ``candidates``: see `fit_recipe`.
     """
     opts = options or FitOptions()
     targets = targets if targets is not None else datasets.harmful_prompts()
@@ -275,7 +332,7 @@ def safety_steerer(model, tokenizer, layer: Optional[int] = None, method: str = 
                          undesired={p: [COMPLIANCES[j] for j in c] for p, c in zip(targets.prompts, chosen)},
                          layer=layer, method=method, options=opts, model_name=model_name,
                          template_group=dict(zip(targets.prompts, first)), activation_cache=activation_cache,
-                         progress=progress)
+                         choose_layer=choose_layer, candidates=candidates, progress=progress)
     steerer.metadata["completions"] = {"desired": list(REFUSALS), "undesired": list(COMPLIANCES),
                                        "pairing": "prompt i uses pairs t_i..t_i+c-1 (cyclic), t_i balanced and "
                                                   "seeded; the per-t_i mean offset is removed from Delta"}
@@ -285,6 +342,7 @@ def safety_steerer(model, tokenizer, layer: Optional[int] = None, method: str = 
 def truthfulness_steerer(model, tokenizer, qa_path, layer: Optional[int] = None, method: str = "finesteer", *,
                          benign: Optional[datasets.PromptSet] = None, options: Optional[FitOptions] = None,
                          model_name: Optional[str] = None, activation_cache: Optional[str] = None,
+                         choose_layer=None, candidates: Optional[Sequence[int]] = None,
                          progress: bool = True) -> Steerer:
     """Fit a truthfulness steerer from a question/answer JSONL in the TruthfulQA layout (``question``,
     ``best_answer``/``correct_answers``, ``incorrect_answers``): gate on such questions, steer from the incorrect
@@ -302,7 +360,7 @@ def truthfulness_steerer(model, tokenizer, qa_path, layer: Optional[int] = None,
                          desired={q: it.correct[:n] for q, it in by_question.items()},
                          undesired={q: it.incorrect[:n] for q, it in by_question.items()}, layer=layer,
                          method=method, options=opts, model_name=model_name, activation_cache=activation_cache,
-                         progress=progress)
+                         choose_layer=choose_layer, candidates=candidates, progress=progress)
     return steerer
 
 

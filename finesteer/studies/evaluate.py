@@ -45,7 +45,8 @@ from ..fitting.models import model_identity
 from ..fitting.steerer_cache import fitted_steerer
 from .generation import encode_batches, generate, kl_divergence
 from .refusal import is_refusal
-from .report_files import pyplot, write_report
+from .report_files import load_average, pyplot, write_report
+from .steer_layers import layer_judge
 
 GROUPS = ("harmful", "benign", "overrefusal")
 METHODS = ("none", "caa", "cast", "finesteer-scs", "finesteer-query", "finesteer-token")
@@ -91,13 +92,6 @@ def _machine(device: torch.device) -> dict:
     return info
 
 
-def _load() -> Optional[list]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def run_evaluation(model, tokenizer, *, model_name: str, options, layer: Optional[int] = None,
                    methods: Sequence[str] = METHODS, alphas: Sequence[float] = DEFAULT_ALPHAS,
                    max_new_tokens: int = 24, gen_batch_size: int = 16, limit: Optional[int] = None,
@@ -114,7 +108,7 @@ def run_evaluation(model, tokenizer, *, model_name: str, options, layer: Optiona
         raise ValueError(f"alphas: expected positive finite strengths, got {list(alphas)}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit: expected a positive number of prompts per group, got {limit}")
-    started, load_start = time.perf_counter(), _load()
+    started, load_start = time.perf_counter(), load_average()
 
     harmful_test, benign_test = held_out_prompts(options)
     groups = {"harmful": harmful_test, **benign_groups(benign_test)}
@@ -122,19 +116,27 @@ def run_evaluation(model, tokenizer, *, model_name: str, options, layer: Optiona
         groups = {g: ps.select(range(min(limit, len(ps)))) for g, ps in groups.items()}
     prompts = [p for g in GROUPS for p in groups[g].prompts]
     group_of = [g for g in GROUPS for _ in groups[g].prompts]
+    source_of = [s for g in GROUPS for s in groups[g].source_of]
 
     steerers, fit_info, clock = {}, {}, time.perf_counter()
-    for key in dict.fromkeys(FITTED[m] for m in methods if m != "none"):
+    keys = list(dict.fromkeys(FITTED[m] for m in methods if m != "none"))
+    if layer == "auto" and "finesteer" in keys:  # FineSteer's own fit picks the layer; the others use it too
+        keys.remove("finesteer")
+        keys.insert(0, "finesteer")
+    for key in keys:
         method, gate = RECIPE[key]
         opts = options if gate is None else dataclasses.replace(options, gate=gate)
+        if layer == "auto" and steerers:
+            layer = next(iter(steerers.values())).layer
         steerer, from_cache = fitted_steerer(model, tokenizer, method, layer, opts, model_name, cache, refit,
-                                             progress)
+                                             progress, **layer_judge(model, tokenizer, layer, opts, progress))
         check_same_split(steerer, harmful_test, benign_test)
         steerers[key] = steerer
         metrics = steerer.metadata.get("metrics", {})
         fit_info[key] = {"from_cache": from_cache, "layer": steerer.layer, "params": repr(steerer.params),
                          "gate": (metrics.get("gate") or {}).get("kind", "cast" if method == "cast" else None),
                          "fit_timings_s": steerer.metadata.get("timings"),
+                         "layer_choice": (steerer.metadata.get("layer_choice") or {}).get("why"),
                          "gate_test_at_fit": (metrics.get("gate") or {}).get("test"),
                          "transfer_at_fit": metrics.get("transfer")}
     fit_seconds = time.perf_counter() - clock
@@ -167,13 +169,22 @@ def run_evaluation(model, tokenizer, *, model_name: str, options, layer: Optiona
                 row[f"refusal_{g}"] = _rate(is_refusal(gens.texts[i]) for i in members)
                 row[f"identical_{g}"] = _rate(gens.tokens[i] == reference.tokens[i] for i in members)
                 row[f"kl_{g}"] = sum(kl[i] for i in members) / len(members) if members else None
+            # per source, since the sources differ in difficulty (maths problems never open the gate)
+            row["identical_by_source"] = {
+                source: _rate(gens.tokens[i] == reference.tokens[i] for i in range(len(prompts))
+                              if source_of[i] == source and group_of[i] != "harmful")
+                for source in dict.fromkeys(s for s, g in zip(source_of, group_of) if g != "harmful")}
+            row["refusal_by_source"] = {
+                source: _rate(is_refusal(gens.texts[i]) for i in range(len(prompts))
+                              if source_of[i] == source and group_of[i] == "harmful")
+                for source in dict.fromkeys(s for s, g in zip(source_of, group_of) if g == "harmful")}
             rows.append(row)
             replies[f"{method}@{alpha}"] = gens.texts
 
     return {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {**_machine(next(model.parameters()).device), "load_average_start": load_start,
-                    "load_average_end": _load()},
+                    "load_average_end": load_average()},
         "model": model_identity(model_name),
         "layer": next(iter(steerers.values())).layer if steerers else layer,
         "settings": {"methods": list(methods), "alphas": [float(a) for a in alphas],
@@ -185,7 +196,7 @@ def run_evaluation(model, tokenizer, *, model_name: str, options, layer: Optiona
         "steerers": fit_info,
         "rows": rows,
         "timings_s": {"fit_or_load": fit_seconds, "total": time.perf_counter() - started},
-        "prompts": {"text": prompts, "group": group_of},
+        "prompts": {"text": prompts, "group": group_of, "source": source_of},
         "replies": replies,
     }
 
@@ -229,8 +240,29 @@ def markdown_table(results: dict) -> str:
                  f"{d['overrefusal']['n']} over-refusal prompts. {results['created'][:10]}, {m['cpu']} "
                  f"({m['cpu_count']} cores, load average {m['load_average_start']} at start), "
                  f"torch {m['torch']}, backend {m['backend']}.")
+    lines += source_lines(results)
     lines += transfer_lines(results["steerers"])
     return "\n".join(lines) + "\n"
+
+
+def source_lines(results: dict) -> list:
+    """Per prompt source, for each steered configuration: refusals on each harmful source and identical replies on
+    each benign one (the groups' sources differ in difficulty, so their pooled rates hide where the gate errs)."""
+    rows = [r for r in results["rows"] if r.get("identical_by_source") is not None]
+    if not rows:
+        return []
+    harmful, benign = list(rows[0]["refusal_by_source"]), list(rows[0]["identical_by_source"])
+    counts = {s: n for g in results["data"].values() for s, n in g["sources"].items()}
+    lines = ["", "Per source (n test prompts): refusal on each harmful source, identical replies on each benign "
+                 "one:", "",
+             "| method | alpha | " + " | ".join(f"refusal {s} ({counts.get(s, '?')})" for s in harmful) + " | "
+             + " | ".join(f"identical {s} ({counts.get(s, '?')})" for s in benign) + " |",
+             "|---|--:|" + "--:|" * (len(harmful) + len(benign))]
+    for r in rows:
+        lines.append(f"| {r['method']} | {_cell('alpha', r['alpha'])} | "
+                     + " | ".join(_cell("rate", r["refusal_by_source"][s]) for s in harmful) + " | "
+                     + " | ".join(_cell("rate", r["identical_by_source"][s]) for s in benign) + " |")
+    return lines
 
 
 def transfer_lines(fit_info: dict) -> list:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 
 def pyplot():
@@ -16,6 +16,15 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def load_average() -> Optional[list]:
+    """The machine's 1, 5 and 15-minute load averages (None where the platform has none): studies record them,
+    since their timings on a shared machine mean little without."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def write_report(out_dir: str | os.PathLike, name: str, summary: dict, table: str,

@@ -30,6 +30,9 @@ from .report_files import pyplot, write_report
 
 POOLS = (1, 4, 8, 16)  # anchor poolings collected: the last prompt token, and means of the last n prompt tokens
 FPR_TARGETS = (0.01, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5)  # Neyman-Pearson targets of the trade-off curve
+# Threshold rules compared, as (name, per_source): the paper's logistic fit (None), and the Neyman-Pearson bound (the
+# study's max_fpr) on the pooled benign calibration rows (False) or on every benign source (True; `gates.calibrate`).
+RULES = (("logistic", None), ("max_fpr", False), ("max_fpr_per_source", True))
 
 
 def _rows_by_layer(acts: dict, sizes: list, pool: int) -> dict:
@@ -46,8 +49,9 @@ def _rows_by_layer(acts: dict, sizes: list, pool: int) -> dict:
 def study(acts: dict, sizes: list, harmful_sources: Sequence[str], *, gates: Sequence[str] = GATES,
           candidate_layers: Sequence[int], fixed_layer: int = 15, max_fpr: float = 0.03,
           seed: int = 0, progress: bool = True) -> dict:
-    """LOSO for every gate variant, each with its layer chosen per fold by `select_layer` (and at the fixed
-    ``fixed_layer`` for reference), with the logistic and the Neyman-Pearson (``max_fpr``) thresholds; the layer
+    """LOSO for every gate variant, each with its layer chosen per fold by `select_layer` and at the fixed
+    ``fixed_layer`` (the steered layer), with the logistic and the Neyman-Pearson (``max_fpr``) thresholds, the
+    latter on the pooled benign calibration rows and on every benign calibration source (`RULES`); the layer
     curves (plain and source-held-out calibration AUC, in-distribution test AUC); and the FPR-target trade-off
     curve of the variant the calibration criterion picks. ``acts``: layer -> (N, len(POOLS), d) rows in the order
     of ``sizes`` (``[(source, n), ...]``)."""
@@ -76,18 +80,18 @@ def study(acts: dict, sizes: list, harmful_sources: Sequence[str], *, gates: Seq
             layer, _ = select_layer(kind, candidates, splits, harmful_sources, without=[held_out])
             harmful, benign = by_side(by_layer[layer], harmful_sources)
             fold = {"layer": layer}
-            for rule, options in (("logistic", {}), ("max_fpr", {"max_fpr": max_fpr})):
-                gate = fit_without(kind, harmful, benign, splits, [held_out], **options)
-                fold[rule] = held_out_rates(gate, harmful, benign, splits, held_out)
-            harmful, benign = by_side(by_layer[fixed_layer], harmful_sources)
-            gate = fit_without(kind, harmful, benign, splits, [held_out])
-            fold["fixed_layer_logistic"] = held_out_rates(gate, harmful, benign, splits, held_out)
+            for prefix, at in (("", layer), ("fixed_layer_", fixed_layer)):
+                harmful, benign = by_side(by_layer[at], harmful_sources)
+                for rule, per_source in RULES:
+                    options = {} if per_source is None else {"max_fpr": max_fpr, "per_source": per_source}
+                    gate = fit_without(kind, harmful, benign, splits, [held_out], **options)
+                    fold[prefix + rule] = held_out_rates(gate, harmful, benign, splits, held_out)
             folds[held_out] = fold
             bar.update()
         out["gates"][kind] = {
             "selected_layer": best, "layer_curves": {str(k): v for k, v in curves.items()}, "folds": folds,
-            "macro": {rule: macro({s: f[rule] for s, f in folds.items()})
-                      for rule in ("logistic", "max_fpr", "fixed_layer_logistic")}}
+            "macro": {prefix + rule: macro({s: f[prefix + rule] for s, f in folds.items()})
+                      for prefix in ("", "fixed_layer_") for rule, _ in RULES}}
     bar.close()
     chosen = max(gates, key=lambda k: out["gates"][k]["layer_curves"][str(out["gates"][k]["selected_layer"])]
                  ["source_held_out_calibration_auc"])
@@ -102,13 +106,13 @@ def study(acts: dict, sizes: list, harmful_sources: Sequence[str], *, gates: Seq
 def tradeoff(kind: str, by_layer: dict, splits: dict, harmful_sources, layers: dict,
              targets: Sequence[float] = FPR_TARGETS) -> list:
     """Macro LOSO TPR / FPR of ``kind`` (at each fold's own layer, ``layers``: held-out source -> layer) as the
-    Neyman-Pearson FPR target moves."""
+    Neyman-Pearson FPR target (held on every benign calibration source) moves."""
     points = []
     for target in targets:
         folds = {}
         for held_out, layer in layers.items():
             harmful, benign = by_side(by_layer[layer], harmful_sources)
-            gate = fit_without(kind, harmful, benign, splits, [held_out], max_fpr=target)
+            gate = fit_without(kind, harmful, benign, splits, [held_out], max_fpr=target, per_source=True)
             folds[held_out] = held_out_rates(gate, harmful, benign, splits, held_out)
         points.append({"max_fpr": target, **macro(folds)})
     return points
@@ -141,8 +145,11 @@ def markdown_table(results: dict) -> str:
     head = ("| gate | threshold | layer | " + " | ".join(f"TPR {s}" for s in harmful) + " | **macro TPR** | "
             + " | ".join(f"FPR {s}" for s in benign) + " | **macro FPR** | macro AUC |")
     lines = [head, "|" + "|".join(["---"] * 3 + ["--:"] * (len(harmful) + len(benign) + 3)) + "|"]
-    rules = (("logistic", "logistic", "auto"), ("max_fpr", f"max FPR {results['max_fpr']:g}", "auto"),
-             ("fixed_layer_logistic", "logistic", str(results["fixed_layer"])))
+    labels = {"logistic": "logistic", "max_fpr": f"max FPR {results['max_fpr']:g}, pooled",
+              "max_fpr_per_source": f"max FPR {results['max_fpr']:g} per source"}
+    rules = [(prefix + rule, labels[rule], layer) for prefix, layer in (("", "auto"),
+                                                                         ("fixed_layer_", str(results["fixed_layer"])))
+             for rule, _ in RULES]
     for kind, g in results["gates"].items():
         for rule, label, layer in rules:
             folds, m = g["folds"], g["macro"][rule]
@@ -161,6 +168,11 @@ def markdown_table(results: dict) -> str:
               "tokens):", "",
               "| n | macro TPR | macro FPR | macro AUC |", "|--:|--:|--:|--:|"]
     lines += [f"| {n} | {_pct(m['tpr'])} | {_pct(m['fpr'])} | {m['auc']:.3f} |" for n, m in results["pooling"].items()]
+    if "timings_s" in results:  # the command's run, on a machine that may be shared
+        load = results.get("load_average") or {}
+        lines += ["", f"{results.get('model', '')}, {results.get('created', '')[:10]}: anchor rows "
+                      f"{results['timings_s']['activations']:.0f} s, study {results['timings_s']['study']:.0f} s; "
+                      f"load average {load.get('start')} at the start, {load.get('end')} at the end."]
     return "\n".join(lines) + "\n"
 
 
@@ -179,10 +191,12 @@ def plot(results: dict, path: str | os.PathLike) -> None:
         chosen = sorted(k for k in layers if "source_held_out_calibration_auc" in curves[k])
         left.plot(chosen, [curves[k]["source_held_out_calibration_auc"] for k in chosen], color=colour, marker="o",
                   label=f"{kind}: source-held-out calibration AUC")
-        for rule, marker in (("logistic", "o"), ("max_fpr", "s")):
+        for rule, marker, label in (("logistic", "o", "logistic"), ("max_fpr", "s", "max FPR, pooled"),
+                                    ("fixed_layer_max_fpr_per_source", "^",
+                                     f"max FPR per source, layer {results['fixed_layer']}")):
             m = g["macro"][rule]
             right.scatter(100 * m["fpr"], 100 * m["tpr"], color=colour, marker=marker, s=50,
-                          label=f"{kind} ({'logistic' if rule == 'logistic' else 'max FPR'})")
+                          label=f"{kind} ({label})")
     left.set_xlabel("decoder layer")
     left.set_ylabel("ROC AUC")
     left.grid(alpha=0.3)
