@@ -1,5 +1,5 @@
 """The plugin under vLLM's scheduler and parallelism, on a tiny random-weight Llama (4 heads of 64, so two tensor-parallel
-ranks split them): chunked prefill, preemption and recompute under a small KV cache, token mode, and
+ranks split them): preemption and recompute under a small KV cache, chunked prefill in both modes, and
 tensor_parallel_size=2 equal to one process. Eager engines: these paths do not depend on the compile."""
 
 import pytest
@@ -11,8 +11,12 @@ from finesteer_kernels import SteerParams
 from engines import engine, reference_tokens
 
 STEPS = 32
-SCHEDULE = dict(max_model_len=128, max_num_batched_tokens=32, num_gpu_blocks_override=5, block_size=32,
-                enforce_eager=True, skip_tokenizer_init=True, disable_log_stats=False)
+BASE = dict(max_model_len=128, block_size=32, enforce_eager=True, skip_tokenizer_init=True)
+CHUNK = 32
+CHUNKED = dict(BASE, max_num_batched_tokens=CHUNK)  # prompts split into 32-token chunks
+# whole prompts (no chunking) and a KV cache of 5 blocks, too small for the batch: preemption and recompute
+PREEMPTING = dict(BASE, max_num_batched_tokens=128, enable_chunked_prefill=False, num_gpu_blocks_override=5,
+                  disable_log_stats=False)
 
 
 @pytest.fixture(scope="module")
@@ -62,18 +66,19 @@ def hf_reference(model, ids, file, mode):
 
 @pytest.fixture(scope="module")
 def one_process(tiny, compile_cache):
-    with engine({"FINESTEER_VLLM_STEERERS": str(tiny[2])}, compile_cache, model=tiny[1], **SCHEDULE) as llm:
+    with engine({"FINESTEER_VLLM_STEERERS": str(tiny[2])}, compile_cache, model=tiny[1], **PREEMPTING) as llm:
         yield llm
 
 
-def test_chunked_prefill_preemption_and_batching_equal_patch_model(one_process, tiny):
+def reference(model, files, ids, name, mode="query"):
+    return hf_reference(model, ids, None if name is None else files / f"{name}.safetensors", mode)
+
+
+def test_preemption_recompute_and_batching_equal_patch_model(one_process, tiny):
     model, _, files = tiny
     batch = prompts()
     got = run(one_process, batch, NAMES)
-    for ids, name, tokens in zip(batch, NAMES, got):
-        if len(ids) <= SCHEDULE["max_num_batched_tokens"]:  # the prompt fits in one chunk: exactly patch_model
-            file = None if name is None else files / f"{name}.safetensors"
-            assert tokens == hf_reference(model, ids, file, "query"), (len(ids), name)
+    assert got == [reference(model, files, ids, name) for ids, name in zip(batch, NAMES)]
     assert got == [run(one_process, [ids], [n])[0] for ids, n in zip(batch, NAMES)]  # each alone
     unsteered = run(one_process, batch, [None] * len(batch))
     assert any(a != b for a, b, n in zip(got, unsteered, NAMES) if n == "push")
@@ -84,20 +89,30 @@ def test_chunked_prefill_preemption_and_batching_equal_patch_model(one_process, 
 def test_tensor_parallel_two_ranks_equal_one_process(one_process, tiny, compile_cache):
     env = {"FINESTEER_VLLM_STEERERS": str(tiny[2]), "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
     with engine(env, compile_cache, model=tiny[1], tensor_parallel_size=2, distributed_executor_backend="mp",
-                **SCHEDULE) as tp:
+                **PREEMPTING) as tp:
         assert run(tp, prompts(), NAMES) == run(one_process, prompts(), NAMES)
 
 
-def test_token_mode_equals_patch_model(tiny, compile_cache):
+def test_query_mode_under_chunked_prefill(tiny, compile_cache):
+    """A prompt that fits in one chunk equals patch_model; a longer one runs, its chunks before the anchor's
+    unsteered (docs/serving.md). Alone, so no other request shares the step's token budget."""
     model, folder, files = tiny
-    batch = [p for p in prompts() if len(p) <= SCHEDULE["max_num_batched_tokens"]]
-    names = NAMES[: len(batch)]
+    with engine({"FINESTEER_VLLM_STEERERS": str(files)}, compile_cache, model=folder, **CHUNKED) as llm:
+        for ids, name in zip(prompts(), NAMES):
+            got = run(llm, [ids], [name])[0]
+            if len(ids) <= CHUNK:
+                assert got == reference(model, files, ids, name), (len(ids), name)
+            else:
+                assert len(got) == STEPS
+
+
+def test_token_mode_under_chunked_prefill_equals_patch_model(tiny, compile_cache):
+    """Token mode edits every row on its own hidden state, so chunking and batching change nothing."""
+    model, folder, files = tiny
     with engine({"FINESTEER_VLLM_STEERERS": str(files), "FINESTEER_VLLM_MODE": "token"}, compile_cache,
-                model=folder, **SCHEDULE) as llm:
-        got = run(llm, batch, names)
-    for ids, name, tokens in zip(batch, names, got):
-        file = None if name is None else files / f"{name}.safetensors"
-        assert tokens == hf_reference(model, ids, file, "token"), (len(ids), name)
+                model=folder, **CHUNKED) as llm:
+        got = run(llm, prompts(), NAMES)
+    assert got == [reference(model, files, ids, name, "token") for ids, name in zip(prompts(), NAMES)]
 
 
 @pytest.mark.parametrize("layer, d, message", [(9, 256, "act past the served model's 4 decoder layers"),
@@ -106,7 +121,7 @@ def test_token_mode_equals_patch_model(tiny, compile_cache):
 def test_a_steerer_that_does_not_fit_stops_start_up(tiny, compile_cache, tmp_path, capfd, layer, d, message):
     finesteer.Steerer(SteerParams(experts=torch.randn(1, d)), layer=layer).save(tmp_path / "bad.safetensors")
     with pytest.raises(Exception):
-        with engine({"FINESTEER_VLLM_STEERERS": str(tmp_path)}, compile_cache, model=tiny[1], **SCHEDULE):
+        with engine({"FINESTEER_VLLM_STEERERS": str(tmp_path)}, compile_cache, model=tiny[1], **CHUNKED):
             pass
     captured = capfd.readouterr()  # the worker's traceback, printed by vLLM's processes
     assert message in captured.out + captured.err

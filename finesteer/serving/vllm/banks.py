@@ -14,11 +14,13 @@ from ...steerer import Steerer
 
 
 class LayerBanks:
-    """``steerers``: ``{name: Steerer}``; ``layers``: the decoder layers patched (fixed when the model is loaded);
-    each steerer must act at one of them and have the model's hidden size."""
+    """``steerers``: ``{name: Steerer}``; ``served``: the decoder layers the server steers (fixed when the model is
+    loaded), each steerer must act at one of them and have the model's hidden size; ``layers``: those this process
+    holds (all of them, except under pipeline parallelism), which get a bank."""
 
-    def __init__(self, steerers: Mapping[str, Steerer], layers, hidden_size: int, n_layers: int, device, dtype):
-        self.layers, self.device, self.dtype = tuple(layers), device, dtype
+    def __init__(self, steerers: Mapping[str, Steerer], served, layers, hidden_size: int, n_layers: int, device,
+                 dtype):
+        self.served, self.layers, self.device, self.dtype = tuple(served), tuple(layers), device, dtype
         self.hidden_size, self.n_layers = hidden_size, n_layers
         self.steerers: dict = {}
         for name, steerer in steerers.items():
@@ -33,9 +35,9 @@ class LayerBanks:
         if steerer.hidden_size != self.hidden_size:
             raise ValueError(f"steerer {name!r} was fitted for hidden size {steerer.hidden_size}, but the served "
                              f"model has hidden size {self.hidden_size}")
-        if steerer.layer not in self.layers:
+        if steerer.layer not in self.served:
             raise ValueError(f"steerer {name!r} acts at layer {steerer.layer}, which this server does not steer "
-                             f"(layers {list(self.layers)}, fixed at start-up by the steerers in its configuration)")
+                             f"(layers {list(self.served)}, fixed at start-up by the steerers in its configuration)")
 
     def _rebuild(self) -> None:
         self.names = tuple(self.steerers)

@@ -84,11 +84,11 @@ class SteeringRuntime:
             wanted = self.steering.pop(rid)
             slot = self.slot_of.pop(rid, None)
             if slot is not None:
-                if rid in self.anchored:
+                layer = self.banks.steerers[wanted.name].layer
+                if rid in self.anchored and layer in self.gate:  # (under pipeline parallelism: on its rank)
                     at = self.n_finished % _HISTORY
-                    for layer, gate in self.gate.items():
-                        self.history[layer][at] = gate[slot]
-                    self.history_ids[at] = (rid, self.banks.steerers[wanted.name].layer)
+                    self.history[layer][at] = self.gate[layer][slot]
+                    self.history_ids[at] = (rid, layer)
                     self.n_finished += 1
                 for gate in self.gate.values():
                     gate[slot] = False

@@ -39,7 +39,7 @@ def install_into(runner) -> None:
     layer_list = layers.find_layers(runner.model, n_layers)
     owned = layers.steer_layers(layer_list, steered)
     mode = steering_mode()
-    banks = LayerBanks(steerers, owned, config.get_hidden_size(), n_layers, runner.device, config.dtype)
+    banks = LayerBanks(steerers, steered, owned, config.get_hidden_size(), n_layers, runner.device, config.dtype)
     runtime = SteeringRuntime(banks, mode, runner.max_num_tokens, runner.max_num_reqs)
     layers.set_runtime(runtime)
     runner._finesteer = runtime
