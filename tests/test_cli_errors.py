@@ -90,6 +90,8 @@ EVAL_DEMO_CASES = [  # {out}: an eval output folder, {file}: a plain file, {stee
     (["demo", "--steerer", "{steerers}/deep.safetensors"], r"--steerer: .* steers layer 5, but .* has layers 0..2"),
     (["demo", "--steerer", "{steerers}/one-past.safetensors"], r"--steerer: .* steers layer 3, but .* has layers 0..2"),
     (["demo", "--show", "0"], "--show: expected an integer >= 1"),
+    (["demo", "--alpha", "-1"], "--alpha: expected a positive strength, got -1.0"),
+    (["demo", "--alpha", "nan"], "--alpha: expected a finite number"),
     (["transfer", "--gates", "scs,foo"], "--gates: expected a comma-separated subset of scs,contrastive,linear"),
     (["transfer", "--cap", "0"], "--cap: expected an integer >= 1, got 0"),
     (["transfer", "--max-fpr", "1.5"], r"--max-fpr: expected a share in \[0, 1\), got 1.5"),

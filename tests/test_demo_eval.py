@@ -16,7 +16,7 @@ import torch
 from finesteer import Steerer, SteerParams, cli
 from finesteer.fitting import data as datasets
 from finesteer.fitting import models
-from finesteer.fitting.defaults import STUDIED_LAYERS
+from finesteer.fitting.defaults import DEFAULT_ALPHA, STUDIED_LAYERS
 from finesteer.studies import evaluate
 from finesteer.studies.refusal import is_refusal
 
@@ -149,6 +149,7 @@ def test_demo_runs_from_the_cached_steerer(eval_run, steerer_cache, capsys):
     assert counts["stated"] == counts["shown"]  # the summary counts what the gate lines and replies show
     flat = " ".join(out.split())
     assert "steerer loaded from the cache of an identical earlier fit" in flat
+    assert f"(query mode, alpha {DEFAULT_ALPHA:g}) at layer" in flat  # a fit's default strength, no --alpha given
     assert "the test split of this steerer's own fit (24 harmful and 16 benign prompts drawn" in flat
     assert "`finesteer eval` (the README's table) fits the same recipe on a larger draw (400 + 400" in flat
 
@@ -156,11 +157,14 @@ def test_demo_runs_from_the_cached_steerer(eval_run, steerer_cache, capsys):
 def test_demo_names_a_steerer_file_as_its_origin(eval_run, steerer_cache, capsys):
     from pathlib import Path
 
-    path = next(Path(steerer_cache).glob("safety-finesteer-L15-*.safetensors"))
+    fitted = next(Path(steerer_cache).glob("safety-finesteer-L15-*.safetensors"))
+    path = fitted.parent / "stronger.safetensors"  # the demo steers with the file's own strength unless told
+    Steerer.load(str(fitted)).with_alpha(3.0).save(str(path))
     capsys.readouterr()
     assert cli.main(["demo", "--steerer", str(path), "--show", "1", "--max-new-tokens", "2", "--quiet"]) == 0
     flat = " ".join(capsys.readouterr().out.split())
     assert f"steerer loaded from {path}" in flat and "cache" not in flat.split("Summary:")[1].split("Layer:")[0]
+    assert "(query mode, alpha 3) at layer" in flat
 
 
 def test_gate_scale_reads_scores_as_a_share_of_the_threshold():

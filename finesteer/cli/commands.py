@@ -9,7 +9,7 @@ import os
 import time
 
 from ..fitting.activation_cache import cached_anchor_activations
-from ..fitting.defaults import DEMO_SIZES, EVAL_SIZES
+from ..fitting.defaults import DEFAULT_ALPHA, DEMO_SIZES, EVAL_SIZES
 from ..fitting.gates import GATES
 from ..fitting.held_out import scored_prompts
 from ..fitting.layer_selection import SOURCE_CAP, candidate_layers, source_pools
@@ -27,7 +27,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     add_fit_arguments(parser, *DEMO_SIZES)
     parser.add_argument("--steerer", default=None,
                         help="use this safety steerer file (written by finesteer fit) instead of fitting or the cache")
-    parser.add_argument("--alpha", type=float, default=1.0, help="steering strength")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help=f"steering strength (default: the steerer's own; a fit stores {DEFAULT_ALPHA:g})")
     parser.add_argument("--mode", choices=("query", "token"), default="query",
                         help="query: gate and route once per prompt (the paper's); token: every token on its own")
     parser.add_argument("--show", type=int, default=5,
@@ -93,7 +94,7 @@ def add_layers_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated decoder layers to compare (default: the gate study's candidate layers "
                              "in the second half of the network; 15,18,21,24,27 on SmolLM2)")
     parser.add_argument("--alpha", type=float, default=None,
-                        help="steering strength (default: the fitted steerer's own, 1)")
+                        help=f"steering strength (default: the fitted steerer's own, {DEFAULT_ALPHA:g})")
     parser.add_argument("--max-new-tokens", type=int, default=steer_layers.JUDGE_NEW_TOKENS,
                         help="greedy tokens per reply")
     parser.add_argument("--gen-batch-size", type=int, default=16, help="prompts per generate call")

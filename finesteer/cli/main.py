@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     from . import commands
     from .options import add_gate_arguments
+    from ..fitting.defaults import DEFAULT_ALPHA
 
     demo = sub.add_parser("demo", help="fit (or load) a safety steerer on the real model and show it at work",
                           formatter_class=_PlainTextFormatter, description=DEMO_DESCRIPTION)
@@ -224,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--hidden", type=int, default=32, help="width m of the residual MLP")
     fit.add_argument("--epochs", type=int, default=400,
                      help="maximum MoSE training epochs (early stopping on the validation loss)")
-    fit.add_argument("--alpha", type=float, default=1.0, help="steering strength stored in the file")
+    fit.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
+                     help="steering strength stored in the file (default %(default)g: results/eval.md, query mode)")
     fit.add_argument("--seed", type=int, default=0, help="seeds sampling, splits, templates, K-means and training")
     fit.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     fit.add_argument("--max-prompt-tokens", type=int, default=256,

@@ -70,6 +70,15 @@ def finite(value: float, option: str) -> None:
         raise ValueError(f"{option}: expected a finite number, got {value}")
 
 
+def optional_strength(value: Optional[float], option: str) -> None:
+    """None (the steerer's own strength) or a positive finite number."""
+    if value is None:
+        return
+    finite(value, option)
+    if value <= 0:
+        raise ValueError(f"{option}: expected a positive strength, got {value}")
+
+
 def strengths(text: str, option: str = "--alphas") -> list:
     """Comma-separated positive finite numbers."""
     try:
@@ -198,7 +207,7 @@ def demo(args: argparse.Namespace) -> None:
     """What `finesteer demo` checks before loading the model."""
     at_least(args.show, 1, "--show")
     at_least(args.max_new_tokens, 1, "--max-new-tokens")
-    finite(args.alpha, "--alpha")
+    optional_strength(args.alpha, "--alpha")
     n_layers, width = model_and_layer(args.model, args.layer)
     if args.steerer:
         steerer_for(args.steerer, args.model, n_layers, width)
@@ -223,10 +232,7 @@ def layers(args: argparse.Namespace) -> list:
     from ..patching.layers import check_layer_index
     from ..studies.steer_layers import default_layers
 
-    if args.alpha is not None:
-        finite(args.alpha, "--alpha")
-        if args.alpha <= 0:
-            raise ValueError(f"--alpha: expected a positive strength, got {args.alpha}")
+    optional_strength(args.alpha, "--alpha")
     for option, value in (("--max-new-tokens", args.max_new_tokens), ("--gen-batch-size", args.gen_batch_size)):
         at_least(value, 1, option)
     writable_folder(args.out, "--out")

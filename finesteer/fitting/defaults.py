@@ -10,6 +10,10 @@ DEFAULT_GATE = "linear"
 STUDIED_LAYERS = {"SmolLM2-135M-Instruct": 15}
 # The issue's target is at most 3 % of benign prompts steered, so the threshold is set for that on calibration data.
 DEFAULT_MAX_FPR = 0.03
+# The strength a fitted steerer carries (`finesteer fit --alpha`, the demo's and `finesteer layers`' default): on the
+# eval's held-out split at layer 15 (results/eval.md), query mode refuses 85 % of harmful prompts at alpha 2 against
+# 77 % at alpha 1, with every benign and over-refusal reply identical at both (the gate, not alpha, decides those).
+DEFAULT_ALPHA = 2.0
 
 
 def studied_layer(model_identity: str, layer_count: int) -> int:

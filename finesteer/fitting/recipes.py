@@ -23,7 +23,7 @@ from ..steerer import Steerer
 from . import data as datasets
 from .activations import collect_activations, completion_shifts
 from .fit import energy_ratio, fit_caa, fit_cast, fit_mose, remove_group_means
-from .defaults import DEFAULT_GATE, DEFAULT_MAX_FPR
+from .defaults import DEFAULT_ALPHA, DEFAULT_GATE, DEFAULT_MAX_FPR
 from .gates import GATES, fit_gate
 from .layer_selection import (by_side, candidate_layers, fit_without, held_out_candidates, held_out_rates, macro,
                               select_layer)
@@ -70,7 +70,7 @@ class FitOptions:
     res_rank: int = 8
     hidden: int = 32
     epochs: int = 400
-    alpha: float = 1.0
+    alpha: float = DEFAULT_ALPHA
 
     def __post_init__(self) -> None:
         for name in ("n_target", "n_benign", "batch_size", "completions_per_prompt", "max_prompt_tokens",

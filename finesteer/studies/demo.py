@@ -66,7 +66,7 @@ def _steerer_from_file(path: str, model, model_name: str):
 
 
 def run(model_name: str, *, options, steerer_path: Optional[str] = None, layer=None, cache_dir: Optional[str] = None,
-        refit: bool = False, mode: str = "query", alpha: float = 1.0, show: int = 5, max_new_tokens: int = 32,
+        refit: bool = False, mode: str = "query", alpha: Optional[float] = None, show: int = 5, max_new_tokens: int = 32,
         progress: bool = True) -> int:
     """The demo, printed: load ``model_name``, take the safety steerer from ``steerer_path`` (its recorded fit
     options replace ``options``) or fit it with ``options`` (or load the cached fit), and show ``show`` held-out
@@ -96,6 +96,7 @@ def run(model_name: str, *, options, steerer_path: Optional[str] = None, layer=N
         origin = "loaded from the cache of an identical earlier fit" if from_cache else "fitted now"
     harmful_test, benign_test = held_out_prompts(options)
     check_same_split(steerer, harmful_test, benign_test)
+    alpha = steerer.params.alpha if alpha is None else alpha
     fitted = time.perf_counter()
 
     print("[3/4] gate scores of held-out prompts", flush=True)
