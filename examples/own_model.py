@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layer", type=int, default=None, help="decoder layer to steer (default: the middle one)")
     parser.add_argument("--out", default="my-steerer.safetensors", help="where to save the steerer")
     parser.add_argument("--epochs", type=int, default=400, help="maximum MoSE training epochs")
-    parser.add_argument("--alpha", type=float, default=1.0, help="steering strength when generating")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="steering strength when generating (default: the one the fit stores, 2)")
     parser.add_argument("--show", type=int, default=3, help="held-out prompts of each kind shown with their replies")
     args = parser.parse_args(argv)
 
