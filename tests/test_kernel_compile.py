@@ -40,8 +40,8 @@ CALIBRATION_SIZES = [(r, K, m, k) for r in (1, 8, 16, 32, 64) for K in (1, 4, 8)
 # What a compiled kernel depends on besides its case: the device code (every @triton.jit function of these modules),
 # the launch layout (`kernel_common.Layout`) and the packing (params.py, norm.py). Host-side code, the model and the
 # bank kernel (tests/test_bank_kernels.py compiles it) are left out, so recalibrating the model keeps the cache.
-KERNEL_MODULES = ("apply_kernel", "coef_tile", "delta_kernel", "delta_norm_kernel", "norm_tile", "pdl", "steer_kernel",
-                  "w_out_dot")
+KERNEL_MODULES = ("apply_kernel", "coef_tile", "delta_kernel", "delta_norm_kernel", "norm_tile", "pdl",
+                  "steer_kernel", "w_out_dot")
 PACKING_SOURCES = ("params.py", "norm.py")
 PDL_VARIANT = "pdl"  # a variant ending so: launched with programmatic dependent launch (finesteer_kernels.pdl)
 CACHE_DIR = os.environ.get("FINESTEER_PTXAS_CACHE",

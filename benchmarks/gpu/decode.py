@@ -21,6 +21,7 @@ PROMPT, DRY_PROMPT = 64, 6
 REPLAYS = 200
 OP_WIDTHS, DRY_OP_WIDTHS = (576, 4096), (64,)
 CALLS_PER_GRAPH, DRY_CALLS_PER_GRAPH = 100, 3
+MODEL_KEY = "model_pdl_speedup"  # on a PDL row: the model's off / on speed-up (finesteer_kernels.pdl_model)
 
 
 def run(sec, ctx) -> dict:
@@ -170,8 +171,8 @@ def markdown(results: dict) -> list:
                   f"{fmt(r.get('ratio'), '.4f')} |" for r in dec["rows"]]
     if dec.get("ops"):
         empty = empty_us(results)
-        lines += ["", "| decode op (each call on a fresh row) | d | gate | PDL | us per call (graph) | / empty kernel | "
-                  "PDL off / on (model) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["", "| decode op (each call on a fresh row) | d | gate | PDL | us per call (graph) | / empty kernel "
+                  "| PDL off / on (model) |", "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in dec["ops"]:
             ratio = r["median_us"] / empty if "median_us" in r and empty else None
             gain = pdl_gain(dec["ops"], r)
@@ -183,9 +184,6 @@ def markdown(results: dict) -> list:
     return lines
 
 
-MODEL_KEY = "model_pdl_speedup"
-
-
 def pdl_label(row: dict) -> str:
     """``on``, ``off``, or ``asked, not launched`` (the interpreter, or a card older than sm_90)."""
     if not row.get("pdl"):
@@ -194,8 +192,8 @@ def pdl_label(row: dict) -> str:
 
 
 def pdl_gain(ops: list, row: dict):
-    """For a PDL row that ran: its PDL-off twin's time over its own (None otherwise)."""
-    if not row.get("pdl") or "median_us" not in row:
+    """For a row whose launches used PDL: its PDL-off twin's time over its own (None otherwise)."""
+    if not row.get("pdl_launched") or "median_us" not in row:
         return None
     twin = next((r for r in ops if not r.get("pdl") and all(r.get(k) == row.get(k) for k in ("op", "d", "gate_open"))
                  and "median_us" in r), None)
@@ -210,7 +208,8 @@ def goals(results: dict) -> list:
     for r in dec.get("ops", []):
         if "median_us" in r and empty and r["gate_open"]:
             ratio = r["median_us"] / empty
-            out.append(f"{r['op']}{' with PDL' if r.get('pdl') else ''} d={r['d']}: {ratio:.2f}x an empty kernel (goal <= 1.5x: "
+            pdl = f" (PDL {pdl_label(r)})" if r.get("pdl") else ""
+            out.append(f"{r['op']}{pdl} d={r['d']}: {ratio:.2f}x an empty kernel (goal <= 1.5x: "
                        f"{'met' if ratio <= 1.5 else 'NOT met'})")
     for r in dec.get("rows", []):
         if r.get("layers") and len(r["layers"]) == 3 and r.get("ratio"):
