@@ -7,7 +7,7 @@ trips in `Prediction.latency_us`). That stretch, the launch gap, is what an empt
 early (``griddepcontrol.launch_dependents``: ours do, right after their own wait), our programs are already resident
 and blocked in ``griddepcontrol.wait``; what remains is the wait's release once the previous grid has completed and
 its writes are visible. The first round trip is *not* hidden: the wait precedes every memory access (`pdl` says
-why), so the loads still start after the release. Before a kernel that never triggers (PyTorch's and cuBLAS's
+why), so the loads still start after the release. After a kernel that never triggers (PyTorch's and cuBLAS's
 kernels) the model assumes no gain: dependents are then scheduled only as its programs exit.
 
 Both figures are assumptions until the GPU run: the gap is the ~2 us an empty kernel is assumed to take in a graph
