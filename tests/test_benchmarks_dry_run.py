@@ -117,7 +117,7 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     assert [r["model_pdl_speedup"] > 1 for r in decode["ops"] if r["pdl"]] == [True, True]
     assert all(r["mixed_ok"] and r["uniform_ok"] and r["measured_ratio"] > 0 for r in sections["bank"]["rows"])
     empty = sections["empty_kernel"]
-    assert empty["median_us"] > 0 and empty["pdl"]["launched"] is False and empty["pdl"]["median_us"] > 0
+    assert empty["median_us"] > 0 and empty["rows"][0]["launched"] is False and empty["rows"][0]["median_us"] > 0
     assert len(result["goals"]) == 2 + 4 + 4  # prefill, the gate-open ops with PDL off and on, steps
     fused = sections["fused_norm"]["rows"]  # both modes at both shapes, checked, untimed, the model beside them
     assert {(r["mode"], r["T"]) for r in fused} == {(m, t) for m in ("token", "query") for t in (20, 1)}
@@ -356,7 +356,37 @@ def test_decode_section_on_transformers_5_17_keeps_every_other_configuration(tmp
     assert "injected failure" in rows.pop("token, 3 layers, fused norm")["error"]
     assert all(r["finite"] and "error" not in r for r in rows.values())
     assert all(r["differs_from_unpatched"] for name, r in rows.items() if name != "unpatched")
-    assert len(decode["ops"]) == 3 and all(r["ok"] for r in decode["ops"])
+    assert len(decode["ops"]) == 5 and all(r["ok"] for r in decode["ops"])
+
+
+def test_a_pdl_failure_is_recorded_and_the_rest_runs(tmp_path, monkeypatch):
+    """Programmatic dependent launch has never run on a GPU: if it fails there, the empty kernel and the decode ops
+    keep their PDL-off figures, the PDL rows carry the error and their sections are marked failed."""
+    import contextlib
+
+    from benchmarks.gpu import decode, launch_floor
+    from finesteer_kernels import pdl
+
+    real_forced = pdl.forced
+
+    @contextlib.contextmanager
+    def failing(on):
+        if on:
+            raise RuntimeError("injected PDL failure")
+        with real_forced(on):
+            yield
+
+    monkeypatch.setattr(pdl, "forced", failing)
+    runner, ctx = _section(tmp_path, "empty_kernel")
+    empty = runner.section("empty_kernel", 1.0, launch_floor.run, ctx)
+    assert empty["status"] == "failed" and empty["median_us"] > 0
+    assert "injected PDL failure" in empty["rows"][0]["error"]
+    assert "with PDL: RuntimeError: injected PDL failure" in launch_floor.markdown(runner.results)[1]
+    ops = runner.section("decode", 1.0, lambda sec, ctx: decode.decode_ops(sec, ctx), ctx)["ops"]
+    assert [("error" in r, r["pdl"]) for r in ops] == [(False, False), (True, True), (False, False), (True, True),
+                                                       (False, False)]
+    assert all(r["ok"] for r in ops if not r["pdl"]) and all("injected PDL failure" in r["error"]
+                                                             for r in ops if r["pdl"])
 
 
 def test_sweep_starts_with_the_pick_and_keeps_the_models_best():
