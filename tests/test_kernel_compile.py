@@ -16,7 +16,8 @@ A second test (issue 24) compiles the heuristic's picks for small layouts (r in 
 with and without the MLP, every dtype; `calibration_cases`) and checks the model's registers (within 10 %) and
 resident programs (exactly) against ptxas. ``python tests/test_kernel_compile.py --calibrate`` regenerates the
 model's register table (`finesteer_kernels/ptxas_table.py`) from both sets of compiles; run it until the table stops
-changing. Compile results are cached on disk (CACHE_DIR).
+changing. Compile results are cached on disk (CACHE_DIR). A third test (programmatic dependent launch, `pdl_cases`)
+compiles one pick of each kernel with and without PDL and checks where ``griddepcontrol.wait`` sits in the PTX.
 
 The kernels must be real JIT functions, not the interpreter's, so compiling runs in a subprocess without
 TRITON_INTERPRET. ``python tests/test_kernel_compile.py --table`` prints the markdown table of docs/kernels.md.
