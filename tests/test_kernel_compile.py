@@ -307,7 +307,7 @@ def grid_dependency_order(ptx: str) -> dict:
     body = ptx[ptx.index("{", ptx.index(".entry")):]
     instructions = [line.split("//")[0].strip() for line in body.splitlines()]
     instructions = [i for i in instructions if i and not i.startswith((".", "$", "{", "}", "//"))]
-    mnemonics = [re.sub(r"^@!?%p\d+\s+", "", i).split()[0] for i in instructions]
+    mnemonics = [re.sub(r"^@!?%p\d+\s+", "", i).split()[0].rstrip(";") for i in instructions]  # 3.6: "wait;"
     private = (".param", ".shared", ".local", ".const")
 
     def first(test):
