@@ -28,9 +28,14 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .kernel_common import INTERPRETING
+
+try:  # grid dependency control came with Triton 3.4 (the lent machines have 3.6, this project 3.9)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    SUPPORTED = True
+except ImportError:  # an older Triton: PDL stays off, and the kernels never compile the branch that names these
+    SUPPORTED = False
 
 ENV = "FINESTEER_PDL"
 _forced: Optional[bool] = None
@@ -48,10 +53,10 @@ def _device_supports(index: int) -> bool:
 
 
 def pdl_enabled(t: torch.Tensor) -> bool:
-    """Whether a launch on ``t``'s device uses PDL: requested (or `forced`), a CUDA tensor on sm_90 or newer, and
-    not interpreted."""
+    """Whether a launch on ``t``'s device uses PDL: requested (or `forced`), a Triton that has it, a CUDA tensor on
+    sm_90 or newer, and not interpreted."""
     wanted = pdl_requested() if _forced is None else _forced
-    return wanted and not INTERPRETING and t.is_cuda and _device_supports(t.device.index or 0)
+    return wanted and SUPPORTED and not INTERPRETING and t.is_cuda and _device_supports(t.device.index or 0)
 
 
 def launch_options(t: torch.Tensor) -> dict:

@@ -2,6 +2,9 @@
 kernels hold the wait before their first memory access is checked on their sm_90a PTX
 (tests/test_kernel_compile.py); whether it pays is for the GPU run (benchmarks/gpu_check.py, decode and
 empty_kernel sections)."""
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -11,6 +14,8 @@ from finesteer_kernels import pdl
 from finesteer_kernels.heuristics import best_steer
 from finesteer_kernels.pdl_model import GRAPH_GAP_US, PDL_RELEASE_US, pdl_gain, step_us
 from finesteer_kernels.perf_model import CARDS, Shape, predict_apply_delta
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -39,6 +44,29 @@ def test_never_on_when_interpreted_or_on_a_cpu_tensor(fresh_switch):
     for forced in (True, False):
         with pdl.forced(forced):
             assert not pdl.pdl_enabled(h) and pdl.launch_options(h) == {"PDL": False}
+
+
+OLD_TRITON = """
+import sys
+import triton.language.extra.cuda
+cuda = sys.modules["triton.language.extra.cuda"]  # the module `from triton.language.extra.cuda import` reads
+del cuda.gdc_wait, cuda.gdc_launch_dependents  # as in Triton < 3.4
+import torch
+import finesteer_kernels as fk
+from finesteer_kernels import pdl
+assert not pdl.SUPPORTED
+h, delta = torch.randn(3, 40), torch.randn(3, 40)
+assert torch.equal(fk.apply_delta(h, delta), (h.float() + delta).to(h.dtype))
+print("ran")
+"""
+
+
+def test_the_kernels_still_run_on_a_triton_without_grid_dependency_control():
+    """Triton 3.2 and 3.3 (which setup.py allows) have no ``gdc_wait``: PDL is then off and the kernels, which never
+    compile the PDL branch, run as before."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, "-c", OLD_TRITON], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ran", proc.stderr[-2000:]
 
 
 def test_forced_overrides_the_switch_and_restores_it(fresh_switch, monkeypatch):
