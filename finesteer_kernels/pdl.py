@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .kernel_common import INTERPRETING
 
-try:  # grid dependency control came with Triton 3.4 (the lent machines have 3.6, this project 3.9)
+try:  # added by triton-lang/triton#6394 (April 2025); in 3.6 (the lent machines) and 3.9 (here), not in 3.2
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
     SUPPORTED = True
 except ImportError:  # an older Triton: PDL stays off, and the kernels never compile the branch that names these
