@@ -38,13 +38,17 @@ except ImportError:  # an older Triton: PDL stays off, and the kernels never com
     SUPPORTED = False
 
 ENV = "FINESTEER_PDL"
+ON, OFF = ("1", "on", "true", "yes"), ("", "0", "off", "false", "no")
 _forced: Optional[bool] = None
 
 
 @functools.lru_cache(maxsize=None)
 def pdl_requested() -> bool:
     """``FINESTEER_PDL`` (default off), read once: the launch path only looks up a cached bool."""
-    return os.environ.get(ENV, "0").strip().lower() in ("1", "on", "true", "yes")
+    value = os.environ.get(ENV, "").strip().lower()
+    if value not in ON + OFF:
+        raise ValueError(f"{ENV}={value!r}: expected one of {', '.join(ON)} (PDL on) or {', '.join(OFF[1:])} (off)")
+    return value in ON
 
 
 @functools.lru_cache(maxsize=None)

@@ -37,6 +37,12 @@ def test_the_env_switch_is_off_by_default_and_read_once(fresh_switch, value, on)
     assert pdl.pdl_requested() is on
 
 
+def test_an_unknown_value_of_the_switch_is_an_error(fresh_switch):
+    fresh_switch.setenv(pdl.ENV, "maybe")
+    with pytest.raises(ValueError, match="FINESTEER_PDL='maybe': expected one of 1, on, true, yes"):
+        pdl.pdl_requested()
+
+
 def test_never_on_when_interpreted_or_on_a_cpu_tensor(fresh_switch):
     fresh_switch.setenv(pdl.ENV, "1")
     h = torch.zeros(2, 8)
