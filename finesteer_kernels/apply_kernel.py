@@ -11,6 +11,7 @@ import triton.language as tl
 
 from .heuristics import apply_config
 from .kernel_common import INTERPRETING, card_for, config_kwargs, device_guard, native_dot, padded
+from .pdl import launch_options, wait_for_previous_kernel
 from .perf_model import Shape
 from .w_out_dot import coef_times_w_out
 
@@ -18,7 +19,8 @@ from .w_out_dot import coef_times_w_out
 @triton.jit
 def apply_kernel(h_ptr, out_ptr, coef_ptr, seq_ptr, w_out_ptr, n_rows, n_seq, d,
                  NC: tl.constexpr, NCP: tl.constexpr, NATIVE_DOT: tl.constexpr, IN_PLACE: tl.constexpr,
-                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_previous_kernel(PDL)
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_mask = rows < n_rows
     seq = tl.load(seq_ptr + rows, mask=row_mask, other=-1)
@@ -57,4 +59,5 @@ def launch_apply(h2d: torch.Tensor, out2d: torch.Tensor, coef: torch.Tensor, row
     with device_guard(h2d):
         apply_kernel[grid](h2d, out2d, coef, row_to_seq, w_out, n_rows, n_seq, d,
                            NC=n_coef, NCP=padded(n_coef), NATIVE_DOT=native_dot(h2d.dtype),
-                           IN_PLACE=out2d.data_ptr() == h2d.data_ptr(), **config_kwargs(config, pipelined=False))
+                           IN_PLACE=out2d.data_ptr() == h2d.data_ptr(), **config_kwargs(config, pipelined=False),
+                           **launch_options(h2d))

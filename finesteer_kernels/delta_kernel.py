@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from .kernel_common import device_guard
+from .pdl import launch_options, wait_for_previous_kernel
 
 DELTA_BLOCK_D = 512
 
@@ -32,7 +33,8 @@ def row_sequences(seq_ptr, n_rows, n_seq, rows_per_seq, HAS_MAP: tl.constexpr, B
 @triton.jit
 def apply_delta_kernel(h_ptr, out_ptr, delta_ptr, seq_ptr, n_rows, n_seq, d, rows_per_seq,
                        HAS_MAP: tl.constexpr, IN_PLACE: tl.constexpr, BLOCK_T: tl.constexpr,
-                       BLOCK_D: tl.constexpr):
+                       BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_previous_kernel(PDL)
     rows, row_mask, seq, active, in_range = row_sequences(seq_ptr, n_rows, n_seq, rows_per_seq, HAS_MAP, BLOCK_T)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = offs_d < d
@@ -65,4 +67,5 @@ def launch_apply_delta(h: torch.Tensor, out: torch.Tensor, delta: torch.Tensor, 
     with device_guard(h):
         apply_delta_kernel[grid](h, out, delta, delta if row_to_seq is None else row_to_seq, n_rows,
                                  delta.shape[0], d, max(rows_per_seq, 1), HAS_MAP=row_to_seq is not None,
-                                 IN_PLACE=out.data_ptr() == h.data_ptr(), BLOCK_T=block_t, BLOCK_D=DELTA_BLOCK_D)
+                                 IN_PLACE=out.data_ptr() == h.data_ptr(), BLOCK_T=block_t, BLOCK_D=DELTA_BLOCK_D,
+                                 **launch_options(h))

@@ -15,6 +15,7 @@ import triton.language as tl
 from .delta_kernel import row_sequences
 from .kernel_common import INTERPRETING, device_guard
 from .norm_tile import norm_scale
+from .pdl import launch_options, wait_for_previous_kernel
 from .perf_model import ONE_PASS_MAX_D, WIDE_BLOCK_D, row_blocks
 
 
@@ -44,7 +45,8 @@ def _store_both(out_ptr, y_ptr, weight_ptr, steered, rstd, offs, offs_d, mask, w
 def apply_delta_norm_kernel(h_ptr, out_ptr, y_ptr, delta_ptr, seq_ptr, weight_ptr, n_rows, n_seq, d, rows_per_seq,
                             norm_eps, HAS_MAP: tl.constexpr, IN_PLACE: tl.constexpr, UNIT_OFFSET: tl.constexpr,
                             WEIGHT_IN_FP32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                            ONE_PASS: tl.constexpr):
+                            ONE_PASS: tl.constexpr, PDL: tl.constexpr = False):
+    wait_for_previous_kernel(PDL)
     rows, row_mask, seq, active, in_range = row_sequences(seq_ptr, n_rows, n_seq, rows_per_seq, HAS_MAP, BLOCK_T)
     write = active if IN_PLACE else row_mask  # in place, rows without an edit are not stored
     row_base = rows.to(tl.int64) * d
@@ -98,4 +100,4 @@ def launch_apply_delta_norm(h: torch.Tensor, out: torch.Tensor, y: torch.Tensor,
             h, out, y, delta, delta if row_to_seq is None else row_to_seq, weight, n_rows, delta.shape[0], d,
             max(rows_per_seq, 1), eps, HAS_MAP=row_to_seq is not None, IN_PLACE=out.data_ptr() == h.data_ptr(),
             UNIT_OFFSET=unit_offset, WEIGHT_IN_FP32=weight_in_fp32, BLOCK_T=block_t, BLOCK_D=block_d,
-            ONE_PASS=one_pass, **launch)
+            ONE_PASS=one_pass, **launch, **launch_options(h))

@@ -389,9 +389,8 @@ def predict_steer(shape: Shape, config: Config, card: Card, pipelined_pass2: boo
     implement, to show what they would buy: ``multicast`` (W_in/W_out tiles fetched once per cluster of that many
     SMs, TMA multicast), ``partials_on_chip`` (split-d partial sums exchanged in distributed shared memory instead
     of L2), ``tile_on_chip`` (the row tile kept in shared memory between the passes: no second read of h at all),
-    none of them expressible in Triton 3.6's ``tl``; ``hide_ramp`` (the launch's first dependent round trips
-    overlapped with the previous kernel, as programmatic dependent launch allows: expressible in Triton 3.6,
-    ``launch_pdl=True`` and ``tl.extra.cuda.gdc_wait``, not done yet)."""
+    none of them expressible in Triton 3.6's ``tl``; ``hide_ramp`` (no dependent round trips at all: a bound, not
+    what programmatic dependent launch gives, whose wait precedes every memory access: `pdl_model`)."""
     e, T, d = shape.elem, shape.rows, shape.d
     bt, split = config.BLOCK_T, config.SPLIT
     norm = shape.norm_out > 0

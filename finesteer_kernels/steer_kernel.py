@@ -31,6 +31,7 @@ from .norm_tile import add_and_normalise, edited_rstd, w_out_columns
 from .kernel_common import (DTYPE_NAMES, INTERPRETING, Layout, card_for, config_kwargs, device_guard, native_dot,
                             shape_of)
 from .norm import NormOperands
+from .pdl import launch_options, wait_for_previous_kernel
 from .heuristics import steer_config
 from .perf_model import split_plan
 from .split_state import SPIN_LIMIT, launch_buffers
@@ -112,9 +113,11 @@ def steer_kernel(h_ptr, out_ptr, w_in_ptr, w_out_ptr, mean_ptr, consts_ptr, keep
                  IN_PLACE: tl.constexpr, HAS_KEEP: tl.constexpr, STORE_COEF: tl.constexpr,
                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr, SPLIT: tl.constexpr,
                  y_ptr=None, norm_weight_ptr=None, norm_consts_ptr=None, norm_eps=0.0, NORM: tl.constexpr = False,
-                 OUT_COL: tl.constexpr = 0, UNIT_OFFSET: tl.constexpr = False, WEIGHT_IN_FP32: tl.constexpr = False):
+                 OUT_COL: tl.constexpr = 0, UNIT_OFFSET: tl.constexpr = False, WEIGHT_IN_FP32: tl.constexpr = False,
+                 PDL: tl.constexpr = False):
     # NORM (issue 14): also write y = RMSNorm(out) for every row (`norm_tile`); W_in's columns from OUT_COL hold
-    # W_out^T. Without NORM the code is exactly the plain kernel's.
+    # W_out^T. Without NORM the code is exactly the plain kernel's. PDL: before the first ticket and every load.
+    wait_for_previous_kernel(PDL)
     coef_cols = tl.arange(0, NCP)
     if SPLIT == 1:
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -299,4 +302,5 @@ def launch_steer(h2d: torch.Tensor, out2d, w_in: torch.Tensor, w_out: torch.Tens
                               ring, spin_limit,
                               **layout.constexprs(), NATIVE_DOT=native_dot(h2d.dtype),
                               IN_PLACE=out_ptr.data_ptr() == h2d.data_ptr() and not store_coef,
-                              HAS_KEEP=keep is not None, STORE_COEF=store_coef, **config_kwargs(config), **norm_kw)
+                              HAS_KEEP=keep is not None, STORE_COEF=store_coef, **config_kwargs(config), **norm_kw,
+                              **launch_options(h2d))

@@ -106,12 +106,19 @@ def test_gpu_check_dry_run(tmp_path, capsys):
         "query, 3 layers, fused norm", "token, 3 layers, fused norm"]
     assert all(r["differs_from_unpatched"] for r in decode["rows"][1:])
     assert all(r["median_us"] > 0 for r in decode["rows"]) and decode["rows"][0]["ratio"] == 1.0
-    # the decode ops, each call on a fresh row, checked against one application; token mode on both gate states
-    assert [(r["op"], r["gate_open"]) for r in decode["ops"]] == [
-        ("query: apply_delta_", True), ("token: steer_", True), ("token: steer_", False)]
-    assert all(r["ok"] and r["median_us"] > 0 for r in decode["ops"]) and decode["ops"][1]["max_rel_err"] < 1e-2
+    # the decode ops, each call on a fresh row, checked against one application; token mode on both gate states;
+    # with the gate open also with programmatic dependent launch asked for (never launched when interpreted), the
+    # model's predicted speed-up beside it
+    assert [(r["op"], r["gate_open"], r["pdl"]) for r in decode["ops"]] == [
+        ("query: apply_delta_", True, False), ("query: apply_delta_", True, True), ("token: steer_", True, False),
+        ("token: steer_", True, True), ("token: steer_", False, False)]
+    assert all(r["ok"] and r["median_us"] > 0 and r["pdl_launched"] is False for r in decode["ops"])
+    assert decode["ops"][2]["max_rel_err"] < 1e-2 and decode["ops"][3]["max_rel_err"] < 1e-2
+    assert [r["model_pdl_speedup"] > 1 for r in decode["ops"] if r["pdl"]] == [True, True]
     assert all(r["mixed_ok"] and r["uniform_ok"] and r["measured_ratio"] > 0 for r in sections["bank"]["rows"])
-    assert sections["empty_kernel"]["median_us"] > 0 and len(result["goals"]) == 2 + 2 + 4  # prefill, ops, steps
+    empty = sections["empty_kernel"]
+    assert empty["median_us"] > 0 and empty["rows"][0]["launched"] is False and empty["rows"][0]["median_us"] > 0
+    assert len(result["goals"]) == 2 + 4 + 4  # prefill, the gate-open ops with PDL off and on, steps
     fused = sections["fused_norm"]["rows"]  # both modes at both shapes, checked, untimed, the model beside them
     assert {(r["mode"], r["T"]) for r in fused} == {(m, t) for m in ("token", "query") for t in (20, 1)}
     assert all(r["ok"] and r["backend"] == "triton" and "fused_us" not in r for r in fused)
@@ -119,7 +126,8 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     markdown = (tmp_path / "check.md").read_text()
     for table in ("**Split-d smoke**", "**Prefill**", "**Config sweep**", "**Decode step**", "each call on a fresh row",
                   "**Correctness**", "**Bank**", "**Fused with the next RMSNorm**", "| vllm | skipped dry run",
-                  "**Goals**", "measure nothing", "L2 flush check", "one SM's read bandwidth"):
+                  "**Goals**", "measure nothing", "L2 flush check", "one SM's read bandwidth",
+                  "| asked, not launched |", "with PDL: not launched"):
         assert table in markdown
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-1].startswith("wrote ") and any("token, 3 layers" in line for line in printed)
@@ -348,7 +356,37 @@ def test_decode_section_on_transformers_5_17_keeps_every_other_configuration(tmp
     assert "injected failure" in rows.pop("token, 3 layers, fused norm")["error"]
     assert all(r["finite"] and "error" not in r for r in rows.values())
     assert all(r["differs_from_unpatched"] for name, r in rows.items() if name != "unpatched")
-    assert len(decode["ops"]) == 3 and all(r["ok"] for r in decode["ops"])
+    assert len(decode["ops"]) == 5 and all(r["ok"] for r in decode["ops"])
+
+
+def test_a_pdl_failure_is_recorded_and_the_rest_runs(tmp_path, monkeypatch):
+    """Programmatic dependent launch has never run on a GPU: if it fails there, the empty kernel and the decode ops
+    keep their PDL-off figures, the PDL rows carry the error and their sections are marked failed."""
+    import contextlib
+
+    from benchmarks.gpu import decode, launch_floor
+    from finesteer_kernels import pdl
+
+    real_forced = pdl.forced
+
+    @contextlib.contextmanager
+    def failing(on):
+        if on:
+            raise RuntimeError("injected PDL failure")
+        with real_forced(on):
+            yield
+
+    monkeypatch.setattr(pdl, "forced", failing)
+    runner, ctx = _section(tmp_path, "empty_kernel")
+    empty = runner.section("empty_kernel", 1.0, launch_floor.run, ctx)
+    assert empty["status"] == "failed" and empty["median_us"] > 0
+    assert "injected PDL failure" in empty["rows"][0]["error"]
+    assert "with PDL: RuntimeError: injected PDL failure" in launch_floor.markdown(runner.results)[1]
+    ops = runner.section("decode", 1.0, lambda sec, ctx: decode.decode_ops(sec, ctx), ctx)["ops"]
+    assert [("error" in r, r["pdl"]) for r in ops] == [(False, False), (True, True), (False, False), (True, True),
+                                                       (False, False)]
+    assert all(r["ok"] for r in ops if not r["pdl"]) and all("injected PDL failure" in r["error"]
+                                                             for r in ops if r["pdl"])
 
 
 def test_sweep_starts_with_the_pick_and_keeps_the_models_best():

@@ -16,7 +16,8 @@ A second test (issue 24) compiles the heuristic's picks for small layouts (r in 
 with and without the MLP, every dtype; `calibration_cases`) and checks the model's registers (within 10 %) and
 resident programs (exactly) against ptxas. ``python tests/test_kernel_compile.py --calibrate`` regenerates the
 model's register table (`finesteer_kernels/ptxas_table.py`) from both sets of compiles; run it until the table stops
-changing. Compile results are cached on disk (CACHE_DIR).
+changing. Compile results are cached on disk (CACHE_DIR). A third test (programmatic dependent launch, `pdl_cases`)
+compiles one pick of each kernel with and without PDL and checks where ``griddepcontrol.wait`` sits in the PTX.
 
 The kernels must be real JIT functions, not the interpreter's, so compiling runs in a subprocess without
 TRITON_INTERPRET. ``python tests/test_kernel_compile.py --table`` prints the markdown table of docs/kernels.md.
@@ -40,9 +41,10 @@ CALIBRATION_SIZES = [(r, K, m, k) for r in (1, 8, 16, 32, 64) for K in (1, 4, 8)
 # What a compiled kernel depends on besides its case: the device code (every @triton.jit function of these modules),
 # the launch layout (`kernel_common.Layout`) and the packing (params.py, norm.py). Host-side code, the model and the
 # bank kernel (tests/test_bank_kernels.py compiles it) are left out, so recalibrating the model keeps the cache.
-KERNEL_MODULES = ("apply_kernel", "coef_tile", "delta_kernel", "delta_norm_kernel", "norm_tile", "steer_kernel",
-                  "w_out_dot")
+KERNEL_MODULES = ("apply_kernel", "coef_tile", "delta_kernel", "delta_norm_kernel", "norm_tile", "pdl",
+                  "steer_kernel", "w_out_dot")
 PACKING_SOURCES = ("params.py", "norm.py")
+PDL_VARIANT = "pdl"  # a variant ending so: launched with programmatic dependent launch (finesteer_kernels.pdl)
 CACHE_DIR = os.environ.get("FINESTEER_PTXAS_CACHE",
                            os.path.join(os.path.expanduser("~"), ".cache", "finesteer", "ptxas"))
 
@@ -87,6 +89,28 @@ def planned_cases():
     for d in (4096, 16384):  # one pass (the row in registers) and wide rows (two pipelined passes)
         add("apply_delta_rmsnorm", "bf16", d, TYPICAL[True], 1, None)
     return cases
+
+
+def pdl_cases():
+    """Programmatic dependent launch: bf16 picks of each kernel (token mode split-d at decode and prefill and in one
+    program per row tile, fused with the norm, synthesize, apply_coef, apply_delta, apply_delta_rmsnorm in one pass
+    and for wide rows), each as planned and with PDL."""
+    from finesteer_kernels.heuristics import apply_config, steer_config
+    from finesteer_kernels.perf_model import Shape
+
+    sizes = TYPICAL[True]
+
+    def token(kernel, d, rows):
+        shape = Shape.of(rows, d, 2, *sizes, norm_out=2 if kernel == "steer_rmsnorm" else 0, dtype="bf16")
+        return kernel, "bf16", d, sizes, rows, steer_config(shape, store_coef=kernel == "synthesize")
+
+    cases = [token("steer", 4096, 1), token("steer", 4096, 4096), token("steer", 576, 4096),
+             token("steer_rmsnorm", 4096, 1), token("steer_rmsnorm", 4096, 4096), token("synthesize", 4096, 1),
+             ("apply", "bf16", 4096, sizes, 1, apply_config(Shape(1, 4096, 2, 8, 16, has_pass1=False), 1)),
+             ("apply_delta", "bf16", 4096, sizes, 1, None), ("apply_delta_rmsnorm", "bf16", 4096, sizes, 1, None),
+             ("apply_delta_rmsnorm", "bf16", 16384, sizes, 1, None)]
+    assert cases[2][5].SPLIT == 1 and cases[0][5].SPLIT > 1 and cases[1][5].SPLIT > 1, cases
+    return [case + (variant,) for case in cases for variant in ("out of place", f"out of place, {PDL_VARIANT}")]
 
 
 def calibration_cases():
@@ -182,6 +206,7 @@ def _compile_one(case) -> str:
     layout = layout_of(packed, "relu")
     consts = dict(NATIVE_DOT=native_dot(torch_dtypes[dtype]))
     in_place = variant.startswith("in place")
+    pdl = variant.endswith(PDL_VARIANT)
     norm = kernel == "steer_rmsnorm"
     if kernel in ("steer", "synthesize", "steer_rmsnorm"):
         fn = steer_kernel
@@ -223,6 +248,8 @@ def _compile_one(case) -> str:
         sig = dict(h_ptr=f"*{dtype}", out_ptr=f"*{dtype}", delta_ptr="*fp32", seq_ptr="*fp32", n_rows="i32",
                    n_seq="i32", d="i32", rows_per_seq="i32")
         aligned = ["h_ptr", "out_ptr", "delta_ptr", "seq_ptr", "d"]
+    if pdl:
+        consts["PDL"] = True
     names = list(inspect.signature(fn.fn).parameters)
     for name, param in inspect.signature(fn.fn).parameters.items():  # defaulted arguments left out: their defaults
         if name not in sig and name not in consts:
@@ -242,6 +269,8 @@ def _compile_one(case) -> str:
         options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
     else:
         options = dict(num_warps=warps if kernel == "apply_delta_rmsnorm" else 4)
+    if pdl:
+        options["launch_pdl"] = True
     compiled = triton.compile(src, target=target, options=options)
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")
@@ -266,7 +295,30 @@ def _compile_one(case) -> str:
         h_loads_sync=sum(" tt.load " in line for line in hinted),
         h_async_pass1=sum("async_copy_global_to_local" in line and "evict_last" in line for line in hinted),
         h_async_pass2=sum("async_copy_global_to_local" in line and "evict_first" in line for line in hinted),
-        has_loop=any("scf.for" in line for line in ttgir)))
+        has_loop=any("scf.for" in line for line in ttgir), launch_pdl=bool(compiled.metadata.launch_pdl),
+        gdc=grid_dependency_order(compiled.asm["ptx"])))
+
+
+def grid_dependency_order(ptx: str) -> dict:
+    """Where the PTX's grid dependency control sits among the kernel body's instructions (their index, None when
+    absent): ``griddepcontrol.wait``, ``griddepcontrol.launch_dependents``, the first access to memory that another
+    kernel can write (a load, store, atomic or async copy of any state space but the kernel's own parameters,
+    shared and local memory: generic addresses may be global) and the first branch."""
+    body = ptx[ptx.index("{", ptx.index(".entry")):]
+    instructions = [line.split("//")[0].strip() for line in body.splitlines()]
+    instructions = [i for i in instructions if i and not i.startswith((".", "$", "{", "}", "//"))]
+    mnemonics = [re.sub(r"^@!?%p\d+\s+", "", i).split()[0].rstrip(";") for i in instructions]  # 3.6: "wait;"
+    private = (".param", ".shared", ".local", ".const")
+
+    def first(test):
+        return next((n for n, m in enumerate(mnemonics) if test(m)), None)
+
+    return dict(wait=first(lambda m: m == "griddepcontrol.wait"),
+                launch=first(lambda m: m == "griddepcontrol.launch_dependents"),
+                waits=mnemonics.count("griddepcontrol.wait"),
+                first_memory=first(lambda m: m.split(".")[0] in ("ld", "st", "atom", "red", "cp", "prefetch")
+                                   and not any(space in m for space in private)),
+                first_branch=first(lambda m: m.split(".")[0] in ("bra", "brx", "call", "ret", "exit")))
 
 
 def model_estimate(res: dict):
@@ -361,6 +413,31 @@ def test_kernels_compile_for_hopper_without_spills_and_with_async_loads_of_h():
             assert model["ctas"] <= resident_ctas(res), f"the model promises more occupancy than ptxas: {res}"
 
 
+def test_pdl_variants_wait_for_the_previous_kernel_before_any_memory_access():
+    """With PDL a launch may start before the previous kernel on the stream is done, so ``griddepcontrol.wait``
+    must come before the first access to memory that kernel could write (for split-d: before the first ticket), in
+    the entry block (no branch before it), followed by ``launch_dependents``; the launch carries the option. As
+    planned (PDL off) the kernels hold no grid dependency control at all. Neither variant spills, and PDL does not
+    change how many programs fit on an SM."""
+    results = compile_results("pdl")
+    assert len(results) == len(pdl_cases())
+    print("\n" + markdown_table(results))
+    planned = {}
+    for res in results:
+        assert res["spill_bytes"] == 0, res
+        gdc, key = res["gdc"], (res["kernel"], res["d"], res["rows"], res["config"])
+        assert gdc["first_memory"] is not None, res
+        if res["variant"].endswith(PDL_VARIANT):
+            assert res["launch_pdl"] and gdc["waits"] == 1, res
+            assert gdc["wait"] < gdc["first_memory"], f"a memory access precedes griddepcontrol.wait: {res}"
+            assert gdc["first_branch"] is None or gdc["wait"] < gdc["first_branch"], res
+            assert gdc["launch"] is not None and gdc["wait"] < gdc["launch"], res
+            assert resident_ctas(res) == resident_ctas(planned[key]), (res, planned[key])
+        else:
+            assert not res["launch_pdl"] and gdc["wait"] is None and gdc["launch"] is None, res
+            planned[key] = res
+
+
 def write_ptxas_table(results: list) -> None:
     """`finesteer_kernels/ptxas_table.py` from compile results: registers and spills of the token-mode kernel (out of
     place, plain or fused with the norm) per `perf_model.register_key`, the larger over bf16 and fp16, merged into
@@ -410,6 +487,7 @@ if __name__ == "__main__":
     if "--calibrate" in sys.argv:  # compile (cached) the calibration and planned cases, then write the table
         write_ptxas_table(compile_results("calibration") + compile_results("planned"))
     elif "--compile" in sys.argv:
-        _compile_all(calibration_cases() if "calibration" in sys.argv else planned_cases())
+        which = sys.argv[sys.argv.index("--compile") + 1]
+        _compile_all({"calibration": calibration_cases, "pdl": pdl_cases, "planned": planned_cases}[which]())
     else:
         print(markdown_table(compile_results()))

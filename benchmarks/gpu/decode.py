@@ -21,6 +21,7 @@ PROMPT, DRY_PROMPT = 64, 6
 REPLAYS = 200
 OP_WIDTHS, DRY_OP_WIDTHS = (576, 4096), (64,)
 CALLS_PER_GRAPH, DRY_CALLS_PER_GRAPH = 100, 3
+MODEL_KEY = "model_pdl_speedup"  # on a PDL row: the model's off / on speed-up (finesteer_kernels.pdl_model)
 
 
 def run(sec, ctx) -> dict:
@@ -80,14 +81,18 @@ def run(sec, ctx) -> dict:
 def decode_ops(sec, ctx) -> None:
     """The decode ops alone at one row (rows under ``ops``): query mode's ``apply_delta_`` and token mode's
     ``steer_`` on a row whose gate is open and on one whose gate is closed, each call on a fresh row
-    (`time_on_fresh_rows`), each checked against the reference."""
+    (`time_on_fresh_rows`), each checked against the reference. The gate-open ops run twice, with programmatic
+    dependent launch off and on (`finesteer_kernels.pdl`: its gain only shows between back-to-back launches, as in
+    the graph here); ``pdl_launched`` says whether the launches really used it (never when interpreted)."""
     import torch
 
     import finesteer_kernels as fk
     from benchmarks.cases import REL_TOL, make_params, random_rows
-    from benchmarks.gpu.steer_case import launched_config
-    from finesteer_kernels import reference
-    from finesteer_kernels.kernel_common import Layout
+    from benchmarks.gpu.steer_case import launched_config, shape_of
+    from finesteer_kernels import pdl, reference
+    from finesteer_kernels.kernel_common import Layout, card_for
+    from finesteer_kernels.pdl_model import pdl_gain as pdl_gain_predicted
+    from finesteer_kernels.perf_model import predict_apply_delta, predict_steer
     from finesteer_kernels.ops import _kernel_args
 
     for d in DRY_OP_WIDTHS if ctx.dry else OP_WIDTHS:
@@ -101,16 +106,27 @@ def decode_ops(sec, ctx) -> None:
         with torch.inference_mode():
             delta = fk.coef_delta(fk.synthesize(rows[True][0], params), params)
         _, layout = _kernel_args(candidates, params)
-        token_config = launched_config(rows[True].reshape(1, d), Layout(*layout)).short()
+        row = rows[True].reshape(1, d)
+        token_config = launched_config(row, Layout(*layout))
+        card = card_for(row)
+        predicted = {"query: apply_delta_": predict_apply_delta(1, d, row.element_size(), 1, card),
+                     "token: steer_": predict_steer(shape_of(row, Layout(*layout)), token_config, card)}
         ops = [("query: apply_delta_", True, lambda h: fk.apply_delta_(h, delta),
                 lambda h0: reference.apply_delta(h0, delta), {})]
         ops += [("token: steer_", gate_open, lambda h: fk.steer_(h, params), lambda h0: reference.steer(h0, params),
-                 {"config": token_config}) for gate_open in (True, False)]
+                 {"config": token_config.short()}) for gate_open in (True, False)]
         for name, gate_open, op, expected, extra in ops:
             h0 = rows[gate_open]
-            sec.measure({"op": name, "d": d, "gate_open": gate_open, **extra},
-                        lambda: time_on_fresh_rows(op, h0, expected(h0), ctx, REL_TOL[torch.bfloat16]),
-                        f"{name} d={d} gate {'open' if gate_open else 'closed'}", key="ops")
+            for use_pdl in (False, True) if gate_open else (False,):
+                def measure(op=op, h0=h0, expected=expected, use_pdl=use_pdl):
+                    with pdl.forced(use_pdl):
+                        return {"pdl_launched": pdl.pdl_enabled(h0),
+                                **time_on_fresh_rows(op, h0, expected(h0), ctx, REL_TOL[torch.bfloat16])}
+
+                model = {MODEL_KEY: pdl_gain_predicted(predicted[name])["speedup"]} if use_pdl else {}
+                sec.measure({"op": name, "d": d, "gate_open": gate_open, "pdl": use_pdl, **extra, **model}, measure,
+                            f"{name} d={d} gate {'open' if gate_open else 'closed'}{' PDL' if use_pdl else ''}",
+                            key="ops")
 
 
 def time_on_fresh_rows(op, h0, expected, ctx, tol: float) -> dict:
@@ -155,15 +171,33 @@ def markdown(results: dict) -> list:
                   f"{fmt(r.get('ratio'), '.4f')} |" for r in dec["rows"]]
     if dec.get("ops"):
         empty = empty_us(results)
-        lines += ["", "| decode op (each call on a fresh row) | d | gate | us per call (graph) | / empty kernel |",
-                  "| --- | --- | --- | --- | --- |"]
+        lines += ["", "| decode op (each call on a fresh row) | d | gate | PDL | us per call (graph) | / empty kernel "
+                  "| PDL off / on (model) |", "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in dec["ops"]:
             ratio = r["median_us"] / empty if "median_us" in r and empty else None
+            gain = pdl_gain(dec["ops"], r)
             lines.append(f"| {r['op']}{' ' + r['config'] if r.get('config') else ''} | {r['d']} | "
-                         f"{'open' if r['gate_open'] else 'closed'} | "
+                         f"{'open' if r['gate_open'] else 'closed'} | {pdl_label(r)} | "
                          f"{fmt(r.get('median_us'), '.2f', r.get('note') or r.get('error', '-')[:80])} | "
-                         f"{fmt(ratio, '.2f')} |")
+                         f"{fmt(ratio, '.2f')} | "
+                         f"{'-' if gain is None else f'{gain:.2f}x ({r[MODEL_KEY]:.2f}x predicted)'} |")
     return lines
+
+
+def pdl_label(row: dict) -> str:
+    """``on``, ``off``, or ``asked, not launched`` (the interpreter, or a card older than sm_90)."""
+    if not row.get("pdl"):
+        return "off"
+    return "on" if row.get("pdl_launched") else "asked, not launched"
+
+
+def pdl_gain(ops: list, row: dict):
+    """For a row whose launches used PDL: its PDL-off twin's time over its own (None otherwise)."""
+    if not row.get("pdl_launched") or "median_us" not in row:
+        return None
+    twin = next((r for r in ops if not r.get("pdl") and all(r.get(k) == row.get(k) for k in ("op", "d", "gate_open"))
+                 and "median_us" in r), None)
+    return None if twin is None else twin["median_us"] / row["median_us"]
 
 
 def goals(results: dict) -> list:
@@ -174,7 +208,8 @@ def goals(results: dict) -> list:
     for r in dec.get("ops", []):
         if "median_us" in r and empty and r["gate_open"]:
             ratio = r["median_us"] / empty
-            out.append(f"{r['op']} d={r['d']}: {ratio:.2f}x an empty kernel (goal <= 1.5x: "
+            pdl = f" (PDL {pdl_label(r)})" if r.get("pdl") else ""
+            out.append(f"{r['op']}{pdl} d={r['d']}: {ratio:.2f}x an empty kernel (goal <= 1.5x: "
                        f"{'met' if ratio <= 1.5 else 'NOT met'})")
     for r in dec.get("rows", []):
         if r.get("layers") and len(r["layers"]) == 3 and r.get("ratio"):
