@@ -4,8 +4,9 @@ The same T rows steered in token mode by a bank of 4 FineSteer steerers (r = 64,
 d >= 1024; r = min(64, d / 2) below), once with the rows spread evenly over the 4 steerers ("mixed") and once with
 every row on steerer 0 ("uniform"). Per row of the table:
 
-* **predicted** (GPU, bf16): the bank kernel's HBM bytes and time from the bytes model (`perf_model.predict_bank`,
-  the configuration `bank_kernel.bank_config` picks) on the H100 SXM and H200, mixed over uniform;
+* **predicted** (GPU, bf16): the bank kernel's HBM bytes and time from the bytes model
+  (`bank_perf_model.predict_bank`, the launch `bank_kernel.bank_launch` picks) on the H100 SXM and H200, mixed
+  over uniform;
 * **measured** (this device, fp32 on CPU): median time of the grouped eager implementation (`grouped_eager`: rows
   sorted by steerer, the byte-frugal eager op on each group's slice; on CPU the counts are read on the host, which
   costs nothing there) mixed and uniform, and of the bank reference (`bank_reference`, every steerer on every row:
@@ -60,20 +61,22 @@ def grouped_eager(h: torch.Tensor, bank, index: torch.Tensor) -> torch.Tensor:
 
 def predictions(T: int, d: int, bank) -> dict:
     """Bytes-model figures of the bank kernel for both assignments, bf16, both cards."""
-    from finesteer_kernels.bank_kernel import bank_config
-    from finesteer_kernels.perf_model import CARDS, Shape, predict_bank
+    from finesteer_kernels.bank_kernel import bank_launch
+    from finesteer_kernels.bank_perf_model import predict_bank
+    from finesteer_kernels.perf_model import CARDS, Shape
 
     layout = bank.pack(torch.bfloat16).layout
     out = {}
     for card in CARDS.values():
-        config = bank_config(T, d, layout, 2, card)
+        config, programs = bank_launch(T, d, layout, 2, card)
         shapes = [Shape.of(T, d, 2, p.r, p.num_experts, p.m, p.k) for p in bank.params]
         per = {"mixed": [dataclasses.replace(s, rows=T // STEERERS + (i < T % STEERERS)) for i, s in enumerate(shapes)],
                "uniform": [shapes[0]] + [dataclasses.replace(s, rows=0) for s in shapes[1:]]}
-        preds = {k: predict_bank(v, config, card) for k, v in per.items()}
-        out[card.name] = {"config": config.short(), **{k: {"time_us": p.time_us, "hbm_mb": p.hbm_bytes / 1e6,
-                                                           "l2_mb": p.l2_bytes / 1e6, "bound": p.bound}
-                                                       for k, p in preds.items()},
+        preds = {k: predict_bank(v, config, card, programs=programs) for k, v in per.items()}
+        label = config.short() + (f", persistent {programs}" if programs else "")
+        out[card.name] = {"config": label, **{k: {"time_us": p.time_us, "hbm_mb": p.hbm_bytes / 1e6,
+                                                  "l2_mb": p.l2_bytes / 1e6, "bound": p.bound}
+                                              for k, p in preds.items()},
                           "time_ratio": preds["mixed"].time_us / preds["uniform"].time_us,
                           "hbm_ratio": preds["mixed"].hbm_bytes / preds["uniform"].hbm_bytes}
     return out

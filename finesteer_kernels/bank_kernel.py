@@ -20,6 +20,7 @@ one program per row tile (docs/serving.md says what that costs at decode sizes).
 `bank_reference`.
 """
 import functools
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -29,7 +30,8 @@ from .bank import META, META_FIELDS, BankLayout, PackedBank
 from .coef_tile import add_squares, gate_open
 from .heuristics import INTERPRETER_CONFIG
 from .kernel_common import INTERPRETING, card_for, config_kwargs, device_guard, native_dot
-from .perf_model import Card, Config, Shape, predict_steer
+from .bank_perf_model import bounded_programs, predict_bank
+from .perf_model import Card, Config, Shape
 from .steer_kernel import add_coef_times_w_out
 
 
@@ -140,29 +142,24 @@ def fill_rows(h_ptr, out_ptr, rows, live, d, NAN: tl.constexpr, BLOCK_D: tl.cons
         tl.store(out_ptr + row_base[:, None] + offs_d[None, :], x, mask=mask)
 
 
-# The group count, the coefficient width and W_in's stride are run-time arguments (`bank.BankLayout`): a bank
-# re-packed with another steerer keeps its compiled kernel. The first two are never specialised (a count or width
-# that happens to be 1 or a multiple of 16 would compile another copy); the stride is always a multiple of 16, which
-# the JIT's alignment specialisation then knows (16-byte loads of W_in).
-@triton.jit(do_not_specialize=["n_groups", "NC"])
-def bank_kernel(h_ptr, out_ptr, order_ptr, counts_ptr, meta_ptr, scalars_ptr, w_in_ptr, w_out_ptr, mean_ptr,
-                consts_ptr, coef_out_ptr, n_rows, d, n_groups, NC, w_in_stride,
-                GP: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr, NCP: tl.constexpr, ANY_GATE: tl.constexpr,
-                ANY_ROUTER: tl.constexpr, ANY_RES: tl.constexpr, MF: tl.constexpr, NATIVE_DOT: tl.constexpr,
-                IN_PLACE: tl.constexpr, STORE_COEF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                NUM_STAGES: tl.constexpr):
-    pid = tl.program_id(0)
+@triton.jit
+def bank_tile(tile_id, h_ptr, out_ptr, order_ptr, counts_ptr, meta_ptr, scalars_ptr, w_in_ptr, w_out_ptr, mean_ptr,
+              consts_ptr, coef_out_ptr, n_rows, d, n_groups, NC, w_in_stride, GP: tl.constexpr, NP: tl.constexpr,
+              MP: tl.constexpr, NCP: tl.constexpr, ANY_GATE: tl.constexpr, ANY_ROUTER: tl.constexpr,
+              ANY_RES: tl.constexpr, MF: tl.constexpr, NATIVE_DOT: tl.constexpr, IN_PLACE: tl.constexpr,
+              STORE_COEF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """Row tile ``tile_id`` of the launch: the group (steerer) whose tiles hold it, then its rows."""
     groups = tl.arange(0, GP)
     counts = tl.load(counts_ptr + groups, mask=groups < n_groups, other=0)
     tiles = (counts + BLOCK_T - 1) // BLOCK_T
     ends = tl.cumsum(tiles, axis=0)
-    group = tl.sum((ends <= pid).to(tl.int32), axis=0)  # the group whose tiles hold tile `pid`
+    group = tl.sum((ends <= tile_id).to(tl.int32), axis=0)  # the group whose tiles hold tile `tile_id`
     if group < n_groups:
         first_tile = tl.sum(tl.where(groups == group, ends - tiles, 0), axis=0)
         row_start = tl.sum(tl.where(groups < group, counts, 0), axis=0)
         count = tl.sum(tl.where(groups == group, counts, 0), axis=0)
         lanes = tl.arange(0, BLOCK_T)
-        pos = (pid - first_tile) * BLOCK_T + lanes
+        pos = (tile_id - first_tile) * BLOCK_T + lanes
         live = pos < count
         rows = tl.load(order_ptr + row_start + pos, mask=live, other=0)
         coef_cols = tl.arange(0, NCP)
@@ -215,12 +212,52 @@ def bank_kernel(h_ptr, out_ptr, order_ptr, counts_ptr, meta_ptr, scalars_ptr, w_
                                          NUM_STAGES)
 
 
+# The group count, the coefficient width and W_in's stride are run-time arguments (`bank.BankLayout`): a bank
+# re-packed with another steerer keeps its compiled kernel. The first two are never specialised (a count or width
+# that happens to be 1 or a multiple of 16 would compile another copy); the stride is always a multiple of 16, which
+# the JIT's alignment specialisation then knows (16-byte loads of W_in).
+@triton.jit(do_not_specialize=["n_groups", "NC"])
+def bank_kernel(h_ptr, out_ptr, order_ptr, counts_ptr, meta_ptr, scalars_ptr, w_in_ptr, w_out_ptr, mean_ptr,
+                consts_ptr, coef_out_ptr, n_rows, d, n_groups, NC, w_in_stride,
+                GP: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr, NCP: tl.constexpr, ANY_GATE: tl.constexpr,
+                ANY_ROUTER: tl.constexpr, ANY_RES: tl.constexpr, MF: tl.constexpr, NATIVE_DOT: tl.constexpr,
+                IN_PLACE: tl.constexpr, STORE_COEF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                NUM_STAGES: tl.constexpr, PERSISTENT: tl.constexpr):
+    # fewer programs than tiles (PERSISTENT, `bank_perf_model.bounded_programs`): program p takes tiles p, p + P,
+    # ..., so the P programs in flight hold about P consecutive tiles between their two passes over d and the
+    # second read of h comes from L2. A variant of its own: the loop costs registers (114 -> 255 at 16 x 128, bf16)
+    if PERSISTENT:
+        for tile_id in tl.range(tl.program_id(0), tl.cdiv(n_rows, BLOCK_T) + n_groups, tl.num_programs(0),
+                                num_stages=1):
+            bank_tile(tile_id, h_ptr, out_ptr, order_ptr, counts_ptr, meta_ptr, scalars_ptr, w_in_ptr, w_out_ptr,
+                      mean_ptr, consts_ptr, coef_out_ptr, n_rows, d, n_groups, NC, w_in_stride, GP, NP, MP, NCP,
+                      ANY_GATE, ANY_ROUTER, ANY_RES, MF, NATIVE_DOT, IN_PLACE, STORE_COEF, BLOCK_T, BLOCK_D,
+                      NUM_STAGES)
+    else:
+        bank_tile(tl.program_id(0), h_ptr, out_ptr, order_ptr, counts_ptr, meta_ptr, scalars_ptr, w_in_ptr,
+                  w_out_ptr, mean_ptr, consts_ptr, coef_out_ptr, n_rows, d, n_groups, NC, w_in_stride, GP, NP, MP,
+                  NCP, ANY_GATE, ANY_ROUTER, ANY_RES, MF, NATIVE_DOT, IN_PLACE, STORE_COEF, BLOCK_T, BLOCK_D,
+                  NUM_STAGES)
+
+
 # Launch configurations the bank kernel may take: compiled for sm_90a without spills (tests/test_bank_kernels.py);
 # its epilogue keeps the router and MLP paths of every steerer (run-time sizes), so 32-row tiles need 8 warps and
 # 64-row tiles or 256-column d blocks spilled; since W_in loads as cp.async copies (issue 24), 16 x 64 with 4 warps
-# spilled 4-8 bytes in 16-bit dtypes (ptxas kept it at 96 registers) and was dropped.
+# spilled 4-8 bytes in 16-bit dtypes (ptxas kept it at 96 registers) and was dropped. Every one may also run on the
+# bounded persistent grid (issue 24), and so may the deeper pipelines of `DEEP_CONFIGS`, with which one program per
+# SM keeps enough bytes in flight; one program per tile, they spilled (8 bytes, bf16, ptxas held 128 registers for
+# two programs per SM), and 5 stages spilled 16 bytes either way.
 BANK_CONFIGS = {2: (Config(16, 128, 4, 3), Config(32, 128, 8, 3)),
                 4: (Config(16, 64, 8, 3),)}
+DEEP_CONFIGS = {2: (Config(32, 128, 8, 4),), 4: (Config(16, 64, 8, 4),)}
+
+
+class BankLaunch(NamedTuple):
+    """How a bank launch runs: ``config``, and ``programs``, a persistent grid of at most that many programs
+    (`bank_perf_model.bounded_programs`: the tiles in flight fit half of L2), or None: one program per tile."""
+
+    config: Config
+    programs: Optional[int] = None
 
 
 def bank_shape(n_rows: int, d: int, layout: BankLayout, elem: int) -> Shape:
@@ -231,37 +268,48 @@ def bank_shape(n_rows: int, d: int, layout: BankLayout, elem: int) -> Shape:
 
 
 @functools.lru_cache(maxsize=1024)
-def _bank_config(shape: Shape, card: Card) -> Config:
-    fits = [c for c in BANK_CONFIGS[4 if shape.elem == 4 else 2] if c.BLOCK_T <= max(16, shape.rows)]
-    return min(fits, key=lambda c: round(predict_steer(shape, c, card).ratio / 0.02))
+def _bank_launch(shape: Shape, card: Card, store_coef: bool) -> BankLaunch:
+    group = 4 if shape.elem == 4 else 2
+    fits = [c for c in BANK_CONFIGS[group] + DEEP_CONFIGS[group] if c.BLOCK_T <= max(16, shape.rows)]
+    options = [BankLaunch(c) for c in fits if c in BANK_CONFIGS[group]]
+    if not store_coef:  # `synthesize_bank` reads h once: nothing for a bounded grid to keep in L2
+        bounded = [BankLaunch(c, bounded_programs(c.BLOCK_T, shape.d, shape.elem, card)) for c in fits]
+        options += [o for o in bounded if o.programs < -(-shape.rows // o.config.BLOCK_T)]  # else: no bound
+    preds = {o: predict_bank([shape], o.config, card, store_coef=store_coef, programs=o.programs) for o in options}
+    # predictions within 2 % count as equal: then fewer HBM bytes, then one program per tile
+    return min(options, key=lambda o: (round(preds[o].ratio / 0.02), preds[o].hbm_bytes, o.programs is not None))
 
 
-def bank_config(n_rows: int, d: int, layout: BankLayout, elem: int, card: Card) -> Config:
-    """One program per row tile (no split of d): the model's fastest of `BANK_CONFIGS` for the widest steerer."""
+def bank_launch(n_rows: int, d: int, layout: BankLayout, elem: int, card: Card, store_coef: bool = False) -> BankLaunch:
+    """The model's fastest (`bank_perf_model.predict_bank`) of `BANK_CONFIGS` with one program per row tile, and
+    of those and `DEEP_CONFIGS` on the bounded persistent grid, for the widest steerer."""
     if INTERPRETING:
-        return INTERPRETER_CONFIG
+        return BankLaunch(INTERPRETER_CONFIG)
     rows = 1 << max(0, (n_rows - 1).bit_length())
-    return _bank_config(bank_shape(rows, d, layout, elem), card)
+    return _bank_launch(bank_shape(rows, d, layout, elem), card, store_coef)
 
 
 def launch_bank(h2d: torch.Tensor, out2d, packed: PackedBank, order: torch.Tensor, counts: torch.Tensor,
-                coef_out: torch.Tensor | None = None, config=None) -> None:
+                coef_out: torch.Tensor | None = None, launch: BankLaunch | None = None) -> None:
     """Run the bank kernel on contiguous ``(N, d)`` rows grouped by ``order``/``counts`` (`bank.plan_rows`);
-    ``out2d`` may be ``h2d`` (in place). ``coef_out`` (fp32 ``(N, NC)``): store coefficients instead (synthesize)."""
+    ``out2d`` may be ``h2d`` (in place). ``coef_out`` (fp32 ``(N, NC)``): store coefficients instead (synthesize).
+    ``launch`` overrides the model's choice (tests)."""
     n_rows, d = h2d.shape
     if n_rows == 0:
         return
     layout = packed.layout
-    config = config or bank_config(n_rows, d, layout, h2d.element_size(), card_for(h2d))
-    grid = triton.cdiv(n_rows, config.BLOCK_T) + layout.G
     store_coef = coef_out is not None
+    config, programs = launch or bank_launch(n_rows, d, layout, h2d.element_size(), card_for(h2d), store_coef)
+    tiles = triton.cdiv(n_rows, config.BLOCK_T) + layout.G  # an upper bound (see the kernel's docstring)
+    grid = tiles if programs is None else min(tiles, programs)
     out = h2d if store_coef else out2d
     with device_guard(h2d):
         bank_kernel[(grid,)](h2d, out, order, counts, packed.meta, packed.scalars, packed.w_in, packed.w_out,
                              packed.mean, packed.consts, coef_out if store_coef else packed.scalars, n_rows, d,
                              layout.G, layout.NC, layout.W_IN_STRIDE, **bank_constexprs(layout),
                              NATIVE_DOT=native_dot(h2d.dtype), IN_PLACE=out.data_ptr() == h2d.data_ptr(),
-                             STORE_COEF=store_coef, **{k: v for k, v in config_kwargs(config).items() if k != "SPLIT"})
+                             STORE_COEF=store_coef, PERSISTENT=programs is not None,
+                             **{k: v for k, v in config_kwargs(config).items() if k != "SPLIT"})
 
 
 def bank_constexprs(layout: BankLayout) -> dict:

@@ -75,17 +75,48 @@ def test_token_mode_rows_equal_their_own_steerer(triton_backend, n, dtype):
 
 def test_gpu_tile_shapes_many_tiles_per_steerer(triton_backend):
     """16-row tiles: steerers spanning several tiles and partial ones, the copy tiles of -1 rows, a (B, T) index."""
-    from finesteer_kernels.bank_kernel import launch_bank
+    from finesteer_kernels.bank_kernel import BankLaunch, launch_bank
 
     bank = awkward_bank()
     h, index = mixed_rows(bank, 70, seed=5)
     plan = plan_rows(index, len(bank))
     out = torch.full_like(h, float("nan"))  # poisoned: every row must be written
-    launch_bank(h, out, bank.pack(h.dtype, h.device), plan.order, plan.counts, config=Config(16, 32, 4, 1))
+    launch_bank(h, out, bank.pack(h.dtype, h.device), plan.order, plan.counts, launch=BankLaunch(Config(16, 32, 4, 1)))
     assert rel_error(out, bank_reference.steer_bank(h, bank, index)) <= 1e-5
     assert torch.equal(out[index == -1], h[index == -1])
     shaped = fk.steer_bank(h.view(7, 10, D), bank, index.view(7, 10), plan=plan)
     assert torch.equal(shaped.view(70, D), fk.steer_bank(h, bank, index))
+
+
+@pytest.mark.parametrize("programs", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_bounded_persistent_grid(triton_backend, programs, dtype):
+    """Issue 24: fewer programs than tiles, each looping over tiles p, p + P, ... (the grid that keeps the tiles in
+    flight L2-sized). 16-row tiles over 83 rows of 6 groups (every steerer, -1 rows, indices outside the bank), in
+    place and out of place into a poisoned buffer, and the coefficient-storing variant."""
+    from finesteer_kernels.bank_kernel import BankLaunch, launch_bank
+
+    bank = awkward_bank()
+    h, index = mixed_rows(bank, 83, seed=11, dtype=dtype)
+    index[[4, 40]] = torch.tensor([len(bank), -7])
+    plan = plan_rows(index, len(bank))
+    packed = bank.pack(h.dtype, h.device)
+    launch = BankLaunch(Config(16, 32, 4, 1), programs)
+    expected = bank_reference.steer_bank(h, bank, index)
+    out = torch.full_like(h, float("nan"))  # poisoned: every row must be written
+    launch_bank(h, out, packed, plan.order, plan.counts, launch=launch)
+    valid = (index >= -1) & (index < len(bank))
+    assert out[~valid].isnan().all()
+    assert rel_error(out[valid], expected[valid]) <= REL_TOL[dtype]
+    assert torch.equal(out[index == -1], h[index == -1])
+    inplace = h.clone()
+    launch_bank(inplace, inplace, packed, plan.order, plan.counts, launch=launch)
+    assert torch.equal(inplace[valid], out[valid]) and inplace[~valid].isnan().all()
+    coef = torch.full((83, packed.layout.NC), float("nan"))
+    launch_bank(h, None, packed, plan.order, plan.counts, coef_out=coef, launch=launch)
+    own = bank_reference.synthesize_bank(h, bank, index)
+    assert coef[~valid].isnan().all()
+    assert rel_error(coef[valid], own[valid]) <= REL_TOL[dtype]
 
 
 def test_indices_outside_the_bank_give_nan_rows(triton_backend):
@@ -239,18 +270,20 @@ def _compile_bank_configs() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from finesteer_kernels.bank_kernel import BANK_CONFIGS, bank_constexprs, bank_kernel
+    from finesteer_kernels.bank_kernel import BANK_CONFIGS, DEEP_CONFIGS, bank_constexprs, bank_kernel
 
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     bank = awkward_bank(4096)
     for dtype, elem, torch_dtype in (("bf16", 2, torch.bfloat16), ("fp16", 2, torch.float16),
                                      ("fp32", 4, torch.float32)):
         layout = bank.pack(torch_dtype).layout
-        for config in BANK_CONFIGS[elem]:
-            for store_coef in (False, True):
+        # the deep pipelines and the coefficient-storing variant only as `bank_launch` may launch them
+        for config in BANK_CONFIGS[elem] + DEEP_CONFIGS[elem]:
+            deep = config in DEEP_CONFIGS[elem]
+            for store_coef, persistent in ((False, True),) if deep else ((False, False), (True, False), (False, True)):
                 consts = dict(bank_constexprs(layout), NATIVE_DOT=dtype != "fp32", IN_PLACE=False,
                               STORE_COEF=store_coef, BLOCK_T=config.BLOCK_T, BLOCK_D=config.BLOCK_D,
-                              NUM_STAGES=config.num_stages)
+                              NUM_STAGES=config.num_stages, PERSISTENT=persistent)
                 sig = dict(h_ptr=f"*{dtype}", out_ptr=f"*{dtype}", order_ptr="*i32", counts_ptr="*i32",
                            meta_ptr="*i32", scalars_ptr="*fp32", w_in_ptr=f"*{dtype}", w_out_ptr=f"*{dtype}",
                            mean_ptr="*fp32", consts_ptr="*fp32", coef_out_ptr="*fp32", n_rows="i32", d="i32",
@@ -277,7 +310,9 @@ def _compile_bank_configs() -> None:
                              if f"tensor<{config.BLOCK_D}x{layout.NP}x!tt.ptr<{dtype.replace('fp', 'f')}>" in line
                              and ("tt.load" in line or "async_copy_global_to_local" in line)]
                 print(json.dumps(dict(
-                    dtype=dtype, config=config.short(), store_coef=store_coef, w_in_offsets=w_in_offsets,
+                    dtype=dtype, config=config.short(), warps=config.num_warps, store_coef=store_coef,
+                    persistent=persistent,
+                    w_in_offsets=w_in_offsets,
                     w_in_sync=sum("tt.load" in line for line in w_in_tile),
                     w_in_async_16b=sum("async_copy_global_to_local" in line
                                        and f"contiguity = {16 // elem} " in line for line in w_in_tile),
@@ -294,13 +329,22 @@ def test_bank_kernel_compiles_for_hopper_without_spills():
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(results) == 2 * (2 + 2 + 1)
+    from finesteer_kernels.bank_kernel import BANK_CONFIGS, DEEP_CONFIGS
+    from finesteer_kernels.bank_perf_model import persistent_ctas_per_sm
+    from finesteer_kernels.perf_model import DEFAULT_CARD as card
+
+    plain, deep = (2 * len(c[2]) + len(c[4]) for c in (BANK_CONFIGS, DEEP_CONFIGS))
+    assert len(results) == 3 * plain + deep
     for res in results:
         print(res)
         assert res["spill_bytes"] == 0, res
         assert res["w_in_offsets"][:1] == ["i64"], res  # in int32, d x W_in's stride overflowed past 2^31
         if not res["store_coef"]:  # issue 24: the run-time column mask once kept W_in at 2-byte synchronous loads
             assert res["w_in_sync"] == 0 and res["w_in_async_16b"] > 0, res
+        if res["persistent"]:  # the bank model's occupancy of the persistent variant is ptxas's
+            per_warp = -(-res["registers"] * 32 // 256) * 256
+            by_regs = card.regs_per_sm // (per_warp * res["warps"])
+            assert persistent_ctas_per_sm(Config(16, 64, res["warps"], 3), card, 32) == by_regs, res
 
 
 if __name__ == "__main__":
