@@ -121,12 +121,65 @@ def table(results: list) -> str:
     return "\n".join(lines)
 
 
+# issue 24's mixes: S steerers of these sizes (r, K, m, k) in turn, the rows spread evenly
+MIX_SIZES = ((64, 8, 32, 8), (16, 4, 0, 0), (0, 1, 0, 0), (32, 8, 16, 4))
+
+
+def mix_shapes(T: int, d: int, S: int, elem: int = 2) -> list:
+    """One `Shape` per steerer of an S-steerer mix (`MIX_SIZES`), each with its share of the T rows."""
+    from finesteer_kernels.perf_model import Shape
+
+    return [Shape.of(T // S + (i < T % S), d, elem, *MIX_SIZES[i % len(MIX_SIZES)]) for i in range(S)]
+
+
+def designs(T: int, d: int, S: int, card) -> dict:
+    """Predicted (bf16) best launch of each bank-kernel design for an S-steerer mix (issue 24 item 7): one
+    program per tile ("plain", `BANK_CONFIGS`), the bounded persistent grid ("bounded", also `DEEP_CONFIGS`),
+    and split-d ("split", not built: 32-row tiles, 8 warps, split over 2, 4 or 8 programs)."""
+    from finesteer_kernels.bank_kernel import BANK_CONFIGS, DEEP_CONFIGS
+    from finesteer_kernels.bank_perf_model import bounded_programs, predict_bank
+    from finesteer_kernels.perf_model import Config
+
+    shapes = mix_shapes(T, d, S)
+    fits = [c for c in BANK_CONFIGS[2] + DEEP_CONFIGS[2] if c.BLOCK_T <= max(16, T)]
+    options = {"plain": [predict_bank(shapes, c, card) for c in fits if c in BANK_CONFIGS[2]],
+               "bounded": [predict_bank(shapes, c, card, programs=bounded_programs(c.BLOCK_T, d, 2, card))
+                           for c in fits],
+               "split": [predict_bank(shapes, Config(32, 128, 8, 3, s), card) for s in (2, 4, 8)]}
+    # the fastest that reads at most 1.1x the ideal HBM bytes (the issue's target), else the fastest
+    return {name: min(preds, key=lambda p: (p.hbm_bytes > 1.1 * p.ideal_bytes, p.time_us))
+            for name, preds in options.items()}
+
+
+def design_table(rows=(4096, 16384), widths=(4096, 8192), mixes=(1, 4, 16)) -> str:
+    """`designs` as a markdown table: predicted time in us and HBM bytes over the ideal, per card."""
+    from finesteer_kernels.perf_model import CARDS
+
+    names = ("plain", "bounded", "split")
+    head = " | ".join(f"{c} {n}" for c in CARDS for n in names)
+    lines = [f"| T | d | steerers | {head} |", "|" + " --- |" * (3 + len(CARDS) * len(names))]
+    for d in widths:
+        for T in rows:
+            for S in mixes:
+                cells = []
+                for card in CARDS.values():
+                    best = designs(T, d, S, card)
+                    cells += [f"{best[n].time_us:.1f} ({best[n].hbm_bytes / best[n].ideal_bytes:.2f}x)" for n in names]
+                lines.append(f"| {T} | {d} | {S} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bank_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", type=float, default=0.3, help="seconds per timed measurement")
     p.add_argument("--out", default=os.path.join(RESULTS_DIR, "bank-cpu.json"))
+    p.add_argument("--designs", action="store_true", help="print the predicted table of the bank kernel's designs "
+                   "(issue 24) and stop")
     args = p.parse_args(argv)
+    if args.designs:
+        print(design_table())
+        return 0
     torch.set_num_threads(1)
     results = run(budget_s=args.budget)
     print(table(results))

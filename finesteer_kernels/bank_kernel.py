@@ -280,10 +280,11 @@ def _bank_launch(shape: Shape, card: Card, store_coef: bool) -> BankLaunch:
     return min(options, key=lambda o: (round(preds[o].ratio / 0.02), preds[o].hbm_bytes, o.programs is not None))
 
 
-def bank_launch(n_rows: int, d: int, layout: BankLayout, elem: int, card: Card, store_coef: bool = False) -> BankLaunch:
+def bank_launch(n_rows: int, d: int, layout: BankLayout, elem: int, card: Card, store_coef: bool = False,
+                interpreting: bool = INTERPRETING) -> BankLaunch:
     """The model's fastest (`bank_perf_model.predict_bank`) of `BANK_CONFIGS` with one program per row tile, and
     of those and `DEEP_CONFIGS` on the bounded persistent grid, for the widest steerer."""
-    if INTERPRETING:
+    if interpreting:
         return BankLaunch(INTERPRETER_CONFIG)
     rows = 1 << max(0, (n_rows - 1).bit_length())
     return _bank_launch(bank_shape(rows, d, layout, elem), card, store_coef)
