@@ -24,16 +24,19 @@ from typing import Optional
 from .perf_model import Card, Config, Prediction, Shape, _sm_rate, lag_tiles, resources
 
 
-# Registers per thread of the persistent variant (the loop over tiles): ptxas gave 176-255 for the configurations
-# `bank_kernel` may launch that way (sm_90a, NP = 128; tests/test_bank_kernels.py), against 76-136 without the
-# loop. The model takes the ceiling: one 8-warp or two 4-warp programs per SM.
-PERSISTENT_REGISTERS = 255
+# Registers per thread of the persistent variant (the loop over tiles), ptxas's for the configurations
+# `bank_kernel` may launch that way (sm_90a, NP = 128, the larger of bf16 and fp16; tests/test_bank_kernels.py
+# checks them), keyed by (bytes per element, BLOCK_T, BLOCK_D, warps, stages); one program per tile they are
+# 76-136. Elsewhere the model takes the ceiling, 255.
+PERSISTENT_REGISTERS = {(2, 16, 128, 4, 3): 255, (2, 32, 128, 8, 3): 180, (2, 32, 128, 8, 4): 183,
+                        (4, 16, 64, 8, 3): 128, (4, 16, 64, 8, 4): 180}
 
 
-def persistent_ctas_per_sm(config: Config, card: Card, ctas_per_sm: int) -> int:
+def persistent_ctas_per_sm(config: Config, elem: int, card: Card, ctas_per_sm: int) -> int:
     """Resident programs per SM of the persistent variant: ``ctas_per_sm`` (shared memory, warps) capped by its
     registers (allocated per warp in 256-register chunks)."""
-    per_warp = -(-PERSISTENT_REGISTERS * 32 // 256) * 256
+    key = (elem, config.BLOCK_T, config.BLOCK_D, config.num_warps, config.num_stages)
+    per_warp = -(-PERSISTENT_REGISTERS.get(key, 255) * 32 // 256) * 256
     return min(ctas_per_sm, card.regs_per_sm // (per_warp * config.num_warps))
 
 
@@ -65,7 +68,7 @@ def predict_bank(steerers, config: Config, card: Card, unsteered_rows: int = 0, 
     n_tiles = sum(tiles) + copy_tiles
     ctas_per_sm = resources(widest, config, card).ctas_per_sm
     if split == 1 and programs is not None:
-        ctas_per_sm = persistent_ctas_per_sm(config, card, ctas_per_sm)
+        ctas_per_sm = persistent_ctas_per_sm(config, e, card, ctas_per_sm)
     occ = max(ctas_per_sm, 1)
     n_rows = widest.rows
     h = sum(s.h_bytes for s in shapes)

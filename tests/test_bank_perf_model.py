@@ -5,18 +5,16 @@ import dataclasses
 
 import pytest
 
+from benchmarks.bank_bench import mix_shapes
 from finesteer_kernels.bank import BankLayout
 from finesteer_kernels.bank_kernel import BANK_CONFIGS, bank_launch as launch_under_interpreter
 from finesteer_kernels.bank_perf_model import bounded_programs, persistent_ctas_per_sm, predict_bank
-from finesteer_kernels.perf_model import CARDS, Config, Shape, padded
-
-# a bank of S steerers of mixed sizes (r, K, m, k), the widest r = 64, K = 8 with a 32-wide MLP
-SIZES = [(64, 8, 32, 8), (16, 4, 0, 0), (0, 1, 0, 0), (32, 8, 16, 4)]
-
+from finesteer_kernels.perf_model import CARDS, Config, padded
 
 def mixed_bank(T: int, d: int, S: int) -> tuple:
-    """(one `Shape` per steerer with its share of the T rows, the bank's `BankLayout`)."""
-    shapes = [Shape.of(T // S + (i < T % S), d, 2, *SIZES[i % len(SIZES)]) for i in range(S)]
+    """(one `Shape` per steerer of the issue's S-steerer mix with its share of the T rows, the bank's
+    `BankLayout`)."""
+    shapes = mix_shapes(T, d, S)
     layout = BankLayout(G=S + 2, NP=padded(max(s.w_in_cols for s in shapes)), MP=32, NC=16,
                         NCP=padded(max(s.n_coef for s in shapes)), W_IN_STRIDE=0, ANY_GATE=1, ANY_ROUTER=1,
                         ANY_RES=1)
@@ -49,23 +47,41 @@ def test_picks_at_d4096_read_h_once_and_are_not_slower(card, S, T):
     assert picked.time_us <= plain.time_us * 1.001, (picked, plain)
 
 
-@pytest.mark.parametrize("card", list(CARDS.values()), ids=list(CARDS))
-@pytest.mark.parametrize("T", [4096, 16384])
-def test_at_d8192_the_bound_would_idle_sms_and_split_d_is_what_meets_the_target(card, T):
+@pytest.mark.parametrize("S", [1, 4, 16])
+@pytest.mark.parametrize("T", [4096, 8192, 16384])
+def test_at_d8192_split_d_on_the_h100_and_the_h200_keeps_one_program_per_tile(T, S):
     """32-row tiles of d = 8192 are 512 KiB: half of L2 holds 50 (H100) or 60 (H200) of them, so the bounded grid
-    leaves most SMs idle and is predicted slower; the pick keeps one program per tile (1.5x the bytes). Split-d
-    (not built in the bank kernel) is the design that reads h once there without a slower prediction."""
-    d, S = 8192, 4
+    leaves most SMs idle and is predicted slower than the plain grid. Split-d reads h once; on the H100 the pick, on
+    the H200 predicted slower for the bank's widest steerer (what the host chooses by), so the pick there stays one
+    program per tile and reads 1.45-1.5x the ideal bytes: the issue's target is not met on the H200 at d = 8192."""
+    d = 8192
     shapes, layout = mixed_bank(T, d, S)
-    launch = bank_launch(T, d, layout, 2, card)
-    picked = predict_bank(shapes, launch.config, card, programs=launch.programs)
-    assert launch.programs is None and not picked.second_read_l2
-    assert picked.hbm_bytes >= 1.4 * picked.ideal_bytes
-    bound = Config(32, 128, 8, 4)
-    assert predict_bank(shapes, bound, card, programs=bounded_programs(32, d, 2, card)).time_us > picked.time_us
-    split = predict_bank(shapes, Config(32, 128, 8, 3, SPLIT=8), card)
-    assert split.second_read_l2 and split.hbm_bytes <= 1.1 * split.ideal_bytes
-    assert split.time_us < picked.time_us
+    for card in CARDS.values():
+        launch = bank_launch(T, d, layout, 2, card)
+        picked = predict_bank(shapes, launch.config, card, programs=launch.programs)
+        plain = best_plain(shapes, T, card)
+        bound = predict_bank(shapes, Config(32, 128, 8, 4), card, programs=bounded_programs(32, d, 2, card))
+        assert bound.time_us > plain.time_us and launch.programs is None
+        assert picked.time_us <= plain.time_us * 1.001
+        if card.name == "H100 SXM":
+            assert launch.config.SPLIT == 8 and picked.hbm_bytes <= 1.1 * picked.ideal_bytes, picked
+        else:
+            assert launch.config.SPLIT == 1 and picked.hbm_bytes >= 1.4 * picked.ideal_bytes, picked
+
+
+@pytest.mark.parametrize("card", list(CARDS.values()), ids=list(CARDS))
+@pytest.mark.parametrize("d", [576, 4096, 8192])
+def test_decode_splits_d(monkeypatch, card, d):
+    """At decode sizes one program per tile streams a whole W_in alone; split-d spreads it over 4-8 programs."""
+    for T in (1, 16):
+        shapes, layout = mixed_bank(T, d, 1)
+        launch = bank_launch(T, d, layout, 2, card)
+        picked = predict_bank(shapes, launch.config, card)
+        assert launch.config.SPLIT >= 4 and picked.time_us < best_plain(shapes, T, card).time_us
+        if d >= 4096:
+            assert picked.time_us < 0.5 * best_plain(shapes, T, card).time_us
+    monkeypatch.setenv("FINESTEER_SPLIT_D", "0")  # split-d switched off: one program per tile
+    assert bank_launch(16, d, layout, 2, card).config.SPLIT == 1
 
 
 @pytest.mark.parametrize("card", list(CARDS.values()), ids=list(CARDS))
@@ -78,8 +94,9 @@ def test_bounded_programs_fill_half_of_l2(card):
 
 def test_persistent_variant_occupancy_and_small_batches_keep_one_program_per_tile():
     card = CARDS["H100 SXM"]
-    assert persistent_ctas_per_sm(Config(32, 128, 8, 4), card, 4) == 1
-    assert persistent_ctas_per_sm(Config(16, 128, 4, 3), card, 4) == 2
+    assert persistent_ctas_per_sm(Config(32, 128, 8, 4), 2, card, 4) == 1
+    assert persistent_ctas_per_sm(Config(16, 128, 4, 3), 2, card, 4) == 2
+    assert persistent_ctas_per_sm(Config(16, 64, 8, 3), 4, card, 4) == 2
     # a persistent launch's working set is its programs' tiles; below the bound the grid is one program per tile
     shapes, layout = mixed_bank(4096, 4096, 4)
     pred = predict_bank(shapes, Config(32, 128, 8, 4), card, programs=100)
