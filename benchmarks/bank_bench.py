@@ -132,30 +132,43 @@ def mix_shapes(T: int, d: int, S: int, elem: int = 2) -> list:
     return [Shape.of(T // S + (i < T % S), d, elem, *MIX_SIZES[i % len(MIX_SIZES)]) for i in range(S)]
 
 
+def mix_layout(shapes):
+    """The `BankLayout` fields the launch heuristic reads, for a bank of these steerers (`mix_shapes`)."""
+    from finesteer_kernels.bank import BankLayout
+    from finesteer_kernels.perf_model import padded
+
+    cols, n_coef = max(s.w_in_cols for s in shapes), max(s.n_coef for s in shapes)
+    return BankLayout(G=len(shapes) + 2, NP=padded(cols), MP=0, NC=n_coef, NCP=padded(n_coef), W_IN_STRIDE=0,
+                      ANY_GATE=1, ANY_ROUTER=1, ANY_RES=1, W_IN_COLS=cols)
+
+
 def designs(T: int, d: int, S: int, card) -> dict:
     """Predicted (bf16) best launch of each bank-kernel design for an S-steerer mix (issue 24 item 7): one
     program per tile ("plain", `BANK_CONFIGS`), the bounded persistent grid ("bounded", also `DEEP_CONFIGS`),
-    and split-d ("split", not built: 32-row tiles, 8 warps, split over 2, 4 or 8 programs)."""
-    from finesteer_kernels.bank_kernel import BANK_CONFIGS, DEEP_CONFIGS
+    split-d ("split", `SPLIT_CONFIGS`), and what `bank_launch` picks ("pick": chosen for the bank's widest
+    steerer, as the host knows no counts)."""
+    from finesteer_kernels.bank_kernel import BANK_CONFIGS, DEEP_CONFIGS, SPLIT_CONFIGS, bank_launch
     from finesteer_kernels.bank_perf_model import bounded_programs, predict_bank
-    from finesteer_kernels.perf_model import Config
 
     shapes = mix_shapes(T, d, S)
     fits = [c for c in BANK_CONFIGS[2] + DEEP_CONFIGS[2] if c.BLOCK_T <= max(16, T)]
     options = {"plain": [predict_bank(shapes, c, card) for c in fits if c in BANK_CONFIGS[2]],
                "bounded": [predict_bank(shapes, c, card, programs=bounded_programs(c.BLOCK_T, d, 2, card))
                            for c in fits],
-               "split": [predict_bank(shapes, Config(32, 128, 8, 3, s), card) for s in (2, 4, 8)]}
+               "split": [predict_bank(shapes, c, card) for c in SPLIT_CONFIGS[2]]}
     # the fastest that reads at most 1.1x the ideal HBM bytes (the issue's target), else the fastest
-    return {name: min(preds, key=lambda p: (p.hbm_bytes > 1.1 * p.ideal_bytes, p.time_us))
+    best = {name: min(preds, key=lambda p: (p.hbm_bytes > 1.1 * p.ideal_bytes, p.time_us))
             for name, preds in options.items()}
+    launch = bank_launch(T, d, mix_layout(shapes), 2, card, interpreting=False)
+    best["pick"] = predict_bank(shapes, launch.config, card, programs=launch.programs)
+    return best
 
 
 def design_table(rows=(4096, 16384), widths=(4096, 8192), mixes=(1, 4, 16)) -> str:
     """`designs` as a markdown table: predicted time in us and HBM bytes over the ideal, per card."""
     from finesteer_kernels.perf_model import CARDS
 
-    names = ("plain", "bounded", "split")
+    names = ("plain", "bounded", "split", "pick")
     head = " | ".join(f"{c} {n}" for c in CARDS for n in names)
     lines = [f"| T | d | steerers | {head} |", "|" + " --- |" * (3 + len(CARDS) * len(names))]
     for d in widths:

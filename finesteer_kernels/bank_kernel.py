@@ -376,6 +376,9 @@ SPLIT_CONFIGS = {2: tuple(Config(16, 128, 4, 3, split) for split in (2, 4, 8))
                  4: tuple(Config(16, 64, 8, 3, split) for split in (2, 4, 8))}
 
 
+HBM_FIRST = 0.05  # `bank_launch` trades up to 5 % of predicted time for fewer HBM bytes
+
+
 class BankLaunch(NamedTuple):
     """How a bank launch runs: ``config``, and ``programs``, a persistent grid of at most that many programs
     (`bank_perf_model.bounded_programs`: the tiles in flight fit half of L2), or None: one program per tile."""
@@ -386,9 +389,9 @@ class BankLaunch(NamedTuple):
 
 def bank_shape(n_rows: int, d: int, layout: BankLayout, elem: int) -> Shape:
     """The model's view of a bank launch with every row on the widest steerer (configurations are chosen on the
-    host, which does not know the counts), in the padded widths: the choice, like the compiled kernel, changes only
-    when the bank's compile-time constants do."""
-    return Shape(n_rows, d, elem, layout.NP, layout.NCP, has_pass1=True, has_mean=bool(layout.ANY_GATE))
+    host, which does not know the counts): its stored W_in columns (what the kernel reads), the accumulator and
+    coefficient widths padded as compiled."""
+    return Shape(n_rows, d, elem, layout.W_IN_COLS, layout.NCP, has_pass1=True, has_mean=bool(layout.ANY_GATE))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -403,8 +406,11 @@ def _bank_launch(shape: Shape, card: Card, store_coef: bool, allow_split: bool) 
             options += [BankLaunch(c) for c in SPLIT_CONFIGS[group]
                         if c.BLOCK_T <= max(16, shape.rows) and -(-shape.d // c.SPLIT) >= c.BLOCK_D]
     preds = {o: predict_bank([shape], o.config, card, store_coef=store_coef, programs=o.programs) for o in options}
-    # predictions within 2 % count as equal: then fewer HBM bytes, then one program per tile
-    return min(options, key=lambda o: (round(preds[o].ratio / 0.02), preds[o].hbm_bytes, o.programs is not None))
+    # Within `HBM_FIRST` of the fastest prediction, the fewest HBM bytes: bytes are counted, while the L2 and
+    # per-SM rates that decide most close calls are assumptions (+-30-50 %, `perf_model.CARDS`).
+    fastest = min(p.time_us for p in preds.values())
+    near = [o for o in options if preds[o].time_us <= fastest * (1 + HBM_FIRST)]
+    return min(near, key=lambda o: (preds[o].hbm_bytes, preds[o].time_us))
 
 
 def bank_launch(n_rows: int, d: int, layout: BankLayout, elem: int, card: Card, store_coef: bool = False,
