@@ -15,9 +15,13 @@ as wide as the bank's widest steerer; columns past ``cols_s`` are masked, never 
 router softmax, MLP middle: `bank_coefficients`, the run-time-size twin of `coef_tile.coefficients_from_projections`)
 gives the coefficients, and pass 2 writes ``h + coef @ W_out_s`` (`steer_kernel.add_coef_times_w_out` on the
 steerer's rows of W_out). In place, rows whose gate is off are not written. ``STORE_COEF``: store the coefficient
-rows instead (query mode's `synthesize_bank`; rows of width ``NC``, each steerer's K + k then zeros). No split of d:
-one program per row tile (docs/serving.md says what that costs at decode sizes). Readable equivalent:
-`bank_reference`.
+rows instead (query mode's `synthesize_bank`; rows of width ``NC``, each steerer's K + k then zeros).
+
+Three layouts of the work (issue 24), chosen by the bytes model (`bank_launch`, `bank_perf_model.predict_bank`):
+one program per row tile; ``PERSISTENT``, a bounded grid whose programs loop over the tiles so that the tiles in
+flight between the two passes fit in half of L2 (the second read of h then comes from L2); ``SPLIT > 1``, split-d
+as `steer_kernel` runs it (`bank_split_items`: decode, and d = 8192 at prefill). docs/kernels.md, "The bank
+kernel's bytes", has the predictions. Readable equivalent: `bank_reference`.
 """
 import functools
 from typing import NamedTuple, Optional
@@ -406,11 +410,12 @@ def _bank_launch(shape: Shape, card: Card, store_coef: bool, allow_split: bool) 
             options += [BankLaunch(c) for c in SPLIT_CONFIGS[group]
                         if c.BLOCK_T <= max(16, shape.rows) and -(-shape.d // c.SPLIT) >= c.BLOCK_D]
     preds = {o: predict_bank([shape], o.config, card, store_coef=store_coef, programs=o.programs) for o in options}
-    # Within `HBM_FIRST` of the fastest prediction, the fewest HBM bytes: bytes are counted, while the L2 and
-    # per-SM rates that decide most close calls are assumptions (+-30-50 %, `perf_model.CARDS`).
+    # Within `HBM_FIRST` of the fastest prediction, the fewest HBM bytes (in steps of 2 % of the ideal, so that a
+    # few bytes of row counts decide nothing): bytes are counted, while the L2 and per-SM rates that decide most
+    # close calls are assumptions (+-30-50 %, `perf_model.CARDS`).
     fastest = min(p.time_us for p in preds.values())
     near = [o for o in options if preds[o].time_us <= fastest * (1 + HBM_FIRST)]
-    return min(near, key=lambda o: (preds[o].hbm_bytes, preds[o].time_us))
+    return min(near, key=lambda o: (round(preds[o].hbm_bytes / preds[o].ideal_bytes / 0.02), preds[o].time_us))
 
 
 def bank_launch(n_rows: int, d: int, layout: BankLayout, elem: int, card: Card, store_coef: bool = False,

@@ -2,20 +2,19 @@
 
 Plain Python, like `perf_model`, whose cards, `Shape`, `Config`, `resources` and `Prediction` it uses.
 
-The kernel runs one program per row tile of one steerer and keeps the tile in flight between its two passes over
-d; the second read of h comes from L2 only while the tiles in flight (programs resident at once x BLOCK_T x d x
-bytes) fit in half of L2 (`perf_model`'s rule). Issue 24 asked for <= 1.1x the ideal HBM bytes at T >= 4096.
-Three designs were weighed with `predict_bank` (docs/kernels.md, "The bank kernel's bytes", has the table):
+One program per row tile keeps the tile in flight between its two passes over d; the second read of h comes from
+L2 only while the tiles in flight (programs resident at once x BLOCK_T x d x bytes) fit in half of L2
+(`perf_model`'s rule). Issue 24 asked for <= 1.1x the ideal HBM bytes at T >= 4096. `predict_bank` counts the
+three layouts the kernel has (docs/kernels.md, "The bank kernel's bytes", has the table):
 
-* the plain grid (one program per tile, as many resident as fit): the whole of h in flight at T >= 4096, so h is
-  read twice from HBM (~1.5x the ideal bytes);
-* a **bounded persistent grid** (``programs``): at most `bounded_programs` programs, each looping over tiles, so
-  the tiles in flight fit half of L2. Fewer programs mean fewer bytes in flight per SM, which a deeper pipeline
-  (more stages) makes up for; it leaves SMs idle when a tile is large against L2 (32-row tiles at d = 8192: 50
-  programs on a 132-SM H100). Built: the heuristic (`bank_kernel.bank_launch`) picks it where it predicts faster.
-* **split-d** (``config.SPLIT > 1``, as the token kernel does it: partial sums through L2, the last slice runs the
-  epilogue, pass 2 LAG tiles behind): not built in the bank kernel; modelled here so the table can say what it
-  would buy (it is the design that meets the target at d = 8192 without idle SMs).
+* one program per tile (``programs=None``): at T >= 4096 all of h is in flight, so h is read twice from HBM
+  (~1.5x the ideal bytes);
+* the **bounded persistent grid** (``programs``, `bounded_programs`): the tiles in flight fit half of L2. Fewer
+  programs mean fewer bytes in flight per SM, which a deeper pipeline makes up for; it leaves SMs idle when a
+  tile is large against L2 (32-row tiles at d = 8192: 50 programs on a 132-SM H100). Its loop over tiles costs
+  registers, so its occupancy is ptxas's (`PERSISTENT_REGISTERS`).
+* **split-d** (``config.SPLIT > 1``, counted as `perf_model.predict_steer` counts the token kernel's): partial
+  sums through L2, the last slice runs the epilogue, pass 2 LAG tiles behind.
 """
 from __future__ import annotations
 
@@ -51,7 +50,7 @@ def predict_bank(steerers, config: Config, card: Card, unsteered_rows: int = 0, 
     """The bank kernel on a mixed batch: ``steerers`` holds one `Shape` per steerer of the bank, its ``rows`` the
     rows assigned to it (0 for a steerer no row uses), ``unsteered_rows`` the rows with index -1 (copied out of
     place, untouched in place). ``programs``: a persistent grid of at most that many programs (`bounded_programs`);
-    None: one program per tile. ``config.SPLIT > 1``: the split-d design, which the kernel does not implement.
+    None: one program per tile. ``config.SPLIT > 1``: split-d (the kernel's `bank_split_items`).
 
     Each steerer's weights are read from HBM once and re-read from L2 once per row tile of *its* rows, so mixing S
     steerers costs their weights once each plus up to one partial tile per steerer, not S times the batch. Also
