@@ -65,10 +65,10 @@ META_HAS_PASS1 = tl.constexpr(META["HAS_PASS1"])
 
 @triton.jit
 def bank_projections(h_ptr, rows, edit, d, d_start, d_stop, w_in_ptr, w_in_stride, col_off, cols_s, mean_ptr,
-                     mean_off,
-                     has_mean, NP: tl.constexpr, NATIVE_DOT: tl.constexpr, BLOCK_T: tl.constexpr,
+                     mean_off, has_mean, NP: tl.constexpr, NATIVE_DOT: tl.constexpr, BLOCK_T: tl.constexpr,
                      BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """Pass 1 for one steerer's tile: ``((h - mu) @ W_in[:, col_off:col_off + cols_s], sq, sq_big)`` in fp32, with
+    """Pass 1 over columns ``[d_start, d_stop)`` (whole d blocks) for one steerer's tile:
+    ``((h - mu) @ W_in[:, col_off:col_off + cols_s], sq, sq_big)`` in fp32, with
     ``||h - mu||^2`` plain and scaled (`coef_tile.add_squares`: no overflow for any finite row). W_in offsets are
     64-bit: ``d x w_in_stride`` (every steerer's columns) may pass 2^31 elements."""
     cols = tl.arange(0, NP)
@@ -448,7 +448,7 @@ def launch_bank(h2d: torch.Tensor, out2d, packed: PackedBank, order: torch.Tenso
     grid = tiles if programs is None else min(tiles, programs)
     out = h2d if store_coef else out2d
     with device_guard(h2d):
-        ws = flags = error = packed.scalars  # never read without SPLIT
+        ws, flags, error = packed.scalars, packed.meta, packed.meta  # never read without SPLIT (same dtypes)
         lag = ring = 1
         if config.SPLIT > 1:
             if store_coef:
