@@ -68,7 +68,7 @@ def predictions(T: int, d: int, bank) -> dict:
     layout = bank.pack(torch.bfloat16).layout
     out = {}
     for card in CARDS.values():
-        config, programs = bank_launch(T, d, layout, 2, card)
+        config, programs = bank_launch(T, d, layout, 2, card, interpreting=False)  # the GPU's launch
         shapes = [Shape.of(T, d, 2, p.r, p.num_experts, p.m, p.k) for p in bank.params]
         per = {"mixed": [dataclasses.replace(s, rows=T // STEERERS + (i < T % STEERERS)) for i, s in enumerate(shapes)],
                "uniform": [shapes[0]] + [dataclasses.replace(s, rows=0) for s in shapes[1:]]}

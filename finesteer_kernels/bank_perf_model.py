@@ -25,7 +25,7 @@ from .perf_model import Card, Config, Prediction, Shape, _sm_rate, lag_tiles, re
 
 # Registers per thread of the persistent variant (the loop over tiles), ptxas's for the configurations
 # `bank_kernel` may launch that way (sm_90a, NP = 128, the larger of bf16 and fp16; tests/test_bank_kernels.py
-# checks them), keyed by (bytes per element, BLOCK_T, BLOCK_D, warps, stages); one program per tile they are
+# checks the programs per SM that follow), keyed by (bytes per element, BLOCK_T, BLOCK_D, warps, stages); one program per tile they are
 # 76-136. Elsewhere the model takes the ceiling, 255.
 PERSISTENT_REGISTERS = {(2, 16, 128, 4, 3): 255, (2, 32, 128, 8, 3): 180, (2, 32, 128, 8, 4): 183,
                         (4, 16, 64, 8, 3): 128, (4, 16, 64, 8, 4): 180}

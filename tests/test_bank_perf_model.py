@@ -10,6 +10,7 @@ from finesteer_kernels.bank_kernel import BANK_CONFIGS, bank_launch as launch_un
 from finesteer_kernels.bank_perf_model import bounded_programs, persistent_ctas_per_sm, predict_bank
 from finesteer_kernels.perf_model import CARDS, Config
 
+
 def mixed_bank(T: int, d: int, S: int) -> tuple:
     """(one `Shape` per steerer of the issue's S-steerer mix with its share of the T rows, the bank's layout)."""
     shapes = mix_shapes(T, d, S)
@@ -44,12 +45,15 @@ def test_picks_at_d4096_read_h_once_and_are_not_slower(card, S, T):
 
 @pytest.mark.parametrize("S", [1, 4, 16])
 @pytest.mark.parametrize("T", [4096, 8192, 16384])
-def test_at_d8192_split_d_except_on_the_h200_from_8192_rows(T, S):
+def test_at_d8192_the_target_is_met_unless_every_launch_meeting_it_is_predicted_slower(T, S):
     """32-row tiles of d = 8192 are 512 KiB: half of L2 holds 50 (H100) or 60 (H200) of them, so the bounded grid
-    leaves most SMs idle and is predicted slower than the plain grid. Split-d reads h once and is the pick on the
-    H100, and on the H200 at T = 4096; from T = 8192 the H200's split, L2-bound on its partial sums, is predicted
-    over 5 % slower for the bank's widest steerer (what the host chooses by), so the pick stays one program per
-    tile and reads 1.45-1.5x the ideal bytes: there the issue's target is not met."""
+    leaves most SMs idle and is predicted slower than the plain grid. Split-d reads h once: the pick on the H100,
+    and on the H200 at T = 4096; from T = 8192 the H200's split, L2-bound on its partial sums, is predicted over
+    5 % slower for the bank's widest steerer (what the host chooses by), so the pick stays one program per tile
+    (1.45-1.5x the ideal bytes: docs/kernels.md). Checked as the rule, not the outcome: a pick above 1.1x only
+    where every launch that meets 1.1x is predicted over 5 % slower for the widest steerer."""
+    from finesteer_kernels.bank_kernel import DEEP_CONFIGS, HBM_FIRST, SPLIT_CONFIGS
+
     d = 8192
     shapes, layout = mixed_bank(T, d, S)
     for card in CARDS.values():
@@ -59,13 +63,16 @@ def test_at_d8192_split_d_except_on_the_h200_from_8192_rows(T, S):
         bound = predict_bank(shapes, Config(32, 128, 8, 4), card, programs=bounded_programs(32, d, 2, card))
         assert bound.time_us > plain.time_us and launch.programs is None
         assert picked.time_us <= plain.time_us * 1.001
-        if card.name == "H100 SXM" or T == 4096:
-            assert launch.config.SPLIT == 8 and picked.hbm_bytes <= 1.1 * picked.ideal_bytes, picked
-        else:
-            assert launch.config.SPLIT == 1 and picked.hbm_bytes >= 1.4 * picked.ideal_bytes, picked
-            widest = bank_shape(T, d, layout, 2)
-            split = predict_bank([widest], Config(32, 128, 8, 3, SPLIT=8), card)
-            assert split.time_us > 1.05 * predict_bank([widest], launch.config, card).time_us
+        if picked.hbm_bytes > 1.1 * picked.ideal_bytes:
+            widest = [bank_shape(T, d, layout, 2)]
+            chosen = predict_bank(widest, launch.config, card).time_us
+            others = [predict_bank(widest, c, card) for c in SPLIT_CONFIGS[2]]
+            others += [predict_bank(widest, c, card, programs=bounded_programs(c.BLOCK_T, d, 2, card))
+                       for c in BANK_CONFIGS[2] + DEEP_CONFIGS[2]]
+            for other in others:
+                assert other.hbm_bytes > 1.1 * other.ideal_bytes or other.time_us > (1 + HBM_FIRST) * chosen
+    if T == 4096:  # as the docs have it today
+        assert all(bank_launch(T, d, layout, 2, card).config.SPLIT == 8 for card in CARDS.values())
 
 
 @pytest.mark.parametrize("card", list(CARDS.values()), ids=list(CARDS))
