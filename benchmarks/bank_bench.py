@@ -4,8 +4,9 @@ The same T rows steered in token mode by a bank of 4 FineSteer steerers (r = 64,
 d >= 1024; r = min(64, d / 2) below), once with the rows spread evenly over the 4 steerers ("mixed") and once with
 every row on steerer 0 ("uniform"). Per row of the table:
 
-* **predicted** (GPU, bf16): the bank kernel's HBM bytes and time from the bytes model (`perf_model.predict_bank`,
-  the configuration `bank_kernel.bank_config` picks) on the H100 SXM and H200, mixed over uniform;
+* **predicted** (GPU, bf16): the bank kernel's HBM bytes and time from the bytes model
+  (`bank_perf_model.predict_bank`, the launch `bank_kernel.bank_launch` picks) on the H100 SXM and H200, mixed
+  over uniform;
 * **measured** (this device, fp32 on CPU): median time of the grouped eager implementation (`grouped_eager`: rows
   sorted by steerer, the byte-frugal eager op on each group's slice; on CPU the counts are read on the host, which
   costs nothing there) mixed and uniform, and of the bank reference (`bank_reference`, every steerer on every row:
@@ -60,20 +61,22 @@ def grouped_eager(h: torch.Tensor, bank, index: torch.Tensor) -> torch.Tensor:
 
 def predictions(T: int, d: int, bank) -> dict:
     """Bytes-model figures of the bank kernel for both assignments, bf16, both cards."""
-    from finesteer_kernels.bank_kernel import bank_config
-    from finesteer_kernels.perf_model import CARDS, Shape, predict_bank
+    from finesteer_kernels.bank_kernel import bank_launch
+    from finesteer_kernels.bank_perf_model import predict_bank
+    from finesteer_kernels.perf_model import CARDS, Shape
 
     layout = bank.pack(torch.bfloat16).layout
     out = {}
     for card in CARDS.values():
-        config = bank_config(T, d, layout, 2, card)
+        config, programs = bank_launch(T, d, layout, 2, card, interpreting=False)  # the GPU's launch
         shapes = [Shape.of(T, d, 2, p.r, p.num_experts, p.m, p.k) for p in bank.params]
         per = {"mixed": [dataclasses.replace(s, rows=T // STEERERS + (i < T % STEERERS)) for i, s in enumerate(shapes)],
                "uniform": [shapes[0]] + [dataclasses.replace(s, rows=0) for s in shapes[1:]]}
-        preds = {k: predict_bank(v, config, card) for k, v in per.items()}
-        out[card.name] = {"config": config.short(), **{k: {"time_us": p.time_us, "hbm_mb": p.hbm_bytes / 1e6,
-                                                           "l2_mb": p.l2_bytes / 1e6, "bound": p.bound}
-                                                       for k, p in preds.items()},
+        preds = {k: predict_bank(v, config, card, programs=programs) for k, v in per.items()}
+        label = config.short() + (f", persistent {programs}" if programs else "")
+        out[card.name] = {"config": label, **{k: {"time_us": p.time_us, "hbm_mb": p.hbm_bytes / 1e6,
+                                                  "l2_mb": p.l2_bytes / 1e6, "bound": p.bound}
+                                              for k, p in preds.items()},
                           "time_ratio": preds["mixed"].time_us / preds["uniform"].time_us,
                           "hbm_ratio": preds["mixed"].hbm_bytes / preds["uniform"].hbm_bytes}
     return out
@@ -118,12 +121,78 @@ def table(results: list) -> str:
     return "\n".join(lines)
 
 
+# issue 24's mixes: S steerers of these sizes (r, K, m, k) in turn, the rows spread evenly
+MIX_SIZES = ((64, 8, 32, 8), (16, 4, 0, 0), (0, 1, 0, 0), (32, 8, 16, 4))
+
+
+def mix_shapes(T: int, d: int, S: int, elem: int = 2) -> list:
+    """One `Shape` per steerer of an S-steerer mix (`MIX_SIZES`), each with its share of the T rows."""
+    from finesteer_kernels.perf_model import Shape
+
+    return [Shape.of(T // S + (i < T % S), d, elem, *MIX_SIZES[i % len(MIX_SIZES)]) for i in range(S)]
+
+
+def mix_layout(shapes):
+    """The `BankLayout` fields the launch heuristic reads, for a bank of these steerers (`mix_shapes`)."""
+    from finesteer_kernels.bank import BankLayout
+    from finesteer_kernels.perf_model import padded
+
+    cols, n_coef = max(s.w_in_cols for s in shapes), max(s.n_coef for s in shapes)
+    return BankLayout(G=len(shapes) + 2, NP=padded(cols), MP=0, NC=n_coef, NCP=padded(n_coef), W_IN_STRIDE=0,
+                      ANY_GATE=1, ANY_ROUTER=1, ANY_RES=1, W_IN_COLS=cols)
+
+
+def designs(T: int, d: int, S: int, card) -> dict:
+    """Predicted (bf16) best launch of each bank-kernel design for an S-steerer mix (issue 24 item 7): one
+    program per tile ("plain", `BANK_CONFIGS`), the bounded persistent grid ("bounded", also `DEEP_CONFIGS`),
+    split-d ("split", `SPLIT_CONFIGS`), and what `bank_launch` picks ("pick": chosen for the bank's widest
+    steerer, as the host knows no counts)."""
+    from finesteer_kernels.bank_kernel import BANK_CONFIGS, DEEP_CONFIGS, SPLIT_CONFIGS, bank_launch
+    from finesteer_kernels.bank_perf_model import bounded_programs, predict_bank
+
+    shapes = mix_shapes(T, d, S)
+    fits = [c for c in BANK_CONFIGS[2] + DEEP_CONFIGS[2] if c.BLOCK_T <= max(16, T)]
+    options = {"plain": [predict_bank(shapes, c, card) for c in fits if c in BANK_CONFIGS[2]],
+               "bounded": [predict_bank(shapes, c, card, programs=bounded_programs(c.BLOCK_T, d, 2, card))
+                           for c in fits],
+               "split": [predict_bank(shapes, c, card) for c in SPLIT_CONFIGS[2]]}
+    # the fastest that reads at most 1.1x the ideal HBM bytes (the issue's target), else the fastest
+    best = {name: min(preds, key=lambda p: (p.hbm_bytes > 1.1 * p.ideal_bytes, p.time_us))
+            for name, preds in options.items()}
+    launch = bank_launch(T, d, mix_layout(shapes), 2, card, interpreting=False)
+    best["pick"] = predict_bank(shapes, launch.config, card, programs=launch.programs)
+    return best
+
+
+def design_table(rows=(4096, 16384), widths=(4096, 8192), mixes=(1, 4, 16)) -> str:
+    """`designs` as a markdown table: predicted time in us and HBM bytes over the ideal, per card."""
+    from finesteer_kernels.perf_model import CARDS
+
+    names = ("plain", "bounded", "split", "pick")
+    head = " | ".join(f"{c} {n}" for c in CARDS for n in names)
+    lines = [f"| T | d | steerers | {head} |", "|" + " --- |" * (3 + len(CARDS) * len(names))]
+    for d in widths:
+        for T in rows:
+            for S in mixes:
+                cells = []
+                for card in CARDS.values():
+                    best = designs(T, d, S, card)
+                    cells += [f"{best[n].time_us:.1f} ({best[n].hbm_bytes / best[n].ideal_bytes:.2f}x)" for n in names]
+                lines.append(f"| {T} | {d} | {S} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bank_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", type=float, default=0.3, help="seconds per timed measurement")
     p.add_argument("--out", default=os.path.join(RESULTS_DIR, "bank-cpu.json"))
+    p.add_argument("--designs", action="store_true", help="print the predicted table of the bank kernel's designs "
+                   "(issue 24) and stop")
     args = p.parse_args(argv)
+    if args.designs:
+        print(design_table())
+        return 0
     torch.set_num_threads(1)
     results = run(budget_s=args.budget)
     print(table(results))

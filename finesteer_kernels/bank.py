@@ -62,6 +62,7 @@ class BankLayout(NamedTuple):
     ANY_GATE: int
     ANY_ROUTER: int
     ANY_RES: int
+    W_IN_COLS: int  # the widest steerer's stored W_in columns: what the launch heuristic counts (not a kernel argument)
 
 
 class PackedBank(NamedTuple):
@@ -224,7 +225,7 @@ class SteerBank:
             NCP=padded(self.n_coef), W_IN_STRIDE=stride,
             ANY_GATE=int(any(p.has_gate for p in self.params)),
             ANY_ROUTER=int(any(p.num_experts > 1 for p in self.params)),
-            ANY_RES=int(any(p.has_residual for p in self.params)))
+            ANY_RES=int(any(p.has_residual for p in self.params)), W_IN_COLS=widest_cols)
         f32 = dict(dtype=torch.float32, device=device)
         return PackedBank(
             w_in=torch.cat([pk.w_in for pk in packs] + [packs[0].w_in.new_zeros(self.d, stride - col_off)],

@@ -75,17 +75,90 @@ def test_token_mode_rows_equal_their_own_steerer(triton_backend, n, dtype):
 
 def test_gpu_tile_shapes_many_tiles_per_steerer(triton_backend):
     """16-row tiles: steerers spanning several tiles and partial ones, the copy tiles of -1 rows, a (B, T) index."""
-    from finesteer_kernels.bank_kernel import launch_bank
+    from finesteer_kernels.bank_kernel import BankLaunch, launch_bank
 
     bank = awkward_bank()
     h, index = mixed_rows(bank, 70, seed=5)
     plan = plan_rows(index, len(bank))
     out = torch.full_like(h, float("nan"))  # poisoned: every row must be written
-    launch_bank(h, out, bank.pack(h.dtype, h.device), plan.order, plan.counts, config=Config(16, 32, 4, 1))
+    launch_bank(h, out, bank.pack(h.dtype, h.device), plan.order, plan.counts, launch=BankLaunch(Config(16, 32, 4, 1)))
     assert rel_error(out, bank_reference.steer_bank(h, bank, index)) <= 1e-5
     assert torch.equal(out[index == -1], h[index == -1])
     shaped = fk.steer_bank(h.view(7, 10, D), bank, index.view(7, 10), plan=plan)
     assert torch.equal(shaped.view(70, D), fk.steer_bank(h, bank, index))
+
+
+@pytest.mark.parametrize("programs", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_bounded_persistent_grid(triton_backend, programs, dtype):
+    """Issue 24: fewer programs than tiles, each looping over tiles p, p + P, ... (the grid that keeps the tiles in
+    flight L2-sized). 16-row tiles over 83 rows of 6 groups (every steerer, -1 rows, indices outside the bank), in
+    place and out of place into a poisoned buffer, and the coefficient-storing variant."""
+    from finesteer_kernels.bank_kernel import BankLaunch, launch_bank
+
+    bank = awkward_bank()
+    h, index = mixed_rows(bank, 83, seed=11, dtype=dtype)
+    index[[4, 40]] = torch.tensor([len(bank), -7])
+    plan = plan_rows(index, len(bank))
+    packed = bank.pack(h.dtype, h.device)
+    launch = BankLaunch(Config(16, 32, 4, 1), programs)
+    expected = bank_reference.steer_bank(h, bank, index)
+    out = torch.full_like(h, float("nan"))  # poisoned: every row must be written
+    launch_bank(h, out, packed, plan.order, plan.counts, launch=launch)
+    valid = (index >= -1) & (index < len(bank))
+    assert out[~valid].isnan().all()
+    assert rel_error(out[valid], expected[valid]) <= REL_TOL[dtype]
+    assert torch.equal(out[index == -1], h[index == -1])
+    inplace = h.clone()
+    launch_bank(inplace, inplace, packed, plan.order, plan.counts, launch=launch)
+    assert torch.equal(inplace[valid], out[valid]) and inplace[~valid].isnan().all()
+    coef = torch.full((83, packed.layout.NC), float("nan"))
+    launch_bank(h, None, packed, plan.order, plan.counts, coef_out=coef, launch=launch)
+    own = bank_reference.synthesize_bank(h, bank, index)
+    assert coef[~valid].isnan().all()
+    assert rel_error(coef[valid], own[valid]) <= REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("n,split,sms", [(83, 2, 132), (83, 3, 132), (83, 2, 1), (83, 4, 1), (1, 3, 132)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_split_d(triton_backend, monkeypatch, n, split, sms, dtype):
+    """Split-d over the bank's tiles (d = 72 cut into 32-column slices: 64 + 8 or 32 + 32 + 8 columns), 16-row tiles
+    of every group, or one row (decode). On a one-SM card the partials' ring has fewer slots than the tiles, so
+    slots are reused (the wait on the slot's previous tile); the counters must come back to zero for the next
+    launch."""
+    import dataclasses
+
+    from finesteer_kernels import bank_kernel as module
+    from finesteer_kernels.bank_kernel import BankLaunch, bank_shape, launch_bank
+    from finesteer_kernels.perf_model import DEFAULT_CARD, split_plan
+    from finesteer_kernels.split_state import launch_buffers, split_d_error_flag
+
+    card = dataclasses.replace(DEFAULT_CARD, sms=sms)
+    monkeypatch.setattr(module, "card_for", lambda h: card)
+    bank = awkward_bank()
+    h, index = mixed_rows(bank, n, seed=12, dtype=dtype)
+    if n > 1:
+        index[[4, 40]] = torch.tensor([len(bank), -7])
+    else:
+        index[0] = 1  # decode: one row of the widest steerer
+    plan = plan_rows(index, len(bank))
+    packed = bank.pack(h.dtype, h.device)
+    launch = BankLaunch(Config(16, 32, 4, 1, split))
+    tiles = -(-n // 16) + len(bank) + 2
+    ring = split_plan(bank_shape(tiles * 16, D, packed.layout, h.element_size()), launch.config, card).ring
+    assert (ring < tiles) == (sms == 1 and n > 1)
+    expected = bank_reference.steer_bank(h, bank, index)
+    valid = (index >= -1) & (index < len(bank))
+    out = torch.full_like(h, float("nan"))  # poisoned: every row must be written
+    launch_bank(h, out, packed, plan.order, plan.counts, launch=launch)
+    assert out[~valid].isnan().all()
+    assert rel_error(out[valid], expected[valid]) <= REL_TOL[dtype]
+    assert torch.equal(out[index == -1], h[index == -1])
+    inplace = h.clone()
+    launch_bank(inplace, inplace, packed, plan.order, plan.counts, launch=launch)
+    assert torch.equal(inplace[valid], out[valid]) and inplace[~valid].isnan().all()
+    counters, _ = launch_buffers(h.device, tiles)
+    assert not counters.any() and split_d_error_flag(h.device).item() == 0
 
 
 def test_indices_outside_the_bank_give_nan_rows(triton_backend):
@@ -230,6 +303,26 @@ def test_clear_errors():
 
 
 # ---- sm_90a ------------------------------------------------------------------------------------------------------
+def model_ctas(shape, config, persistent: bool) -> int:
+    """Programs per SM as `bank_perf_model.predict_bank` counts them on the default card."""
+    from finesteer_kernels.bank_perf_model import persistent_ctas_per_sm
+    from finesteer_kernels.perf_model import DEFAULT_CARD, resources
+
+    ctas = resources(shape, config, DEFAULT_CARD).ctas_per_sm
+    return persistent_ctas_per_sm(config, shape.elem, DEFAULT_CARD, ctas) if persistent else ctas
+
+
+def launchable(elem: int) -> list:
+    """``(config, store_coef, persistent)`` of every variant `bank_launch` may launch in ``elem``-byte dtypes: the
+    plain configurations one program per tile (token mode and `synthesize_bank`) and persistent, the deep pipelines
+    persistent only, split-d in token mode only."""
+    from finesteer_kernels.bank_kernel import BANK_CONFIGS, DEEP_CONFIGS, SPLIT_CONFIGS
+
+    return ([(c, store, persistent) for c in BANK_CONFIGS[elem]
+             for store, persistent in ((False, False), (True, False), (False, True))]
+            + [(c, False, True) for c in DEEP_CONFIGS[elem]] + [(c, False, False) for c in SPLIT_CONFIGS[elem]])
+
+
 def _compile_bank_configs() -> None:
     """Compile the bank kernel for every configuration it may launch with (d = 4096, the awkward bank with r = 64),
     printing one JSON line each (ptxas registers and spills)."""
@@ -239,51 +332,53 @@ def _compile_bank_configs() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from finesteer_kernels.bank_kernel import BANK_CONFIGS, bank_constexprs, bank_kernel
+    from finesteer_kernels.bank_kernel import bank_constexprs, bank_kernel, bank_shape
 
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     bank = awkward_bank(4096)
     for dtype, elem, torch_dtype in (("bf16", 2, torch.bfloat16), ("fp16", 2, torch.float16),
                                      ("fp32", 4, torch.float32)):
         layout = bank.pack(torch_dtype).layout
-        for config in BANK_CONFIGS[elem]:
-            for store_coef in (False, True):
-                consts = dict(bank_constexprs(layout), NATIVE_DOT=dtype != "fp32", IN_PLACE=False,
-                              STORE_COEF=store_coef, BLOCK_T=config.BLOCK_T, BLOCK_D=config.BLOCK_D,
-                              NUM_STAGES=config.num_stages)
-                sig = dict(h_ptr=f"*{dtype}", out_ptr=f"*{dtype}", order_ptr="*i32", counts_ptr="*i32",
-                           meta_ptr="*i32", scalars_ptr="*fp32", w_in_ptr=f"*{dtype}", w_out_ptr=f"*{dtype}",
-                           mean_ptr="*fp32", consts_ptr="*fp32", coef_out_ptr="*fp32", n_rows="i32", d="i32",
-                           n_groups="i32", NC="i32", w_in_stride="i32")
-                sig.update({c: "constexpr" for c in consts})
-                # the JIT's specialisation: pointers, d and W_in's stride (a multiple of 16 by construction) aligned
-                aligned = list(range(11)) + [list(sig).index("d"), list(sig).index("w_in_stride")]
-                src = ASTSource(bank_kernel, sig, consts, attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
-                compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
-                with tempfile.TemporaryDirectory() as tmp:
-                    with open(os.path.join(tmp, "k.ptx"), "w") as f:
-                        f.write(compiled.asm["ptx"])
-                    ptxas = subprocess.run([os.path.join(bin_dir, "ptxas-blackwell"), "-v", "--gpu-name", "sm_90a",
-                                            os.path.join(tmp, "k.ptx"), "-o", os.path.join(tmp, "k.cubin")],
-                                           capture_output=True, text=True, check=True)
-                report = ptxas.stderr + ptxas.stdout
-                # the integer types added to BLOCK_D x 1 pointer tensors, in order: the first is W_in's row offset
-                # (offs_d x the stride), which must be 64-bit (d x all steerers' columns may pass 2^31 elements)
-                w_in_offsets = re.findall(rf"tt\.addptr [^\n]*: tensor<{config.BLOCK_D}x1x!tt\.ptr<\w+>>, "
-                                          rf"tensor<{config.BLOCK_D}x1x(i\d+)>", compiled.asm["ttir"])
-                # the W_in tile (BLOCK_D x NP) of pass 1: cp.async copies of 16 bytes, or synchronous loads
-                w_in_tile = [line for line in compiled.asm["ttgir"].splitlines()
-                             if f"tensor<{config.BLOCK_D}x{layout.NP}x!tt.ptr<{dtype.replace('fp', 'f')}>" in line
-                             and ("tt.load" in line or "async_copy_global_to_local" in line)]
-                print(json.dumps(dict(
-                    dtype=dtype, config=config.short(), store_coef=store_coef, w_in_offsets=w_in_offsets,
-                    w_in_sync=sum("tt.load" in line for line in w_in_tile),
-                    w_in_async_16b=sum("async_copy_global_to_local" in line
-                                       and f"contiguity = {16 // elem} " in line for line in w_in_tile),
-                    registers=int(re.search(r"Used (\d+) registers", report).group(1)),
-                    spill_bytes=sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)),
-                    shared_bytes=compiled.metadata.shared)), flush=True)
+        for config, store_coef, persistent in launchable(elem):
+            consts = dict(bank_constexprs(layout), NATIVE_DOT=dtype != "fp32", IN_PLACE=False,
+                          STORE_COEF=store_coef, BLOCK_T=config.BLOCK_T, BLOCK_D=config.BLOCK_D,
+                          NUM_STAGES=config.num_stages, PERSISTENT=persistent, SPLIT=config.SPLIT)
+            sig = dict(h_ptr=f"*{dtype}", out_ptr=f"*{dtype}", order_ptr="*i32", counts_ptr="*i32",
+                       meta_ptr="*i32", scalars_ptr="*fp32", w_in_ptr=f"*{dtype}", w_out_ptr=f"*{dtype}",
+                       mean_ptr="*fp32", consts_ptr="*fp32", coef_out_ptr="*fp32", ws_ptr="*fp32",
+                       flags_ptr="*i32", error_ptr="*i32", n_rows="i32", d="i32", n_groups="i32", NC="i32",
+                       w_in_stride="i32", lag="i32", ring="i32", spin_limit="i32")
+            sig.update({c: "constexpr" for c in consts})
+            # the JIT's specialisation: pointers, d and W_in's stride (a multiple of 16 by construction) aligned
+            aligned = list(range(14)) + [list(sig).index("d"), list(sig).index("w_in_stride")]
+            src = ASTSource(bank_kernel, sig, consts, attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                      options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+            with tempfile.TemporaryDirectory() as tmp:
+                with open(os.path.join(tmp, "k.ptx"), "w") as f:
+                    f.write(compiled.asm["ptx"])
+                ptxas = subprocess.run([os.path.join(bin_dir, "ptxas-blackwell"), "-v", "--gpu-name", "sm_90a",
+                                        os.path.join(tmp, "k.ptx"), "-o", os.path.join(tmp, "k.cubin")],
+                                       capture_output=True, text=True, check=True)
+            report = ptxas.stderr + ptxas.stdout
+            # the integer types added to BLOCK_D x 1 pointer tensors, in order: the first is W_in's row offset
+            # (offs_d x the stride), which must be 64-bit (d x all steerers' columns may pass 2^31 elements)
+            w_in_offsets = re.findall(rf"tt\.addptr [^\n]*: tensor<{config.BLOCK_D}x1x!tt\.ptr<\w+>>, "
+                                      rf"tensor<{config.BLOCK_D}x1x(i\d+)>", compiled.asm["ttir"])
+            # the W_in tile (BLOCK_D x NP) of pass 1: cp.async copies of 16 bytes, or synchronous loads
+            w_in_tile = [line for line in compiled.asm["ttgir"].splitlines()
+                         if f"tensor<{config.BLOCK_D}x{layout.NP}x!tt.ptr<{dtype.replace('fp', 'f')}>" in line
+                         and ("tt.load" in line or "async_copy_global_to_local" in line)]
+            print(json.dumps(dict(
+                dtype=dtype, config=config.short(), warps=config.num_warps, split=config.SPLIT,
+                store_coef=store_coef, persistent=persistent, w_in_offsets=w_in_offsets,
+                model_ctas=model_ctas(bank_shape(4096, 4096, layout, elem), config, persistent),
+                w_in_sync=sum("tt.load" in line for line in w_in_tile),
+                w_in_async_16b=sum("async_copy_global_to_local" in line
+                                   and f"contiguity = {16 // elem} " in line for line in w_in_tile),
+                registers=int(re.search(r"Used (\d+) registers", report).group(1)),
+                spill_bytes=sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)),
+                shared_bytes=compiled.metadata.shared)), flush=True)
 
 
 def test_bank_kernel_compiles_for_hopper_without_spills():
@@ -294,13 +389,20 @@ def test_bank_kernel_compiles_for_hopper_without_spills():
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(results) == 2 * (2 + 2 + 1)
+    from finesteer_kernels.perf_model import DEFAULT_CARD as card
+
+    assert len(results) == 2 * len(launchable(2)) + len(launchable(4))
     for res in results:
         print(res)
         assert res["spill_bytes"] == 0, res
         assert res["w_in_offsets"][:1] == ["i64"], res  # in int32, d x W_in's stride overflowed past 2^31
         if not res["store_coef"]:  # issue 24: the run-time column mask once kept W_in at 2-byte synchronous loads
             assert res["w_in_sync"] == 0 and res["w_in_async_16b"] > 0, res
+        if res["persistent"] or res["split"] > 1:  # the programs per SM the bank model counts are ptxas's
+            per_warp = -(-res["registers"] * 32 // 256) * 256
+            by_regs = card.regs_per_sm // (per_warp * res["warps"])
+            by_smem = card.smem_per_sm // (res["shared_bytes"] + 1024)
+            assert res["model_ctas"] == min(by_regs, by_smem), res
 
 
 if __name__ == "__main__":
