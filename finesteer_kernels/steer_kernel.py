@@ -37,6 +37,10 @@ from .split_state import SPIN_LIMIT, launch_buffers
 from .w_out_dot import coef_times_w_out
 
 
+# Rows a split-d tile's last slice sums and finishes at a time (`steer_kernel`); tiles up to this tall at once.
+EPILOGUE_ROWS = tl.constexpr(64)
+
+
 @triton.jit
 def add_coef_times_w_out(x_ptr, out_ptr, rows, write, edit, d, d_start, d_stop, coef, w_out_ptr, NC,
                          NCP: tl.constexpr, NATIVE_DOT: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -155,6 +159,7 @@ def steer_kernel(h_ptr, out_ptr, w_in_ptr, w_out_ptr, mean_ptr, consts_ptr, keep
         # (`perf_model.split_plan` sizes it).
         PART_W: tl.constexpr = NP + 2 + NORM
         COEF_W: tl.constexpr = NCP + 1 + NORM
+        EPI_T: tl.constexpr = BLOCK_T if BLOCK_T < EPILOGUE_ROWS else EPILOGUE_ROWS
         n_tiles = tl.cdiv(n_rows, BLOCK_T)
         ticket_ptr = flags_ptr + 1
         arrived_ptr = flags_ptr + 2
@@ -188,47 +193,64 @@ def steer_kernel(h_ptr, out_ptr, w_in_ptr, w_out_ptr, mean_ptr, consts_ptr, keep
                                                               W_IN_STRIDE, NP, NATIVE_DOT, BLOCK_T, BLOCK_D,
                                                               NUM_STAGES, NORM)
                 part_ptr = ws_ptr + (slot * SPLIT).to(tl.int64) * part_size
-                live = edit[:, None] & (cols < W_IN_STRIDE)[None, :]
-                tl.store(part_ptr + s * part_size + lanes[:, None] * PART_W + cols[None, :], acc, mask=live)
+                part_cols = part_ptr + s * part_size + lanes[:, None] * PART_W + cols[None, :]
+                if BLOCK_T > EPILOGUE_ROWS:  # a (BLOCK_T, NP) mask spilled: rows the sums skip are stored, not read
+                    tl.store(part_cols, acc, mask=(cols < W_IN_STRIDE)[None, :])
+                else:
+                    tl.store(part_cols, acc, mask=edit[:, None] & (cols < W_IN_STRIDE)[None, :])
                 tl.store(part_ptr + s * part_size + lanes * PART_W + NP, sq, mask=edit)
                 tl.store(part_ptr + s * part_size + lanes * PART_W + NP + 1, sq_big, mask=edit)
                 if NORM:
                     tl.store(part_ptr + s * part_size + lanes * PART_W + NP + 2, sq_h, mask=row_mask)
                 tl.debug_barrier()  # every thread's partials are stored before the release below
                 if tl.atomic_add(arrived_ptr + tile, 1, sem="acq_rel") == SPLIT - 1:
-                    acc = tl.zeros((BLOCK_T, NP), tl.float32)
-                    sq = tl.zeros((BLOCK_T,), tl.float32)
-                    sq_big = tl.zeros((BLOCK_T,), tl.float32)
-                    sq_h = tl.zeros((BLOCK_T,), tl.float32)
-                    w_out_xc = tl.zeros((BLOCK_T, NCP), tl.float32)
-                    for j in range(SPLIT):  # slice order, whichever slice finishes: deterministic sums
-                        acc += tl.load(part_ptr + j * part_size + lanes[:, None] * PART_W + cols[None, :],
-                                       mask=live, other=0.0, cache_modifier=".cg")
-                        if HAS_GATE:
-                            sq += tl.load(part_ptr + j * part_size + lanes * PART_W + NP, mask=edit, other=0.0,
-                                          cache_modifier=".cg")
-                            sq_big += tl.load(part_ptr + j * part_size + lanes * PART_W + NP + 1, mask=edit,
-                                              other=0.0, cache_modifier=".cg")
-                        if NORM:  # ||h||^2, and W_out xc as narrow loads (no gather from the wide accumulator)
-                            sq_h += tl.load(part_ptr + j * part_size + lanes * PART_W + NP + 2, mask=row_mask,
-                                            other=0.0, cache_modifier=".cg")
-                            w_out_xc += tl.load(part_ptr + j * part_size + lanes[:, None] * PART_W + OUT_COL
-                                                + coef_cols[None, :], mask=edit[:, None] & (coef_cols < NC)[None, :],
+                    # Tiles taller than EPILOGUE_ROWS are summed and finished EPILOGUE_ROWS rows at a time: a whole
+                    # 128-row tile spilled at 16 warps (ptxas gives a 512-thread program 128 registers).
+                    for chunk in tl.static_range(BLOCK_T // EPI_T):
+                        if BLOCK_T > EPILOGUE_ROWS:
+                            sub = chunk * EPI_T + tl.arange(0, EPI_T)
+                            sub_rows = tile * BLOCK_T + sub
+                            sub_mask = sub_rows < n_rows
+                            sub_edit = sub_mask
+                            if HAS_KEEP:
+                                sub_edit = sub_edit & (tl.load(keep_ptr + sub_rows, mask=sub_mask, other=0) != 0)
+                        else:
+                            sub, sub_rows, sub_mask, sub_edit = lanes, rows, row_mask, edit
+                        sub_live = sub_edit[:, None] & (cols < W_IN_STRIDE)[None, :]
+                        sum_acc = tl.zeros((EPI_T, NP), tl.float32)
+                        sum_sq = tl.zeros((EPI_T,), tl.float32)
+                        sum_sq_big = tl.zeros((EPI_T,), tl.float32)
+                        sum_sq_h = tl.zeros((EPI_T,), tl.float32)
+                        sum_w_out_xc = tl.zeros((EPI_T, NCP), tl.float32)
+                        for j in range(SPLIT):  # slice order, whichever slice finishes: deterministic sums
+                            sum_acc += tl.load(part_ptr + j * part_size + sub[:, None] * PART_W + cols[None, :],
+                                           mask=sub_live, other=0.0, cache_modifier=".cg")
+                            if HAS_GATE:
+                                sum_sq += tl.load(part_ptr + j * part_size + sub * PART_W + NP, mask=sub_edit, other=0.0,
+                                              cache_modifier=".cg")
+                                sum_sq_big += tl.load(part_ptr + j * part_size + sub * PART_W + NP + 1, mask=sub_edit,
+                                                  other=0.0, cache_modifier=".cg")
+                            if NORM:  # ||h||^2, and W_out xc as narrow loads (no gather from the wide accumulator)
+                                sum_sq_h += tl.load(part_ptr + j * part_size + sub * PART_W + NP + 2, mask=sub_mask,
                                                 other=0.0, cache_modifier=".cg")
-                    coef, g = coefficients_from_projections(acc, sq, sq_big, edit, consts_ptr, tau, eps, scale, R, K,
-                                                            M, KR, HAS_GATE, HAS_ROUTER, HAS_RES, RELU, ROUTER_COL,
-                                                            RES_COL, RB_OFF, B1_OFF, W2_OFF, B2_OFF, NP, MP, NCP,
-                                                            BLOCK_T)
-                    if STORE_COEF:
-                        tl.store(coef_out_ptr + rows.to(tl.int64)[:, None] * NC + coef_cols[None, :], coef,
-                                 mask=row_mask[:, None] & (coef_cols < NC)[None, :])
-                    else:
-                        tile_ptr = coef_ws_ptr + tile.to(tl.int64) * BLOCK_T * COEF_W
-                        tl.store(tile_ptr + lanes[:, None] * COEF_W + coef_cols[None, :], coef)
-                        tl.store(tile_ptr + lanes * COEF_W + NCP, g)
-                        if NORM:
-                            rstd = edited_rstd(w_out_xc, sq_h, coef, norm_consts_ptr, d, norm_eps, NC, NCP)
-                            tl.store(tile_ptr + lanes * COEF_W + NCP + 1, rstd)
+                                sum_w_out_xc += tl.load(part_ptr + j * part_size + sub[:, None] * PART_W + OUT_COL
+                                                    + coef_cols[None, :],
+                                                    mask=sub_edit[:, None] & (coef_cols < NC)[None, :], other=0.0,
+                                                    cache_modifier=".cg")
+                        coef, g = coefficients_from_projections(sum_acc, sum_sq, sum_sq_big, sub_edit, consts_ptr, tau, eps, scale,
+                                                                R, K, M, KR, HAS_GATE, HAS_ROUTER, HAS_RES, RELU,
+                                                                ROUTER_COL, RES_COL, RB_OFF, B1_OFF, W2_OFF, B2_OFF, NP,
+                                                                MP, NCP, EPI_T)
+                        if STORE_COEF:
+                            tl.store(coef_out_ptr + sub_rows.to(tl.int64)[:, None] * NC + coef_cols[None, :], coef,
+                                     mask=sub_mask[:, None] & (coef_cols < NC)[None, :])
+                        else:
+                            tile_ptr = coef_ws_ptr + tile.to(tl.int64) * BLOCK_T * COEF_W
+                            tl.store(tile_ptr + sub[:, None] * COEF_W + coef_cols[None, :], coef)
+                            tl.store(tile_ptr + sub * COEF_W + NCP, g)
+                            if NORM:
+                                rstd = edited_rstd(sum_w_out_xc, sum_sq_h, coef, norm_consts_ptr, d, norm_eps, NC, NCP)
+                                tl.store(tile_ptr + sub * COEF_W + NCP + 1, rstd)
                     tl.debug_barrier()
                     tl.atomic_xchg(ready_ptr + tile, 1, sem="release")
             if not STORE_COEF:
