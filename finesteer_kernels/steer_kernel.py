@@ -32,13 +32,13 @@ from .kernel_common import (DTYPE_NAMES, INTERPRETING, Layout, card_for, config_
                             shape_of)
 from .norm import NormOperands
 from .heuristics import steer_config
+from . import perf_model
 from .perf_model import split_plan
 from .split_state import SPIN_LIMIT, launch_buffers
 from .w_out_dot import coef_times_w_out
 
 
-# Rows a split-d tile's last slice sums and finishes at a time (`steer_kernel`); tiles up to this tall at once.
-EPILOGUE_ROWS = tl.constexpr(64)
+EPILOGUE_ROWS = tl.constexpr(perf_model.EPILOGUE_ROWS)  # tiles up to this tall are finished at once
 
 
 @triton.jit
@@ -99,6 +99,36 @@ def wait_until_set(flag_ptr, error_ptr, spin_limit):
             spins += 1
         if flag == 0:
             tl.atomic_xchg(error_ptr, 1, sem="relaxed")
+
+
+@triton.jit
+def sum_partials(part_ptr, part_size, lanes, edit, row_mask, W_IN_STRIDE: tl.constexpr, NP: tl.constexpr,
+                 NC: tl.constexpr, NCP: tl.constexpr, OUT_COL: tl.constexpr, SPLIT: tl.constexpr,
+                 HAS_GATE: tl.constexpr, NORM: tl.constexpr):
+    """Split-d: the rows ``lanes`` of a tile's SPLIT partial sums (`steer_kernel`'s workspace, NP + 2 + NORM words a
+    row), added in slice order whichever slice finishes (deterministic): ``(xc @ W_in, ||xc||^2 plain and scaled,
+    ||h||^2, W_out xc)`` over all of d; the last two with NORM only (W_out xc as narrow loads: no gather from the
+    wide accumulator), else zeros."""
+    PART_W: tl.constexpr = NP + 2 + NORM
+    cols = tl.arange(0, NP)
+    coef_cols = tl.arange(0, NCP)
+    live = edit[:, None] & (cols < W_IN_STRIDE)[None, :]
+    acc = tl.zeros((lanes.shape[0], NP), tl.float32)
+    sq = tl.zeros((lanes.shape[0],), tl.float32)
+    sq_big = tl.zeros((lanes.shape[0],), tl.float32)
+    sq_h = tl.zeros((lanes.shape[0],), tl.float32)
+    w_out_xc = tl.zeros((lanes.shape[0], NCP), tl.float32)
+    for j in range(SPLIT):
+        row_ptr = part_ptr + j * part_size + lanes * PART_W
+        acc += tl.load(row_ptr[:, None] + cols[None, :], mask=live, other=0.0, cache_modifier=".cg")
+        if HAS_GATE:
+            sq += tl.load(row_ptr + NP, mask=edit, other=0.0, cache_modifier=".cg")
+            sq_big += tl.load(row_ptr + NP + 1, mask=edit, other=0.0, cache_modifier=".cg")
+        if NORM:
+            sq_h += tl.load(row_ptr + NP + 2, mask=row_mask, other=0.0, cache_modifier=".cg")
+            w_out_xc += tl.load(row_ptr[:, None] + OUT_COL + coef_cols[None, :],
+                                mask=edit[:, None] & (coef_cols < NC)[None, :], other=0.0, cache_modifier=".cg")
+    return acc, sq, sq_big, sq_h, w_out_xc
 
 
 # The JIT makes an int argument equal to 1 a constexpr. ``ring`` is 1 whenever a launch has one row tile (decode,
@@ -205,7 +235,7 @@ def steer_kernel(h_ptr, out_ptr, w_in_ptr, w_out_ptr, mean_ptr, consts_ptr, keep
                 tl.debug_barrier()  # every thread's partials are stored before the release below
                 if tl.atomic_add(arrived_ptr + tile, 1, sem="acq_rel") == SPLIT - 1:
                     # Tiles taller than EPILOGUE_ROWS are summed and finished EPILOGUE_ROWS rows at a time: a whole
-                    # 128-row tile spilled at 16 warps (ptxas gives a 512-thread program 128 registers).
+                    # 128-row tile spilled (ptxas, sm_90a).
                     for chunk in tl.static_range(BLOCK_T // EPI_T):
                         if BLOCK_T > EPILOGUE_ROWS:
                             sub = chunk * EPI_T + tl.arange(0, EPI_T)
@@ -216,31 +246,13 @@ def steer_kernel(h_ptr, out_ptr, w_in_ptr, w_out_ptr, mean_ptr, consts_ptr, keep
                                 sub_edit = sub_edit & (tl.load(keep_ptr + sub_rows, mask=sub_mask, other=0) != 0)
                         else:
                             sub, sub_rows, sub_mask, sub_edit = lanes, rows, row_mask, edit
-                        sub_live = sub_edit[:, None] & (cols < W_IN_STRIDE)[None, :]
-                        sum_acc = tl.zeros((EPI_T, NP), tl.float32)
-                        sum_sq = tl.zeros((EPI_T,), tl.float32)
-                        sum_sq_big = tl.zeros((EPI_T,), tl.float32)
-                        sum_sq_h = tl.zeros((EPI_T,), tl.float32)
-                        sum_w_out_xc = tl.zeros((EPI_T, NCP), tl.float32)
-                        for j in range(SPLIT):  # slice order, whichever slice finishes: deterministic sums
-                            sum_acc += tl.load(part_ptr + j * part_size + sub[:, None] * PART_W + cols[None, :],
-                                           mask=sub_live, other=0.0, cache_modifier=".cg")
-                            if HAS_GATE:
-                                sum_sq += tl.load(part_ptr + j * part_size + sub * PART_W + NP, mask=sub_edit, other=0.0,
-                                              cache_modifier=".cg")
-                                sum_sq_big += tl.load(part_ptr + j * part_size + sub * PART_W + NP + 1, mask=sub_edit,
-                                                  other=0.0, cache_modifier=".cg")
-                            if NORM:  # ||h||^2, and W_out xc as narrow loads (no gather from the wide accumulator)
-                                sum_sq_h += tl.load(part_ptr + j * part_size + sub * PART_W + NP + 2, mask=sub_mask,
-                                                other=0.0, cache_modifier=".cg")
-                                sum_w_out_xc += tl.load(part_ptr + j * part_size + sub[:, None] * PART_W + OUT_COL
-                                                    + coef_cols[None, :],
-                                                    mask=sub_edit[:, None] & (coef_cols < NC)[None, :], other=0.0,
-                                                    cache_modifier=".cg")
-                        coef, g = coefficients_from_projections(sum_acc, sum_sq, sum_sq_big, sub_edit, consts_ptr, tau, eps, scale,
+                        proj, energy, energy_big, norm_sq, w_out_xc = sum_partials(part_ptr, part_size, sub, sub_edit,
+                                                                                sub_mask, W_IN_STRIDE, NP, NC, NCP,
+                                                                                OUT_COL, SPLIT, HAS_GATE, NORM)
+                        coef, g = coefficients_from_projections(proj, energy, energy_big, sub_edit, consts_ptr, tau, eps, scale,
                                                                 R, K, M, KR, HAS_GATE, HAS_ROUTER, HAS_RES, RELU,
-                                                                ROUTER_COL, RES_COL, RB_OFF, B1_OFF, W2_OFF, B2_OFF, NP,
-                                                                MP, NCP, EPI_T)
+                                                                ROUTER_COL, RES_COL, RB_OFF, B1_OFF, W2_OFF, B2_OFF,
+                                                                NP, MP, NCP, EPI_T)
                         if STORE_COEF:
                             tl.store(coef_out_ptr + sub_rows.to(tl.int64)[:, None] * NC + coef_cols[None, :], coef,
                                      mask=sub_mask[:, None] & (coef_cols < NC)[None, :])
@@ -249,7 +261,7 @@ def steer_kernel(h_ptr, out_ptr, w_in_ptr, w_out_ptr, mean_ptr, consts_ptr, keep
                             tl.store(tile_ptr + sub[:, None] * COEF_W + coef_cols[None, :], coef)
                             tl.store(tile_ptr + sub * COEF_W + NCP, g)
                             if NORM:
-                                rstd = edited_rstd(sum_w_out_xc, sum_sq_h, coef, norm_consts_ptr, d, norm_eps, NC, NCP)
+                                rstd = edited_rstd(w_out_xc, norm_sq, coef, norm_consts_ptr, d, norm_eps, NC, NCP)
                                 tl.store(tile_ptr + sub * COEF_W + NCP + 1, rstd)
                     tl.debug_barrier()
                     tl.atomic_xchg(ready_ptr + tile, 1, sem="release")
