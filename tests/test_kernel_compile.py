@@ -108,6 +108,24 @@ def calibration_cases():
     return cases
 
 
+def tall_tile_cases():
+    """Issue 24 item 6: the tall tile (`heuristics.TALL_TILE`, 128 rows) at every split, with and without the MLP,
+    bf16 and fp16, out of place and (split 8, the d = 4096 pick) in place with a row mask. The heuristic picks it only
+    where ptxas's registers are in the table, so these compiles are what lets it (``--calibrate``)."""
+    from finesteer_kernels.heuristics import SPLITS, TALL_TILE
+
+    cases = []
+    for dtype in ("bf16", "fp16"):
+        for sizes in TYPICAL.values():
+            for split in SPLITS[1:]:
+                config = dataclasses.replace(TALL_TILE, SPLIT=split)
+                cases.append(("steer", dtype, 4096, sizes, 8192, config, "out of place"))
+    config = dataclasses.replace(TALL_TILE, SPLIT=8)
+    cases.append(("steer", "bf16", 4096, TYPICAL[True], 8192, config, "in place + row_mask"))
+    cases.append(("synthesize", "bf16", 4096, TYPICAL[True], 8192, config, "out of place"))
+    return cases
+
+
 def _kernel_digest() -> str:
     """What a compile result depends on besides the case (see KERNEL_MODULES), and the Triton version."""
     import hashlib
@@ -408,8 +426,9 @@ def test_resource_model_matches_ptxas_on_small_layouts():
 
 if __name__ == "__main__":
     if "--calibrate" in sys.argv:  # compile (cached) the calibration and planned cases, then write the table
-        write_ptxas_table(compile_results("calibration") + compile_results("planned"))
+        write_ptxas_table(compile_results("calibration") + compile_results("planned") + compile_results("tall"))
     elif "--compile" in sys.argv:
-        _compile_all(calibration_cases() if "calibration" in sys.argv else planned_cases())
+        _compile_all(calibration_cases() if "calibration" in sys.argv else
+                     tall_tile_cases() if "tall" in sys.argv else planned_cases())
     else:
         print(markdown_table(compile_results()))
