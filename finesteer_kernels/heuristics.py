@@ -98,7 +98,8 @@ def steer_candidates(shape: Shape, card: Card, block_ds=BLOCK_DS, splits=SPLITS)
                         if shape.norm_out and _norm_spills(shape.elem, config):
                             continue
                         res = resources(shape, config, card)
-                        if res.ctas_per_sm == 0 or res.spill_bytes or (not res.measured and (tall or res.regs > MAX_REGS)):
+                        unmeasured_risk = not res.measured and (tall or res.regs > MAX_REGS)
+                        if res.ctas_per_sm == 0 or res.spill_bytes or unmeasured_risk:
                             continue
                         yield config, res
 

@@ -249,10 +249,10 @@ def steer_kernel(h_ptr, out_ptr, w_in_ptr, w_out_ptr, mean_ptr, consts_ptr, keep
                         proj, energy, energy_big, norm_sq, w_out_xc = sum_partials(part_ptr, part_size, sub, sub_edit,
                                                                                 sub_mask, W_IN_STRIDE, NP, NC, NCP,
                                                                                 OUT_COL, SPLIT, HAS_GATE, NORM)
-                        coef, g = coefficients_from_projections(proj, energy, energy_big, sub_edit, consts_ptr, tau, eps, scale,
-                                                                R, K, M, KR, HAS_GATE, HAS_ROUTER, HAS_RES, RELU,
-                                                                ROUTER_COL, RES_COL, RB_OFF, B1_OFF, W2_OFF, B2_OFF,
-                                                                NP, MP, NCP, EPI_T)
+                        coef, g = coefficients_from_projections(proj, energy, energy_big, sub_edit, consts_ptr, tau,
+                                                                eps, scale, R, K, M, KR, HAS_GATE, HAS_ROUTER, HAS_RES,
+                                                                RELU, ROUTER_COL, RES_COL, RB_OFF, B1_OFF, W2_OFF,
+                                                                B2_OFF, NP, MP, NCP, EPI_T)
                         if STORE_COEF:
                             tl.store(coef_out_ptr + sub_rows.to(tl.int64)[:, None] * NC + coef_cols[None, :], coef,
                                      mask=sub_mask[:, None] & (coef_cols < NC)[None, :])
