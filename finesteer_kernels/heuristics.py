@@ -32,9 +32,10 @@ INTERPRETER_CONFIG = Config(BLOCK_T=32, BLOCK_D=128, num_warps=4, num_stages=1) 
 # the fallback), and those `_norm_spills` lists.
 #
 # The tall tile (issue 24 item 6): 128 rows halve the re-reads of W_in and W_out through L2 per row of h. What
-# compiled without spills on sm_90a: 16-bit, split d, 8 warps, 64-column d blocks and 4 stages (three 128 x 64 tiles
-# in flight, about the bytes of the 64 x 128 picks' two); at 16 warps ptxas's 128-register cap spilled, and so did
-# 128-column d blocks and fp32. Picked only where ptxas's own registers are in `ptxas_table`.
+# compiled without spills on sm_90a, plain and fused with the norm: 16-bit, split d, 8 warps, 64-column d blocks and
+# 4 stages (three 128 x 64 tiles in flight, about the bytes of the 64 x 128 picks' two); at 16 warps ptxas's
+# 128-register cap spilled, and so did 128-column d blocks (fp32 not tried). Picked only where ptxas's own registers
+# are in `ptxas_table`.
 TALL_TILE = Config(128, 64, 8, 4)
 BLOCK_TS = (16, 32, 64, TALL_TILE.BLOCK_T)
 BLOCK_DS = (64, 128, 256)
@@ -81,7 +82,7 @@ def steer_candidates(shape: Shape, card: Card, block_ds=BLOCK_DS, splits=SPLITS)
             if (bd == 256 and bt > 16) or (shape.elem == 4 and bt > 32):
                 continue
             tall = bt == TALL_TILE.BLOCK_T
-            if tall and (shape.norm_out or bd != TALL_TILE.BLOCK_D):
+            if tall and bd != TALL_TILE.BLOCK_D:
                 continue
             if shape.elem == 4 and shape.np > 128 and bd > 32:  # wide fp32: only the 32-column fallback fits
                 continue
