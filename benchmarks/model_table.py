@@ -117,7 +117,8 @@ def tall_tile_table() -> list[str]:
     """Issue 24 item 6: what the tall tile (`heuristics.TALL_TILE`, 128 rows: W_in and W_out re-read through L2 once
     per 128 rows instead of 64) changes, against the best layout of at most 64 rows, at the L2 bandwidth assumed
     (8.4 TB/s) and 30 % either side (the H200 prediction rests on it), and with the launch ramp overlapped
-    (programmatic dependent launch, ``hide_ramp``) at the assumed L2 bandwidth."""
+    (programmatic dependent launch, ``hide_ramp``) at the assumed L2 bandwidth. The heuristic counts predictions
+    within 2 % as equal and then takes fewer L2 bytes, so its pick may show a point under the fastest layout."""
     lines = ["| card | layout | T | d | best of <= 64 rows | L2 MB | % of copy, L2 x0.7 / x1 / x1.3 | pick | L2 MB | "
              "% of copy, L2 x0.7 / x1 / x1.3 | pick + PDL |", "|" + " --- |" * 11]
     for card in CARDS.values():

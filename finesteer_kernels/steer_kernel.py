@@ -15,8 +15,9 @@ Two layouts of the work, chosen per shape by the bytes-and-occupancy model (`heu
   program then runs pass 2 of its slice for tile ``v // SPLIT - LAG``, whose coefficients were published by
   programs that started earlier; LAG tiles of distance let that wait be rare. The grid is persistent (at most the
   programs that fit at once), each program taking tickets until the work (``(n_tiles + LAG) * SPLIT`` items) is
-  done. With one row tile this is the decode path: W_in is read by SPLIT SMs, not one. Under the Triton
-  interpreter programs run one by one, so no wait ever spins there.
+  done. With one row tile this is the decode path: W_in is read by SPLIT SMs, not one. Tiles taller than
+  `EPILOGUE_ROWS` (128 rows: W_in and W_out re-read half as often) are summed and finished in chunks of that
+  many rows (`sum_partials`). Under the Triton interpreter programs run one by one, so no wait ever spins there.
 
 In place, rows whose gate is off are not written, and a tile (slice) with no edit skips pass 2. An optional
 per-row ``keep`` mask marks rows to leave exactly as they are. ``coef_out``: store the coefficients instead of
