@@ -237,3 +237,17 @@ def test_tall_tile_predictions_with_the_l2_bandwidth_uncertainty():
     # HBM bytes); on the H200 not met at the assumed L2 bandwidth, 71-87 % (85-92 % with the ramp overlapped)
     assert min(v[3] for k, v in got.items() if k[0] == "H100 SXM") >= 90
     assert max(v[1] for k, v in got.items() if k[0] == "H200") < 90
+
+
+def test_tall_tile_only_where_ptxas_counted_its_registers():
+    """The heuristic offers the 128-row tile only for layouts `ptxas_table` holds it for (the formula's registers are
+    not trusted there), never unsplit, never in fp32."""
+    for card in CARDS.values():
+        for sizes in ((32, 8, 16, 8), (8, 4, 0, 0)):  # 64- and 16-column accumulators: never compiled tall
+            assert all(c.BLOCK_T <= 64 for c, _ in steer_candidates(Shape.of(8192, 4096, 2, *sizes), card))
+        fp32 = Shape.of(8192, 4096, 4, *RESIDUAL[True])
+        assert all(c.BLOCK_T <= 32 for c, _ in steer_candidates(fp32, card))
+        tall = [(c, res) for c, res in steer_candidates(Shape.of(8192, 4096, 2, *RESIDUAL[True]), card)
+                if c.BLOCK_T == TALL_TILE.BLOCK_T]
+        assert {c.SPLIT for c, _ in tall} == {2, 4, 8, 16, 32}
+        assert all(c == dataclasses.replace(TALL_TILE, SPLIT=c.SPLIT) and res.measured for c, res in tall)
