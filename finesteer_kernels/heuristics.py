@@ -35,8 +35,11 @@ INTERPRETER_CONFIG = Config(BLOCK_T=32, BLOCK_D=128, num_warps=4, num_stages=1) 
 # compiled without spills on sm_90a, plain and fused with the norm: 16-bit, split d, 8 warps, 64-column d blocks and
 # 4 stages (three 128 x 64 tiles in flight, about the bytes of the 64 x 128 picks' two); at 16 warps ptxas's
 # 128-register cap spilled, and so did 128-column d blocks (fp32 not tried). Picked only where ptxas's own registers
-# are in `ptxas_table`.
+# are in `ptxas_table`. Its splits include 6 and 12: each halving of the split doubles the bytes between a row's two
+# reads, and fewer slices write fewer partial sums, so the largest split that keeps them under half of L2 is the
+# best, and at 128 rows it often falls between two powers of two (the last slice is then the shorter one).
 TALL_TILE = Config(128, 64, 8, 4)
+TALL_SPLITS = (2, 4, 6, 8, 12, 16, 32)
 BLOCK_TS = (16, 32, 64, TALL_TILE.BLOCK_T)
 BLOCK_DS = (64, 128, 256)
 STAGES = (3,)  # two tiles in flight while one is used: ~40-80 KiB per SM at the picked tiles
@@ -90,7 +93,7 @@ def steer_candidates(shape: Shape, card: Card, block_ds=BLOCK_DS, splits=SPLITS)
                 continue
             for warps in ((8,) if bt >= 64 or shape.np > 128 or shape.elem == 4 else (4,)):
                 for stages in (TALL_TILE.num_stages,) if tall else STAGES:
-                    for split in splits:
+                    for split in TALL_SPLITS if tall and max(splits) > 1 else splits:
                         if split > 1 and (not shape.has_pass1 or (shape.elem == 4 and shape.np > 128)):
                             continue
                         if (tall and split == 1) or not _split_ok(shape.d, bd, split):

@@ -115,11 +115,11 @@ def tall_tile_cases():
     norm, with and without the MLP, bf16 and fp16, out of place and (split 8, the d = 4096 pick) in place with a row
     mask. The heuristic picks it only where ptxas's registers are in the table, so these compiles are what lets it
     (``--calibrate``)."""
-    from finesteer_kernels.heuristics import SPLITS, TALL_TILE
+    from finesteer_kernels.heuristics import TALL_SPLITS, TALL_TILE
 
     cases = []
     for kernel, dtype, sizes, split in itertools.product(("steer", "steer_rmsnorm"), ("bf16", "fp16"),
-                                                         TYPICAL.values(), SPLITS[1:]):
+                                                         TYPICAL.values(), TALL_SPLITS):
         cases.append((kernel, dtype, 4096, sizes, 8192, dataclasses.replace(TALL_TILE, SPLIT=split), "out of place"))
     config = dataclasses.replace(TALL_TILE, SPLIT=8)
     for kernel in ("steer", "steer_rmsnorm"):

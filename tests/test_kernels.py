@@ -208,6 +208,7 @@ SPLIT_CASES = [  # (d, rows, r, K, residual, dtype, config, lag)
     (300, 300, 64, 8, "relu", bf16, Config(128, 64, 8, 4, SPLIT=4), None),  # 3 tiles, the last one 44 rows
     (70, 129, 3, 1, None, f16, Config(128, 32, 8, 4, SPLIT=2), 1),  # 2 tiles, the second one row; K = 1, no MLP
     (200, 1, 128, 32, "relu", f32, Config(128, 64, 8, 2, SPLIT=4), None),  # one row, r and K at their bounds
+    (300, 260, 16, 4, "relu", f16, Config(128, 64, 8, 4, SPLIT=6), 2),  # 6 slices: the 5th short, the 6th empty
 ]
 
 

@@ -40,8 +40,8 @@ def test_fused_moves_the_norm_plus_the_steered_rows_plus_its_own_fixed_bytes():
         assert fused.second_read_l2, (card.name, T, d, config)  # pass 2's read of h comes from L2
         assert fused.hbm_bytes == norm.hbm_bytes + steered_rows + own, (card.name, sizes, T, d, edited)
         if T >= 4096:
-            # up to 9.6 %: the H200's 128-row tiles split d in 8 where 64-row ones split in 4 (twice the partials)
-            assert own <= 0.1 * fused.hbm_bytes, (card.name, sizes, T, d, own / fused.hbm_bytes)
+            # up to 7.7 %: the H200's 128-row tiles split d in 6 where 64-row ones split in 4 (1.5x the partials)
+            assert own <= 0.08 * fused.hbm_bytes, (card.name, sizes, T, d, own / fused.hbm_bytes)
 
 
 def test_fused_saves_one_read_of_the_stream_and_a_launch():
