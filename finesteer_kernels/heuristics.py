@@ -35,9 +35,9 @@ INTERPRETER_CONFIG = Config(BLOCK_T=32, BLOCK_D=128, num_warps=4, num_stages=1) 
 # compiled without spills on sm_90a, plain and fused with the norm: 16-bit, split d, 8 warps, 64-column d blocks and
 # 4 stages (three 128 x 64 tiles in flight, about the bytes of the 64 x 128 picks' two); at 16 warps ptxas's
 # 128-register cap spilled, and so did 128-column d blocks (fp32 not tried). Picked only where ptxas's own registers
-# are in `ptxas_table`. Its splits include 6 and 12: each halving of the split doubles the bytes between a row's two
-# reads, and fewer slices write fewer partial sums, so the largest split that keeps them under half of L2 is the
-# best, and at 128 rows it often falls between two powers of two (the last slice is then the shorter one).
+# are in `ptxas_table`. Its splits include 6 and 12: fewer slices write fewer partial sums, but each halving of the
+# split doubles the bytes between a row's two reads, so the best split is the smallest that keeps those under half
+# of L2, and at 128 rows it often falls between two powers of two (the last slice is then the shorter one).
 TALL_TILE = Config(128, 64, 8, 4)
 TALL_SPLITS = (2, 4, 6, 8, 12, 16, 32)
 BLOCK_TS = (16, 32, 64, TALL_TILE.BLOCK_T)
