@@ -25,12 +25,22 @@ INTERPRETER_CONFIG = Config(BLOCK_T=32, BLOCK_D=128, num_warps=4, num_stages=1) 
 # compiled for sm_90a by tests/test_kernel_compile.py, and these rules come from what spilled there: warps follow
 # the row tile (4 up to 32 rows, 8 from 64 rows, where wgmma takes over, and for 256-column accumulators); fp32
 # (no tensor cores: 'ieee' dots on FMA units) takes 8 warps and <= 32 rows, and with a 256-column accumulator
-# 32-column d blocks and no split; 256-column d blocks only with 16-row tiles; 128-row tiles
-# would hold a 128 x NP fp32 accumulator. Fused with the next RMSNorm (issue 14, ``shape.norm_out``) the epilogue
-# also holds W_out's columns of the accumulator and pass 2 the normalised tile, and ptxas spilled (or, near a
-# register-count boundary, chose to spill a few bytes) in these layouts, now excluded: 256-column accumulators with
-# d blocks over 64 columns (fp32: over 16, the fallback), and those `_norm_spills` lists.
-BLOCK_TS = (16, 32, 64)
+# 32-column d blocks and no split; 256-column d blocks only with 16-row tiles; 128-row tiles only as `TALL_TILE`.
+# Fused with the next RMSNorm (issue 14, ``shape.norm_out``) the epilogue also holds W_out's columns of the
+# accumulator and pass 2 the normalised tile, and ptxas spilled (or, near a register-count boundary, chose to spill a
+# few bytes) in these layouts, now excluded: 256-column accumulators with d blocks over 64 columns (fp32: over 16,
+# the fallback), and those `_norm_spills` lists.
+#
+# The tall tile (issue 24 item 6): 128 rows halve the re-reads of W_in and W_out through L2 per row of h. What
+# compiled without spills on sm_90a, plain and fused with the norm: 16-bit, split d, 8 warps, 64-column d blocks and
+# 4 stages (three 128 x 64 tiles in flight, about the bytes of the 64 x 128 picks' two); at 16 warps ptxas's
+# 128-register cap spilled, and so did 128-column d blocks (fp32 not tried). Picked only where ptxas's own registers
+# are in `ptxas_table`. Its splits include 6 and 12: fewer slices write fewer partial sums, but each halving of the
+# split doubles the bytes between a row's two reads, so the best split is the smallest that keeps those under half
+# of L2, and at 128 rows it often falls between two powers of two (the last slice is then the shorter one).
+TALL_TILE = Config(128, 64, 8, 4)
+TALL_SPLITS = (2, 4, 6, 8, 12, 16, 32)
+BLOCK_TS = (16, 32, 64, TALL_TILE.BLOCK_T)
 BLOCK_DS = (64, 128, 256)
 STAGES = (3,)  # two tiles in flight while one is used: ~40-80 KiB per SM at the picked tiles
 SPLITS = (1, 2, 4, 8, 16, 32)
@@ -74,22 +84,26 @@ def steer_candidates(shape: Shape, card: Card, block_ds=BLOCK_DS, splits=SPLITS)
                 continue
             if (bd == 256 and bt > 16) or (shape.elem == 4 and bt > 32):
                 continue
+            tall = bt == TALL_TILE.BLOCK_T
+            if tall and bd != TALL_TILE.BLOCK_D:
+                continue
             if shape.elem == 4 and shape.np > 128 and bd > 32:  # wide fp32: only the 32-column fallback fits
                 continue
             if shape.norm_out and shape.np > 128 and bd > (16 if shape.elem == 4 else 64):
                 continue
             for warps in ((8,) if bt >= 64 or shape.np > 128 or shape.elem == 4 else (4,)):
-                for stages in STAGES:
-                    for split in splits:
+                for stages in (TALL_TILE.num_stages,) if tall else STAGES:
+                    for split in TALL_SPLITS if tall and max(splits) > 1 else splits:
                         if split > 1 and (not shape.has_pass1 or (shape.elem == 4 and shape.np > 128)):
                             continue
-                        if not _split_ok(shape.d, bd, split):
+                        if (tall and split == 1) or not _split_ok(shape.d, bd, split):
                             continue
                         config = Config(bt, bd, warps, stages, split)
                         if shape.norm_out and _norm_spills(shape.elem, config):
                             continue
                         res = resources(shape, config, card)
-                        if res.ctas_per_sm == 0 or res.spill_bytes or (res.regs > MAX_REGS and not res.measured):
+                        unmeasured_risk = not res.measured and (tall or res.regs > MAX_REGS)
+                        if res.ctas_per_sm == 0 or res.spill_bytes or unmeasured_risk:
                             continue
                         yield config, res
 

@@ -118,6 +118,7 @@ def card_for_device(device) -> Card:
 
 # ---- what is moved --------------------------------------------------------------------------------------------
 MIN_DOT = 16  # smallest M, N, K that tl.dot accepts on the GPU
+EPILOGUE_ROWS = 64  # split-d: rows the last slice sums and finishes at a time (`steer_kernel`)
 W_IN_ALIGN = 8  # W_in columns padded to 8 elements: 16-byte rows in 16-bit dtypes
 
 
@@ -406,7 +407,8 @@ def predict_steer(shape: Shape, config: Config, card: Card, pipelined_pass2: boo
         # ||xc||^2 (plain and scaled), with a fused norm also ||h||^2; read back once, a fused norm's W_out xc
         # columns a second time
         part_cols = shape.w_in_cols + 2 + norm
-        partial_bytes = 0 if partials_on_chip else T * split * part_cols * 4
+        stored_rows = n_tiles * bt if bt > EPILOGUE_ROWS else T  # tall tiles store every row's projections
+        partial_bytes = 0 if partials_on_chip else stored_rows * split * part_cols * 4
         partial_reads = 0 if partials_on_chip else partial_bytes + T * split * norm * shape.n_coef * 4
         # a tile's coefficients as published: BLOCK_T rows of coef_w words, written once, read by every slice
         coef_bytes = n_tiles * bt * plan.coef_w * 4 * (1 + split)

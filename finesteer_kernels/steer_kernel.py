@@ -15,8 +15,9 @@ Two layouts of the work, chosen per shape by the bytes-and-occupancy model (`heu
   program then runs pass 2 of its slice for tile ``v // SPLIT - LAG``, whose coefficients were published by
   programs that started earlier; LAG tiles of distance let that wait be rare. The grid is persistent (at most the
   programs that fit at once), each program taking tickets until the work (``(n_tiles + LAG) * SPLIT`` items) is
-  done. With one row tile this is the decode path: W_in is read by SPLIT SMs, not one. Under the Triton
-  interpreter programs run one by one, so no wait ever spins there.
+  done. With one row tile this is the decode path: W_in is read by SPLIT SMs, not one. Tiles taller than
+  `EPILOGUE_ROWS` (128 rows: W_in and W_out re-read half as often) are summed and finished in chunks of that
+  many rows (`sum_partials`). Under the Triton interpreter programs run one by one, so no wait ever spins there.
 
 In place, rows whose gate is off are not written, and a tile (slice) with no edit skips pass 2. An optional
 per-row ``keep`` mask marks rows to leave exactly as they are. ``coef_out``: store the coefficients instead of
@@ -33,9 +34,13 @@ from .kernel_common import (DTYPE_NAMES, INTERPRETING, Layout, card_for, config_
 from .norm import NormOperands
 from .pdl import launch_options, wait_for_previous_kernel
 from .heuristics import steer_config
+from . import perf_model
 from .perf_model import split_plan
 from .split_state import SPIN_LIMIT, launch_buffers
 from .w_out_dot import coef_times_w_out
+
+
+EPILOGUE_ROWS = tl.constexpr(perf_model.EPILOGUE_ROWS)  # tiles up to this tall are finished at once
 
 
 @triton.jit
@@ -98,6 +103,36 @@ def wait_until_set(flag_ptr, error_ptr, spin_limit):
             tl.atomic_xchg(error_ptr, 1, sem="relaxed")
 
 
+@triton.jit
+def sum_partials(part_ptr, part_size, lanes, edit, row_mask, W_IN_STRIDE: tl.constexpr, NP: tl.constexpr,
+                 NC: tl.constexpr, NCP: tl.constexpr, OUT_COL: tl.constexpr, SPLIT: tl.constexpr,
+                 HAS_GATE: tl.constexpr, NORM: tl.constexpr):
+    """Split-d: the rows ``lanes`` of a tile's SPLIT partial sums (`steer_kernel`'s workspace, NP + 2 + NORM words a
+    row), added in slice order whichever slice finishes (deterministic): ``(xc @ W_in, ||xc||^2 plain and scaled,
+    ||h||^2, W_out xc)`` over all of d; the last two with NORM only (W_out xc as narrow loads: no gather from the
+    wide accumulator), else zeros."""
+    PART_W: tl.constexpr = NP + 2 + NORM
+    cols = tl.arange(0, NP)
+    coef_cols = tl.arange(0, NCP)
+    live = edit[:, None] & (cols < W_IN_STRIDE)[None, :]
+    acc = tl.zeros((lanes.shape[0], NP), tl.float32)
+    sq = tl.zeros((lanes.shape[0],), tl.float32)
+    sq_big = tl.zeros((lanes.shape[0],), tl.float32)
+    sq_h = tl.zeros((lanes.shape[0],), tl.float32)
+    w_out_xc = tl.zeros((lanes.shape[0], NCP), tl.float32)
+    for j in range(SPLIT):
+        row_ptr = part_ptr + j * part_size + lanes * PART_W
+        acc += tl.load(row_ptr[:, None] + cols[None, :], mask=live, other=0.0, cache_modifier=".cg")
+        if HAS_GATE:
+            sq += tl.load(row_ptr + NP, mask=edit, other=0.0, cache_modifier=".cg")
+            sq_big += tl.load(row_ptr + NP + 1, mask=edit, other=0.0, cache_modifier=".cg")
+        if NORM:
+            sq_h += tl.load(row_ptr + NP + 2, mask=row_mask, other=0.0, cache_modifier=".cg")
+            w_out_xc += tl.load(row_ptr[:, None] + OUT_COL + coef_cols[None, :],
+                                mask=edit[:, None] & (coef_cols < NC)[None, :], other=0.0, cache_modifier=".cg")
+    return acc, sq, sq_big, sq_h, w_out_xc
+
+
 # The JIT makes an int argument equal to 1 a constexpr. ``ring`` is 1 whenever a launch has one row tile (decode,
 # synthesize) and ``ring.to(...)`` below needs a tensor; ``n_rows`` and ``lag`` of 1 at decode changed the code
 # enough to spill (tests/test_kernel_compile.py compiles what the JIT really gets). None of the three is worth a
@@ -158,6 +193,7 @@ def steer_kernel(h_ptr, out_ptr, w_in_ptr, w_out_ptr, mean_ptr, consts_ptr, keep
         # (`perf_model.split_plan` sizes it).
         PART_W: tl.constexpr = NP + 2 + NORM
         COEF_W: tl.constexpr = NCP + 1 + NORM
+        EPI_T: tl.constexpr = BLOCK_T if BLOCK_T < EPILOGUE_ROWS else EPILOGUE_ROWS
         n_tiles = tl.cdiv(n_rows, BLOCK_T)
         ticket_ptr = flags_ptr + 1
         arrived_ptr = flags_ptr + 2
@@ -191,47 +227,46 @@ def steer_kernel(h_ptr, out_ptr, w_in_ptr, w_out_ptr, mean_ptr, consts_ptr, keep
                                                               W_IN_STRIDE, NP, NATIVE_DOT, BLOCK_T, BLOCK_D,
                                                               NUM_STAGES, NORM)
                 part_ptr = ws_ptr + (slot * SPLIT).to(tl.int64) * part_size
-                live = edit[:, None] & (cols < W_IN_STRIDE)[None, :]
-                tl.store(part_ptr + s * part_size + lanes[:, None] * PART_W + cols[None, :], acc, mask=live)
+                part_cols = part_ptr + s * part_size + lanes[:, None] * PART_W + cols[None, :]
+                if BLOCK_T > EPILOGUE_ROWS:  # a (BLOCK_T, NP) mask spilled: rows the sums skip are stored, not read
+                    tl.store(part_cols, acc, mask=(cols < W_IN_STRIDE)[None, :])
+                else:
+                    tl.store(part_cols, acc, mask=edit[:, None] & (cols < W_IN_STRIDE)[None, :])
                 tl.store(part_ptr + s * part_size + lanes * PART_W + NP, sq, mask=edit)
                 tl.store(part_ptr + s * part_size + lanes * PART_W + NP + 1, sq_big, mask=edit)
                 if NORM:
                     tl.store(part_ptr + s * part_size + lanes * PART_W + NP + 2, sq_h, mask=row_mask)
                 tl.debug_barrier()  # every thread's partials are stored before the release below
                 if tl.atomic_add(arrived_ptr + tile, 1, sem="acq_rel") == SPLIT - 1:
-                    acc = tl.zeros((BLOCK_T, NP), tl.float32)
-                    sq = tl.zeros((BLOCK_T,), tl.float32)
-                    sq_big = tl.zeros((BLOCK_T,), tl.float32)
-                    sq_h = tl.zeros((BLOCK_T,), tl.float32)
-                    w_out_xc = tl.zeros((BLOCK_T, NCP), tl.float32)
-                    for j in range(SPLIT):  # slice order, whichever slice finishes: deterministic sums
-                        acc += tl.load(part_ptr + j * part_size + lanes[:, None] * PART_W + cols[None, :],
-                                       mask=live, other=0.0, cache_modifier=".cg")
-                        if HAS_GATE:
-                            sq += tl.load(part_ptr + j * part_size + lanes * PART_W + NP, mask=edit, other=0.0,
-                                          cache_modifier=".cg")
-                            sq_big += tl.load(part_ptr + j * part_size + lanes * PART_W + NP + 1, mask=edit,
-                                              other=0.0, cache_modifier=".cg")
-                        if NORM:  # ||h||^2, and W_out xc as narrow loads (no gather from the wide accumulator)
-                            sq_h += tl.load(part_ptr + j * part_size + lanes * PART_W + NP + 2, mask=row_mask,
-                                            other=0.0, cache_modifier=".cg")
-                            w_out_xc += tl.load(part_ptr + j * part_size + lanes[:, None] * PART_W + OUT_COL
-                                                + coef_cols[None, :], mask=edit[:, None] & (coef_cols < NC)[None, :],
-                                                other=0.0, cache_modifier=".cg")
-                    coef, g = coefficients_from_projections(acc, sq, sq_big, edit, consts_ptr, tau, eps, scale, R, K,
-                                                            M, KR, HAS_GATE, HAS_ROUTER, HAS_RES, RELU, ROUTER_COL,
-                                                            RES_COL, RB_OFF, B1_OFF, W2_OFF, B2_OFF, NP, MP, NCP,
-                                                            BLOCK_T)
-                    if STORE_COEF:
-                        tl.store(coef_out_ptr + rows.to(tl.int64)[:, None] * NC + coef_cols[None, :], coef,
-                                 mask=row_mask[:, None] & (coef_cols < NC)[None, :])
-                    else:
-                        tile_ptr = coef_ws_ptr + tile.to(tl.int64) * BLOCK_T * COEF_W
-                        tl.store(tile_ptr + lanes[:, None] * COEF_W + coef_cols[None, :], coef)
-                        tl.store(tile_ptr + lanes * COEF_W + NCP, g)
-                        if NORM:
-                            rstd = edited_rstd(w_out_xc, sq_h, coef, norm_consts_ptr, d, norm_eps, NC, NCP)
-                            tl.store(tile_ptr + lanes * COEF_W + NCP + 1, rstd)
+                    # Tiles taller than EPILOGUE_ROWS are summed and finished EPILOGUE_ROWS rows at a time: a whole
+                    # 128-row tile spilled (ptxas, sm_90a).
+                    for chunk in tl.static_range(BLOCK_T // EPI_T):
+                        if BLOCK_T > EPILOGUE_ROWS:
+                            sub = chunk * EPI_T + tl.arange(0, EPI_T)
+                            sub_rows = tile * BLOCK_T + sub
+                            sub_mask = sub_rows < n_rows
+                            sub_edit = sub_mask
+                            if HAS_KEEP:
+                                sub_edit = sub_edit & (tl.load(keep_ptr + sub_rows, mask=sub_mask, other=0) != 0)
+                        else:
+                            sub, sub_rows, sub_mask, sub_edit = lanes, rows, row_mask, edit
+                        proj, energy, energy_big, norm_sq, w_out_xc = sum_partials(part_ptr, part_size, sub, sub_edit,
+                                                                                sub_mask, W_IN_STRIDE, NP, NC, NCP,
+                                                                                OUT_COL, SPLIT, HAS_GATE, NORM)
+                        coef, g = coefficients_from_projections(proj, energy, energy_big, sub_edit, consts_ptr, tau,
+                                                                eps, scale, R, K, M, KR, HAS_GATE, HAS_ROUTER, HAS_RES,
+                                                                RELU, ROUTER_COL, RES_COL, RB_OFF, B1_OFF, W2_OFF,
+                                                                B2_OFF, NP, MP, NCP, EPI_T)
+                        if STORE_COEF:
+                            tl.store(coef_out_ptr + sub_rows.to(tl.int64)[:, None] * NC + coef_cols[None, :], coef,
+                                     mask=sub_mask[:, None] & (coef_cols < NC)[None, :])
+                        else:
+                            tile_ptr = coef_ws_ptr + tile.to(tl.int64) * BLOCK_T * COEF_W
+                            tl.store(tile_ptr + sub[:, None] * COEF_W + coef_cols[None, :], coef)
+                            tl.store(tile_ptr + sub * COEF_W + NCP, g)
+                            if NORM:
+                                rstd = edited_rstd(w_out_xc, norm_sq, coef, norm_consts_ptr, d, norm_eps, NC, NCP)
+                                tl.store(tile_ptr + sub * COEF_W + NCP + 1, rstd)
                     tl.debug_barrier()
                     tl.atomic_xchg(ready_ptr + tile, 1, sem="release")
             if not STORE_COEF:

@@ -65,6 +65,7 @@ TOKEN_CASES = [
     (300, 70, 12, 4, "relu", f32, "llama", Config(16, 32, 4, 2, SPLIT=4)),  # split-d: 5 tiles, several items
     (257, 1, 64, 32, "relu", bf16, "gemma2", Config(16, 64, 4, 3, SPLIT=4)),  # decode split, r and K at bounds
     (96, 40, 8, 10, "relu", f16, "llama", Config(16, 32, 4, 2, SPLIT=2)),
+    (100, 150, 12, 4, "relu", f16, "gemma2", Config(128, 32, 8, 4, SPLIT=2)),  # 128-row tiles, finished in chunks
 ]
 
 

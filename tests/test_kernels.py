@@ -204,6 +204,11 @@ SPLIT_CASES = [  # (d, rows, r, K, residual, dtype, config, lag)
     (1000, 33, 12, 1, None, f16, Config(32, 64, 4, 3, SPLIT=8), 1),  # 2 tiles; last slices empty (8 x 128 > 1000)
     (96, 40, 8, 10, "relu", f16, Config(16, 32, 4, 2, SPLIT=2), 3),  # lag past the tile count
     (200, 20, 128, 32, "relu", f32, Config(16, 64, 8, 2, SPLIT=4), None),  # r and K at their bounds, NP = 256
+    # tiles taller than EPILOGUE_ROWS: the last slice sums and finishes them in 64-row chunks (the picks' 128 x 64)
+    (300, 300, 64, 8, "relu", bf16, Config(128, 64, 8, 4, SPLIT=4), None),  # 3 tiles, the last one 44 rows
+    (70, 129, 3, 1, None, f16, Config(128, 32, 8, 4, SPLIT=2), 1),  # 2 tiles, the second one row; K = 1, no MLP
+    (200, 1, 128, 32, "relu", f32, Config(128, 64, 8, 2, SPLIT=4), None),  # one row, r and K at their bounds
+    (300, 260, 16, 4, "relu", f16, Config(128, 64, 8, 4, SPLIT=6), 2),  # 6 slices: the 5th short, the 6th empty
 ]
 
 

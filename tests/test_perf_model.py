@@ -5,11 +5,12 @@ r = 64, K = 8, with (m = 16, k = 8) and without the residual MLP, on the H100 SX
 the largest of HBM bytes / HBM bandwidth, L2 bytes / L2 bandwidth and the SMs' feed time, plus the dependent round
 trips at the start and end of a launch (perf_model's docstring and docs/kernels.md give every figure's source).
 """
+import dataclasses
 import itertools
 
 import pytest
 
-from finesteer_kernels.heuristics import best_steer, steer_candidates, steer_config
+from finesteer_kernels.heuristics import TALL_SPLITS, TALL_TILE, best_steer, steer_candidates, steer_config
 from finesteer_kernels.perf_model import (CARDS, MiB, Config, Shape, card_from_properties, predict_apply_delta,
                                           predict_steer, predict_v1, resources)
 
@@ -22,24 +23,17 @@ GOAL = 1.25  # predicted time within 1.25x of the ideal HBM time, for T >= 4096 
 # that moves one must update it here and in benchmarks/RESULTS.md). Two causes, both in docs/kernels.md: at
 # T = 4096, d = 2048 the whole op is 8-11 us and the dependent round trips at the launch's start and end are a third
 # of it; on the H200 the L2 (the H100's, an assumed 8.4 TB/s) is less than twice its 4.3 TB/s HBM, and the three
-# reads/writes of h plus W_in's re-reads and the split-d partials exceed that.
+# reads/writes of h plus W_in's re-reads and the split-d partials exceed that (128-row tiles, issue 24 item 6, took
+# eight points off this list).
 BEST_REACHABLE = {
     ("H100 SXM", False, 2048, 4096): 1.37,
     ("H100 SXM", True, 2048, 4096): 1.37,
-    ("H200", False, 2048, 4096): 1.65,
-    ("H200", False, 2048, 8192): 1.42,
-    ("H200", False, 4096, 4096): 1.41,
-    ("H200", False, 4096, 8192): 1.30,
-    ("H200", False, 8192, 4096): 1.29,
-    ("H200", True, 2048, 4096): 1.76,
-    ("H200", True, 2048, 8192): 1.53,
-    ("H200", True, 2048, 65536): 1.33,
-    ("H200", True, 4096, 4096): 1.52,
-    ("H200", True, 4096, 8192): 1.41,
-    ("H200", True, 4096, 65536): 1.31,
-    ("H200", True, 8192, 4096): 1.40,
-    ("H200", True, 8192, 8192): 1.35,
-    ("H200", True, 8192, 65536): 1.30,
+    ("H200", False, 2048, 4096): 1.57,
+    ("H200", False, 2048, 8192): 1.34,
+    ("H200", False, 4096, 4096): 1.29,
+    ("H200", True, 2048, 4096): 1.64,
+    ("H200", True, 2048, 8192): 1.42,
+    ("H200", True, 4096, 4096): 1.36,
 }
 
 
@@ -67,8 +61,13 @@ def test_prefill_meets_the_goal_or_the_pinned_best_reachable_figure():
             assert key not in BEST_REACHABLE, key
             continue
         unreachable[key] = round(pred.ratio, 2)
-        # the pick is the best of every configuration the kernels can run, not just of the preferred ones
-        assert min(predict_steer(shape, c, card).ratio for c, _ in steer_candidates(shape, card)) >= pred.ratio - 1e-9
+        # the pick is the best of the configurations the heuristic prefers, and none the kernels can run beats it by
+        # more than 7 %: at T = 4096, d = 2048 on the H200 a 128-row tile split in 2 (128 programs, 4 SMs idle,
+        # outside the rule of two programs per SM or a grid on every SM) is predicted 4-6 % faster
+        preds = [(predict_steer(shape, c, card), res) for c, res in steer_candidates(shape, card)]
+        preferred = [p for p, res in preds if res.ctas_per_sm >= 2 or (p.config.SPLIT > 1 and p.grid >= card.sms)]
+        assert min(p.ratio for p in preferred) >= pred.ratio - 1e-9
+        assert min(p.ratio for p, _ in preds) >= pred.ratio / 1.07
         # and two designs the kernels do not implement would reach the goal (docs/kernels.md, "what would reach it")
         for design in (dict(tile_on_chip=True, hide_ramp=True), dict(multicast=2, hide_ramp=True)):
             assert min(predict_steer(shape, c, card, **design).ratio
@@ -92,7 +91,7 @@ def test_v2_moves_h_once_where_v1_read_it_twice_from_hbm():
     assert 0.2 <= v1.fraction_of_copy <= 0.4
     v2 = best_steer(shape, h200)
     assert v2.second_read_l2 and v2.working_set <= h200.l2_bytes // 2
-    assert v2.hbm_bytes <= 1.05 * v2.ideal_bytes  # + the split-d partial sums, counted as written back
+    assert v2.hbm_bytes <= 1.09 * v2.ideal_bytes  # + the split-d partial sums (split 8), half counted as written back
     assert v2.ratio < v1.ratio / 2
 
 
@@ -160,3 +159,97 @@ def test_split_d_can_be_switched_off(monkeypatch):
     config = steer_config(shape)
     assert config.SPLIT == 1
     assert best_steer(shape, allow_split=False).config == config
+
+
+def test_tall_tile_bytes_by_hand():
+    """Issue 24 item 6, by hand: T = 8192, d = 4096, bf16, r = 64, K = 8, m = 16, k = 8 (88 stored W_in columns, 16
+    coefficients) in 128 x 64 tiles split 6 over d (the H200's pick): 64 row tiles, so W_in, mu and W_out cross L2 64
+    times (128 times in 64-row tiles), and the fp32 partial sums of every row of each tile and slice are written and
+    read back."""
+    shape = Shape.of(8192, 4096, 2, 64, 8, 16, 8)
+    config = dataclasses.replace(TALL_TILE, SPLIT=6)
+    assert config == Config(128, 64, 8, 4, SPLIT=6) == best_steer(shape, CARDS["H200"]).config
+    pred = predict_steer(shape, config, CARDS["H200"])
+    h = 8192 * 4096 * 2
+    w_in = 4096 * 88 * 2 + 4096 * 4
+    w_out = 16 * 4096 * 2
+    partials = 8192 * 6 * 90 * 4  # per row and slice: 88 columns + ||xc||^2 (plain and scaled)
+    coef = 64 * 128 * 17 * 4 * 7  # 16 coefficients + the gate per row, written once, read by each of the 6 slices
+    assert pred.l2_bytes == 3 * h + 64 * (w_in + w_out) + 2 * partials + coef
+    assert pred.hbm_bytes == 2 * h + w_in + w_out + partials // 2
+    # one program per SM: lag = ceil(132 / 6) + 1 = 23 tiles, 24 tiles of 1 MiB between a row's two reads of h
+    assert pred.second_read_l2 and pred.working_set == 24 * 128 * 4096 * 2
+    sixty_four = predict_steer(shape, Config(64, 128, 8, 3, SPLIT=4), CARDS["H200"])
+    # half the weights' re-reads (-56 MB) against 1.5x the split's partial sums (+12 MB): 43 MB less through L2
+    assert sixty_four.l2_bytes - pred.l2_bytes == pytest.approx(43e6, rel=0.03)
+
+
+# Issue 24 item 6 and "the bar" (>= 90 % of copy bandwidth at T >= 4096 on both cards): the picks' predicted % of copy
+# bandwidth, bf16, r = 64, K = 8, without and with the MLP (m = 16, k = 8), at 0.7x, 1x and 1.3x the assumed L2
+# bandwidth (8.4 TB/s, no data sheet gives it), then under the `hide_ramp` bound (no dependent round trips: not what
+# programmatic dependent launch gives, whose wait precedes every memory access) at 1x.
+# H100: HBM-bound, the 64-row picks unchanged at 1x (the tall tile's larger split costs HBM bytes there); H200: the
+# tall tile picked everywhere here, split 6 (d = 4096) or 12 (d = 8192).
+TALL_PREDICTIONS = {  # (card, residual, T, d): (% at L2 x0.7, x1, x1.3, x1 under hide_ramp)
+    ("H100 SXM", False, 4096, 4096): (82, 83, 83, 97),
+    ("H100 SXM", False, 4096, 8192): (85, 89, 89, 97),
+    ("H100 SXM", False, 8192, 4096): (88, 89, 89, 97),
+    ("H100 SXM", False, 8192, 8192): (88, 93, 93, 97),
+    ("H100 SXM", True, 4096, 4096): (78, 83, 83, 96),
+    ("H100 SXM", True, 4096, 8192): (80, 89, 89, 96),
+    ("H100 SXM", True, 8192, 4096): (83, 89, 89, 96),
+    ("H100 SXM", True, 8192, 8192): (83, 92, 92, 96),
+    ("H200", False, 4096, 4096): (58, 77, 77, 95),
+    ("H200", False, 4096, 8192): (62, 85, 85, 95),
+    ("H200", False, 8192, 4096): (61, 85, 85, 95),
+    ("H200", False, 8192, 8192): (64, 90, 90, 95),
+    ("H200", True, 4096, 4096): (56, 74, 77, 89),
+    ("H200", True, 4096, 8192): (61, 81, 84, 89),
+    ("H200", True, 8192, 4096): (61, 80, 84, 89),
+    ("H200", True, 8192, 8192): (64, 84, 89, 89),
+}
+
+
+def test_tall_tile_predictions_with_the_l2_bandwidth_uncertainty():
+    got = {}
+    for card in CARDS.values():
+        for residual, T, d in itertools.product(RESIDUAL, (4096, 8192), (4096, 8192)):
+            shape = Shape.of(T, d, 2, *RESIDUAL[residual])
+            row = []
+            for factor in (0.7, 1.0, 1.3):
+                scaled = dataclasses.replace(card, l2_gbps=card.l2_gbps * factor)
+                pick = best_steer(shape, scaled)
+                row.append(round(100 * pick.fraction_of_copy))
+                if factor == 1.0:
+                    at_assumed = pick
+            ramp = predict_steer(shape, at_assumed.config, card, hide_ramp=True)
+            got[(card.name, residual, T, d)] = (*row, round(100 * ramp.fraction_of_copy))
+            sixty_four = min((predict_steer(shape, c, card) for c, _ in steer_candidates(shape, card)
+                              if c.BLOCK_T <= 64), key=lambda p: p.time_us)
+            if card.name == "H200":  # the tall tile: fewer L2 bytes and a better prediction than any 64-row layout
+                assert at_assumed.config.BLOCK_T == TALL_TILE.BLOCK_T
+                assert at_assumed.l2_bytes < 0.95 * sixty_four.l2_bytes
+                assert at_assumed.fraction_of_copy >= sixty_four.fraction_of_copy + 0.04
+            else:
+                assert at_assumed.config.BLOCK_T == 64 and at_assumed.bound == "HBM"
+    assert got == TALL_PREDICTIONS
+    # the bar, by the model: not met as built (83-93 % on the H100 and 74-90 % on the H200: the round trips, and on
+    # the H200 L2); met only under the no-round-trip bound, and then on the H200 without the MLP only (89 % with it)
+    assert min(v[1] for v in got.values()) < 90
+    ramp = {k: v[3] for k, v in got.items()}
+    assert min(v for k, v in ramp.items() if k[0] == "H100 SXM" or not k[1]) >= 90
+    assert max(v for k, v in ramp.items() if k[0] == "H200" and k[1]) == 89
+
+
+def test_tall_tile_only_where_ptxas_counted_its_registers():
+    """The heuristic offers the 128-row tile only for layouts `ptxas_table` holds it for (the formula's registers are
+    not trusted there), never unsplit, never in fp32."""
+    for card in CARDS.values():
+        for sizes in ((32, 8, 16, 8), (8, 4, 0, 0)):  # 64- and 16-column accumulators: never compiled tall
+            assert all(c.BLOCK_T <= 64 for c, _ in steer_candidates(Shape.of(8192, 4096, 2, *sizes), card))
+        fp32 = Shape.of(8192, 4096, 4, *RESIDUAL[True])
+        assert all(c.BLOCK_T <= 32 for c, _ in steer_candidates(fp32, card))
+        tall = [(c, res) for c, res in steer_candidates(Shape.of(8192, 4096, 2, *RESIDUAL[True]), card)
+                if c.BLOCK_T == TALL_TILE.BLOCK_T]
+        assert {c.SPLIT for c, _ in tall} == set(TALL_SPLITS)
+        assert all(c == dataclasses.replace(TALL_TILE, SPLIT=c.SPLIT) and res.measured for c, res in tall)
