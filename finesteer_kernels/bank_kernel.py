@@ -37,7 +37,7 @@ from .kernel_common import INTERPRETING, card_for, config_kwargs, device_guard, 
 from .bank_perf_model import bounded_programs, predict_bank
 from .perf_model import Card, Config, Shape, split_plan
 from .split_state import SPIN_LIMIT, launch_buffers
-from .steer_kernel import add_coef_times_w_out, wait_until_set
+from .steer_kernel import add_coef_times_w_out, count_out_and_reset, wait_until_set
 
 
 # columns of the bank's metadata table (`bank.META_NAMES`), as constexprs the kernel can index with
@@ -323,13 +323,7 @@ def bank_split_items(h_ptr, out_ptr, order_ptr, counts_ptr, meta_ptr, scalars_pt
                                          w_out_ptr + tl.load(meta + META_OUT_OFF).to(tl.int64) * d,
                                          tl.load(meta + META_NC), NCP, NATIVE_DOT, BLOCK_D, NUM_STAGES)
         v = tl.atomic_add(ticket_ptr, 1)
-    # Every program has taken its last ticket before it counts itself out, so the last one out may put the
-    # counters back to zero for the next launch (no memset per call).
-    if tl.atomic_add(flags_ptr, 1, sem="acq_rel") == tl.num_programs(0) - 1:
-        used = 2 + 2 * n_tiles
-        for start in range(0, used, 1024):
-            offs = start + tl.arange(0, 1024)
-            tl.store(flags_ptr + offs, tl.zeros((1024,), tl.int32), mask=offs < used)
+    count_out_and_reset(flags_ptr, n_tiles)
 
 
 # The group count, the coefficient width and W_in's stride are run-time arguments (`bank.BankLayout`): a bank

@@ -104,6 +104,18 @@ def wait_until_set(flag_ptr, error_ptr, spin_limit):
 
 
 @triton.jit
+def count_out_and_reset(flags_ptr, n_tiles):
+    """A split-d program leaving the launch. Every program has taken its last ticket before it counts itself out, so
+    the last one out may put the counters (``[exits | ticket | arrived x n_tiles | ready x n_tiles]``) back to zero
+    for the next launch (no memset per call)."""
+    if tl.atomic_add(flags_ptr, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+        used = 2 + 2 * n_tiles
+        for start in range(0, used, 1024):
+            offs = start + tl.arange(0, 1024)
+            tl.store(flags_ptr + offs, tl.zeros((1024,), tl.int32), mask=offs < used)
+
+
+@triton.jit
 def sum_partials(part_ptr, part_size, lanes, edit, row_mask, W_IN_STRIDE: tl.constexpr, NP: tl.constexpr,
                  NC: tl.constexpr, NCP: tl.constexpr, OUT_COL: tl.constexpr, SPLIT: tl.constexpr,
                  HAS_GATE: tl.constexpr, NORM: tl.constexpr):
@@ -288,13 +300,7 @@ def steer_kernel(h_ptr, out_ptr, w_in_ptr, w_out_ptr, mean_ptr, consts_ptr, keep
                         write_tile(h_ptr, out_ptr, rows, row_mask, edit, g, d, d_start, d_stop, coef, w_out_ptr,
                                    HAS_GATE, HAS_KEEP, IN_PLACE, NC, NCP, NATIVE_DOT, BLOCK_D, NUM_STAGES)
             v = tl.atomic_add(ticket_ptr, 1)
-        # Every program has taken its last ticket before it counts itself out, so the last one out may put the
-        # counters back to zero for the next launch (no memset per call).
-        if tl.atomic_add(flags_ptr, 1, sem="acq_rel") == tl.num_programs(0) - 1:
-            used = 2 + 2 * n_tiles
-            for start in range(0, used, 1024):
-                offs = start + tl.arange(0, 1024)
-                tl.store(flags_ptr + offs, tl.zeros((1024,), tl.int32), mask=offs < used)
+        count_out_and_reset(flags_ptr, n_tiles)
 
 
 def launch_steer(h2d: torch.Tensor, out2d, w_in: torch.Tensor, w_out: torch.Tensor, mean: torch.Tensor,
