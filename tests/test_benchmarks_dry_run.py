@@ -76,10 +76,13 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     assert not any("in_progress" in s for s in sections.values()) and "measure nothing" in result["times"]
     smoke = sections["split_d_smoke"]  # first, in a child process that finished in time
     assert smoke["child"]["returncode"] == 0 and not smoke["child"]["timed_out"] and result["split_d"] == {"ok": True}
-    assert {(r["T"], r["variant"]) for r in smoke["rows"]} == {(t, v) for t in (40, 1)
-                                                              for v in ("out of place", "in place")}
+    steer_rows = [r for r in smoke["rows"] if not r["variant"].startswith("bank")]
+    assert {(r["T"], r["variant"]) for r in steer_rows} == {(t, v) for t in (40, 1) for v in ("out of place", "in place")}
     assert all(r["ok"] and "split" in r["config"] and "note" not in r and r["spin_cap"] == {"gave_up": False}
-               for r in smoke["rows"])
+               for r in steer_rows)
+    bank_rows = [r for r in smoke["rows"] if r["variant"].startswith("bank")]  # the bank's waits, in the child too
+    assert [(r["T"], r["d"]) for r in bank_rows] == [(20, 64)]
+    assert bank_rows[0]["ok"] and bank_rows[0]["spin_cap"] == {"gave_up": False}
     bw = sections["bandwidth"]  # the probe kernels ran (interpreted), the flushes and the copies
     assert bw["l2"]["ok"] and bw["flush_check"]["ok"] and bw["copy"]["gbps"] > 0 and bw["l2"]["gbps"] > 0
     assert all(bw["flush_check"][k]["median_us"] > 0 for k in ("warm", "read_flush", "zero_flush"))

@@ -1,7 +1,9 @@
 """Section ``split_d_smoke``, run first and in a child process: the split-d token-mode kernel (programs that wait
 on each other's flags, `finesteer_kernels.steer_kernel`) against the reference at a prefill (T = 4096) and a decode
 (T = 1) shape, d = 4096, bf16, out of place (into NaN: a row the kernel fails to write shows) and in place, in the
-configurations the heuristic picks (the later sections reuse their compiled kernels from Triton's cache).
+configurations the heuristic picks (the later sections reuse their compiled kernels from Triton's cache); then the
+bank kernel's split-d (issue 24 item 7: the model picks it for 16 rows of 4 steerers mixed, d = 4096) against the
+bank reference, so its waits too first run here rather than in the ``bank`` section.
 
 The spin waits have never run on a GPU (the interpreter runs programs one at a time), so this is their first run.
 In a child with its own timeout, a wait that never ends costs that timeout, not the run: the parent kills the
@@ -21,6 +23,7 @@ TIMEOUT_S = {False: 90.0, True: 300.0}  # GPU: ~10 s start-up + 4 compiles of ~4
 SHAPES = [(4096, 4096, None), (1, 4096, None)]
 DRY_SHAPES = [(40, 96, dict(BLOCK_T=16, BLOCK_D=32, num_warps=4, num_stages=1, SPLIT=2)),
               (1, 96, dict(BLOCK_T=16, BLOCK_D=32, num_warps=4, num_stages=1, SPLIT=3))]
+BANK_SHAPE, BANK_DRY_SHAPE = (16, 4096), (20, 64)  # (T, d): the `bank` section's decode shape and its dry run's
 
 
 def run(sec, ctx) -> dict:
@@ -68,6 +71,29 @@ def measure(sec, ctx) -> None:
 
             sec.measure({"T": T, "d": d, "variant": variant, "config": config.short()}, check,
                         f"T={T} d={d} {variant} {config.short()}")
+    T, d = BANK_DRY_SHAPE if ctx.dry else BANK_SHAPE
+    sec.measure({"T": T, "d": d, "variant": "bank, 4 steerers mixed", "config": "the bank's pick"},
+                lambda: bank_check(T, d, ctx), f"bank T={T} d={d}")
+
+
+def bank_check(T: int, d: int, ctx) -> dict:
+    """One mixed launch of the bank kernel (the `bank` section's steerers and rows) against the bank reference."""
+    import torch
+
+    from benchmarks.bank_bench import assignments, make_bank
+    from benchmarks.cases import REL_TOL, random_rows, rel_error
+    from finesteer_kernels import bank_reference, plan_rows, steer_bank
+
+    bank = make_bank(d, ctx.device)
+    h = random_rows(bank.params[0].to("cpu"), T, seed=T, dtype=torch.bfloat16).to(ctx.device)
+    index = assignments(T, ctx.device)["mixed"]
+    with torch.inference_mode():
+        out = steer_bank(h, bank, index, plan_rows(index, len(bank)))
+        if ctx.gpu:
+            torch.cuda.synchronize(ctx.device)
+        err = rel_error(out, bank_reference.steer_bank(h, bank, index))
+    spin = spin_cap_report(out.device)
+    return {"max_rel_err": err, "ok": err <= REL_TOL[torch.bfloat16] and not spin["gave_up"], "spin_cap": spin}
 
 
 def spin_cap_report(device) -> dict:
