@@ -163,22 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
     from .options import add_gate_arguments
     from ..fitting.defaults import DEFAULT_ALPHA
 
-    demo = sub.add_parser("demo", help="fit (or load) a safety steerer on the real model and show it at work",
-                          formatter_class=_PlainTextFormatter, description=DEMO_DESCRIPTION)
-    commands.add_demo_arguments(demo)
-    demo.set_defaults(func=commands.run_demo)
-    evaluation = sub.add_parser("eval", help="compare no steering, CAA, CAST and FineSteer on held-out prompts",
-                                formatter_class=_PlainTextFormatter, description=EVAL_DESCRIPTION)
-    commands.add_eval_arguments(evaluation)
-    evaluation.set_defaults(func=commands.run_eval)
-    transfer = sub.add_parser("transfer", help="leave-one-source-out transfer of every gate variant (LOSO table)",
-                              formatter_class=_PlainTextFormatter, description=TRANSFER_DESCRIPTION)
-    commands.add_transfer_arguments(transfer)
-    transfer.set_defaults(func=commands.run_transfer)
-    layers = sub.add_parser("layers", help="which layer to steer: gate and steered refusal per layer (calibration)",
-                            formatter_class=_PlainTextFormatter, description=LAYERS_DESCRIPTION)
-    commands.add_layers_arguments(layers)
-    layers.set_defaults(func=commands.run_layers)
+    studies = (
+        ("demo", "fit (or load) a safety steerer on the real model and show it at work", DEMO_DESCRIPTION,
+         commands.add_demo_arguments, commands.run_demo),
+        ("eval", "compare no steering, CAA, CAST and FineSteer on held-out prompts", EVAL_DESCRIPTION,
+         commands.add_eval_arguments, commands.run_eval),
+        ("transfer", "leave-one-source-out transfer of every gate variant (LOSO table)", TRANSFER_DESCRIPTION,
+         commands.add_transfer_arguments, commands.run_transfer),
+        ("layers", "which layer to steer: gate and steered refusal per layer (calibration)", LAYERS_DESCRIPTION,
+         commands.add_layers_arguments, commands.run_layers),
+    )
+    for name, summary, description, add_arguments, run in studies:
+        command = sub.add_parser(name, help=summary, formatter_class=_PlainTextFormatter, description=description)
+        add_arguments(command)
+        command.set_defaults(func=run)
 
     fit = sub.add_parser(
         "fit", help="fit a steerer on a model and save it as a safetensors file", formatter_class=_HelpFormatter,
@@ -236,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="model weights dtype (keep float32 on CPUs, where bfloat16 is emulated)")
     fit.add_argument("--quiet", action="store_true", help="no progress bars")
     fit.set_defaults(func=_fit)
-    for command in (demo, evaluation, transfer, layers, fit):  # accepted after the command too; SUPPRESS keeps the top-level value
+    for command in sub.choices.values():  # accepted after the command too; SUPPRESS keeps the top-level value
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
     return parser
 
