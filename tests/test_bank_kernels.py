@@ -88,6 +88,25 @@ def test_gpu_tile_shapes_many_tiles_per_steerer(triton_backend):
     assert torch.equal(shaped.view(70, D), fk.steer_bank(h, bank, index))
 
 
+def _check_steer_launch(h, index, bank, packed, plan, launch):
+    """``launch`` of the bank kernel against the bank reference: out of place into a poisoned buffer (every valid row
+    written, rows outside the bank NaN, -1 rows copied) and in place (the same rows, the others left NaN). Returns
+    the mask of rows with a valid index."""
+    from finesteer_kernels.bank_kernel import launch_bank
+
+    expected = bank_reference.steer_bank(h, bank, index)
+    valid = (index >= -1) & (index < len(bank))
+    out = torch.full_like(h, float("nan"))  # poisoned: every row must be written
+    launch_bank(h, out, packed, plan.order, plan.counts, launch=launch)
+    assert out[~valid].isnan().all()
+    assert rel_error(out[valid], expected[valid]) <= REL_TOL[h.dtype]
+    assert torch.equal(out[index == -1], h[index == -1])
+    inplace = h.clone()
+    launch_bank(inplace, inplace, packed, plan.order, plan.counts, launch=launch)
+    assert torch.equal(inplace[valid], out[valid]) and inplace[~valid].isnan().all()
+    return valid
+
+
 @pytest.mark.parametrize("programs", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_bounded_persistent_grid(triton_backend, programs, dtype):
@@ -102,16 +121,7 @@ def test_bounded_persistent_grid(triton_backend, programs, dtype):
     plan = plan_rows(index, len(bank))
     packed = bank.pack(h.dtype, h.device)
     launch = BankLaunch(Config(16, 32, 4, 1), programs)
-    expected = bank_reference.steer_bank(h, bank, index)
-    out = torch.full_like(h, float("nan"))  # poisoned: every row must be written
-    launch_bank(h, out, packed, plan.order, plan.counts, launch=launch)
-    valid = (index >= -1) & (index < len(bank))
-    assert out[~valid].isnan().all()
-    assert rel_error(out[valid], expected[valid]) <= REL_TOL[dtype]
-    assert torch.equal(out[index == -1], h[index == -1])
-    inplace = h.clone()
-    launch_bank(inplace, inplace, packed, plan.order, plan.counts, launch=launch)
-    assert torch.equal(inplace[valid], out[valid]) and inplace[~valid].isnan().all()
+    valid = _check_steer_launch(h, index, bank, packed, plan, launch)
     coef = torch.full((83, packed.layout.NC), float("nan"))
     launch_bank(h, None, packed, plan.order, plan.counts, coef_out=coef, launch=launch)
     own = bank_reference.synthesize_bank(h, bank, index)
@@ -129,7 +139,7 @@ def test_split_d(triton_backend, monkeypatch, n, split, sms, dtype):
     import dataclasses
 
     from finesteer_kernels import bank_kernel as module
-    from finesteer_kernels.bank_kernel import BankLaunch, bank_shape, launch_bank
+    from finesteer_kernels.bank_kernel import BankLaunch, bank_shape
     from finesteer_kernels.perf_model import DEFAULT_CARD, split_plan
     from finesteer_kernels.split_state import launch_buffers, split_d_error_flag
 
@@ -147,16 +157,7 @@ def test_split_d(triton_backend, monkeypatch, n, split, sms, dtype):
     tiles = -(-n // 16) + len(bank) + 2
     ring = split_plan(bank_shape(tiles * 16, D, packed.layout, h.element_size()), launch.config, card).ring
     assert (ring < tiles) == (sms == 1 and n > 1)
-    expected = bank_reference.steer_bank(h, bank, index)
-    valid = (index >= -1) & (index < len(bank))
-    out = torch.full_like(h, float("nan"))  # poisoned: every row must be written
-    launch_bank(h, out, packed, plan.order, plan.counts, launch=launch)
-    assert out[~valid].isnan().all()
-    assert rel_error(out[valid], expected[valid]) <= REL_TOL[dtype]
-    assert torch.equal(out[index == -1], h[index == -1])
-    inplace = h.clone()
-    launch_bank(inplace, inplace, packed, plan.order, plan.counts, launch=launch)
-    assert torch.equal(inplace[valid], out[valid]) and inplace[~valid].isnan().all()
+    _check_steer_launch(h, index, bank, packed, plan, launch)
     counters, _ = launch_buffers(h.device, tiles)
     assert not counters.any() and split_d_error_flag(h.device).item() == 0
 
