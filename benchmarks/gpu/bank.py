@@ -13,17 +13,16 @@ def run(sec, ctx) -> None:
     import torch
 
     from benchmarks import timing
-    from benchmarks.bank_bench import assignments, make_bank, predictions
-    from benchmarks.cases import random_rows, rel_error
+    from benchmarks.bank_bench import predictions
+    from benchmarks.cases import rel_error
     from benchmarks.gpu.split_d_smoke import spin_cap_report
     from finesteer_kernels import bank_reference, plan_rows, steer_bank
 
     for T, d in DRY_SHAPES if ctx.dry else SHAPES:
         def one(T=T, d=d) -> dict:
-            bank = make_bank(d, ctx.device)
-            h = random_rows(bank.params[0].to("cpu"), T, seed=T, dtype=torch.bfloat16).to(ctx.device)
+            bank, h, indices = bank_case(T, d, ctx.device)
             row = {"predicted": predictions(T, d, bank), "ok": True}
-            for name, index in assignments(T, ctx.device).items():
+            for name, index in indices.items():
                 plan = plan_rows(index, len(bank))
                 with torch.inference_mode():
                     err = rel_error(steer_bank(h, bank, index, plan), bank_reference.steer_bank(h, bank, index))
@@ -38,6 +37,19 @@ def run(sec, ctx) -> None:
             return row
 
         sec.measure({"T": T, "d": d}, one)
+
+
+def bank_case(T: int, d: int, device) -> tuple:
+    """The section's bank (4 steerers of width ``d``), ``T`` bf16 rows and their assignments (``mixed``: the
+    steerers in turn; ``uniform``: all on the first). The split-d smoke launches the mixed one too."""
+    import torch
+
+    from benchmarks.bank_bench import assignments, make_bank
+    from benchmarks.cases import random_rows
+
+    bank = make_bank(d, device)
+    h = random_rows(bank.params[0].to("cpu"), T, seed=T, dtype=torch.bfloat16).to(device)
+    return bank, h, assignments(T, device)
 
 
 def markdown(results: dict) -> list:

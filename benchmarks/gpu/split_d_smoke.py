@@ -80,13 +80,12 @@ def bank_check(T: int, d: int, ctx) -> dict:
     """One mixed launch of the bank kernel (the `bank` section's steerers and rows) against the bank reference."""
     import torch
 
-    from benchmarks.bank_bench import assignments, make_bank
-    from benchmarks.cases import REL_TOL, random_rows, rel_error
+    from benchmarks.cases import REL_TOL, rel_error
+    from benchmarks.gpu.bank import bank_case
     from finesteer_kernels import bank_reference, plan_rows, steer_bank
 
-    bank = make_bank(d, ctx.device)
-    h = random_rows(bank.params[0].to("cpu"), T, seed=T, dtype=torch.bfloat16).to(ctx.device)
-    index = assignments(T, ctx.device)["mixed"]
+    bank, h, indices = bank_case(T, d, ctx.device)
+    index = indices["mixed"]
     with torch.inference_mode():
         out = steer_bank(h, bank, index, plan_rows(index, len(bank)))
         if ctx.gpu:
