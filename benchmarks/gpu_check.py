@@ -34,7 +34,9 @@ empty_kernel    a Triton kernel that does nothing, in a CUDA graph (the decode f
 prefill         token-mode steer at T in {4096, 8192} x d in {4096, 8192}, bf16,       1 + 4 tc    70 s
                 r = 64, K = 8, residual MLP: reference, byte-frugal eager,
                 torch.compile, Triton, each in a CUDA graph with a cold L2; % of copy
-                beside the model (as shipped and with the measured bandwidths)
+                beside the model (as shipped and with the measured bandwidths); per d,
+                the fixed cost per launch, 2 t(4096) - t(8192), beside the model's
+                dependent round trips
 sweep           T = 8192, d = 4096: the model's best candidates and a few others        ~11         50 s
                 (pick first): pick / best measured, and the model's ranking
 decode          a SmolLM2-shaped decode step (random weights, bf16) in a CUDA graph,   ~22         75 s

@@ -10,9 +10,9 @@ import argparse
 import dataclasses
 import os
 
-from finesteer_kernels.heuristics import best_steer, steer_candidates
+from finesteer_kernels.heuristics import best_design, best_steer, best_unbuilt, steer_candidates
 from finesteer_kernels.perf_model import (CARDS, Shape, predict_apply_delta, predict_apply_delta_norm, predict_rmsnorm,
-                                          predict_steer, predict_v1, v1_config)
+                                          predict_steer, predict_v1, round_trips, v1_config)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 BEGIN, END = "<!-- model-table:begin -->", "<!-- model-table:end -->"
@@ -22,11 +22,6 @@ LAYOUTS = {"no residual": (64, 8, 0, 0), "residual m=16 k=8": (64, 8, 16, 8)}
 
 def _pct(pred) -> str:
     return f"{100 / pred.ratio:.0f} %"
-
-
-def _best(shape, card, **design):
-    return min((predict_steer(shape, c, card, **design) for c, _ in steer_candidates(shape, card)),
-               key=lambda p: p.time_us)
 
 
 def prefill_table() -> list[str]:
@@ -53,12 +48,12 @@ def ladder_table() -> list[str]:
             (predict_steer(s, cfg, c) for cfg, _ in steer_candidates(s, c) if cfg.SPLIT == 1),
             key=lambda p: p.time_us)),
         ("+ split-d, persistent (v2, shipped)", lambda s, c: best_steer(s, c)),
-        ("not in Triton 3.6: + W_in multicast over 2-SM clusters", lambda s, c: _best(s, c, multicast=2)),
-        ("not in Triton 3.6: + partial sums in distributed shared memory", lambda s, c: _best(
+        ("not in Triton 3.6: + W_in multicast over 2-SM clusters", lambda s, c: best_design(s, c, multicast=2)),
+        ("not in Triton 3.6: + partial sums in distributed shared memory", lambda s, c: best_design(
             s, c, multicast=2, partials_on_chip=True)),
-        ("bound: + no dependent round trips (not what PDL gives)", lambda s, c: _best(
+        ("bound: + no dependent round trips (not what PDL gives)", lambda s, c: best_design(
             s, c, multicast=2, partials_on_chip=True, hide_ramp=True)),
-        ("alternative: row tile kept on chip + no round trips", lambda s, c: _best(
+        ("alternative: row tile kept on chip + no round trips", lambda s, c: best_design(
             s, c, tile_on_chip=True, hide_ramp=True)),
     ]
     shapes = [(card, d) for card in CARDS.values() for d in (4096, 8192)]
@@ -70,6 +65,30 @@ def ladder_table() -> list[str]:
             pred = fn(Shape.of(8192, d, 2, *LAYOUTS["residual m=16 k=8"]), card)
             cells.append(f"{_pct(pred)} ({pred.bound})")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _design_name(design: dict) -> str:
+    parts = [f"W_in multicast x{design['multicast']}" if design["multicast"] > 1 else "",
+             "partials in DSMEM" if design["partials_on_chip"] else "", "tile on chip" if design["tile_on_chip"] else ""]
+    return " + ".join(p for p in parts if p) or "as shipped"
+
+
+def bar_table() -> list[str]:
+    """Issue 24's bar (>= 90 % of copy at T >= 4096): the ceiling the dependent round trips alone put on a launch
+    (`round_trips` x the assumed loaded latency, nothing else counted), split-d and one program per row tile, beside
+    the shipped pick and the best the model knows of among designs the kernels do not implement."""
+    lines = ["| card | T | d | ideal us | ceiling, split-d (5 trips) | ceiling, one program per tile (2 trips) | "
+             "shipped | best modelled design | its config |", "|" + " --- |" * 9]
+    for card in CARDS.values():
+        for T, d in PREFILL:
+            shape = Shape.of(T, d, 2, *LAYOUTS["residual m=16 k=8"])
+            shipped = best_steer(shape, card)
+            best, design = best_unbuilt(shape, card)
+            ideal, trip = shipped.ideal_us, card.latency_ns / 1e3
+            ceilings = [f"{100 * ideal / (ideal + round_trips(split) * trip):.0f} %" for split in (2, 1)]
+            lines.append(f"| {card.name} | {T} | {d} | {ideal:.1f} | {' | '.join(ceilings)} | {_pct(shipped)} | "
+                         f"{_pct(best)} ({_design_name(design)}) | {best.config.short()} |")
     return lines
 
 
@@ -156,7 +175,8 @@ def tables() -> str:
     parts = ["#### Cards (perf_model.CARDS)", "", *cards_table(), "",
              "#### Token-mode prefill, bf16, r = 64, K = 8: v1 against v2 (predicted)", "", *prefill_table(), "",
              "#### What each design choice buys (predicted % of copy bandwidth, and the bound)", "", *ladder_table(),
-             "", "#### Decode, one row, bf16 (predicted device time; launch overhead not included)", "",
+             "", "#### The bar (issue 24: >= 90 % of copy at T >= 4096), residual m=16 k=8, bf16: what the dependent "
+             "round trips leave, and the best the model knows of (predicted)", "", *bar_table(), "", "#### Decode, one row, bf16 (predicted device time; launch overhead not included)", "",
              *decode_table(), "",
              "#### Fused with the next RMSNorm (issue 14), bf16, r = 64, K = 8, m = 16, k = 8, every row steered "
              "(predicted; separate = the steering kernel + a one-launch RMSNorm + one launch gap)", "",

@@ -133,6 +133,33 @@ def best_steer(shape: Shape, card: Card = DEFAULT_CARD, store_coef: bool = False
     return min(preferred, key=lambda s: _rank(s[1], s[2].ctas_per_sm))[1]
 
 
+def best_design(shape: Shape, card: Card = DEFAULT_CARD, **design) -> Prediction:
+    """The fastest candidate configuration under designs the kernels do not implement (`predict_steer`'s
+    ``multicast``, ``partials_on_chip``, ``tile_on_chip``, ``hide_ramp``), among those the design fits: a row tile
+    kept on chip takes shared memory, so tall tiles of wide rows drop out."""
+    preds = []
+    for config, _ in steer_candidates(shape, card):
+        try:
+            preds.append(predict_steer(shape, config, card, **design))
+        except ValueError:  # the tile does not fit on chip beside this configuration's buffers
+            continue
+    if not preds:
+        raise ValueError(f"no launch configuration fits {shape} on {card.name} under {design}")
+    return min(preds, key=lambda p: p.time_us)
+
+
+# every combination of the designs `predict_steer` can price but the kernels do not implement (without the bound)
+UNBUILT_DESIGNS = tuple(dict(multicast=mc, partials_on_chip=po, tile_on_chip=to)
+                        for mc in (1, 2, 4) for po in (False, True) for to in (False, True))
+
+
+def best_unbuilt(shape: Shape, card: Card = DEFAULT_CARD) -> tuple:
+    """(prediction, design): the fastest the model knows of for ``shape``, dependent round trips included, over
+    the candidate configurations and `UNBUILT_DESIGNS` (the shipped kernel is the design with none of them)."""
+    return min(((best_design(shape, card, **design), design) for design in UNBUILT_DESIGNS),
+               key=lambda pair: pair[0].time_us)
+
+
 @functools.lru_cache(maxsize=4096)
 def _cached_steer(shape: Shape, card: Card, store_coef: bool, allow_split: bool) -> Config:
     return best_steer(shape, card, store_coef, allow_split).config

@@ -237,7 +237,7 @@ def register_key(shape: Shape, config: Config) -> tuple:
             shape.np, shape.ncp, shape.has_pass1, shape.norm_out > 0, shape.has_router, shape.has_residual)
 
 
-def resources(shape: Shape, config: Config, card: Card, kind: str = "steer") -> Resources:
+def resources(shape: Shape, config: Config, card: Card, kind: str = "steer", tile_on_chip: bool = False) -> Resources:
     """Estimated shared memory and registers of one program, and the resident programs per SM that follow.
 
     Registers of the token-mode kernel are ptxas's own where the configuration and layout were compiled
@@ -246,7 +246,10 @@ def resources(shape: Shape, config: Config, card: Card, kind: str = "steer") -> 
     on the wide layouts. ptxas does not grow registers smoothly with the tile: it settles at occupancy steps (168
     registers for 3 programs of 4 warps, 128, 255) whatever the accumulator width, which is why the formula
     overstated occupancy 2x at small r (issue 24). tests/test_kernel_compile.py checks the estimate against ptxas
-    (within 10 % and the same resident programs) on a sample covering every r and K above."""
+    (within 10 % and the same resident programs) on a sample covering every r and K above.
+
+    ``tile_on_chip`` (a design the kernels do not implement, `predict_steer`): the program also holds its row tile
+    (its d-slice with split-d) in shared memory between the passes."""
     bt, bd, e = config.BLOCK_T, config.BLOCK_D, shape.elem
     threads = 32 * config.num_warps
     buffers = max(1, config.num_stages - 1)
@@ -263,7 +266,8 @@ def resources(shape: Shape, config: Config, card: Card, kind: str = "steer") -> 
         # epilogue layout conversions of a wide accumulator (in the fused-norm kernel Triton places them inside the
         # pipeline buffers: measured on sm_90a, tests/test_kernel_compile.py)
         scratch = bt * shape.np * 4 if shape.np > 128 and not norm else 0
-        smem = max(pass1, pass2) + wgmma_a + scratch + 1 * KiB
+        held = bt * -(-shape.d // config.SPLIT) * e if tile_on_chip else 0
+        smem = max(pass1, pass2) + wgmma_a + scratch + held + 1 * KiB
         # the epilogue holds the accumulator and ~2 more (BLOCK_T, NP) fp32 temporaries (softmax, gathers); the
         # split-d reduction one more (the partial being added); fp32 tiles cost ~4x the registers of 16-bit ones
         acc = bt * shape.np // threads if shape.has_pass1 else 0
@@ -341,6 +345,13 @@ def lag_tiles(concurrent: int, split: int) -> int:
     return -(-concurrent // split) + 1
 
 
+def round_trips(split: int) -> int:
+    """Dependent memory round trips on a launch's critical path, each a loaded latency that no bandwidth hides:
+    the first loads of pass 1 and of pass 2; split-d adds the partials' read-back, the coefficient store and the
+    flag poll. They set a ceiling on a launch of ideal time t: t / (t + round trips x latency)."""
+    return 2 if split == 1 else 5
+
+
 class SplitPlan(NamedTuple):
     """How a split-d launch (`steer_kernel`, ``SPLIT > 1``) runs, as the kernel launches it and the model counts it.
 
@@ -395,7 +406,10 @@ def predict_steer(shape: Shape, config: Config, card: Card, pipelined_pass2: boo
     e, T, d = shape.elem, shape.rows, shape.d
     bt, split = config.BLOCK_T, config.SPLIT
     norm = shape.norm_out > 0
-    res = resources(shape, config, card)
+    res = resources(shape, config, card, tile_on_chip=tile_on_chip)
+    if tile_on_chip and res.ctas_per_sm == 0:
+        raise ValueError(f"tile_on_chip: a {bt}-row tile of d = {d} / split {split} does not fit in shared memory "
+                         f"beside {config.short()}'s buffers ({res.smem} of {card.smem_per_cta} bytes)")
     occ = max(res.ctas_per_sm, 1)
     n_tiles = -(-T // bt)
     h = shape.h_bytes
@@ -444,9 +458,7 @@ def predict_steer(shape: Shape, config: Config, card: Card, pipelined_pass2: boo
     return Prediction("synthesize" if store_coef else "steer", card.name, config, grid, res.ctas_per_sm, concurrent,
                       working_set, second_l2, hbm, l2, ideal, hbm / card.hbm_gbps / 1e3, l2 / card.l2_gbps / 1e3,
                       sm_us, ideal / card.hbm_gbps / 1e3, 2 if split > 1 else 1, card.launch_us,
-                      # first loads of pass 1 and pass 2; split-d adds the partials' read-back, the coefficient
-                      # store and the flag poll
-                      0.0 if hide_ramp else (2 if split == 1 else 5) * card.latency_ns / 1e3)
+                      0.0 if hide_ramp else round_trips(split) * card.latency_ns / 1e3)
 
 
 def predict_apply(shape: Shape, config: Config, card: Card, sequences: int) -> Prediction:

@@ -100,6 +100,11 @@ def test_gpu_check_dry_run(tmp_path, capsys):
         assert r["ok"] is True and r["median_us"] > 0, r  # checked against the reference, then timed
         if r["impl"] == "triton":  # the model's prediction sits beside every Triton row
             assert 0 < r["model"]["shipped"]["pct_copy"] <= 100 and r["model"]["shipped"]["config"]
+    # the fixed cost per launch from T and 2T at one d, measured and by the model (its round trips, the model being
+    # linear in T but for them)
+    [fixed] = sections["prefill"]["fixed_cost"]
+    assert (fixed["d"], fixed["T"]) == (64, 20) and isinstance(fixed["measured_us"], float)
+    assert fixed["model_round_trips_us"] > 0 and fixed["model_us"] > 0
     sweep = sections["sweep"]["rows"]
     assert len(sweep) >= 2 and sweep[0]["picked"] and all(r["ok"] and r["median_us"] > 0 for r in sweep)
     assert sections["sweep"]["best"] and 0 <= sections["sweep"]["model_rank_agreement"] <= 1
@@ -130,7 +135,7 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     for table in ("**Split-d smoke**", "**Prefill**", "**Config sweep**", "**Decode step**", "each call on a fresh row",
                   "**Correctness**", "**Bank**", "**Fused with the next RMSNorm**", "| vllm | skipped dry run",
                   "**Goals**", "measure nothing", "L2 flush check", "one SM's read bandwidth",
-                  "| asked, not launched |", "with PDL: not launched"):
+                  "| asked, not launched |", "with PDL: not launched", "Fixed cost per launch"):
         assert table in markdown
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-1].startswith("wrote ") and any("token, 3 layers" in line for line in printed)

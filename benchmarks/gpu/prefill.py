@@ -2,12 +2,13 @@
 residual MLP: the eager reference, the byte-frugal eager baseline, torch.compile and the Triton kernels, each
 checked against the reference and timed in a CUDA graph with a cold L2; % of the measured copy bandwidth beside the
 model's prediction for the configuration the kernel launched with (as shipped and with the measured bandwidths) and
-the v1 kernels' predicted figure."""
+the v1 kernels' predicted figure. Per d, the kernel's fixed cost (its time at T and 2T extrapolated to no rows)
+beside the model's dependent round trips, the figure issue 24's bar rests on (docs/kernels.md, "The bar")."""
 from __future__ import annotations
 
 NAME, DEADLINE = "prefill", 0.40
 SHAPES = [(4096, 4096), (8192, 4096), (4096, 8192), (8192, 8192)]
-DRY_SHAPES = [(20, 64), (40, 96)]
+DRY_SHAPES = [(20, 64), (40, 64)]  # one d at T and 2T: the fixed cost is computed in the dry run too
 IMPLS = ("reference", "frugal", "compiled", "triton")
 REPS = 20
 
@@ -40,7 +41,28 @@ def run(sec, ctx) -> dict:
                 return row
 
             sec.measure({"T": T, "d": d, "impl": impl}, one)
-    return {"note": "bytes counted: read and write h once (the ideal); CUDA graphs, cold L2 (read flush)"}
+    return {"note": "bytes counted: read and write h once (the ideal); CUDA graphs, cold L2 (read flush)",
+            "fixed_cost": fixed_costs(sec.record["rows"])}
+
+
+def fixed_costs(rows: list) -> list:
+    """Per d with the Triton kernel timed at T and 2T: ``2 t(T) - t(2T)``, the time a launch takes besides its
+    bytes (what is left at no rows when time grows linearly in T), measured and by the model for the same launches,
+    beside the model's dependent round trips (`perf_model.round_trips` x the assumed loaded latency). The model's
+    bandwidth terms are linear in T, so its extrapolation is its round trips; a measured figure well away from
+    them is what moves the bar's ceilings (a different configuration at T and 2T is recorded, not excluded)."""
+    timed = {(r["T"], r["d"]): r for r in rows if r["impl"] == "triton" and "median_us" in r}
+    out = []
+    for (T, d), short in sorted(timed.items()):
+        long = timed.get((2 * T, d))
+        if long is None:
+            continue
+        model = [r["model"]["shipped"] for r in (short, long)]
+        out.append({"d": d, "T": T, "measured_us": 2 * short["median_us"] - long["median_us"],
+                    "model_us": 2 * model[0]["time_us"] - model[1]["time_us"],
+                    "model_round_trips_us": model[0]["round_trips_us"],
+                    "configs": [m["config"] for m in model]})
+    return out
 
 
 def markdown(results: dict) -> list:
@@ -60,6 +82,15 @@ def markdown(results: dict) -> list:
                      f"{fmt(r.get('median_us'), '.1f', r.get('note') or r.get('error', '-')[:80])} | "
                      f"{pct(r.get('pct_copy'))} | {model} | {m.get('shipped', {}).get('config', '')} | "
                      f"{pct(m.get('v1_pct_copy')) if m else ''} |")
+    fixed = pre.get("fixed_cost") or []
+    if fixed:
+        lines += ["", "Fixed cost per launch, 2 t(T) - t(2T) of the Triton rows (the model: its dependent round trips "
+                  "at the assumed latency; issue 24's bar rests on it)", "",
+                  "| d | T, 2T | measured us | model us | model's round trips us | configs |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for f in fixed:
+            lines.append(f"| {f['d']} | {f['T']}, {2 * f['T']} | {f['measured_us']:.2f} | {f['model_us']:.2f} | "
+                         f"{f['model_round_trips_us']:.2f} | {' / '.join(f['configs'])} |")
     return lines
 
 

@@ -54,7 +54,7 @@ def prediction(results: dict, shape, config, with_v1: bool = False) -> dict:
     for name, card in cards.items():
         pred = predict_steer(shape, config, card)
         out[name] = {"time_us": pred.time_us, "pct_copy": 100 / pred.ratio, "config": config.short(),
-                     "bound": pred.bound}
+                     "bound": pred.bound, "round_trips_us": pred.latency_us}
     if with_v1:
         out["v1_pct_copy"] = 100 / predict_v1(shape, cards["shipped"]).ratio
     return out
