@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import os
 
-from finesteer_kernels.heuristics import best_design, best_steer, best_unbuilt, steer_candidates
+from finesteer_kernels.heuristics import best_design, best_steer, best_unbuilt, design_name, steer_candidates
 from finesteer_kernels.perf_model import (CARDS, Shape, predict_apply_delta, predict_apply_delta_norm, predict_rmsnorm,
                                           predict_steer, predict_v1, round_trips, v1_config)
 
@@ -68,12 +68,6 @@ def ladder_table() -> list[str]:
     return lines
 
 
-def _design_name(design: dict) -> str:
-    parts = [f"W_in multicast x{design['multicast']}" if design["multicast"] > 1 else "",
-             "partials in DSMEM" if design["partials_on_chip"] else "", "tile on chip" if design["tile_on_chip"] else ""]
-    return " + ".join(p for p in parts if p) or "as shipped"
-
-
 def bar_table() -> list[str]:
     """Issue 24's bar (>= 90 % of copy at T >= 4096): the ceiling the dependent round trips alone put on a launch
     (`round_trips` x the assumed loaded latency, nothing else counted), split-d and one program per row tile, beside
@@ -88,7 +82,7 @@ def bar_table() -> list[str]:
             ideal, trip = shipped.ideal_us, card.latency_ns / 1e3
             ceilings = [f"{100 * ideal / (ideal + round_trips(split) * trip):.0f} %" for split in (2, 1)]
             lines.append(f"| {card.name} | {T} | {d} | {ideal:.1f} | {' | '.join(ceilings)} | {_pct(shipped)} | "
-                         f"{_pct(best)} ({_design_name(design)}) | {best.config.short()} |")
+                         f"{_pct(best)} ({design_name(design)}) | {best.config.short()} |")
     return lines
 
 

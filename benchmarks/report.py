@@ -45,6 +45,15 @@ def table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(caption: str, rows: Sequence[dict], columns: Sequence[tuple]) -> list:
+    """A captioned markdown table as lines, a blank line before the caption and the table; ``columns`` as in
+    `table`. No rows, no lines."""
+    if not rows:
+        return []
+    return ["", caption, "", "| " + " | ".join(h for h, _ in columns) + " |", "|" + " --- |" * len(columns),
+            *("| " + " | ".join(get(r) for _, get in columns) + " |" for r in rows)]
+
+
 def op_table(rows: Sequence[dict], gpu: bool) -> str:
     no_gpu = "no GPU"
 

@@ -153,6 +153,14 @@ UNBUILT_DESIGNS = tuple(dict(multicast=mc, partials_on_chip=po, tile_on_chip=to)
                         for mc in (1, 2, 4) for po in (False, True) for to in (False, True))
 
 
+def design_name(design: dict) -> str:
+    """One of `UNBUILT_DESIGNS` in words."""
+    parts = [f"W_in multicast x{design['multicast']}" if design["multicast"] > 1 else "",
+             "partials in DSMEM" if design["partials_on_chip"] else "",
+             "tile on chip" if design["tile_on_chip"] else ""]
+    return " + ".join(p for p in parts if p) or "as shipped"
+
+
 def best_unbuilt(shape: Shape, card: Card = DEFAULT_CARD) -> tuple:
     """(prediction, design): the fastest the model knows of for ``shape``, dependent round trips included, over
     the candidate configurations and `UNBUILT_DESIGNS` (the shipped kernel is the design with none of them)."""

@@ -105,6 +105,9 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     [fixed] = sections["prefill"]["fixed_cost"]
     assert (fixed["d"], fixed["T"]) == (64, 20) and isinstance(fixed["measured_us"], float)
     assert fixed["model_round_trips_us"] > 0 and fixed["model_us"] > 0
+    # and the bar re-priced at T and 2T with the latency it implies
+    assert [(b["T"], b["d"]) for b in sections["prefill"]["bar"]] == [(20, 64), (40, 64)]
+    assert all(0 < b["launched_pct"] <= b["best_pct"] + 1e-9 <= 100 + 1e-9 for b in sections["prefill"]["bar"])
     sweep = sections["sweep"]["rows"]
     assert len(sweep) >= 2 and sweep[0]["picked"] and all(r["ok"] and r["median_us"] > 0 for r in sweep)
     assert sections["sweep"]["best"] and 0 <= sections["sweep"]["model_rank_agreement"] <= 1
@@ -135,7 +138,8 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     for table in ("**Split-d smoke**", "**Prefill**", "**Config sweep**", "**Decode step**", "each call on a fresh row",
                   "**Correctness**", "**Bank**", "**Fused with the next RMSNorm**", "| vllm | skipped dry run",
                   "**Goals**", "measure nothing", "L2 flush check", "one SM's read bandwidth",
-                  "| asked, not launched |", "with PDL: not launched", "Fixed cost per launch"):
+                  "| asked, not launched |", "with PDL: not launched", "Fixed cost per launch",
+                  "re-priced with this run's bandwidths"):
         assert table in markdown
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-1].startswith("wrote ") and any("token, 3 layers" in line for line in printed)

@@ -24,9 +24,11 @@ def run(sec, ctx) -> dict:
 
     copy = copy_gbps(ctx.results)
     fns = {impl: op_function(impl, "steer", compile_backend="inductor" if ctx.gpu else "eager") for impl in IMPLS}
+    launches = {}
     for T, d in DRY_SHAPES if ctx.dry else SHAPES:
         params, h, expected, _, layout = steer_case(d, T, ctx.device)
         ideal = 2 * h.numel() * 2
+        launches[(T, d)] = shape_of(h, layout), launched_config(h, layout)
 
         for impl in IMPLS:
             def one(fn=fns[impl], impl=impl) -> dict:
@@ -37,12 +39,13 @@ def run(sec, ctx) -> dict:
                        "gbps": ideal / seconds / 1e9}
                 row["pct_copy"] = 100 * row["gbps"] / copy if copy else None
                 if impl == "triton":
-                    row["model"] = prediction(ctx.results, shape_of(h, layout), launched_config(h, layout), True)
+                    row["model"] = prediction(ctx.results, *launches[(T, d)], True)
                 return row
 
             sec.measure({"T": T, "d": d, "impl": impl}, one)
+    fixed = fixed_costs(sec.record["rows"])
     return {"note": "bytes counted: read and write h once (the ideal); CUDA graphs, cold L2 (read flush)",
-            "fixed_cost": fixed_costs(sec.record["rows"])}
+            "fixed_cost": fixed, "bar": bar_with_this_run(ctx.results, launches, fixed)}
 
 
 def fixed_costs(rows: list) -> list:
@@ -65,8 +68,35 @@ def fixed_costs(rows: list) -> list:
     return out
 
 
+def bar_with_this_run(results: dict, launches: dict, fixed: list) -> list:
+    """Issue 24's bar re-priced with this run's figures: the card with the measured bandwidths and, per d, the
+    loaded latency its fixed cost implies (the microseconds over the launch's dependent round trips, where
+    positive); at T and 2T the launched configuration and the best design the model can price
+    (`heuristics.best_unbuilt`), as % of copy, beside what was measured (the prefill rows)."""
+    import dataclasses
+
+    from benchmarks.gpu.bandwidth import model_cards
+    from finesteer_kernels.heuristics import best_unbuilt
+    from finesteer_kernels.perf_model import predict_steer, round_trips
+
+    _, measured = model_cards(results)
+    out = []
+    for f in fixed:
+        shape, config = launches[(f["T"], f["d"])]
+        latency_ns = 1e3 * f["measured_us"] / round_trips(config.SPLIT)
+        card = dataclasses.replace(measured, latency_ns=latency_ns) if latency_ns > 0 else measured
+        for T in (f["T"], 2 * f["T"]):
+            shape, config = launches[(T, f["d"])]
+            best, design = best_unbuilt(shape, card)
+            out.append({"T": T, "d": f["d"], "latency_ns": card.latency_ns,
+                        "launched_pct": 100 / predict_steer(shape, config, card).ratio,
+                        "best_pct": 100 / best.ratio, "best_design": design, "best_config": best.config.short()})
+    return out
+
+
 def markdown(results: dict) -> list:
-    from benchmarks.report import fmt, pct
+    from benchmarks.report import fmt, markdown_table, pct
+    from finesteer_kernels.heuristics import design_name
 
     pre = results["sections"].get(NAME, {})
     if not pre.get("rows"):
@@ -82,15 +112,20 @@ def markdown(results: dict) -> list:
                      f"{fmt(r.get('median_us'), '.1f', r.get('note') or r.get('error', '-')[:80])} | "
                      f"{pct(r.get('pct_copy'))} | {model} | {m.get('shipped', {}).get('config', '')} | "
                      f"{pct(m.get('v1_pct_copy')) if m else ''} |")
-    fixed = pre.get("fixed_cost") or []
-    if fixed:
-        lines += ["", "Fixed cost per launch, 2 t(T) - t(2T) of the Triton rows (the model: its dependent round trips "
-                  "at the assumed latency; issue 24's bar rests on it)", "",
-                  "| d | T, 2T | measured us | model us | model's round trips us | configs |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-        for f in fixed:
-            lines.append(f"| {f['d']} | {f['T']}, {2 * f['T']} | {f['measured_us']:.2f} | {f['model_us']:.2f} | "
-                         f"{f['model_round_trips_us']:.2f} | {' / '.join(f['configs'])} |")
+    lines += markdown_table(
+        "Fixed cost per launch, 2 t(T) - t(2T) of the Triton rows (the model: its dependent round trips at the "
+        "assumed latency; issue 24's bar rests on it)", pre.get("fixed_cost") or [],
+        [("d", lambda f: str(f["d"])), ("T, 2T", lambda f: f"{f['T']}, {2 * f['T']}"),
+         ("measured us", lambda f: f"{f['measured_us']:.2f}"), ("model us", lambda f: f"{f['model_us']:.2f}"),
+         ("model's round trips us", lambda f: f"{f['model_round_trips_us']:.2f}"),
+         ("configs", lambda f: " / ".join(f["configs"]))])
+    lines += markdown_table(
+        "Issue 24's bar (>= 90 % of copy) re-priced with this run's bandwidths and the latency each fixed cost "
+        "implies (model, % of copy; measured in the table above)", pre.get("bar") or [],
+        [("T", lambda b: str(b["T"])), ("d", lambda b: str(b["d"])), ("latency ns", lambda b: f"{b['latency_ns']:.0f}"),
+         ("launched config", lambda b: pct(b["launched_pct"])),
+         ("best modelled design (config)", lambda b: f"{pct(b['best_pct'])} ({b['best_config']})"),
+         ("its design", lambda b: design_name(b["best_design"]))])
     return lines
 
 
