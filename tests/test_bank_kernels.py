@@ -5,7 +5,8 @@ awkward mixes (r = 0 beside r = 64, K = 1 beside K = 8, residual beside none, id
 with index -1 bit-identical; indices outside the bank NaN; the bank reference in bf16/fp16 against the
 single-steerer reference; query mode (synthesize_bank, bank_coef_delta, apply_delta); the packed memory equals the
 documented formula; no host sync; torch.compile traces the ops; and the kernel compiles for sm_90a without spills in
-every configuration it may launch with.
+every configuration it may launch with, and with programmatic dependent launch waits for the previous kernel before
+its first memory access.
 """
 import json
 import os
@@ -333,10 +334,11 @@ def pdl_launches() -> list:
 
     layout = awkward_bank(4096).pack(torch.bfloat16).layout
     picks = [(bank_launch(rows, 4096, layout, 2, DEFAULT_CARD, store_coef, interpreting=False), store_coef)
-             for rows, store_coef in ((1, False), (4096, False), (1, True))] + [(BankLaunch(BANK_CONFIGS[2][0]), False)]
+             for rows, store_coef in ((1, False), (4096, False), (1, True))]
+    picks.append((BankLaunch(BANK_CONFIGS[2][0]), False))
     launches = [(launch.config, store_coef, launch.programs is not None) for launch, store_coef in picks]
-    assert [c.SPLIT > 1 for c, _, _ in launches] == [True, False, False, False], launches
-    assert [persistent for _, _, persistent in launches] == [False, True, False, False], launches
+    layouts = [(config.SPLIT > 1, persistent) for config, _, persistent in launches]
+    assert layouts == [(True, False), (False, True), (False, False), (False, False)], launches
     return launches
 
 

@@ -19,7 +19,8 @@ resident programs (exactly) against ptxas. A third (issue 24 item 6) compiles th
 tests/test_kernel_compile.py --calibrate`` regenerates the model's register table (`finesteer_kernels/ptxas_table.py`)
 from the calibration, planned and tall-tile compiles; run it until the table stops changing. Compile results are
 cached on disk (CACHE_DIR). A fourth test (programmatic dependent launch, `pdl_cases`) compiles one pick of each
-kernel with and without PDL and checks where ``griddepcontrol.wait`` sits in the PTX.
+kernel with and without PDL and checks where ``griddepcontrol.wait`` sits in the PTX (the bank kernel's picks:
+tests/test_bank_kernels.py, with the same checks).
 
 The kernels must be real JIT functions, not the interpreter's, so compiling runs in a subprocess without
 TRITON_INTERPRET. ``python tests/test_kernel_compile.py --table`` prints the markdown table of docs/kernels.md.
