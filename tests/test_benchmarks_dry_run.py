@@ -122,7 +122,7 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     assert all(r["mixed_ok"] and r["uniform_ok"] and r["measured_ratio"] > 0 for r in sections["bank"]["rows"])
     empty = sections["empty_kernel"]
     assert empty["median_us"] > 0 and empty["rows"][0]["launched"] is False and empty["rows"][0]["median_us"] > 0
-    assert len(result["goals"]) == 2 + 6 + 4  # prefill, the gate-open ops with PDL off and on, steps
+    assert len(result["goals"]) == 2 + 4 + 4  # prefill, the gate-open ops (not the bank's) with PDL off and on, steps
     fused = sections["fused_norm"]["rows"]  # both modes at both shapes, checked, untimed, the model beside them
     assert {(r["mode"], r["T"]) for r in fused} == {(m, t) for m in ("token", "query") for t in (20, 1)}
     assert all(r["ok"] and r["backend"] == "triton" and "fused_us" not in r for r in fused)
