@@ -1,7 +1,7 @@
 """Programmatic dependent launch (`finesteer_kernels.pdl`): the switch and what the model predicts for it. Whether the
 kernels hold the wait before their first memory access is checked on their sm_90a PTX
-(tests/test_kernel_compile.py); whether it pays is for the GPU run (benchmarks/gpu_check.py, decode and
-empty_kernel sections)."""
+(tests/test_kernel_compile.py, the bank kernel in tests/test_bank_kernels.py); whether it pays is for the GPU run
+(benchmarks/gpu_check.py, decode and empty_kernel sections)."""
 import os
 import subprocess
 import sys
