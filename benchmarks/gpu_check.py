@@ -39,11 +39,12 @@ prefill         token-mode steer at T in {4096, 8192} x d in {4096, 8192}, bf16,
                 dependent round trips
 sweep           T = 8192, d = 4096: the model's best candidates and a few others        ~11         50 s
                 (pick first): pick / best measured, and the model's ranking
-decode          a SmolLM2-shaped decode step (random weights, bf16) in a CUDA graph,   ~22         75 s
+decode          a SmolLM2-shaped decode step (random weights, bf16) in a CUDA graph,   ~26         90 s
                 unpatched, 1 and 3 steered layers in both modes and with fuse_norm;
                 the decode ops alone, each call on a fresh row, token mode with the
-                gate open and closed, against the empty kernel; the gate-open ops
-                also with PDL (off / on: the launch gap it hides)
+                gate open and closed, the bank kernel with it open, against the
+                empty kernel; the gate-open ops also with PDL (off / on: the launch
+                gap it hides)
 correctness     every op against the reference: four layouts in bf16 at 77 rows, the   ~20         60 s
                 full layout also in fp16 and at one row, in place on the first
 bank            a mixed batch of 4 steerers against one steerer, T in {16, 4096}       2           12 s
@@ -53,7 +54,7 @@ vllm            when vllm and the FineSteer plugin are importable, in a child:  
                 generated tokens/s of vllm.LLM on SmolLM2, unsteered and steered
 ==============  =====================================================================  ==========  ========
 
-About 350 s in all without vLLM (tc: torch.compile graphs); the deadlines leave the rest of the 420 s for a slower
+About 360 s in all without vLLM (tc: torch.compile graphs); the deadlines leave the rest of the 420 s for a slower
 compile. The goals the issue holds the run to are printed last (>= 80 % of copy bandwidth at T >= 4096, >= 1.3x
 torch.compile, decode op <= 1.5x an empty kernel, <= 0.5 % decode overhead with 3 steered layers). Exit status 1
 when a section failed (skipped ones are reported, not failed).

@@ -35,6 +35,7 @@ from .coef_tile import add_squares, gate_open
 from .heuristics import INTERPRETER_CONFIG, split_d_allowed
 from .kernel_common import INTERPRETING, card_for, config_kwargs, device_guard, native_dot
 from .bank_perf_model import bounded_programs, predict_bank
+from .pdl import launch_options, wait_for_previous_kernel
 from .perf_model import Card, Config, Shape, split_plan
 from .split_state import SPIN_LIMIT, launch_buffers
 from .steer_kernel import add_coef_times_w_out, count_out_and_reset, wait_until_set
@@ -336,10 +337,13 @@ def bank_kernel(h_ptr, out_ptr, order_ptr, counts_ptr, meta_ptr, scalars_ptr, w_
                 ring, spin_limit, GP: tl.constexpr, NP: tl.constexpr, MP: tl.constexpr, NCP: tl.constexpr,
                 ANY_GATE: tl.constexpr, ANY_ROUTER: tl.constexpr, ANY_RES: tl.constexpr, MF: tl.constexpr,
                 NATIVE_DOT: tl.constexpr, IN_PLACE: tl.constexpr, STORE_COEF: tl.constexpr, BLOCK_T: tl.constexpr,
-                BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr, PERSISTENT: tl.constexpr, SPLIT: tl.constexpr):
+                BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr, PERSISTENT: tl.constexpr, SPLIT: tl.constexpr,
+                PDL: tl.constexpr = False):
     # fewer programs than tiles (PERSISTENT, `bank_perf_model.bounded_programs`): program p takes tiles p, p + P,
     # ..., so the P programs in flight hold about P consecutive tiles between their two passes over d and the
     # second read of h comes from L2. A variant of its own: the loop costs registers (114 -> 255 at 16 x 128, bf16)
+    # PDL: before the first ticket (split-d) and every load, of the row plan too (`plan_rows` writes it just before)
+    wait_for_previous_kernel(PDL)
     if SPLIT > 1:  # token mode only (`bank_launch`)
         bank_split_items(h_ptr, out_ptr, order_ptr, counts_ptr, meta_ptr, scalars_ptr, w_in_ptr, w_out_ptr, mean_ptr,
                          consts_ptr, ws_ptr, flags_ptr, error_ptr, n_rows, d, n_groups, w_in_stride, lag, ring,
@@ -456,7 +460,7 @@ def launch_bank(h2d: torch.Tensor, out2d, packed: PackedBank, order: torch.Tenso
                              n_rows, d, layout.G, layout.NC, layout.W_IN_STRIDE, lag, ring, spin_limit,
                              **bank_constexprs(layout), NATIVE_DOT=native_dot(h2d.dtype),
                              IN_PLACE=out.data_ptr() == h2d.data_ptr(), STORE_COEF=store_coef,
-                             PERSISTENT=programs is not None, **config_kwargs(config))
+                             PERSISTENT=programs is not None, **config_kwargs(config), **launch_options(h2d))
 
 
 def bank_constexprs(layout: BankLayout) -> dict:

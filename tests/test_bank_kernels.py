@@ -5,7 +5,8 @@ awkward mixes (r = 0 beside r = 64, K = 1 beside K = 8, residual beside none, id
 with index -1 bit-identical; indices outside the bank NaN; the bank reference in bf16/fp16 against the
 single-steerer reference; query mode (synthesize_bank, bank_coef_delta, apply_delta); the packed memory equals the
 documented formula; no host sync; torch.compile traces the ops; and the kernel compiles for sm_90a without spills in
-every configuration it may launch with.
+every configuration it may launch with, and with programmatic dependent launch waits for the previous kernel before
+its first memory access.
 """
 import json
 import os
@@ -324,9 +325,27 @@ def launchable(elem: int) -> list:
             + [(c, False, True) for c in DEEP_CONFIGS[elem]] + [(c, False, False) for c in SPLIT_CONFIGS[elem]])
 
 
-def _compile_bank_configs() -> None:
-    """Compile the bank kernel for every configuration it may launch with (d = 4096, the awkward bank with r = 64),
-    printing one JSON line each (ptxas registers and spills)."""
+def pdl_launches() -> list:
+    """Programmatic dependent launch: bf16 launches of every layout the bank kernel runs in, as `bank_launch` picks
+    them for d = 4096 (token mode at decode: split-d; at prefill: the bounded persistent grid; `synthesize_bank`:
+    one program per row tile) plus token mode in one program per row tile; each compiled as planned and with PDL."""
+    from finesteer_kernels.bank_kernel import BANK_CONFIGS, BankLaunch, bank_launch
+    from finesteer_kernels.perf_model import DEFAULT_CARD
+
+    layout = awkward_bank(4096).pack(torch.bfloat16).layout
+    picks = [(bank_launch(rows, 4096, layout, 2, DEFAULT_CARD, store_coef, interpreting=False), store_coef)
+             for rows, store_coef in ((1, False), (4096, False), (1, True))]
+    picks.append((BankLaunch(BANK_CONFIGS[2][0]), False))
+    launches = [(launch.config, store_coef, launch.programs is not None) for launch, store_coef in picks]
+    layouts = [(config.SPLIT > 1, persistent) for config, _, persistent in launches]
+    assert layouts == [(True, False), (False, True), (False, False), (False, False)], launches
+    return launches
+
+
+def compile_bank(layout, dtype: str, config, store_coef: bool, persistent: bool, pdl: bool = False) -> dict:
+    """Compile the bank kernel for sm_90a as a launch with ``layout`` in ``dtype`` gets it: ptxas registers and
+    spills, what the TTGIR says of the W_in loads, and where the grid dependency control sits
+    (`test_kernel_compile.grid_dependency_order`)."""
     import tempfile
 
     import triton
@@ -334,62 +353,82 @@ def _compile_bank_configs() -> None:
     from triton.compiler import ASTSource
 
     from finesteer_kernels.bank_kernel import bank_constexprs, bank_kernel, bank_shape
+    from test_kernel_compile import PDL_VARIANT, grid_dependency_order
 
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    elem = 4 if dtype == "fp32" else 2
+    consts = dict(bank_constexprs(layout), NATIVE_DOT=dtype != "fp32", IN_PLACE=False, STORE_COEF=store_coef,
+                  BLOCK_T=config.BLOCK_T, BLOCK_D=config.BLOCK_D, NUM_STAGES=config.num_stages, PERSISTENT=persistent,
+                  SPLIT=config.SPLIT, PDL=pdl)
+    sig = dict(h_ptr=f"*{dtype}", out_ptr=f"*{dtype}", order_ptr="*i32", counts_ptr="*i32", meta_ptr="*i32",
+               scalars_ptr="*fp32", w_in_ptr=f"*{dtype}", w_out_ptr=f"*{dtype}", mean_ptr="*fp32", consts_ptr="*fp32",
+               coef_out_ptr="*fp32", ws_ptr="*fp32", flags_ptr="*i32", error_ptr="*i32", n_rows="i32", d="i32",
+               n_groups="i32", NC="i32", w_in_stride="i32", lag="i32", ring="i32", spin_limit="i32")
+    sig.update({c: "constexpr" for c in consts})
+    # the JIT's specialisation: pointers, d and W_in's stride (a multiple of 16 by construction) aligned
+    aligned = list(range(14)) + [list(sig).index("d"), list(sig).index("w_in_stride")]
+    src = ASTSource(bank_kernel, sig, consts, attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    if pdl:
+        options["launch_pdl"] = True
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "k.ptx"), "w") as f:
+            f.write(compiled.asm["ptx"])
+        ptxas = subprocess.run([os.path.join(bin_dir, "ptxas-blackwell"), "-v", "--gpu-name", "sm_90a",
+                                os.path.join(tmp, "k.ptx"), "-o", os.path.join(tmp, "k.cubin")],
+                               capture_output=True, text=True, check=True)
+    report = ptxas.stderr + ptxas.stdout
+    # the integer types added to BLOCK_D x 1 pointer tensors, in order: the first is W_in's row offset
+    # (offs_d x the stride), which must be 64-bit (d x all steerers' columns may pass 2^31 elements)
+    w_in_offsets = re.findall(rf"tt\.addptr [^\n]*: tensor<{config.BLOCK_D}x1x!tt\.ptr<\w+>>, "
+                              rf"tensor<{config.BLOCK_D}x1x(i\d+)>", compiled.asm["ttir"])
+    # the W_in tile (BLOCK_D x NP) of pass 1: cp.async copies of 16 bytes, or synchronous loads
+    w_in_tile = [line for line in compiled.asm["ttgir"].splitlines()
+                 if f"tensor<{config.BLOCK_D}x{layout.NP}x!tt.ptr<{dtype.replace('fp', 'f')}>" in line
+                 and ("tt.load" in line or "async_copy_global_to_local" in line)]
+    return dict(
+        dtype=dtype, config=config.short(), num_warps=config.num_warps, split=config.SPLIT, store_coef=store_coef,
+        persistent=persistent, variant=PDL_VARIANT if pdl else "planned", w_in_offsets=w_in_offsets,
+        model_ctas=model_ctas(bank_shape(4096, 4096, layout, elem), config, persistent),
+        w_in_sync=sum("tt.load" in line for line in w_in_tile),
+        w_in_async_16b=sum("async_copy_global_to_local" in line
+                           and f"contiguity = {16 // elem} " in line for line in w_in_tile),
+        registers=int(re.search(r"Used (\d+) registers", report).group(1)),
+        spill_bytes=sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)),
+        shared_bytes=compiled.metadata.shared, launch_pdl=bool(compiled.metadata.launch_pdl),
+        gdc=grid_dependency_order(compiled.asm["ptx"]))
+
+
+def _compile_bank_configs(which: str) -> None:
+    """Compile the bank kernel (d = 4096, the awkward bank with r = 64), printing one JSON line each: ``launchable``,
+    every configuration it may launch with; ``pdl``, the `pdl_launches` as planned and with PDL."""
     bank = awkward_bank(4096)
+    if which == "pdl":
+        layout = bank.pack(torch.bfloat16).layout
+        for launch in pdl_launches():
+            for pdl in (False, True):
+                print(json.dumps(compile_bank(layout, "bf16", *launch, pdl=pdl)), flush=True)
+        return
     for dtype, elem, torch_dtype in (("bf16", 2, torch.bfloat16), ("fp16", 2, torch.float16),
                                      ("fp32", 4, torch.float32)):
         layout = bank.pack(torch_dtype).layout
-        for config, store_coef, persistent in launchable(elem):
-            consts = dict(bank_constexprs(layout), NATIVE_DOT=dtype != "fp32", IN_PLACE=False,
-                          STORE_COEF=store_coef, BLOCK_T=config.BLOCK_T, BLOCK_D=config.BLOCK_D,
-                          NUM_STAGES=config.num_stages, PERSISTENT=persistent, SPLIT=config.SPLIT)
-            sig = dict(h_ptr=f"*{dtype}", out_ptr=f"*{dtype}", order_ptr="*i32", counts_ptr="*i32",
-                       meta_ptr="*i32", scalars_ptr="*fp32", w_in_ptr=f"*{dtype}", w_out_ptr=f"*{dtype}",
-                       mean_ptr="*fp32", consts_ptr="*fp32", coef_out_ptr="*fp32", ws_ptr="*fp32",
-                       flags_ptr="*i32", error_ptr="*i32", n_rows="i32", d="i32", n_groups="i32", NC="i32",
-                       w_in_stride="i32", lag="i32", ring="i32", spin_limit="i32")
-            sig.update({c: "constexpr" for c in consts})
-            # the JIT's specialisation: pointers, d and W_in's stride (a multiple of 16 by construction) aligned
-            aligned = list(range(14)) + [list(sig).index("d"), list(sig).index("w_in_stride")]
-            src = ASTSource(bank_kernel, sig, consts, attrs={(i,): [["tt.divisibility", 16]] for i in aligned})
-            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                      options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
-            with tempfile.TemporaryDirectory() as tmp:
-                with open(os.path.join(tmp, "k.ptx"), "w") as f:
-                    f.write(compiled.asm["ptx"])
-                ptxas = subprocess.run([os.path.join(bin_dir, "ptxas-blackwell"), "-v", "--gpu-name", "sm_90a",
-                                        os.path.join(tmp, "k.ptx"), "-o", os.path.join(tmp, "k.cubin")],
-                                       capture_output=True, text=True, check=True)
-            report = ptxas.stderr + ptxas.stdout
-            # the integer types added to BLOCK_D x 1 pointer tensors, in order: the first is W_in's row offset
-            # (offs_d x the stride), which must be 64-bit (d x all steerers' columns may pass 2^31 elements)
-            w_in_offsets = re.findall(rf"tt\.addptr [^\n]*: tensor<{config.BLOCK_D}x1x!tt\.ptr<\w+>>, "
-                                      rf"tensor<{config.BLOCK_D}x1x(i\d+)>", compiled.asm["ttir"])
-            # the W_in tile (BLOCK_D x NP) of pass 1: cp.async copies of 16 bytes, or synchronous loads
-            w_in_tile = [line for line in compiled.asm["ttgir"].splitlines()
-                         if f"tensor<{config.BLOCK_D}x{layout.NP}x!tt.ptr<{dtype.replace('fp', 'f')}>" in line
-                         and ("tt.load" in line or "async_copy_global_to_local" in line)]
-            print(json.dumps(dict(
-                dtype=dtype, config=config.short(), warps=config.num_warps, split=config.SPLIT,
-                store_coef=store_coef, persistent=persistent, w_in_offsets=w_in_offsets,
-                model_ctas=model_ctas(bank_shape(4096, 4096, layout, elem), config, persistent),
-                w_in_sync=sum("tt.load" in line for line in w_in_tile),
-                w_in_async_16b=sum("async_copy_global_to_local" in line
-                                   and f"contiguity = {16 // elem} " in line for line in w_in_tile),
-                registers=int(re.search(r"Used (\d+) registers", report).group(1)),
-                spill_bytes=sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)),
-                shared_bytes=compiled.metadata.shared)), flush=True)
+        for launch in launchable(elem):
+            print(json.dumps(compile_bank(layout, dtype, *launch)), flush=True)
 
 
-def test_bank_kernel_compiles_for_hopper_without_spills():
+def bank_compile_results(which: str) -> list:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), os.path.dirname(os.path.dirname(__file__))])
-    proc = subprocess.run([sys.executable, __file__, "--compile"], capture_output=True, text=True, env=env,
+    proc = subprocess.run([sys.executable, __file__, "--compile", which], capture_output=True, text=True, env=env,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def test_bank_kernel_compiles_for_hopper_without_spills():
+    results = bank_compile_results("launchable")
     from finesteer_kernels.perf_model import DEFAULT_CARD as card
 
     assert len(results) == 2 * len(launchable(2)) + len(launchable(4))
@@ -401,11 +440,25 @@ def test_bank_kernel_compiles_for_hopper_without_spills():
             assert res["w_in_sync"] == 0 and res["w_in_async_16b"] > 0, res
         if res["persistent"] or res["split"] > 1:  # the programs per SM the bank model counts are ptxas's
             per_warp = -(-res["registers"] * 32 // 256) * 256
-            by_regs = card.regs_per_sm // (per_warp * res["warps"])
+            by_regs = card.regs_per_sm // (per_warp * res["num_warps"])
             by_smem = card.smem_per_sm // (res["shared_bytes"] + 1024)
             assert res["model_ctas"] == min(by_regs, by_smem), res
 
 
+def test_bank_kernel_with_pdl_waits_for_the_previous_kernel_before_any_memory_access():
+    """The bank kernel under programmatic dependent launch, checked as `test_kernel_compile` checks the others
+    (`assert_pdl_variants_wait_first`): ``griddepcontrol.wait`` before the first load, store or atomic (split-d: the
+    first ticket) and before any branch, then ``launch_dependents``; without PDL neither; same registers, no
+    spills, in each layout (`pdl_launches`)."""
+    from test_kernel_compile import assert_pdl_variants_wait_first
+
+    results = bank_compile_results("pdl")
+    assert len(results) == 2 * len(pdl_launches())
+    for res in results:
+        print(res)
+    assert_pdl_variants_wait_first(results, lambda res: (res["config"], res["store_coef"], res["persistent"]))
+
+
 if __name__ == "__main__":
     if "--compile" in sys.argv:
-        _compile_bank_configs()
+        _compile_bank_configs(sys.argv[sys.argv.index("--compile") + 1])

@@ -117,19 +117,20 @@ def test_gpu_check_dry_run(tmp_path, capsys):
         "query, 3 layers, fused norm", "token, 3 layers, fused norm"]
     assert all(r["differs_from_unpatched"] for r in decode["rows"][1:])
     assert all(r["median_us"] > 0 for r in decode["rows"]) and decode["rows"][0]["ratio"] == 1.0
-    # the decode ops, each call on a fresh row, checked against one application; token mode on both gate states;
-    # with the gate open also with programmatic dependent launch asked for (never launched when interpreted), the
-    # model's predicted speed-up beside it
+    # the decode ops, each call on a fresh row, checked against one application; token mode on both gate states,
+    # the bank kernel on the open one; with the gate open also with programmatic dependent launch asked for (never
+    # launched when interpreted), the model's predicted speed-up beside it
     assert [(r["op"], r["gate_open"], r["pdl"]) for r in decode["ops"]] == [
         ("query: apply_delta_", True, False), ("query: apply_delta_", True, True), ("token: steer_", True, False),
-        ("token: steer_", True, True), ("token: steer_", False, False)]
+        ("token: steer_", True, True), ("token: steer_", False, False), ("bank: steer_bank_", True, False),
+        ("bank: steer_bank_", True, True)]
     assert all(r["ok"] and r["median_us"] > 0 and r["pdl_launched"] is False for r in decode["ops"])
-    assert decode["ops"][2]["max_rel_err"] < 1e-2 and decode["ops"][3]["max_rel_err"] < 1e-2
-    assert [r["model_pdl_speedup"] > 1 for r in decode["ops"] if r["pdl"]] == [True, True]
+    assert all(decode["ops"][i]["max_rel_err"] < 1e-2 for i in (2, 3, 5, 6))
+    assert [r["model_pdl_speedup"] > 1 for r in decode["ops"] if r["pdl"]] == [True, True, True]
     assert all(r["mixed_ok"] and r["uniform_ok"] and r["measured_ratio"] > 0 for r in sections["bank"]["rows"])
     empty = sections["empty_kernel"]
     assert empty["median_us"] > 0 and empty["rows"][0]["launched"] is False and empty["rows"][0]["median_us"] > 0
-    assert len(result["goals"]) == 2 + 4 + 4  # prefill, the gate-open ops with PDL off and on, steps
+    assert len(result["goals"]) == 2 + 4 + 4  # prefill, the gate-open ops (not the bank's) with PDL off and on, steps
     fused = sections["fused_norm"]["rows"]  # both modes at both shapes, checked, untimed, the model beside them
     assert {(r["mode"], r["T"]) for r in fused} == {(m, t) for m in ("token", "query") for t in (20, 1)}
     assert all(r["ok"] and r["backend"] == "triton" and "fused_us" not in r for r in fused)
@@ -368,7 +369,7 @@ def test_decode_section_on_transformers_5_17_keeps_every_other_configuration(tmp
     assert "injected failure" in rows.pop("token, 3 layers, fused norm")["error"]
     assert all(r["finite"] and "error" not in r for r in rows.values())
     assert all(r["differs_from_unpatched"] for name, r in rows.items() if name != "unpatched")
-    assert len(decode["ops"]) == 5 and all(r["ok"] for r in decode["ops"])
+    assert len(decode["ops"]) == 7 and all(r["ok"] for r in decode["ops"])
 
 
 def test_a_pdl_failure_is_recorded_and_the_rest_runs(tmp_path, monkeypatch):
@@ -396,7 +397,7 @@ def test_a_pdl_failure_is_recorded_and_the_rest_runs(tmp_path, monkeypatch):
     assert "with PDL: RuntimeError: injected PDL failure" in launch_floor.markdown(runner.results)[1]
     ops = runner.section("decode", 1.0, lambda sec, ctx: decode.decode_ops(sec, ctx), ctx)["ops"]
     assert [("error" in r, r["pdl"]) for r in ops] == [(False, False), (True, True), (False, False), (True, True),
-                                                       (False, False)]
+                                                       (False, False), (False, False), (True, True)]
     assert all(r["ok"] for r in ops if not r["pdl"]) and all("injected PDL failure" in r["error"]
                                                              for r in ops if r["pdl"])
 

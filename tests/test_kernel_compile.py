@@ -19,7 +19,8 @@ resident programs (exactly) against ptxas. A third (issue 24 item 6) compiles th
 tests/test_kernel_compile.py --calibrate`` regenerates the model's register table (`finesteer_kernels/ptxas_table.py`)
 from the calibration, planned and tall-tile compiles; run it until the table stops changing. Compile results are
 cached on disk (CACHE_DIR). A fourth test (programmatic dependent launch, `pdl_cases`) compiles one pick of each
-kernel with and without PDL and checks where ``griddepcontrol.wait`` sits in the PTX.
+kernel with and without PDL and checks where ``griddepcontrol.wait`` sits in the PTX (the bank kernel's picks:
+tests/test_bank_kernels.py, with the same checks).
 
 The kernels must be real JIT functions, not the interpreter's, so compiling runs in a subprocess without
 TRITON_INTERPRET. ``python tests/test_kernel_compile.py --table`` prints the markdown table of docs/kernels.md.
@@ -434,29 +435,37 @@ def test_kernels_compile_for_hopper_without_spills_and_with_async_loads_of_h():
             assert model["ctas"] <= resident_ctas(res), f"the model promises more occupancy than ptxas: {res}"
 
 
-def test_pdl_variants_wait_for_the_previous_kernel_before_any_memory_access():
-    """With PDL a launch may start before the previous kernel on the stream is done, so ``griddepcontrol.wait``
-    must come before the first access to memory that kernel could write (for split-d: before the first ticket), in
-    the entry block (no branch before it), followed by ``launch_dependents``; the launch carries the option. As
-    planned (PDL off) the kernels hold no grid dependency control at all. Neither variant spills, and PDL does not
-    change how many programs fit on an SM."""
-    results = compile_results("pdl")
-    assert len(results) == len(pdl_cases())
-    print("\n" + markdown_table(results))
+def assert_pdl_variants_wait_first(results: list, pair) -> None:
+    """The checks of `test_pdl_variants_wait_for_the_previous_kernel_before_any_memory_access` on compile results
+    that come as planned then with PDL (a variant ending in PDL_VARIANT), ``pair(res)`` naming the pair; the bank
+    kernel's test (tests/test_bank_kernels.py) runs them too."""
     planned = {}
     for res in results:
         assert res["spill_bytes"] == 0, res
-        gdc, key = res["gdc"], (res["kernel"], res["d"], res["rows"], res["config"])
+        gdc, key = res["gdc"], pair(res)
         assert gdc["first_memory"] is not None, res
         if res["variant"].endswith(PDL_VARIANT):
             assert res["launch_pdl"] and gdc["waits"] == 1, res
             assert gdc["wait"] < gdc["first_memory"], f"a memory access precedes griddepcontrol.wait: {res}"
             assert gdc["first_branch"] is None or gdc["wait"] < gdc["first_branch"], res
             assert gdc["launch"] is not None and gdc["wait"] < gdc["launch"], res
+            assert res["registers"] == planned[key]["registers"], (res, planned[key])
             assert resident_ctas(res) == resident_ctas(planned[key]), (res, planned[key])
         else:
             assert not res["launch_pdl"] and gdc["wait"] is None and gdc["launch"] is None, res
             planned[key] = res
+
+
+def test_pdl_variants_wait_for_the_previous_kernel_before_any_memory_access():
+    """With PDL a launch may start before the previous kernel on the stream is done, so ``griddepcontrol.wait``
+    must come before the first access to memory that kernel could write (for split-d: before the first ticket), in
+    the entry block (no branch before it), followed by ``launch_dependents``; the launch carries the option. As
+    planned (PDL off) the kernels hold no grid dependency control at all. Neither variant spills, and PDL changes
+    neither the registers nor how many programs fit on an SM."""
+    results = compile_results("pdl")
+    assert len(results) == len(pdl_cases())
+    print("\n" + markdown_table(results))
+    assert_pdl_variants_wait_first(results, lambda res: (res["kernel"], res["d"], res["rows"], res["config"]))
 
 
 def write_ptxas_table(results: list) -> None:

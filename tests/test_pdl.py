@@ -1,7 +1,7 @@
 """Programmatic dependent launch (`finesteer_kernels.pdl`): the switch and what the model predicts for it. Whether the
 kernels hold the wait before their first memory access is checked on their sm_90a PTX
-(tests/test_kernel_compile.py); whether it pays is for the GPU run (benchmarks/gpu_check.py, decode and
-empty_kernel sections)."""
+(tests/test_kernel_compile.py, the bank kernel in tests/test_bank_kernels.py); whether it pays is for the GPU run
+(benchmarks/gpu_check.py, decode and empty_kernel sections)."""
 import os
 import subprocess
 import sys
@@ -10,10 +10,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from finesteer_kernels import pdl
+from finesteer_kernels import SteerBank, pdl
+from finesteer_kernels.bank_kernel import bank_launch, bank_shape
+from finesteer_kernels.bank_perf_model import predict_bank
 from finesteer_kernels.heuristics import best_steer
 from finesteer_kernels.pdl_model import GRAPH_GAP_US, PDL_RELEASE_US, pdl_gain, step_us
 from finesteer_kernels.perf_model import CARDS, Shape, predict_apply_delta
+from op_cases import random_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -110,7 +113,11 @@ def test_predicted_decode_and_prefill_gains(card):
     shape = lambda T: Shape.of(T, 4096, 2, 64, 8, 16, 8)  # noqa: E731
     token = {T: pdl_gain(best_steer(shape(T), card)) for T in (1, 16, 4096, 8192)}
     query = pdl_gain(predict_apply_delta(1, 4096, 2, 1, card))
+    layout = SteerBank({"one": random_params(4096, 64, 8, residual="relu", m=16, k=8)}).pack(torch.bfloat16).layout
+    config, programs = bank_launch(1, 4096, layout, 2, card, interpreting=False)
+    bank = pdl_gain(predict_bank([bank_shape(1, 4096, layout, 2)], config, card, in_place=True, programs=programs))
     assert round(token[1]["off_us"], 1) == 6.2 and round(token[1]["on_us"], 1) == 4.7
     assert 1.3 <= token[16]["speedup"] < token[1]["speedup"] + 0.01
     assert all(token[T]["speedup"] < 1.07 for T in (4096, 8192))  # prefill: a few percent at most
     assert (round(query["off_us"], 1), round(query["on_us"], 1)) == (3.0, 1.5)
+    assert config.SPLIT == 8 and (round(bank["off_us"], 1), round(bank["on_us"], 1)) == (9.7, 8.2)

@@ -80,16 +80,19 @@ def run(sec, ctx) -> dict:
 
 def decode_ops(sec, ctx) -> None:
     """The decode ops alone at one row (rows under ``ops``): query mode's ``apply_delta_`` and token mode's
-    ``steer_`` on a row whose gate is open and on one whose gate is closed, each call on a fresh row
-    (`time_on_fresh_rows`), each checked against the reference. The gate-open ops run twice, with programmatic
-    dependent launch off and on (`finesteer_kernels.pdl`: its gain only shows between back-to-back launches, as in
-    the graph here); ``pdl_launched`` says whether the launches really used it (never when interpreted)."""
+    ``steer_`` on a row whose gate is open and on one whose gate is closed, and ``steer_bank_`` (the bank kernel,
+    a bank of that one steerer) on the open one, each call on a fresh row (`time_on_fresh_rows`), each checked
+    against the reference. The gate-open ops run twice, with programmatic dependent launch off and on
+    (`finesteer_kernels.pdl`: its gain only shows between back-to-back launches, as in the graph here);
+    ``pdl_launched`` says whether the launches really used it (never when interpreted)."""
     import torch
 
     import finesteer_kernels as fk
     from benchmarks.cases import REL_TOL, make_params, random_rows
     from benchmarks.gpu.steer_case import launched_config, shape_of
     from finesteer_kernels import pdl, reference
+    from finesteer_kernels.bank_kernel import bank_launch, bank_shape
+    from finesteer_kernels.bank_perf_model import predict_bank
     from finesteer_kernels.kernel_common import Layout, card_for
     from finesteer_kernels.pdl_model import pdl_gain as pdl_gain_predicted
     from finesteer_kernels.perf_model import predict_apply_delta, predict_steer
@@ -109,12 +112,19 @@ def decode_ops(sec, ctx) -> None:
         row = rows[True].reshape(1, d)
         token_config = launched_config(row, Layout(*layout))
         card = card_for(row)
+        bank, to_steerer = fk.SteerBank({"open": params}), torch.zeros(1, dtype=torch.long, device=ctx.device)
+        bank_plan, bank_layout = fk.plan_rows(to_steerer, 1), bank.pack(row.dtype, row.device).layout
+        bank_config, programs = bank_launch(1, d, bank_layout, row.element_size(), card)
         predicted = {"query: apply_delta_": predict_apply_delta(1, d, row.element_size(), 1, card),
-                     "token: steer_": predict_steer(shape_of(row, Layout(*layout)), token_config, card)}
+                     "token: steer_": predict_steer(shape_of(row, Layout(*layout)), token_config, card),
+                     "bank: steer_bank_": predict_bank([bank_shape(1, d, bank_layout, row.element_size())],
+                                                       bank_config, card, in_place=True, programs=programs)}
         ops = [("query: apply_delta_", True, lambda h: fk.apply_delta_(h, delta),
                 lambda h0: reference.apply_delta(h0, delta), {})]
         ops += [("token: steer_", gate_open, lambda h: fk.steer_(h, params), lambda h0: reference.steer(h0, params),
                  {"config": token_config.short()}) for gate_open in (True, False)]
+        ops.append(("bank: steer_bank_", True, lambda h: fk.steer_bank_(h, bank, to_steerer, bank_plan),
+                    lambda h0: reference.steer(h0, params), {"config": bank_config.short()}))
         for name, gate_open, op, expected, extra in ops:
             h0 = rows[gate_open]
             for use_pdl in (False, True) if gate_open else (False,):
@@ -201,12 +211,13 @@ def pdl_gain(ops: list, row: dict):
 
 
 def goals(results: dict) -> list:
-    """A decode op <= 1.5x an empty kernel (gate open: the op's full work), <= 0.5 % with 3 steered layers."""
+    """A decode op <= 1.5x an empty kernel (gate open: the op's full work), <= 0.5 % with 3 steered layers. The
+    goal is the single-steerer ops': the bank's row is there for its PDL off / on, its ratio is in the table."""
     from benchmarks.gpu.launch_floor import empty_us
 
     dec, empty, out = results["sections"].get(NAME, {}), empty_us(results), []
     for r in dec.get("ops", []):
-        if "median_us" in r and empty and r["gate_open"]:
+        if "median_us" in r and empty and r["gate_open"] and not r["op"].startswith("bank"):
             ratio = r["median_us"] / empty
             pdl = f" (PDL {pdl_label(r)})" if r.get("pdl") else ""
             out.append(f"{r['op']}{pdl} d={r['d']}: {ratio:.2f}x an empty kernel (goal <= 1.5x: "
