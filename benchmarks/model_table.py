@@ -170,7 +170,8 @@ def tables() -> str:
              "#### Token-mode prefill, bf16, r = 64, K = 8: v1 against v2 (predicted)", "", *prefill_table(), "",
              "#### What each design choice buys (predicted % of copy bandwidth, and the bound)", "", *ladder_table(),
              "", "#### The bar (issue 24: >= 90 % of copy at T >= 4096), residual m=16 k=8, bf16: what the dependent "
-             "round trips leave, and the best the model knows of (predicted)", "", *bar_table(), "", "#### Decode, one row, bf16 (predicted device time; launch overhead not included)", "",
+             "round trips leave, and the best the model knows of (predicted)", "", *bar_table(), "",
+             "#### Decode, one row, bf16 (predicted device time; launch overhead not included)", "",
              *decode_table(), "",
              "#### Fused with the next RMSNorm (issue 14), bf16, r = 64, K = 8, m = 16, k = 8, every row steered "
              "(predicted; separate = the steering kernel + a one-launch RMSNorm + one launch gap)", "",

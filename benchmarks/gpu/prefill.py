@@ -82,8 +82,7 @@ def bar_with_this_run(results: dict, launches: dict, fixed: list) -> list:
     _, measured = model_cards(results)
     out = []
     for f in fixed:
-        shape, config = launches[(f["T"], f["d"])]
-        latency_ns = 1e3 * f["measured_us"] / round_trips(config.SPLIT)
+        latency_ns = 1e3 * f["measured_us"] / round_trips(launches[(f["T"], f["d"])][1].SPLIT)
         card = dataclasses.replace(measured, latency_ns=latency_ns) if latency_ns > 0 else measured
         for T in (f["T"], 2 * f["T"]):
             shape, config = launches[(T, f["d"])]
