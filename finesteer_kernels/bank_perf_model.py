@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .perf_model import Card, Config, Prediction, Shape, _sm_rate, lag_tiles, resources
+from .perf_model import Card, Config, Prediction, Shape, _sm_rate, lag_tiles, resources, round_trips
 
 
 # Registers per thread of the persistent variant (the loop over tiles), ptxas's for the configurations
@@ -109,6 +109,6 @@ def predict_bank(steerers, config: Config, card: Card, unsteered_rows: int = 0, 
     return Prediction("synthesize_bank" if store_coef else "bank", card.name, config, grid, ctas_per_sm, concurrent,
                       working_set, second_l2, hbm, l2, ideal, hbm / card.hbm_gbps / 1e3, l2 / card.l2_gbps / 1e3,
                       sm_us, ideal / card.hbm_gbps / 1e3, 1, card.launch_us,
-                      # counts -> row order -> h, then pass 2's first loads; split-d adds the partials' read-back,
-                      # the coefficient store and the flag poll
-                      (3 if split == 1 else 6) * card.latency_ns / 1e3)
+                      # the token kernel's round trips, after one more: the group counts and row order are read
+                      # before the first loads of h
+                      (round_trips(split) + 1) * card.latency_ns / 1e3)

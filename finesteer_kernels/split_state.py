@@ -60,8 +60,8 @@ def launch_buffers(device: torch.device, n_tiles: int) -> tuple:
 
 def split_d_error_flag(device: Optional[torch.device | str] = None) -> torch.Tensor:
     """The device's split-d error word, an int32 tensor ``(1,)``: 0, or 1 once a spin wait of a split-d launch gave
-    up (`SPIN_LIMIT` polls). Reading its value (``.item()``) synchronises: do it after the launches, outside the hot
-    path. ``device`` defaults to the current CUDA device (CPU under the interpreter when no GPU is present)."""
+    up (`SPIN_LIMIT` polls). Reading its value on the host synchronises: do it after the launches, outside the
+    hot path. ``device`` defaults to the current CUDA device (CPU under the interpreter when no GPU is present)."""
     device = _device(device)
     if device not in _errors:
         _errors[device] = torch.zeros(1, dtype=torch.int32, device=device)
